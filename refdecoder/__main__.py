@@ -1,0 +1,5 @@
+import sys
+
+from refdecoder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""Shared test fixtures: deterministic seeds, the official fixture folder, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the project with shared/ beside it; REFDECODER_SHARED overrides for other layouts.
+SHARED_DIR = Path(os.environ.get("REFDECODER_SHARED", PROJECT_ROOT.parent / "shared"))
+OFFICIAL_FIXTURES = SHARED_DIR / "fixtures" / "official"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def official_fixtures() -> Path:
+    """Folder of the paper-implementation fixtures; skips (visibly) when it is absent."""
+    if not OFFICIAL_FIXTURES.is_dir():
+        pytest.skip(f"official fixtures not found at {OFFICIAL_FIXTURES} (set REFDECODER_SHARED)")
+    return OFFICIAL_FIXTURES
