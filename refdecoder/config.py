@@ -1,0 +1,238 @@
+"""Typed configuration of a RefDecoder, its named presets, and JSON (de)serialisation.
+
+A :class:`RefDecoderConfig` describes only what the library adds to a backbone; everything about the backbone
+itself (stage channels, scales, default patch sizes) comes from its adapter. Configs are saved next to the
+weights as ``refdecoder_config.json`` with the library version and the backbone name, and loading tolerates
+unknown keys (with a warning) so that files written by newer versions still open.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from refdecoder.errors import ConfigError
+
+__all__ = [
+    "TokenizerConfig",
+    "TransformerConfig",
+    "StageConfig",
+    "DropoutConfig",
+    "WindowConfig",
+    "RefDecoderConfig",
+    "PRESETS",
+    "preset",
+    "resolve_config",
+]
+
+logger = logging.getLogger("refdecoder")
+
+Patch = tuple[int, int, int]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class TokenizerConfig:
+    """How the reference frame becomes tokens in the decoder's first stage space."""
+
+    kind: Literal["patch_conv", "space_to_depth"] = "patch_conv"  # space_to_depth = the paper's encoder
+    norm: Literal["rms", "group", "none"] = "rms"
+    kernel_size: int = 3  # conv kernel of the space_to_depth variant (ignored by patch_conv)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("patch_conv", "space_to_depth"), f"tokenizer.kind must be patch_conv|space_to_depth, got {self.kind!r}")
+        _check(self.norm in ("rms", "group", "none"), f"tokenizer.norm must be rms|group|none, got {self.norm!r}")
+        _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"tokenizer.kernel_size must be odd, got {self.kernel_size}")
+
+
+@dataclass
+class TransformerConfig:
+    """The transformer shared by every decoder stage."""
+
+    depth: int = 4
+    num_heads: int = 8
+    head_dim: int = 128
+    ffn_dim: int | None = None  # None: 4 x width
+    rope_theta: float = 10000.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.depth >= 1, f"transformer.depth must be >= 1, got {self.depth}")
+        _check(self.num_heads >= 1, f"transformer.num_heads must be >= 1, got {self.num_heads}")
+        # RoPE splits each head into t/h/w parts of rotation pairs, so the head size must be even and >= 6.
+        _check(self.head_dim >= 6 and self.head_dim % 2 == 0, f"transformer.head_dim must be even and >= 6, got {self.head_dim}")
+        _check(self.ffn_dim is None or self.ffn_dim >= 1, f"transformer.ffn_dim must be positive, got {self.ffn_dim}")
+
+    @property
+    def width(self) -> int:
+        """Token width ``num_heads * head_dim``."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the feed-forward layers."""
+        return self.ffn_dim if self.ffn_dim is not None else 4 * self.width
+
+
+@dataclass
+class StageConfig:
+    """Which decoder stages attend jointly over reference and video tokens, and how."""
+
+    indices: tuple[int, ...] | None = None  # adapter stage indices to condition; None = all of them
+    patch_sizes: tuple[Patch, ...] | None = None  # per conditioned stage; None = the adapter's defaults
+    residual: bool = True  # add a zero-initialised update (identity at init); False replaces (official Wan)
+    input_norm: Literal["none", "group"] = "none"  # GroupNorm before the stage (official VideoVAE+)
+
+    def __post_init__(self) -> None:
+        if self.indices is not None:
+            self.indices = tuple(int(i) for i in self.indices)
+            _check(len(self.indices) > 0 and len(set(self.indices)) == len(self.indices), f"stages.indices must be unique and non-empty, got {self.indices}")
+        if self.patch_sizes is not None:
+            self.patch_sizes = tuple(tuple(int(v) for v in p) for p in self.patch_sizes)
+            _check(all(len(p) == 3 and min(p) >= 1 for p in self.patch_sizes), f"stages.patch_sizes must be (t, h, w) triples >= 1, got {self.patch_sizes}")
+        _check(self.input_norm in ("none", "group"), f"stages.input_norm must be none|group, got {self.input_norm!r}")
+
+
+@dataclass
+class DropoutConfig:
+    """Latent token dropout during training (forces the decoder to use the reference)."""
+
+    p_max: float = 0.7  # per-sample drop probability p ~ U(0, p_max)
+    mode: Literal["spatial", "spatiotemporal"] = "spatial"  # spatial = one mask shared by all frames (official)
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.p_max < 1.0, f"dropout.p_max must be in [0, 1), got {self.p_max}")
+        _check(self.mode in ("spatial", "spatiotemporal"), f"dropout.mode must be spatial|spatiotemporal, got {self.mode!r}")
+
+
+@dataclass
+class WindowConfig:
+    """How many latent frames one decoder pass (and so one joint attention) covers."""
+
+    latent_frames: int = 5  # 5 latent frames = the paper's 17-frame chunk
+    max_tokens_per_stage: int | None = None  # shrink the window when a stage would exceed this many tokens
+
+    def __post_init__(self) -> None:
+        _check(self.latent_frames >= 1, f"window.latent_frames must be >= 1, got {self.latent_frames}")
+        _check(self.max_tokens_per_stage is None or self.max_tokens_per_stage > 0, f"window.max_tokens_per_stage must be positive, got {self.max_tokens_per_stage}")
+
+
+@dataclass
+class RefDecoderConfig:
+    """Everything RefDecoder adds to a backbone. See the presets in :data:`PRESETS`."""
+
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    stages: StageConfig = field(default_factory=StageConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    train_decoder: bool = False  # unfreeze the backbone decoder (trained at a reduced learning rate)
+    backbone: str | None = None  # filled in by wrap(); checked again at load time
+
+    def __post_init__(self) -> None:
+        for name, kind in (("tokenizer", TokenizerConfig), ("transformer", TransformerConfig), ("stages", StageConfig),
+                           ("dropout", DropoutConfig), ("window", WindowConfig)):
+            _check(isinstance(getattr(self, name), kind), f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict including ``refdecoder_version``."""
+        from refdecoder import __version__
+
+        return {"refdecoder_version": __version__, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefDecoderConfig:
+        """Build from a dict; unknown keys are logged and ignored, wrong types raise :class:`ConfigError`."""
+        data = dict(data)
+        data.pop("refdecoder_version", None)
+        return _from_dict(cls, data, path="")
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as indented JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RefDecoderConfig:
+        """Read a config written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read RefDecoder config {path}: {err}") from err
+        return cls.from_dict(data)
+
+    def copy(self) -> RefDecoderConfig:
+        """Deep copy, so presets are never mutated through a model."""
+        return copy.deepcopy(self)
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        logger.warning("ignoring unknown config keys %s", [path + k for k in unknown])
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        nested = _NESTED.get(name) if cls is RefDecoderConfig else None
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path + name!r} must be a mapping, got {type(value).__name__}")
+            value = _from_dict(nested, value, path=f"{path}{name}.")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"invalid config at {path or 'top level'}: {err}") from err
+
+
+_NESTED = {"tokenizer": TokenizerConfig, "transformer": TransformerConfig, "stages": StageConfig,
+           "dropout": DropoutConfig, "window": WindowConfig}
+
+PRESETS: dict[str, RefDecoderConfig] = {
+    # The paper's architecture: 10 shared layers, 12 heads x 128, FFN 8960, the adapter's paper patch layout,
+    # but with our residual zero-init so that step 0 reproduces the pretrained decoder.
+    "paper": RefDecoderConfig(transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
+                              tokenizer=TokenizerConfig(kind="space_to_depth", norm="rms")),
+    # The efficient default candidate.
+    "small": RefDecoderConfig(transformer=TransformerConfig(depth=4, num_heads=8, head_dim=128)),
+    # Tests and CPU demos.
+    "tiny": RefDecoderConfig(transformer=TransformerConfig(depth=2, num_heads=2, head_dim=32)),
+    # Exactly the released Wan2.1 checkpoints: replace (no residual), decoder fine-tuned alongside.
+    "official-wan2.1": RefDecoderConfig(
+        transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
+        tokenizer=TokenizerConfig(kind="space_to_depth", norm="rms"),
+        stages=StageConfig(residual=False), train_decoder=True, backbone="wan2.1"),
+    # Exactly the released VideoVAE+ checkpoint: GroupNorm before each stage, residual, no tokenizer norm.
+    "official-videovae+": RefDecoderConfig(
+        transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
+        tokenizer=TokenizerConfig(kind="space_to_depth", norm="none"),
+        stages=StageConfig(residual=True, input_norm="group"), train_decoder=True, backbone="videovae+"),
+}
+
+
+def preset(name: str) -> RefDecoderConfig:
+    """A fresh copy of the named preset (``paper``, ``small``, ``tiny``, ``official-wan2.1``, ...)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
+    return PRESETS[name].copy()
+
+
+def resolve_config(config: str | RefDecoderConfig | None) -> RefDecoderConfig:
+    """Turn a preset name, a config or ``None`` (the ``small`` preset) into a private config copy."""
+    if config is None:
+        return preset("small")
+    if isinstance(config, str):
+        return preset(config)
+    if isinstance(config, RefDecoderConfig):
+        return config.copy()
+    raise ConfigError(f"config must be a preset name or a RefDecoderConfig, got {type(config).__name__}")

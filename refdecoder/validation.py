@@ -1,0 +1,110 @@
+"""Checks at the public API boundary: shapes, ranges and frame counts, with messages that say how to fix them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from refdecoder.errors import InputError
+from refdecoder.frames import FrameRule
+
+__all__ = ["check_latents", "check_video", "check_reference", "check_reference_index"]
+
+# References a little outside [-1, 1] come from resampling overshoot; anything beyond this margin is almost
+# certainly the wrong range (e.g. [0, 255] pixels).
+_RANGE_MARGIN = 0.25
+
+
+def _has_values(x: torch.Tensor) -> bool:
+    # Meta tensors (FLOP counting) have shapes but no values, so value checks must skip them.
+    return x.device.type != "meta"
+
+
+def _check_tensor(x: object, what: str, layout: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{what} must be a torch.Tensor of layout {layout}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_latents(latents: torch.Tensor, channels: int) -> None:
+    """Raw VAE latents ``B, C, T, h, w`` with ``C == channels`` and finite values."""
+    _check_tensor(latents, "latents", "B, C, T, h, w")
+    if latents.ndim != 5 or latents.shape[1] != channels:
+        raise InputError(
+            f"latents must have shape (B, {channels}, T, h, w), got {tuple(latents.shape)}; "
+            "pass raw latents as vae.decode takes them"
+        )
+    if _has_values(latents) and not torch.isfinite(latents).all():
+        raise InputError("latents contain NaN or inf values; check the diffusion sampler or the de-normalisation")
+
+
+def _check_range(x: torch.Tensor, what: str) -> None:
+    if not _has_values(x) or x.numel() == 0:
+        return
+    lo, hi = x.amin().item(), x.amax().item()
+    if not (lo >= -1 - _RANGE_MARGIN and hi <= 1 + _RANGE_MARGIN):
+        raise InputError(
+            f"{what} values must lie in [-1, 1], got range [{lo:.3g}, {hi:.3g}]; "
+            "convert pixels with x / 127.5 - 1 (uint8) or x * 2 - 1 ([0, 1] floats)"
+        )
+    if not torch.isfinite(x).all():
+        raise InputError(f"{what} contains NaN or inf values")
+
+
+def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int) -> None:
+    """Video ``B, 3, T, H, W`` in [-1, 1] with a frame count the backbone accepts and H, W divisible."""
+    _check_tensor(video, "video", "B, 3, T, H, W")
+    if video.ndim != 5 or video.shape[1] != 3:
+        raise InputError(f"video must have shape (B, 3, T, H, W), got {tuple(video.shape)}")
+    frame_rule.check(video.shape[2])
+    h, w = video.shape[-2:]
+    if h % spatial_factor or w % spatial_factor:
+        raise InputError(f"video height and width must be multiples of {spatial_factor}, got {h}x{w}")
+    _check_range(video, "video")
+
+
+def check_reference(
+    reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False
+) -> torch.Tensor:
+    """Return the reference as ``B, 3, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
+
+    Accepts ``B, 3, H, W`` (one frame) or ``B, 3, R, H, W``; a batch of 1 is broadcast to ``batch``. A size
+    mismatch is an error unless ``resize`` is set, in which case frames are resized (bilinear, antialiased).
+    """
+    _check_tensor(reference, "reference", "B, 3, R, H, W")
+    if reference.ndim == 4:
+        reference = reference.unsqueeze(2)
+    if reference.ndim != 5 or reference.shape[1] != 3:
+        raise InputError(f"reference must have shape (B, 3, H, W) or (B, 3, R, H, W), got {tuple(reference.shape)}")
+    if reference.shape[0] not in (1, batch):
+        raise InputError(f"reference batch {reference.shape[0]} does not match the latents' batch {batch} (or 1)")
+    if tuple(reference.shape[-2:]) != tuple(size):
+        if not resize:
+            raise InputError(
+                f"reference frames are {reference.shape[-2]}x{reference.shape[-1]} but the decoded video is "
+                f"{size[0]}x{size[1]}; resize the reference or pass resize_reference=True"
+            )
+        reference = _resize_frames(reference, size)
+    _check_range(reference, "reference")
+    return reference.expand(batch, *reference.shape[1:])
+
+
+def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    b, c, r = frames.shape[:3]
+    flat = frames.transpose(1, 2).reshape(b * r, c, *frames.shape[-2:])
+    flat = F.interpolate(flat, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return flat.reshape(b, r, c, *size).transpose(1, 2)
+
+
+def check_reference_index(index: torch.Tensor | int, batch: int, frames: int) -> torch.Tensor:
+    """Per-sample reference frame indices as a ``(B,)`` long tensor within ``[0, frames)``."""
+    index = torch.as_tensor(index, dtype=torch.long).flatten()
+    if index.numel() == 1:
+        index = index.expand(batch)
+    if index.numel() != batch:
+        raise InputError(f"reference_index needs one index per sample ({batch}), got {index.numel()}")
+    if ((index < 0) | (index >= frames)).any():
+        raise InputError(f"reference_index must lie in [0, {frames}), got {index.tolist()}")
+    return index
