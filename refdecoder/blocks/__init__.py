@@ -1,0 +1,32 @@
+"""Reusable neural blocks of RefDecoder (one concept per module, functional core + thin ``nn.Module``)."""
+
+from __future__ import annotations
+
+from refdecoder.blocks.attention import attention, attention_backend
+from refdecoder.blocks.norms import ChannelRMSNorm, FP32LayerNorm, RMSNorm
+from refdecoder.blocks.reference_tokenizer import ReferenceTokenizer, space_to_depth
+from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_axis_dims, rope_tables
+from refdecoder.blocks.stage_projector import StageProjector
+from refdecoder.blocks.token_dropout import LatentTokenDropout, latent_token_dropout
+from refdecoder.blocks.transformer import FeedForward, SelfAttention, SharedTransformer, TransformerBlock
+
+__all__ = [
+    "attention",
+    "attention_backend",
+    "ChannelRMSNorm",
+    "FP32LayerNorm",
+    "RMSNorm",
+    "ReferenceTokenizer",
+    "space_to_depth",
+    "RotaryEmbedding3D",
+    "apply_rope",
+    "rope_axis_dims",
+    "rope_tables",
+    "StageProjector",
+    "LatentTokenDropout",
+    "latent_token_dropout",
+    "SharedTransformer",
+    "TransformerBlock",
+    "SelfAttention",
+    "FeedForward",
+]
