@@ -42,6 +42,7 @@ def __getattr__(name: str):
         return getattr(model, name)
     raise AttributeError(f"module 'refdecoder' has no attribute {name!r}")
 
+
 __all__ = [
     "__version__",
     "wrap",

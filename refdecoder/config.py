@@ -49,9 +49,15 @@ class TokenizerConfig:
     kernel_size: int = 3  # conv kernel of the space_to_depth variant (ignored by patch_conv)
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("patch_conv", "space_to_depth"), f"tokenizer.kind must be patch_conv|space_to_depth, got {self.kind!r}")
+        _check(
+            self.kind in ("patch_conv", "space_to_depth"),
+            f"tokenizer.kind must be patch_conv|space_to_depth, got {self.kind!r}",
+        )
         _check(self.norm in ("rms", "group", "none"), f"tokenizer.norm must be rms|group|none, got {self.norm!r}")
-        _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"tokenizer.kernel_size must be odd, got {self.kernel_size}")
+        _check(
+            self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+            f"tokenizer.kernel_size must be odd, got {self.kernel_size}",
+        )
 
 
 @dataclass
@@ -69,7 +75,10 @@ class TransformerConfig:
         _check(self.depth >= 1, f"transformer.depth must be >= 1, got {self.depth}")
         _check(self.num_heads >= 1, f"transformer.num_heads must be >= 1, got {self.num_heads}")
         # RoPE splits each head into t/h/w parts of rotation pairs, so the head size must be even and >= 6.
-        _check(self.head_dim >= 6 and self.head_dim % 2 == 0, f"transformer.head_dim must be even and >= 6, got {self.head_dim}")
+        _check(
+            self.head_dim >= 6 and self.head_dim % 2 == 0,
+            f"transformer.head_dim must be even and >= 6, got {self.head_dim}",
+        )
         _check(self.ffn_dim is None or self.ffn_dim >= 1, f"transformer.ffn_dim must be positive, got {self.ffn_dim}")
 
     @property
@@ -95,10 +104,16 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.indices is not None:
             self.indices = tuple(int(i) for i in self.indices)
-            _check(len(self.indices) > 0 and len(set(self.indices)) == len(self.indices), f"stages.indices must be unique and non-empty, got {self.indices}")
+            _check(
+                len(self.indices) > 0 and len(set(self.indices)) == len(self.indices),
+                f"stages.indices must be unique and non-empty, got {self.indices}",
+            )
         if self.patch_sizes is not None:
             self.patch_sizes = tuple(tuple(int(v) for v in p) for p in self.patch_sizes)
-            _check(all(len(p) == 3 and min(p) >= 1 for p in self.patch_sizes), f"stages.patch_sizes must be (t, h, w) triples >= 1, got {self.patch_sizes}")
+            _check(
+                all(len(p) == 3 and min(p) >= 1 for p in self.patch_sizes),
+                f"stages.patch_sizes must be (t, h, w) triples >= 1, got {self.patch_sizes}",
+            )
         _check(self.input_norm in ("none", "group"), f"stages.input_norm must be none|group, got {self.input_norm!r}")
 
 
@@ -111,7 +126,10 @@ class DropoutConfig:
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.p_max < 1.0, f"dropout.p_max must be in [0, 1), got {self.p_max}")
-        _check(self.mode in ("spatial", "spatiotemporal"), f"dropout.mode must be spatial|spatiotemporal, got {self.mode!r}")
+        _check(
+            self.mode in ("spatial", "spatiotemporal"),
+            f"dropout.mode must be spatial|spatiotemporal, got {self.mode!r}",
+        )
 
 
 @dataclass
@@ -123,7 +141,10 @@ class WindowConfig:
 
     def __post_init__(self) -> None:
         _check(self.latent_frames >= 1, f"window.latent_frames must be >= 1, got {self.latent_frames}")
-        _check(self.max_tokens_per_stage is None or self.max_tokens_per_stage > 0, f"window.max_tokens_per_stage must be positive, got {self.max_tokens_per_stage}")
+        _check(
+            self.max_tokens_per_stage is None or self.max_tokens_per_stage > 0,
+            f"window.max_tokens_per_stage must be positive, got {self.max_tokens_per_stage}",
+        )
 
 
 @dataclass
@@ -139,9 +160,17 @@ class RefDecoderConfig:
     backbone: str | None = None  # filled in by wrap(); checked again at load time
 
     def __post_init__(self) -> None:
-        for name, kind in (("tokenizer", TokenizerConfig), ("transformer", TransformerConfig), ("stages", StageConfig),
-                           ("dropout", DropoutConfig), ("window", WindowConfig)):
-            _check(isinstance(getattr(self, name), kind), f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        for name, kind in (
+            ("tokenizer", TokenizerConfig),
+            ("transformer", TransformerConfig),
+            ("stages", StageConfig),
+            ("dropout", DropoutConfig),
+            ("window", WindowConfig),
+        ):
+            _check(
+                isinstance(getattr(self, name), kind),
+                f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict including ``refdecoder_version``."""
@@ -195,14 +224,21 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"invalid config at {path or 'top level'}: {err}") from err
 
 
-_NESTED = {"tokenizer": TokenizerConfig, "transformer": TransformerConfig, "stages": StageConfig,
-           "dropout": DropoutConfig, "window": WindowConfig}
+_NESTED = {
+    "tokenizer": TokenizerConfig,
+    "transformer": TransformerConfig,
+    "stages": StageConfig,
+    "dropout": DropoutConfig,
+    "window": WindowConfig,
+}
 
 PRESETS: dict[str, RefDecoderConfig] = {
     # The paper's architecture: 10 shared layers, 12 heads x 128, FFN 8960, the adapter's paper patch layout,
     # but with our residual zero-init so that step 0 reproduces the pretrained decoder.
-    "paper": RefDecoderConfig(transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
-                              tokenizer=TokenizerConfig(kind="space_to_depth", norm="rms")),
+    "paper": RefDecoderConfig(
+        transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
+        tokenizer=TokenizerConfig(kind="space_to_depth", norm="rms"),
+    ),
     # The efficient default candidate.
     "small": RefDecoderConfig(transformer=TransformerConfig(depth=4, num_heads=8, head_dim=128)),
     # Tests and CPU demos.
@@ -211,12 +247,18 @@ PRESETS: dict[str, RefDecoderConfig] = {
     "official-wan2.1": RefDecoderConfig(
         transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
         tokenizer=TokenizerConfig(kind="space_to_depth", norm="rms"),
-        stages=StageConfig(residual=False), train_decoder=True, backbone="wan2.1"),
+        stages=StageConfig(residual=False),
+        train_decoder=True,
+        backbone="wan2.1",
+    ),
     # Exactly the released VideoVAE+ checkpoint: GroupNorm before each stage, residual, no tokenizer norm.
     "official-videovae+": RefDecoderConfig(
         transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
         tokenizer=TokenizerConfig(kind="space_to_depth", norm="none"),
-        stages=StageConfig(residual=True, input_norm="group"), train_decoder=True, backbone="videovae+"),
+        stages=StageConfig(residual=True, input_norm="group"),
+        train_decoder=True,
+        backbone="videovae+",
+    ),
 }
 
 

@@ -65,9 +65,7 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int)
     _check_range(video, "video")
 
 
-def check_reference(
-    reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False
-) -> torch.Tensor:
+def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
     """Return the reference as ``B, 3, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
 
     Accepts ``B, 3, H, W`` (one frame) or ``B, 3, R, H, W``; a batch of 1 is broadcast to ``batch``. A size

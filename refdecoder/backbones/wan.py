@@ -67,8 +67,9 @@ class WanAdapter(BackboneAdapter):
         """A reduced-width Wan2.1-architecture VAE (base_dim 8, z_dim 4): milliseconds per decode on CPU."""
         from diffusers import AutoencoderKLWan
 
-        kwargs: dict[str, Any] = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                      temperal_downsample=[False, True, True])
+        kwargs: dict[str, Any] = dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
         kwargs.update(overrides)
         z = kwargs["z_dim"]
         kwargs.setdefault("latents_mean", [0.1 * i for i in range(z)])
@@ -95,9 +96,16 @@ class WanAdapter(BackboneAdapter):
             time_factor = 2 if block.upsamplers[0].mode == "upsample3d" else 1
             # The patch grows as the stage resolution grows, so every stage lands on one H/(2*spatial) token grid.
             patch = 2 * self.spatial_factor // scale
-            specs.append(StageSpec(name=f"stage{i}", module=f"decoder.up_blocks.{i}",
-                                   channels=block.resnets[0].in_dim, scale=scale, patch_size=(1, patch, patch),
-                                   time_factor=time_factor))
+            specs.append(
+                StageSpec(
+                    name=f"stage{i}",
+                    module=f"decoder.up_blocks.{i}",
+                    channels=block.resnets[0].in_dim,
+                    scale=scale,
+                    patch_size=(1, patch, patch),
+                    time_factor=time_factor,
+                )
+            )
             scale //= 2
         return specs
 
@@ -128,7 +136,9 @@ class WanAdapter(BackboneAdapter):
             outputs.append(self._decode_window(x[:, :, start:stop], cache, hooks, ctx))
         return torch.cat(outputs, dim=2)
 
-    def _decode_window(self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
+    def _decode_window(
+        self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext
+    ) -> torch.Tensor:
         decoder, cursor = self.vae.decoder, [0]
         h = _cached_conv(decoder.conv_in, x, cache, cursor)
         h = decoder.mid_block(h, feat_cache=cache, feat_idx=cursor)
@@ -140,7 +150,9 @@ class WanAdapter(BackboneAdapter):
         return _cached_conv(decoder.conv_out, h, cache, cursor)
 
     @staticmethod
-    def _run_up_block(block: nn.Module, h: torch.Tensor, cache: list[Any], cursor: list[int], first_window: bool) -> torch.Tensor:
+    def _run_up_block(
+        block: nn.Module, h: torch.Tensor, cache: list[Any], cursor: list[int], first_window: bool
+    ) -> torch.Tensor:
         upsamples_time = block.upsamplers is not None and block.upsamplers[0].mode == "upsample3d"
         if not (first_window and upsamples_time):
             return block(h, feat_cache=cache, feat_idx=cursor, first_chunk=False)

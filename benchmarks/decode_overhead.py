@@ -1,0 +1,115 @@
+"""Cost of reference conditioning on the Wan2.1 decoder: wall time, FLOPs at the real size, memory vs length.
+
+    python benchmarks/decode_overhead.py [--skip-time] [--out results.json]
+
+1. Wall time of ``model.decode`` (presets paper, small) vs ``vae.decode`` on the same latents: full Wan2.1 width
+   (random weights), a small spatial size, median of several runs, measured side by side in one process.
+2. FLOPs at 480x832 for 17 and 81 frames, counted with ``FlopCounterMode`` on the meta device (nothing runs).
+3. Peak live-tensor memory of decoding 21 vs 5 latent frames with the same window (meta device at 480x832, and
+   real tensors at a small size): the window bounds memory, not the video length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import refdecoder  # noqa: E402
+from benchmarks._common import LiveTensorMeter, median_time, write_json  # noqa: E402
+
+PRESETS = ("small", "paper")
+
+
+def build_wan(device: str | torch.device = "cpu"):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoencoderKLWan().eval()  # Wan2.1 config: base_dim 96, z_dim 16
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def flops_table(frames_list=(17, 81), size=(480, 832)) -> dict:
+    vae = build_wan("meta")
+    rows = {}
+    for frames in frames_list:
+        z = torch.empty(1, 16, 1 + (frames - 1) // 4, size[0] // 8, size[1] // 8, device="meta")
+        ref = torch.empty(1, 3, 1, *size, device="meta")
+        base = count_flops(lambda z=z: vae.decode(z))
+        row = {"plain_decoder_tflop": base / 1e12}
+        for name in PRESETS:
+            model = refdecoder.wrap(vae, name)
+            total = count_flops(lambda m=model, z=z, r=ref: m.decode(z, reference=r))
+            row[name] = {"tflop": total / 1e12, "ratio_to_plain": total / base, "added_fraction": total / base - 1}
+            model.unwrap()
+        rows[f"{frames}f_{size[0]}x{size[1]}"] = row
+    return rows
+
+
+def wall_times(latent_shape=(1, 16, 2, 8, 8), repeats: int = 3) -> dict:
+    vae = build_wan()
+    z = torch.randn(*latent_shape)
+    ref = torch.rand(1, 3, 1, latent_shape[-2] * 8, latent_shape[-1] * 8) * 2 - 1
+    result = {"latent_shape": list(latent_shape), "repeats": repeats}
+    with torch.inference_mode():
+        base, base_runs = median_time(lambda: vae.decode(z), repeats)
+        result["vae_decode_s"] = {"median": base, "runs": base_runs}
+        for name in PRESETS:
+            model = refdecoder.wrap(vae, name).eval()
+            t, runs = median_time(lambda m=model: m.decode(z, reference=ref), repeats)
+            result[name] = {"median_s": t, "runs": runs, "ratio_to_vae_decode": t / base}
+            model.unwrap()
+    return result
+
+
+def peak_memory(device: str, size: tuple[int, int], preset: str = "small") -> dict:
+    vae = build_wan(device)
+    model = refdecoder.wrap(vae, preset).eval()
+    ref = (
+        torch.zeros(1, 3, 1, *size, device=device) if device != "meta" else torch.empty(1, 3, 1, *size, device="meta")
+    )
+    peaks = {}
+    for latent_frames in (5, 21):
+        z = torch.zeros(1, 16, latent_frames, size[0] // 8, size[1] // 8, device=device)
+        with torch.inference_mode(), LiveTensorMeter() as meter:
+            model.decode(z, reference=ref, window=5)
+        peaks[latent_frames] = meter.peak
+    return {
+        "device": device,
+        "size": list(size),
+        "preset": preset,
+        "window": 5,
+        "peak_bytes_5_latent": peaks[5],
+        "peak_bytes_21_latent": peaks[21],
+        "ratio_21_over_5": peaks[21] / peaks[5],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-time", action="store_true", help="skip the (slow on CPU) wall-time part")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    result = {"flops": flops_table()}
+    print("FLOPs:", result["flops"])
+    result["memory"] = [peak_memory("meta", (480, 832)), peak_memory("cpu", (64, 64))]
+    print("memory:", result["memory"])
+    if not args.skip_time:
+        result["wall_time"] = wall_times(repeats=args.repeats)
+        print("wall time:", result["wall_time"])
+    print("wrote", write_json("decode_overhead", result, args.out))
+
+
+if __name__ == "__main__":
+    main()

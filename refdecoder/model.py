@@ -1,0 +1,387 @@
+"""The wrapped model: a backbone VAE plus the modules that make its decoder reference-conditioned.
+
+Lifecycle (peft-like): :func:`wrap` freezes the VAE and builds the new modules beside it, never inside it, so
+``vae.state_dict()`` keeps its keys and values; at initialisation every stage update is zero, so decoding equals
+the backbone's own decode; :meth:`RefDecoder.save_pretrained` writes only what the library added (and decoder
+weights when they were trained); :meth:`RefDecoder.unwrap` hands the VAE back exactly as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
+from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
+from refdecoder.config import RefDecoderConfig, resolve_config
+from refdecoder.errors import BackboneError, CheckpointError, ConfigError
+from refdecoder.hooks import DecodeContext
+from refdecoder.validation import check_latents, check_reference, check_reference_index, check_video
+
+__all__ = ["RefDecoder", "RefDecoderOutput", "wrap", "load", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+logger = logging.getLogger("refdecoder")
+
+CONFIG_NAME = "refdecoder_config.json"
+WEIGHTS_NAME = "refdecoder.safetensors"
+# Saved decoder weights carry this prefix so they can never be confused with the added modules.
+_BASE_PREFIX = "vae."
+
+# VAEs currently wrapped; weak so that a dropped model does not keep its VAE alive.
+_WRAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@dataclass
+class RefDecoderOutput:
+    """Result of a training forward pass.
+
+    Attributes:
+        sample: reconstructed video ``B, 3, T, H, W`` (unclamped, ~[-1, 1]).
+        reference_index: ``(B,)`` index of the clip frame used as each sample's reference.
+        latents: ``B, C, t, h, w`` raw latents of the frozen encoder.
+    """
+
+    sample: torch.Tensor
+    reference_index: torch.Tensor
+    latents: torch.Tensor
+
+
+class RefDecoder(nn.Module):
+    """A backbone VAE whose decoder attends to reference frames at each up-sampling stage.
+
+    Build it with :func:`refdecoder.wrap` rather than directly. Attributes: ``vae`` (the backbone, frozen except
+    for decoder parameters when ``config.train_decoder``), ``adapter`` (its :class:`BackboneAdapter`),
+    ``tokenizer``, ``transformer`` (shared by all stages), ``projectors`` (one per conditioned stage, keyed
+    ``stage{i}``) and ``latent_components`` (training-time modules at the ``latents`` hook point).
+    """
+
+    def __init__(self, vae: nn.Module, config: RefDecoderConfig, adapter: BackboneAdapter) -> None:
+        super().__init__()
+        self.config = config
+        self.adapter = adapter
+        self.vae = vae
+        specs = adapter.stages()
+        self.stage_indices = _stage_indices(config, len(specs))
+        tf = config.transformer
+        self.tokenizer = ReferenceTokenizer(
+            out_channels=adapter.reference_channels,
+            patch_size=adapter.reference_scale,
+            kind=config.tokenizer.kind,
+            kernel_size=config.tokenizer.kernel_size,
+            norm=config.tokenizer.norm,
+        )
+        self.transformer = SharedTransformer(
+            dim=tf.width, depth=tf.depth, num_heads=tf.num_heads, ffn_dim=tf.ffn_width, rope_theta=tf.rope_theta
+        )
+        self.transformer.gradient_checkpointing = tf.gradient_checkpointing
+        patches = config.stages.patch_sizes or [specs[i].patch_size for i in self.stage_indices]
+        self.projectors = nn.ModuleDict(
+            {
+                specs[i].name: StageProjector(
+                    specs[i].channels,
+                    tf.width,
+                    patch,
+                    residual=config.stages.residual,
+                    input_norm=config.stages.input_norm,
+                )
+                for i, patch in zip(self.stage_indices, patches)
+            }
+        )
+        self.latent_components = nn.ModuleDict()
+        if config.dropout.p_max > 0:
+            self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
+        self._hooks = _ReferenceHooks(self)
+        self._base_state = _freeze(vae, adapter, config.train_decoder)
+        self._alive = True
+
+    # --- inference ------------------------------------------------------------------------------------------
+    def decode(
+        self,
+        latents: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        window: int | None = None,
+        clamp: bool = True,
+        resize_reference: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Decode raw latents into video, conditioned on reference frames when given.
+
+        Args:
+            latents: raw VAE latents ``B, C, t, h, w`` (what ``vae.decode`` takes; de-normalise diffusion latents
+                first with :meth:`denormalize`).
+            reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, or None for the plain
+                backbone decode.
+            window: latent frames per decoder pass (joint attention span); default ``config.window``.
+            clamp: clamp the output to [-1, 1] like the backbone's decode.
+            resize_reference: resize a reference of another size instead of raising :class:`InputError`.
+            generator: RNG for training-time components (token dropout), for reproducible draws.
+
+        Returns:
+            Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
+        """
+        self._check_alive()
+        check_latents(latents, self.adapter.latent_channels)
+        ctx = DecodeContext(generator=generator)
+        if reference is not None:
+            size = tuple(s * self.adapter.spatial_factor for s in latents.shape[-2:])
+            reference = check_reference(reference, latents.shape[0], size, resize_reference)
+            ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
+            ctx.num_reference = reference.shape[2]
+        video = self.adapter.decode_windows(
+            latents, self._hooks, ctx, self.window_size(latents, ctx.num_reference, window)
+        )
+        return video.clamp(-1.0, 1.0) if clamp else video
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder: ``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode), without gradients."""
+        self._check_alive()
+        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
+        return self.adapter.encode(video)
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the normalised space diffusion pipelines work in."""
+        return self.adapter.normalize(latents)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised diffusion latents -> raw latents for :meth:`decode`."""
+        return self.adapter.denormalize(latents)
+
+    def window_size(self, latents: torch.Tensor, num_reference: int = 1, window: int | None = None) -> int:
+        """Latent frames per decoder pass: ``window`` or the config's, shrunk to fit ``max_tokens_per_stage``."""
+        size = window if window is not None else self.config.window.latent_frames
+        if size < 1:
+            raise ConfigError(f"window must be >= 1 latent frame, got {size}")
+        budget = self.config.window.max_tokens_per_stage
+        while budget is not None and size > 1 and self.stage_tokens(latents.shape[-2:], size, num_reference) > budget:
+            size -= 1
+        return size
+
+    def stage_tokens(self, latent_size: tuple[int, int], window: int, num_reference: int = 1) -> int:
+        """Largest token count any conditioned stage attends over for a window of ``window`` latent frames."""
+        specs, counts = self.adapter.stages(), []
+        for i in self.stage_indices:
+            frames = max(self.adapter.stage_frames(i, window, first) for first in (True, False)) + num_reference
+            h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
+            counts.append(self.projectors[specs[i].name].token_count(frames, h, w))
+        return max(counts)
+
+    # --- training -------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        video: torch.Tensor,
+        reference_index: torch.Tensor | int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RefDecoderOutput:
+        """Training pass: encode without gradients, then decode with one of the clip's own frames as reference.
+
+        Args:
+            video: ``B, 3, T, H, W`` in [-1, 1], ``T`` valid for the backbone.
+            reference_index: per-sample frame index (``(B,)`` or an int); drawn uniformly when None.
+            generator: RNG for the reference draw and the training-time components.
+        """
+        latents = self.encode(video)
+        b, t = video.shape[0], video.shape[2]
+        if reference_index is None:
+            reference_index = torch.randint(0, t, (b,), generator=generator)
+        reference_index = check_reference_index(reference_index, b, t)
+        batch = torch.arange(b, device=video.device)
+        reference = video[batch, :, reference_index.to(video.device)].unsqueeze(2)
+        sample = self.decode(latents, reference, clamp=False, generator=generator)
+        return RefDecoderOutput(sample=sample, reference_index=reference_index, latents=latents)
+
+    def added_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters of the modules RefDecoder added (never the backbone's)."""
+        for name, param in self.named_parameters():
+            if not name.startswith(_BASE_PREFIX):
+                yield name, param
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that receives gradients: the added modules, plus the decoder if ``train_decoder``."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float, decoder_lr_ratio: float = 0.1) -> list[dict[str, Any]]:
+        """Optimizer groups: added modules at ``lr``; unfrozen decoder parameters at ``lr * decoder_lr_ratio``."""
+        groups = [
+            {"name": "refdecoder", "params": [p for _, p in self.added_parameters() if p.requires_grad], "lr": lr}
+        ]
+        decoder = [p for _, p in self.adapter.decoder_parameters() if p.requires_grad]
+        if decoder:
+            groups.append({"name": "decoder", "params": decoder, "lr": lr * decoder_lr_ratio})
+        return groups
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def refdecoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """What :meth:`save_pretrained` stores: the added modules, plus decoder weights when they are trained."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(_BASE_PREFIX)}
+        if self.config.train_decoder:
+            state.update({_BASE_PREFIX + name: p.detach() for name, p in self.adapter.decoder_parameters()})
+        return state
+
+    def load_refdecoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a :meth:`refdecoder_state_dict` strictly; mismatches raise :class:`CheckpointError`."""
+        expected = self.refdecoder_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        wrong = [
+            f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong:
+            raise CheckpointError(
+                f"RefDecoder weights do not match the model: {len(missing)} missing {missing[:10]}, "
+                f"{len(unexpected)} unexpected {unexpected[:10]}, {len(wrong)} with wrong shapes {wrong[:10]}"
+            )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(state[key])
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``refdecoder_config.json`` and ``refdecoder.safetensors`` (no frozen base weights) atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.refdecoder_state_dict().items()}
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            save_file(tensors, Path(tmp) / WEIGHTS_NAME, metadata={"format": "pt"})
+            self.config.save(Path(tmp) / CONFIG_NAME)
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(Path(tmp) / name, directory / name)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
+        """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights_path.is_file():
+            raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = RefDecoderConfig.load(config_path)
+        model = wrap(vae, config, backbone=backbone)
+        try:
+            model.load_refdecoder_state_dict(load_file(weights_path, device="cpu"))
+        except (SafetensorError, OSError) as err:
+            model.unwrap()
+            raise CheckpointError(f"cannot read {weights_path}: {err}") from err
+        except CheckpointError:
+            model.unwrap()
+            raise
+        return model
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Detach from the VAE and return it with its original trainability and mode; this model is then unusable."""
+        self._check_alive()
+        flags, training = self._base_state
+        for name, param in self.vae.named_parameters():
+            param.requires_grad_(flags[name])
+        self.vae.train(training)
+        _WRAPPED.discard(self.vae)
+        self._alive = False
+        return self.vae
+
+    def _check_alive(self) -> None:
+        if not self._alive:
+            raise BackboneError("this RefDecoder was unwrapped; wrap the VAE again to use it")
+
+    def extra_repr(self) -> str:
+        added = sum(p.numel() for _, p in self.added_parameters())
+        return f"backbone={self.adapter.name!r}, stages={list(self.stage_indices)}, added_params={added:,}"
+
+
+class _ReferenceHooks:
+    """The hook-point behaviour of a RefDecoder (what the adapter's decode loop calls)."""
+
+    def __init__(self, model: RefDecoder) -> None:
+        self._model = weakref.proxy(model)
+
+    def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        for component in self._model.latent_components.values():
+            x = component(x, ctx)
+        return x
+
+    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        model = self._model
+        if not ctx.has_reference or index > max(model.stage_indices):
+            return x
+        reference = ctx.reference_tokens if index == 0 else ctx.stage_reference
+        name, r = f"stage{index}", ctx.num_reference
+        if name in model.projectors:
+            # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
+            joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)
+            reference, x = joint[:, :, :r], joint[:, :, r:]
+        if index < max(model.stage_indices):
+            ctx.stage_reference = model.adapter.run_stage_on_reference(index, reference)
+        return x
+
+
+def _stage_indices(config: RefDecoderConfig, num_stages: int) -> tuple[int, ...]:
+    indices = config.stages.indices if config.stages.indices is not None else tuple(range(num_stages))
+    if any(not 0 <= i < num_stages for i in indices):
+        raise ConfigError(f"stages.indices {indices} out of range: this backbone has stages 0..{num_stages - 1}")
+    if config.stages.patch_sizes is not None and len(config.stages.patch_sizes) != len(indices):
+        raise ConfigError(
+            f"stages.patch_sizes needs one patch per conditioned stage ({len(indices)}), "
+            f"got {len(config.stages.patch_sizes)}"
+        )
+    return tuple(sorted(indices))
+
+
+def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tuple[dict[str, bool], bool]:
+    """Freeze the VAE (decoder trainable if asked); return what :meth:`RefDecoder.unwrap` must restore."""
+    state = ({n: p.requires_grad for n, p in vae.named_parameters()}, vae.training)
+    vae.requires_grad_(False)
+    if train_decoder:
+        for _, param in adapter.decoder_parameters():
+            param.requires_grad_(True)
+    return state
+
+
+def wrap(vae: nn.Module, config: str | RefDecoderConfig | None = None, backbone: str | None = None) -> RefDecoder:
+    """Make ``vae``'s decoder reference-conditioned.
+
+    Args:
+        vae: a VAE of a registered family (e.g. diffusers ``AutoencoderKLWan``); it is frozen, not copied.
+        config: a preset name (``"paper"``, ``"small"``, ``"tiny"``, ...) or a :class:`RefDecoderConfig`;
+            default ``"small"``.
+        backbone: force an adapter by name instead of auto-detection.
+
+    Returns:
+        A :class:`RefDecoder` whose ``decode`` equals ``vae.decode`` until its new modules are trained.
+    """
+    if vae in _WRAPPED:
+        raise BackboneError("this VAE is already wrapped by a RefDecoder; call unwrap() on it first")
+    config = resolve_config(config)
+    adapter_cls = get_backbone(backbone) if backbone else find_backbone(vae)
+    if backbone and not adapter_cls.matches(vae):
+        raise BackboneError(f"backbone {backbone!r} does not fit a {type(vae).__name__}")
+    if config.backbone not in (None, adapter_cls.name):
+        raise ConfigError(f"config was made for backbone {config.backbone!r}, but this VAE is {adapter_cls.name!r}")
+    config.backbone = adapter_cls.name
+    base = next(vae.parameters())
+    # Build the new modules where the VAE lives (also the meta device, for FLOP counting without memory), in its
+    # dtype, so a decode never mixes devices or precisions.
+    with torch.device(base.device):
+        model = RefDecoder(vae, config, adapter_cls(vae))
+    model.to(dtype=base.dtype)
+    _WRAPPED.add(vae)
+    logger.debug("wrapped a %s as %s", type(vae).__name__, adapter_cls.name)
+    return model
+
+
+def load(vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
+    """Wrap ``vae`` and load RefDecoder weights saved with :meth:`RefDecoder.save_pretrained`."""
+    return RefDecoder.from_pretrained(vae, directory, backbone=backbone)
