@@ -74,13 +74,18 @@ class IdentityHooks:
         return x
 
 
-def plan_windows(num_latent_frames: int, window: int) -> list[tuple[int, int]]:
-    """Split ``num_latent_frames`` into consecutive ``(start, stop)`` windows of at most ``window`` frames.
+def plan_windows(num_latent_frames: int, first: int, later: int | None = None) -> list[tuple[int, int]]:
+    """Split ``num_latent_frames`` into consecutive ``(start, stop)`` windows: ``first`` frames, then ``later``.
 
     The first window starts at latent frame 0, which causal backbones decode like an image; later windows continue
     from the caches the earlier ones left behind, so the split changes which frames attend to each other but
     never re-decodes a frame.
     """
-    if num_latent_frames < 1 or window < 1:
-        raise ValueError(f"need >= 1 latent frame and window >= 1, got {num_latent_frames=} {window=}")
-    return [(s, min(s + window, num_latent_frames)) for s in range(0, num_latent_frames, window)]
+    later = first if later is None else later
+    if num_latent_frames < 1 or first < 1 or later < 1:
+        raise ValueError(f"need >= 1 latent frame and windows >= 1, got {num_latent_frames=} {first=} {later=}")
+    windows, start = [(0, min(first, num_latent_frames))], min(first, num_latent_frames)
+    while start < num_latent_frames:
+        windows.append((start, min(start + later, num_latent_frames)))
+        start = windows[-1][1]
+    return windows

@@ -83,7 +83,7 @@ class RefDecoder(nn.Module):
             dim=tf.width, depth=tf.depth, num_heads=tf.num_heads, ffn_dim=tf.ffn_width, rope_theta=tf.rope_theta
         )
         self.transformer.gradient_checkpointing = tf.gradient_checkpointing
-        patches = config.stages.patch_sizes or [specs[i].patch_size for i in self.stage_indices]
+        patches = _stage_patches(config, [specs[i] for i in self.stage_indices])
         self.projectors = nn.ModuleDict(
             {
                 specs[i].name: StageProjector(
@@ -136,9 +136,9 @@ class RefDecoder(nn.Module):
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
             ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
             ctx.num_reference = reference.shape[2]
-        video = self.adapter.decode_windows(
-            latents, self._hooks, ctx, self.window_size(latents, ctx.num_reference, window)
-        )
+        size = self.window_size(latents, ctx.num_reference, window)
+        windows = self.adapter.plan_windows(latents.shape[2], size)
+        video = self.adapter.decode_windows(latents, self._hooks, ctx, windows)
         return video.clamp(-1.0, 1.0) if clamp else video
 
     @torch.no_grad()
@@ -170,7 +170,11 @@ class RefDecoder(nn.Module):
         """Largest token count any conditioned stage attends over for a window of ``window`` latent frames."""
         specs, counts = self.adapter.stages(), []
         for i in self.stage_indices:
-            frames = max(self.adapter.stage_frames(i, window, first) for first in (True, False)) + num_reference
+            first, later = self.adapter.plan_windows(2 * window + 1, window)[:2]
+            frames = num_reference + max(
+                self.adapter.stage_frames(i, first[1] - first[0], True),
+                self.adapter.stage_frames(i, later[1] - later[0], False),
+            )
             h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
             counts.append(self.projectors[specs[i].name].token_count(frames, h, w))
         return max(counts)
@@ -338,6 +342,20 @@ def _stage_indices(config: RefDecoderConfig, num_stages: int) -> tuple[int, ...]
             f"got {len(config.stages.patch_sizes)}"
         )
     return tuple(sorted(indices))
+
+
+def _stage_patches(config: RefDecoderConfig, specs: list) -> list[tuple[int, int, int]]:
+    stages = config.stages
+    if stages.patch_sizes is not None:
+        return list(stages.patch_sizes)
+    if stages.patch_multipliers is None:
+        return [spec.patch_size for spec in specs]
+    if len(stages.patch_multipliers) != len(specs):
+        raise ConfigError(
+            f"stages.patch_multipliers needs one value per conditioned stage ({len(specs)}), "
+            f"got {stages.patch_multipliers}"
+        )
+    return [(p[0], p[1] * m, p[2] * m) for p, m in zip((s.patch_size for s in specs), stages.patch_multipliers)]
 
 
 def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tuple[dict[str, bool], bool]:

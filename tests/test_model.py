@@ -105,9 +105,10 @@ def test_token_budget_shrinks_the_window(vae):
     config = refdecoder.preset("tiny")
     model = refdecoder.wrap(vae, config)
     z = latents_for(vae, 9, 8, 8)  # token grid 4x4 = 16 tokens per frame
-    # Stage 2 of a 5-latent-frame window holds up to 4*5 frames (+1 reference) -> 21 * 16 tokens.
-    assert model.stage_tokens((8, 8), 5) == 21 * 16
-    model.config.window.max_tokens_per_stage = 9 * 16  # fits 2 latent frames: 4*2 + 1 = 9 frames
+    # Stage 2 of a 5-latent-frame first window holds 17 frames (+1 reference) -> 18 * 16 tokens; later windows
+    # hold 4 latent frames = 16 frames, fewer.
+    assert model.stage_tokens((8, 8), 5) == 18 * 16
+    model.config.window.max_tokens_per_stage = 6 * 16  # fits 2 latent frames: 1 + 4 = 5 frames (+1 reference)
     assert model.window_size(z) == 2
     model.config.window.max_tokens_per_stage = 1
     assert model.window_size(z) == 1  # never below one latent frame
@@ -274,3 +275,10 @@ def test_config_roundtrip_and_unknown_keys(tmp_path, caplog):
     data["transformer"]["depth"] = 0
     with pytest.raises(refdecoder.ConfigError, match="depth"):
         RefDecoderConfig.from_dict(data)
+
+
+def test_windows_keep_equal_pixel_length(vae):
+    adapter = refdecoder.wrap(vae, "tiny").adapter
+    assert adapter.plan_windows(21, 5) == [(0, 5), (5, 9), (9, 13), (13, 17), (17, 21)]  # 17, 16, 16, 16, 16 px
+    assert adapter.plan_windows(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    assert adapter.plan_windows(4, 9) == [(0, 4)]

@@ -36,7 +36,8 @@ def test_windowed_loop_equals_stock_decode(vae, frames):
     with torch.no_grad():
         stock = vae.decode(z).sample
         for window in sorted({1, 2, frames}):
-            out = adapter.decode_windows(z, IdentityHooks(), DecodeContext(), window).clamp(-1, 1)
+            out = adapter.decode_windows(z, IdentityHooks(), DecodeContext(), adapter.plan_windows(frames, window))
+            out = out.clamp(-1, 1)
             assert out.shape == stock.shape == (1, 3, 1 + 4 * (frames - 1), 32, 48)
             assert (out - stock).abs().max().item() <= 1e-5, f"window {window}"
 
@@ -58,7 +59,7 @@ def test_stage_inputs_equal_stock_up_block_inputs(vae):
             h.remove()
     hooks = RecordingHooks()
     with torch.no_grad():
-        WanAdapter(vae).decode_windows(z, hooks, DecodeContext(), window=frames)
+        WanAdapter(vae).decode_windows(z, hooks, DecodeContext(), [(0, frames)])
     for i in range(3):
         stock = torch.cat(captured[i], dim=2)  # the stock loop calls the decoder once per latent frame
         (ours,) = hooks.stage_inputs[i]
@@ -73,10 +74,10 @@ def test_long_latents_stream_window_by_window(vae):
     hooks = RecordingHooks()
     adapter = WanAdapter(vae)
     with torch.no_grad():
-        out = adapter.decode_windows(z, hooks, DecodeContext(), window=5).clamp(-1, 1)
+        out = adapter.decode_windows(z, hooks, DecodeContext(), adapter.plan_windows(9, 5)).clamp(-1, 1)
         stock = vae.decode(z).sample
+    # 17 pixel frames first, then windows one latent frame shorter: 16 pixel frames each (equal-size passes).
     assert hooks.windows == [5, 4]
-    # Later windows see 2x and 4x their latent frames at stages 1 and 2 (no frame-0 special case).
     assert [x.shape[2] for x in hooks.stage_inputs[2]] == [17, 16]
     assert (out - stock).abs().max().item() <= 1e-5  # caches carried over: no seam at the window boundary
 
@@ -109,7 +110,7 @@ def test_reference_branch_is_spatial_only_and_matches_image_decode(vae):
             vae.decode(z)
             stage0_in = None
             hooks = RecordingHooks()
-            adapter.decode_windows(z, hooks, DecodeContext(), 1)
+            adapter.decode_windows(z, hooks, DecodeContext(), [(0, 1)])
             stage0_in = hooks.stage_inputs[0][0]
             pushed = adapter.run_stage_on_reference(0, stage0_in.repeat(1, 1, 2, 1, 1))  # R = 2 frames
     finally:

@@ -25,7 +25,7 @@ from torch import nn
 
 from refdecoder.errors import BackboneError
 from refdecoder.frames import FrameRule
-from refdecoder.hooks import DecodeContext, DecodeHooks
+from refdecoder.hooks import DecodeContext, DecodeHooks, plan_windows
 
 __all__ = [
     "StageSpec",
@@ -126,6 +126,17 @@ class BackboneAdapter(abc.ABC):
                 frames = spec.time_factor * frames
         return frames
 
+    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
+        """Latent-frame windows for one decode: ``window`` frames first, then windows of equal pixel length.
+
+        With a causal first frame, latent frame 0 yields one pixel frame and every later one ``step`` frames, so a
+        first window of W latent frames spans ``1 + step*(W-1)`` pixel frames and later windows of ``W - 1``
+        latent frames span ``step*(W-1)``: every decoder pass (and so its memory and attention span) is the same
+        size, e.g. 17 then 16 pixel frames for Wan with W = 5.
+        """
+        later = max(1, window - 1) if self.causal_first_frame else window
+        return plan_windows(num_latent_frames, window, later)
+
     # --- encode / latent conventions ------------------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -142,9 +153,11 @@ class BackboneAdapter(abc.ABC):
     # --- decoding -------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def decode_windows(
-        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, window: int
+        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
     ) -> torch.Tensor:
-        """Decode raw latents window by window, calling ``hooks`` at each hook point; returns the unclamped video.
+        """Decode raw latents over ``windows`` (from :meth:`plan_windows`), calling ``hooks`` at each hook point.
+
+        Returns the unclamped video ``B, 3, T, H, W``.
 
         Caches of causal layers carry across windows, so the result does not depend on the window size except
         through what the hooks do with the frames they see together.

@@ -25,7 +25,7 @@ from torch import nn
 
 from refdecoder.backbones.registry import BackboneAdapter, StageSpec, register_backbone
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
-from refdecoder.hooks import DecodeContext, DecodeHooks, plan_windows
+from refdecoder.hooks import DecodeContext, DecodeHooks
 
 __all__ = ["WanAdapter"]
 
@@ -126,15 +126,21 @@ class WanAdapter(BackboneAdapter):
 
     # --- decoding -------------------------------------------------------------------------------------------
     def decode_windows(
-        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, window: int
+        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
     ) -> torch.Tensor:
         x = hooks.latents(self.vae.post_quant_conv(latents), ctx)
         cache: list[Any] = [None] * self._num_cache_slots
-        outputs = []
-        for index, (start, stop) in enumerate(plan_windows(x.shape[2], window)):
+        video = None
+        for index, (start, stop) in enumerate(windows):
             ctx.window_index, ctx.first_window = index, index == 0
-            outputs.append(self._decode_window(x[:, :, start:stop], cache, hooks, ctx))
-        return torch.cat(outputs, dim=2)
+            part = self._decode_window(x[:, :, start:stop], cache, hooks, ctx)
+            if video is None:
+                # Filled window by window rather than concatenated at the end, which would hold the video twice.
+                frames = self.frame_rule.pixel_frames(x.shape[2])
+                video = part.new_empty(*part.shape[:2], frames, *part.shape[3:])
+            first_frame = 0 if start == 0 else self.frame_rule.pixel_frames(start)
+            video[:, :, first_frame : first_frame + part.shape[2]] = part
+        return video
 
     def _decode_window(
         self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext
