@@ -133,8 +133,10 @@ class VideoVAEPlusConfig:
 
 
 class VideoVAEPlus(nn.Module):
-    """The VideoVAE+ autoencoder: ``encoder`` + ``encoder_temporal`` to encode, ``decoder_temporal`` + ``decoder``
-    to decode.
+    """The VideoVAE+ autoencoder: a 2+1D spatial autoencoder cascaded with a temporal 1D-CNN autoencoder.
+
+    Submodules (named as in the official checkpoints): ``encoder`` and ``encoder_temporal`` encode,
+    ``decoder_temporal`` and ``decoder`` decode.
 
     Args:
         config: architecture; ``None`` gives the official ``sota-4-16z`` model.
@@ -207,7 +209,7 @@ class VideoVAEPlus(nn.Module):
             InputError: bad layout, channel count, frame count, size, value range, or ``chunk_frames``.
         """
         check_video(video, self.frame_rule, self.spatial_factor)
-        chunks = video.split(self._chunk(chunk_frames, 1), dim=2)
+        chunks = self._split(video, chunk_frames, 1)
         return torch.cat([self.encoder_temporal_mode(self.encoder_spatial_mode(c)) for c in chunks], dim=2)
 
     def encode_spatial(self, video: torch.Tensor) -> torch.Tensor:
@@ -246,7 +248,7 @@ class VideoVAEPlus(nn.Module):
             clamp either).
         """
         check_latents(latents, self.latent_channels)
-        chunks = latents.split(self._chunk(chunk_frames, self.temporal_factor), dim=2)
+        chunks = self._split(latents, chunk_frames, self.temporal_factor)
         return torch.cat([self.decoder(self.decoder_temporal(c)) for c in chunks], dim=2)
 
     def decode_temporal(self, latents: torch.Tensor) -> torch.Tensor:
@@ -267,14 +269,14 @@ class VideoVAEPlus(nn.Module):
         """Reconstruct ``B, 3, T, H, W`` in [-1, 1] through the latent mode (output not clamped)."""
         return self.decode(self.encode(video))
 
-    def _chunk(self, chunk_frames: int | None, per_step: int) -> int:
-        # torch.split with a size >= the length keeps one chunk, so "no chunking" is a very large size.
+    def _split(self, x: torch.Tensor, chunk_frames: int | None, frames_per_step: int) -> tuple[torch.Tensor, ...]:
+        """Non-overlapping time chunks of ``chunk_frames`` pixel frames (``frames_per_step`` pixel frames per step)."""
         if chunk_frames is None:
-            return 2**62
+            return (x,)
         f = self.temporal_factor
         if chunk_frames < f or chunk_frames % f:
             raise InputError(f"chunk_frames must be a positive multiple of {f}, got {chunk_frames}")
-        return chunk_frames // per_step
+        return x.split(chunk_frames // frames_per_step, dim=2)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     @classmethod

@@ -22,6 +22,7 @@ from refdecoder.backbones.videovaeplus.layers import (
     group_norm,
     spatial_conv,
 )
+from refdecoder.errors import InputError
 
 __all__ = ["MidBlock2plus1D", "Encoder2plus1D", "Decoder2plus1D"]
 
@@ -165,7 +166,12 @@ class Decoder2plus1D(nn.Module):
 
         Returns:
             ``B, level_out_channels[level], T, H', W'`` with ``H' = 2 H / 2^level`` for ``level > 0``, else ``H``.
+
+        Raises:
+            InputError: ``level`` out of range.
         """
+        if not 0 <= level < self.num_levels:
+            raise InputError(f"decoder level must lie in [0, {self.num_levels}), got {level}")
         return self.up[level](h)
 
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
