@@ -145,11 +145,14 @@ class DropoutConfig:
 class WindowConfig:
     """How many latent frames one decoder pass (and so one joint attention) covers."""
 
-    latent_frames: int = 5  # 5 latent frames = the paper's 17-frame chunk
+    latent_frames: int | None = None  # None: the backbone's default (Wan: 5 = the paper's 17-frame chunk)
     max_tokens_per_stage: int | None = None  # shrink the window when a stage would exceed this many tokens
 
     def __post_init__(self) -> None:
-        _check(self.latent_frames >= 1, f"window.latent_frames must be >= 1, got {self.latent_frames}")
+        _check(
+            self.latent_frames is None or self.latent_frames >= 1,
+            f"window.latent_frames must be >= 1, got {self.latent_frames}",
+        )
         _check(
             self.max_tokens_per_stage is None or self.max_tokens_per_stage > 0,
             f"window.max_tokens_per_stage must be positive, got {self.max_tokens_per_stage}",

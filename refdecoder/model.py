@@ -158,7 +158,8 @@ class RefDecoder(nn.Module):
 
     def window_size(self, latents: torch.Tensor, num_reference: int = 1, window: int | None = None) -> int:
         """Latent frames per decoder pass: ``window`` or the config's, shrunk to fit ``max_tokens_per_stage``."""
-        size = window if window is not None else self.config.window.latent_frames
+        default = self.config.window.latent_frames or self.adapter.default_window
+        size = default if window is None else window
         if size < 1:
             raise ConfigError(f"window must be >= 1 latent frame, got {size}")
         budget = self.config.window.max_tokens_per_stage

@@ -97,8 +97,8 @@ def test_multiple_reference_frames(vae):
 def test_default_window_is_the_papers_17_frames(vae):
     model = refdecoder.wrap(vae, "tiny")
     z17 = latents_for(vae, 5)
-    assert model.window_size(z17) == 5
-    assert model.config.window.latent_frames == 5
+    assert model.window_size(z17) == 5  # the Wan adapter's default: one 17-frame window
+    assert model.adapter.plan_windows(5, model.window_size(z17)) == [(0, 5)]
 
 
 def test_token_budget_shrinks_the_window(vae):

@@ -71,6 +71,8 @@ class BackboneAdapter(abc.ABC):
     # True when latent frame 0 is decoded like an image and later frames are up-sampled in time (Wan); False for
     # backbones that up-sample every frame alike.
     causal_first_frame: ClassVar[bool] = True
+    # Latent frames in the first decode window when the config does not say (the paper's chunk length).
+    default_window: ClassVar[int] = 4
 
     def __init__(self, vae: nn.Module) -> None:
         self.vae = vae
@@ -204,6 +206,7 @@ def register_backbone(
 def _ensure_builtins() -> None:
     # Built-in adapters register on import; importing them here (not at package import) keeps
     # `import refdecoder` light, since their modules may need diffusers.
+    import refdecoder.backbones.videovaeplus  # noqa: F401
     import refdecoder.backbones.wan  # noqa: F401
 
 

@@ -47,6 +47,7 @@ class WanAdapter(BackboneAdapter):
 
     frame_rule: FrameRule = CAUSAL_1_PLUS_4K
     causal_first_frame = True
+    default_window = 5  # 5 latent frames = 17 pixel frames, the paper's chunk
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__(vae)
