@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -57,19 +58,29 @@ def flops_table(frames_list=(17, 81), size=(480, 832)) -> dict:
 
 
 def wall_times(latent_shape=(1, 16, 2, 8, 8), repeats: int = 3) -> dict:
+    """Interleaved rounds (every contender once per round) so machine noise hits all of them alike."""
     vae = build_wan()
     z = torch.randn(*latent_shape)
     ref = torch.rand(1, 3, 1, latent_shape[-2] * 8, latent_shape[-1] * 8) * 2 - 1
-    result = {"latent_shape": list(latent_shape), "repeats": repeats}
+    models = {name: refdecoder.wrap(build_wan(), name).eval() for name in PRESETS}
+    contenders = {"vae.decode": lambda: vae.decode(z), "plain_windowed_loop": lambda: models["small"].decode(z)}
+    contenders.update({name: (lambda m=m: m.decode(z, reference=ref)) for name, m in models.items()})
+    runs: dict[str, list[float]] = {name: [] for name in contenders}
     with torch.inference_mode():
-        base, base_runs = median_time(lambda: vae.decode(z), repeats)
-        result["vae_decode_s"] = {"median": base, "runs": base_runs}
-        for name in PRESETS:
-            model = refdecoder.wrap(vae, name).eval()
-            t, runs = median_time(lambda m=model: m.decode(z, reference=ref), repeats)
-            result[name] = {"median_s": t, "runs": runs, "ratio_to_vae_decode": t / base}
-            model.unwrap()
-    return result
+        for fn in contenders.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in contenders.items():
+                runs[name].append(median_time(fn, repeats=1, warmup=0)[0])
+    medians = {name: statistics.median(times) for name, times in runs.items()}
+    base = medians["vae.decode"]
+    return {
+        "latent_shape": list(latent_shape),
+        "repeats": repeats,
+        "runs_s": runs,
+        "median_s": medians,
+        "ratio_to_vae_decode": {name: t / base for name, t in medians.items()},
+    }
 
 
 def peak_memory(device: str, size: tuple[int, int], preset: str = "small") -> dict:
