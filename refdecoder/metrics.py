@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from refdecoder._deps import require
 from refdecoder.errors import InputError
-from refdecoder.losses._inputs import as_video_pair, check_range, fold_frames
+from refdecoder.losses._inputs import as_video_pair, fold_frames
 from refdecoder.losses.lpips import LPIPS
-from refdecoder.validation import check_reference_index
+from refdecoder.validation import check_range, check_reference_index
 
 __all__ = [
     "psnr",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 
-__all__ = ["check_latents", "check_video", "check_reference", "check_reference_index"]
+__all__ = ["check_latents", "check_video", "check_reference", "check_reference_index", "check_range"]
 
 # References a little outside [-1, 1] come from resampling overshoot; anything beyond this margin is almost
 # certainly the wrong range (e.g. [0, 255] pixels).
@@ -40,7 +40,8 @@ def check_latents(latents: torch.Tensor, channels: int) -> None:
         raise InputError("latents contain NaN or inf values; check the diffusion sampler or the de-normalisation")
 
 
-def _check_range(x: torch.Tensor, what: str) -> None:
+def check_range(x: torch.Tensor, what: str) -> None:
+    """Raise :class:`InputError` unless ``x`` is finite and within [-1, 1] (up to a small resampling overshoot)."""
     if not _has_values(x) or x.numel() == 0:
         return
     lo, hi = x.amin().item(), x.amax().item()
@@ -62,7 +63,7 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int)
     h, w = video.shape[-2:]
     if h % spatial_factor or w % spatial_factor:
         raise InputError(f"video height and width must be multiples of {spatial_factor}, got {h}x{w}")
-    _check_range(video, "video")
+    check_range(video, "video")
 
 
 def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
@@ -85,7 +86,7 @@ def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], 
                 f"{size[0]}x{size[1]}; resize the reference or pass resize_reference=True"
             )
         reference = _resize_frames(reference, size)
-    _check_range(reference, "reference")
+    check_range(reference, "reference")
     return reference.expand(batch, *reference.shape[1:])
 
 

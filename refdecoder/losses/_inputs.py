@@ -1,4 +1,4 @@
-"""Shape and range checks shared by the losses and the metrics, with messages that say how to fix the input."""
+"""Shape checks and frame folding shared by the losses and the metrics."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ import torch
 
 from refdecoder.errors import InputError
 
-__all__ = ["as_video_pair", "check_range", "fold_frames", "unfold_frames"]
-
-# Decoders overshoot [-1, 1] a little; values beyond this margin almost always mean the wrong scale ([0, 255]).
-_RANGE_MARGIN = 0.25
+__all__ = ["as_video_pair", "fold_frames", "unfold_frames"]
 
 
 def as_video_pair(
@@ -35,20 +32,6 @@ def as_video_pair(
         layouts = "B, C, T, H, W or C, T, H, W" if allow_unbatched else "B, C, T, H, W or B, C, H, W"
         raise InputError(f"{what}: expected tensors of layout {layouts}, got shape {tuple(pred.shape)}")
     return pred, target
-
-
-def check_range(x: torch.Tensor, what: str) -> None:
-    """Raise :class:`InputError` unless ``x`` is finite and within ``[-1, 1]`` (up to a small overshoot)."""
-    if x.numel() == 0:
-        return
-    lo, hi = x.amin().item(), x.amax().item()
-    if not (lo >= -1 - _RANGE_MARGIN and hi <= 1 + _RANGE_MARGIN):
-        raise InputError(
-            f"{what} values must lie in [-1, 1], got range [{lo:.3g}, {hi:.3g}]; "
-            "convert pixels with x / 127.5 - 1 (uint8) or x * 2 - 1 ([0, 1] floats)"
-        )
-    if not torch.isfinite(x).all():
-        raise InputError(f"{what} contains NaN or inf values")
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
