@@ -31,6 +31,8 @@ class StageProjector(nn.Module):
         channels: C, feature channels at this stage.
         dim: token width of the shared transformer.
         patch_size: ``(pt, ph, pw)`` token patch (kernel = stride of the embedding).
+        residual_reference: with ``residual``, also add the input back to the reference frames (False: the
+            reference frames take the bare update, as in the official VideoVAE+ checkpoints).
         residual: add the update to the input (zero-initialised ``out``: identity at init) or replace the input
             (Xavier-uniform ``out``, the official Wan behaviour).
         input_norm: ``"group"`` adds ``norm_video`` / ``norm_reference`` GroupNorms applied before embedding
@@ -48,11 +50,13 @@ class StageProjector(nn.Module):
         dim: int,
         patch_size: tuple[int, int, int],
         residual: bool = True,
+        residual_reference: bool = True,
         input_norm: Literal["none", "group"] = "none",
         groups: int = 32,
     ) -> None:
         super().__init__()
         self.channels, self.dim, self.residual = channels, dim, residual
+        self.residual_reference = residual_reference
         self.patch_size = tuple(int(p) for p in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(f"patch_size must be a (t, h, w) triple of positive ints, got {patch_size}")
@@ -92,14 +96,20 @@ class StageProjector(nn.Module):
                 ``0..R-1`` (with ``pt = 1``), the video frames the positions after them.
 
         Returns:
-            ``B, C, T, H, W``: ``x + update`` when ``residual`` else the update itself.
+            ``B, C, T, H, W``: ``x + update`` when ``residual`` (reference frames: the bare update unless
+            ``residual_reference``), else the update itself.
         """
         self._check(x, num_reference)
         t, h, w = x.shape[-3:]
         tokens, grid = self._embed(self._normalize(x, num_reference))
         tokens = self.out(self.out_norm(transformer(tokens, grid)))
         delta = self._unpatchify(tokens, grid)[:, :, :t, :h, :w]
-        return x + delta if self.residual else delta
+        if not self.residual:
+            return delta
+        if self.residual_reference:
+            return x + delta
+        # The official VideoVAE+ stages add the input back to the video frames only.
+        return torch.cat([delta[:, :, :num_reference], x[:, :, num_reference:] + delta[:, :, num_reference:]], dim=2)
 
     def _normalize(self, x: torch.Tensor, num_reference: int) -> torch.Tensor:
         if self.input_norm != "group":
