@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from refdecoder.blocks.latent_degradation import LatentDegradationConfig
+from refdecoder.blocks.upscale_head import UpscaleConfig
 from refdecoder.errors import ConfigError
 
 __all__ = [
@@ -101,6 +103,7 @@ class StageConfig:
     # Per conditioned stage, multiplies the adapter's default spatial patch (coarser token grid, fewer tokens).
     patch_multipliers: tuple[int, ...] | None = None
     residual: bool = True  # add a zero-initialised update (identity at init); False replaces (official Wan)
+    residual_reference: bool = True  # with residual, add it to the reference frames too (False: official VideoVAE+)
     input_norm: Literal["none", "group"] = "none"  # GroupNorm before the stage (official VideoVAE+)
 
     def __post_init__(self) -> None:
@@ -168,6 +171,8 @@ class RefDecoderConfig:
     stages: StageConfig = field(default_factory=StageConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
+    degradation: LatentDegradationConfig = field(default_factory=LatentDegradationConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     train_decoder: bool = False  # unfreeze the backbone decoder (trained at a reduced learning rate)
     backbone: str | None = None  # filled in by wrap(); checked again at load time
 
@@ -178,6 +183,8 @@ class RefDecoderConfig:
             ("stages", StageConfig),
             ("dropout", DropoutConfig),
             ("window", WindowConfig),
+            ("degradation", LatentDegradationConfig),
+            ("upscale", UpscaleConfig),
         ):
             _check(
                 isinstance(getattr(self, name), kind),
@@ -242,6 +249,8 @@ _NESTED = {
     "stages": StageConfig,
     "dropout": DropoutConfig,
     "window": WindowConfig,
+    "degradation": LatentDegradationConfig,
+    "upscale": UpscaleConfig,
 }
 
 PRESETS: dict[str, RefDecoderConfig] = {
@@ -271,7 +280,7 @@ PRESETS: dict[str, RefDecoderConfig] = {
     "official-videovae+": RefDecoderConfig(
         transformer=TransformerConfig(depth=10, num_heads=12, head_dim=128, ffn_dim=8960),
         tokenizer=TokenizerConfig(kind="space_to_depth", norm="none"),
-        stages=StageConfig(residual=True, input_norm="group"),
+        stages=StageConfig(residual=True, residual_reference=False, input_norm="group"),
         train_decoder=True,
         backbone="videovae+",
     ),

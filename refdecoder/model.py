@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
+from refdecoder.blocks.latent_degradation import build_latent_components
+from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError
 from refdecoder.hooks import DecodeContext
@@ -64,17 +67,20 @@ class RefDecoder(nn.Module):
     ``stage{i}``) and ``latent_components`` (training-time modules at the ``latents`` hook point).
     """
 
-    def __init__(self, vae: nn.Module, config: RefDecoderConfig, adapter: BackboneAdapter) -> None:
+    def __init__(
+        self, vae: nn.Module, config: RefDecoderConfig, adapter: BackboneAdapter, include_proxy: bool = True
+    ) -> None:
         super().__init__()
         self.config = config
         self.adapter = adapter
         self.vae = vae
         specs = adapter.stages()
         self.stage_indices = _stage_indices(config, len(specs))
-        tf = config.transformer
+        tf, up = config.transformer, config.upscale
         self.tokenizer = ReferenceTokenizer(
             out_channels=adapter.reference_channels,
-            patch_size=adapter.reference_scale,
+            # The reference comes at the output size; a larger patch lands it on the same stage-0 grid.
+            patch_size=adapter.reference_scale * up.factor,
             kind=config.tokenizer.kind,
             kernel_size=config.tokenizer.kernel_size,
             norm=config.tokenizer.norm,
@@ -91,16 +97,25 @@ class RefDecoder(nn.Module):
                     tf.width,
                     patch,
                     residual=config.stages.residual,
+                    residual_reference=config.stages.residual_reference,
                     input_norm=config.stages.input_norm,
                 )
                 for i, patch in zip(self.stage_indices, patches)
             }
         )
-        self.latent_components = nn.ModuleDict()
+        self.latent_components = nn.ModuleDict(
+            build_latent_components(config.degradation, adapter.latent_channels, include_proxy)
+        )
         if config.dropout.p_max > 0:
             self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
         self._hooks = _ReferenceHooks(self)
+        # Last, so that no error above leaves the VAE modified. A plain attribute, not a submodule: the head conv
+        # lives inside the VAE, where diffusers expects it.
+        self.upscale_head = attach_upscale_head(vae, up.factor, up.order) if up.factor > 1 else None
         self._base_state = _freeze(vae, adapter, config.train_decoder)
+        if self.upscale_head is not None and up.train_head:
+            for _, param in self.upscale_head.named_parameters():
+                param.requires_grad_(True)
         self._alive = True
 
     # --- inference ------------------------------------------------------------------------------------------
@@ -132,13 +147,15 @@ class RefDecoder(nn.Module):
         check_latents(latents, self.adapter.latent_channels)
         ctx = DecodeContext(generator=generator)
         if reference is not None:
-            size = tuple(s * self.adapter.spatial_factor for s in latents.shape[-2:])
+            size = tuple(s * self.adapter.spatial_factor * self.config.upscale.factor for s in latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
             ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
         windows = self.adapter.plan_windows(latents.shape[2], size)
         video = self.adapter.decode_windows(latents, self._hooks, ctx, windows)
+        if self.upscale_head is not None:
+            video = self.upscale_head.apply(video)
         return video.clamp(-1.0, 1.0) if clamp else video
 
     @torch.no_grad()
@@ -194,7 +211,9 @@ class RefDecoder(nn.Module):
             reference_index: per-sample frame index (``(B,)`` or an int); drawn uniformly when None.
             generator: RNG for the reference draw and the training-time components.
         """
-        latents = self.encode(video)
+        factor = self.config.upscale.factor
+        # With an upscale head the clip is the high-resolution target; the encoder sees it downsampled.
+        latents = self.encode(video if factor == 1 else F.avg_pool3d(video, (1, factor, factor)))
         b, t = video.shape[0], video.shape[2]
         if reference_index is None:
             reference_index = torch.randint(0, t, (b,), generator=generator)
@@ -230,6 +249,8 @@ class RefDecoder(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if not k.startswith(_BASE_PREFIX)}
         if self.config.train_decoder:
             state.update({_BASE_PREFIX + name: p.detach() for name, p in self.adapter.decoder_parameters()})
+        elif self.upscale_head is not None and self.config.upscale.train_head:
+            state.update({_BASE_PREFIX + name: p.detach() for name, p in self.upscale_head.named_parameters()})
         return state
 
     def load_refdecoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -275,7 +296,7 @@ class RefDecoder(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = RefDecoderConfig.load(config_path)
-        model = wrap(vae, config, backbone=backbone)
+        model = wrap(vae, config, backbone=backbone, include_proxy=False)
         try:
             model.load_refdecoder_state_dict(load_file(weights_path, device="cpu"))
         except (SafetensorError, OSError) as err:
@@ -290,6 +311,8 @@ class RefDecoder(nn.Module):
     def unwrap(self) -> nn.Module:
         """Detach from the VAE and return it with its original trainability and mode; this model is then unusable."""
         self._check_alive()
+        if self.upscale_head is not None:
+            self.upscale_head.restore()
         flags, training = self._base_state
         for name, param in self.vae.named_parameters():
             param.requires_grad_(flags[name])
@@ -369,7 +392,12 @@ def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tu
     return state
 
 
-def wrap(vae: nn.Module, config: str | RefDecoderConfig | None = None, backbone: str | None = None) -> RefDecoder:
+def wrap(
+    vae: nn.Module,
+    config: str | RefDecoderConfig | None = None,
+    backbone: str | None = None,
+    include_proxy: bool = True,
+) -> RefDecoder:
     """Make ``vae``'s decoder reference-conditioned.
 
     Args:
@@ -377,9 +405,12 @@ def wrap(vae: nn.Module, config: str | RefDecoderConfig | None = None, backbone:
         config: a preset name (``"paper"``, ``"small"``, ``"tiny"``, ...) or a :class:`RefDecoderConfig`;
             default ``"small"``.
         backbone: force an adapter by name instead of auto-detection.
+        include_proxy: load ``config.degradation.proxy`` (a training tool; :meth:`RefDecoder.from_pretrained` skips
+            it, as it stores no weights and is the identity in eval).
 
     Returns:
-        A :class:`RefDecoder` whose ``decode`` equals ``vae.decode`` until its new modules are trained.
+        A :class:`RefDecoder` in eval mode (call ``.train()`` to train) whose ``decode`` equals ``vae.decode``
+        until its new modules are trained.
     """
     if vae in _WRAPPED:
         raise BackboneError("this VAE is already wrapped by a RefDecoder; call unwrap() on it first")
@@ -394,8 +425,11 @@ def wrap(vae: nn.Module, config: str | RefDecoderConfig | None = None, backbone:
     # Build the new modules where the VAE lives (also the meta device, for FLOP counting without memory), in its
     # dtype, so a decode never mixes devices or precisions.
     with torch.device(base.device):
-        model = RefDecoder(vae, config, adapter_cls(vae))
+        model = RefDecoder(vae, config, adapter_cls(vae), include_proxy)
     model.to(dtype=base.dtype)
+    # Ready for inference like a from_pretrained model: training-time components (token dropout, degradations)
+    # stay off until the caller asks for model.train().
+    model.eval()
     _WRAPPED.add(vae)
     logger.debug("wrapped a %s as %s", type(vae).__name__, adapter_cls.name)
     return model

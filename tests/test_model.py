@@ -24,7 +24,7 @@ def _max_diff(a, b):
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 5, 6])
 def test_identity_at_init(vae, frames):
-    model = refdecoder.wrap(vae, "tiny").eval()
+    model = refdecoder.wrap(vae, "tiny")  # no .eval(): wrap() returns a model ready for inference
     z = latents_for(vae, frames)
     ref = reference_for(z)
     with torch.no_grad():
@@ -125,6 +125,13 @@ def test_state_dict_untouched_and_unwrap_restores(vae):
     assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())
     assert {n: p.requires_grad for n, p in vae.named_parameters()} == flags
     assert not vae.training  # tiny_wan() is in eval mode and stays so
+
+
+def test_unwrap_restores_training_mode():
+    vae = tiny_wan().train()
+    model = refdecoder.wrap(vae, "tiny")
+    assert not model.training and not vae.training  # wrap() hands back an inference-ready model
+    assert model.unwrap().training
     with pytest.raises(BackboneError):
         model.decode(latents_for(vae, 1))
 
