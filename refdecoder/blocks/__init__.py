@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from refdecoder.blocks.attention import attention, attention_backend
+from refdecoder.blocks.latent_degradation import (
+    DegradationProxy,
+    LatentBlur,
+    LatentDegradationConfig,
+    LatentDegrader,
+    LatentMaskedReconstruction,
+    LatentNoise,
+)
 from refdecoder.blocks.norms import ChannelRMSNorm, FP32LayerNorm, RMSNorm
 from refdecoder.blocks.reference_tokenizer import ReferenceTokenizer, space_to_depth
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_axis_dims, rope_tables
 from refdecoder.blocks.stage_projector import StageProjector
 from refdecoder.blocks.token_dropout import LatentTokenDropout, latent_token_dropout
 from refdecoder.blocks.transformer import FeedForward, SelfAttention, SharedTransformer, TransformerBlock
+from refdecoder.blocks.upscale_head import UpscaleConfig, UpscaleHead, attach_upscale_head
 
 __all__ = [
     "attention",
@@ -29,4 +38,13 @@ __all__ = [
     "TransformerBlock",
     "SelfAttention",
     "FeedForward",
+    "LatentDegradationConfig",
+    "DegradationProxy",
+    "LatentDegrader",
+    "LatentBlur",
+    "LatentNoise",
+    "LatentMaskedReconstruction",
+    "UpscaleConfig",
+    "UpscaleHead",
+    "attach_upscale_head",
 ]

@@ -17,6 +17,7 @@ from refdecoder.losses.gan import (
 )
 from refdecoder.losses.lpips import LPIPS
 from refdecoder.losses.reconstruction import ReconstructionLoss
+from refdecoder.losses.spectral import LocalCorrelationLoss, local_correlation, local_correlation_loss
 
 __all__ = [
     "LPIPS",
@@ -32,4 +33,7 @@ __all__ = [
     "VGGFeatures",
     "TRUNK_FILES",
     "resolve_trunk_weights",
+    "LocalCorrelationLoss",
+    "local_correlation",
+    "local_correlation_loss",
 ]
