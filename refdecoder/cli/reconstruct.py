@@ -1,0 +1,296 @@
+"""``refdecoder reconstruct``: encode and decode videos, with the reference through RefDecoder, and score them.
+
+refdecoder reconstruct clips/ --out out/ --vae Wan2.1-I2V-14B-480P-Diffusers/vae --weights my-refdecoder
+refdecoder reconstruct a.mp4 b.mp4 list.txt data.csv --out out/ --vae vae/ --weights w/ --compare-base --size 480x832
+refdecoder reconstruct clips/ --out out/ --vae vae/          # no --weights: the plain base decoder
+
+Inputs are video files, folders (searched recursively), CSV files with a ``path`` column (and an optional
+``reference`` image column) or ``.txt`` lists with one path per line. Every video is encoded with the frozen
+encoder and decoded window by window with the caches carried over (any length, no seams), padded to the
+backbone's frame rule and trimmed back; ``<name>.mp4`` is written at the source frame rate, ``metrics.csv`` gets
+one row per video. A file that fails is reported on one line and makes the exit code 1 at the end; the others are
+still processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "register",
+    "run",
+    "collect_videos",
+    "parse_size",
+    "positive_int",
+    "add_model_arguments",
+    "load_from_args",
+    "write_metrics_csv",
+    "print_summary",
+    "one_line",
+    "progress_bar",
+]
+
+logger = logging.getLogger("refdecoder")
+
+_LIST_SUFFIX = ".txt"
+# Column order of metrics.csv; metric columns come after these, failures fill `error`.
+_LEADING = ("name", "input", "output", "decoder", "frames", "fps", "height", "width", "reference")
+_TRAILING = ("psnr_written", "seconds", "error")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"480x832"`` -> ``(480, 832)``; a single number means a square."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers (e.g. 480x832), got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """An ``int >= 1`` for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with ``decode-latents``: which VAE / weights, precision, device, window, tiling, output."""
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--vae", required=True, help="diffusers VAE folder or VideoVAE+ checkpoint file")
+    parser.add_argument("--weights", help="RefDecoder folder from save_pretrained; omit for the plain base decoder")
+    parser.add_argument("--backbone", help="force a backbone adapter (default: detected from the VAE)")
+    parser.add_argument("--window", type=positive_int, help="latent frames per decoder pass (default: the model's)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE precision")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--resize-reference", action="store_true", help="resize references of another size")
+    parser.add_argument("--compare-base", action="store_true", help="also decode with the base decoder and compare")
+    parser.add_argument("--tile", type=parse_size, help="decode in spatial tiles of HxW pixels (e.g. 256x256)")
+    parser.add_argument("--tile-overlap", type=parse_size, default=(64, 64), help="pixels tiles share (default 64)")
+    parser.add_argument("--crf", type=int, default=15, help="x264 quality of written videos (0 = lossless luma)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``reconstruct`` command."""
+    parser = subparsers.add_parser(
+        "reconstruct",
+        help="encode + decode videos (RefDecoder or base), write mp4s and metrics.csv",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders, CSV files or .txt lists")
+    add_model_arguments(parser)
+    parser.add_argument("--frames", type=positive_int, help="reconstruct only the first N frames")
+    parser.add_argument("--size", type=parse_size, help="output HxW (scaled, centre-cropped); default: source size")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--reference-index", type=int, default=0, help="frame of the video used as reference")
+    group.add_argument("--reference", help="an external reference image for every video")
+    parser.add_argument("--lpips", choices=("auto", "off", "alex", "vgg"), default="auto", help="LPIPS network")
+    parser.add_argument("--lpips-weights", help="torchvision ImageNet checkpoint of the LPIPS trunk")
+    parser.set_defaults(func=run)
+
+
+def collect_videos(inputs: list[str]) -> list[tuple[str, Path, Path | None]]:
+    """Expand INPUT arguments into ``(name, video path, reference image or None)``, names unique.
+
+    Folders give their video files (recursively, sorted); CSV files their ``path`` rows (and ``reference``);
+    ``.txt`` files one path per line (``#`` comments, relative to the list). Anything else is taken as a video
+    path as is, so a missing file fails later, on its own.
+    """
+    from refdecoder.data import VIDEO_EXTENSIONS, read_csv_rows
+
+    found: list[tuple[str, Path, Path | None]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(
+                p for p in item.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
+            )
+            found += [(p.relative_to(item).with_suffix("").as_posix(), p, None) for p in files]
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            found += [
+                (Path(row.key).with_suffix("").as_posix(), row.path, row.reference) for row in read_csv_rows(item)
+            ]
+        elif item.suffix.lower() == _LIST_SUFFIX and item.is_file():
+            lines = [line.strip() for line in item.read_text().splitlines()]
+            paths = [item.parent / line for line in lines if line and not line.startswith("#")]
+            found += [(p.with_suffix("").name, p, None) for p in paths]
+        else:
+            found.append((item.with_suffix("").name, item, None))
+    return _unique(found)
+
+
+def _unique(items: list[tuple[str, Path, Path | None]]) -> list[tuple[str, Path, Path | None]]:
+    seen: dict[str, int] = {}
+    out = []
+    for name, path, reference in items:
+        safe = name.replace("/", "__")
+        seen[safe] = seen.get(safe, 0) + 1
+        out.append((safe if seen[safe] == 1 else f"{safe}_{seen[safe]}", path, reference))
+    return out
+
+
+def load_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`refdecoder.inference.Decoder` the shared flags describe (tile geometry checked)."""
+    import torch
+
+    from refdecoder.inference import DTYPES, load_decoder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    decoder = load_decoder(args.vae, args.weights, args.backbone, device, DTYPES[args.dtype])
+    if decoder.model is None:
+        logger.info("no --weights: decoding with the plain %s decoder (references are not used)", decoder.adapter.name)
+    if args.tile is not None:  # a bad tile geometry fails here, once, rather than for every file
+        from refdecoder.tiling import plan_tiles, token_alignment
+
+        align = token_alignment(decoder.model) if decoder.model is not None else 1
+        plan_tiles((1, 1), decoder.adapter.spatial_factor, args.tile, args.tile_overlap, align)
+    return decoder
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reconstruct every input; returns 1 if any failed, else 0."""
+    import torch
+
+    from refdecoder.inference import build_lpips, reconstruct_video
+
+    videos = collect_videos(args.inputs)
+    decoder = load_from_args(args)
+    lpips = build_lpips(args.lpips, args.lpips_weights)
+    out = Path(args.out)
+    rows, failures = [], 0
+    for name, path, csv_reference in progress_bar(videos, args.no_progress, "videos"):
+        options = _options(args, csv_reference)
+        try:
+            with torch.inference_mode():
+                rows.append(reconstruct_video(decoder, path, out, name, options, lpips, _bar(name, args.no_progress)))
+        except Exception as err:  # one broken file must not stop the others; -v shows the traceback
+            failures += 1
+            logger.debug("%s failed", path, exc_info=True)
+            print(f"error: {path}: {one_line(err)}", file=sys.stderr)
+            rows.append({"name": name, "input": str(path), "error": one_line(err)})
+    write_metrics_csv(rows, out / "metrics.csv")
+    print_summary(rows)
+    print(f"wrote {out / 'metrics.csv'} ({len(rows) - failures} ok, {failures} failed)")
+    return 1 if failures else 0
+
+
+def _options(args: argparse.Namespace, csv_reference: Path | None) -> Any:
+    from refdecoder.inference import ReconstructOptions
+
+    return ReconstructOptions(
+        size=args.size,
+        max_frames=args.frames,
+        reference_index=args.reference_index,
+        reference_image=args.reference or csv_reference,
+        resize_reference=args.resize_reference,
+        window=args.window,
+        compare_base=args.compare_base,
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        crf=args.crf,
+    )
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line of text (its message with whitespace collapsed, or its type name)."""
+    text = " ".join(str(err).split())
+    return text if text else type(err).__name__
+
+
+def write_metrics_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write one row per video; columns: identity, metrics (sorted by name), then PSNR of the written file, timing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = {k for row in rows for k in row}
+    middle = sorted(keys - set(_LEADING) - set(_TRAILING), key=_metric_order)
+    columns = [k for k in _LEADING if k in keys] + middle + [k for k in _TRAILING if k in keys or k == "error"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return path
+
+
+def _metric_order(key: str) -> tuple[int, str]:
+    prefix = 0 if not key.startswith(("base_", "delta_")) else (1 if key.startswith("base_") else 2)
+    return prefix, key
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    """Print a fixed-width table of the main metrics (and deltas to the base decoder when present)."""
+    columns = ["psnr", "psnr_reference", "psnr_others", "ssim", "lpips", "psnr_written"]
+    columns += [c for c in ("delta_psnr", "delta_ssim", "delta_lpips") if any(c in r for r in rows)]
+    width = max([len(r.get("name", "")) for r in rows] + [5])
+    print(f"{'video':<{width}}  {'frames':>6}  " + "  ".join(f"{c:>14}" for c in columns))
+    for row in rows:
+        cells = "  ".join(f"{_fmt(row.get(c)):>14}" for c in columns)
+        print(
+            f"{row.get('name', ''):<{width}}  {row.get('frames', '-')!s:>6}  {cells}"
+            + ("  FAILED" if "error" in row else "")
+        )
+    ok = [r for r in rows if "error" not in r]
+    if len(ok) > 1:
+        means = {c: sum(r[c] for r in ok) / len(ok) for c in columns if all(_finite(r.get(c)) for r in ok)}
+        print(f"{'mean':<{width}}  {'':>6}  " + "  ".join(f"{_fmt(means.get(c)):>14}" for c in columns))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if _finite(value) else "-"
+
+
+def progress_bar(items: list, disabled: bool, unit: str) -> Any:
+    """A tqdm bar over ``items`` (hidden for a single item or when ``disabled``)."""
+    from refdecoder._deps import require
+
+    tqdm = require("tqdm", extra="eval").tqdm
+    return tqdm(items, unit=unit.rstrip("s"), disable=disabled or len(items) < 2, desc=unit)
+
+
+def _bar(name: str, disabled: bool) -> Any:
+    """A progress callback ``(phase, done, total)`` that keeps one tqdm bar per phase."""
+    if disabled:
+        return None
+    from refdecoder._deps import require
+
+    tqdm = require("tqdm", extra="eval").tqdm
+    state: dict[str, Any] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if state.get("phase") != phase:
+            if "bar" in state:
+                state["bar"].close()
+            state.update(phase=phase, bar=tqdm(total=total, desc=f"{name} {phase}", unit="frame", leave=False))
+        state["bar"].total = max(total, done)
+        state["bar"].update(done - state["bar"].n)
+        if phase == "decode" and done >= total:
+            state["bar"].close()
+
+    return update

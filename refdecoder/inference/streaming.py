@@ -1,0 +1,223 @@
+"""Streamed encode and decode of one video: memory bounded by one chunk / one decode window, whatever the length.
+
+- :class:`RuleChunks` cuts a stream of frames into the pieces the encoder takes one after another (Wan: frame 0
+  alone, then groups of ``4 * group`` frames) and pads the end to the backbone's frame rule by repeating the last
+  frame;
+- :func:`encode_chunks` encodes those pieces carrying the encoder's causal caches from piece to piece, which equals
+  one ``vae.encode`` of the whole clip while only a piece of pixels is held;
+- :func:`iter_decode` yields the decoded video window by window (caches carried across windows: no seams, no
+  re-encoding), with or without a reference, optionally in spatial tiles (:mod:`refdecoder.tiling`).
+
+Videos are ``B, 3, T, H, W`` in [-1, 1]; latents are raw VAE latents ``B, C, t, h, w``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from refdecoder.backbones.registry import BackboneAdapter
+from refdecoder.errors import InputError
+from refdecoder.frames import FrameRule
+from refdecoder.hooks import DecodeContext, DecodeHooks, IdentityHooks
+from refdecoder.tiling import TilePlan, iter_tiled
+from refdecoder.validation import check_latents, check_reference
+
+__all__ = ["RuleChunks", "encode_chunks", "iter_decode", "decode_video", "window_pixel_ranges"]
+
+
+class RuleChunks:
+    """Re-chunk a stream of frames into pieces an encoder can take one after another, padded to the frame rule.
+
+    The first piece holds ``rule.first`` frames, the others ``rule.step * group`` frames (the last possibly fewer,
+    but a multiple of ``rule.step``); the stream's last frame is repeated to reach a valid count. After iteration,
+    :attr:`frames` is the real frame count and :attr:`padded` the encoded one. Iterate once.
+
+    Args:
+        frames: chunks ``3, t, H, W`` (or ``B, 3, t, H, W``) in time order, any ``t``.
+        rule: the backbone's frame rule.
+        group: latent frames per later piece.
+    """
+
+    def __init__(self, frames: Iterable[torch.Tensor], rule: FrameRule, group: int = 4) -> None:
+        if group < 1:
+            raise InputError(f"group must be >= 1 latent frame, got {group}")
+        self._frames, self.rule, self.group = frames, rule, group
+        self.frames = 0
+        self.padded = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        pending: list[torch.Tensor] = []
+        held, want = 0, self.rule.first
+        for chunk in self._frames:
+            chunk = chunk if chunk.ndim == 5 else chunk[None]
+            pending.append(chunk)
+            held += chunk.shape[2]
+            self.frames += chunk.shape[2]
+            while held >= want:
+                piece, pending, held = _split_frames(pending, want)
+                self.padded += want
+                yield piece
+                want = self.rule.step * self.group
+        if self.frames == 0:
+            raise InputError("no frames to encode")
+        if held:
+            missing = self.rule.round(self.padded + held, "up") - self.padded - held
+            last = pending[-1][:, :, -1:]
+            pending.append(last.expand(*last.shape[:2], missing, *last.shape[3:]))
+            self.padded += held + missing
+            yield torch.cat(pending, dim=2)
+
+
+def _split_frames(pending: list[torch.Tensor], count: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    joined = torch.cat(pending, dim=2)
+    rest = joined[:, :, count:]
+    return joined[:, :, :count], ([rest] if rest.shape[2] else []), rest.shape[2]
+
+
+@torch.no_grad()
+def encode_chunks(adapter: BackboneAdapter, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Encode consecutive pixel chunks of one video into its raw latents (posterior mode).
+
+    For Wan the encoder's causal caches are carried from chunk to chunk, which equals one ``vae.encode`` of the
+    whole video while holding one chunk of pixels; other backbones get the chunks joined and encoded at once
+    (memory then grows with the length).
+
+    Args:
+        adapter: the backbone adapter.
+        chunks: ``B, 3, t, H, W`` pieces in [-1, 1] in time order, as :class:`RuleChunks` makes them (dtype and
+            device of the VAE).
+
+    Returns:
+        Latents ``B, C, t_latent, h, w``.
+    """
+    from refdecoder.backbones.wan import WanAdapter
+
+    if not isinstance(adapter, WanAdapter):
+        return adapter.encode(torch.cat(list(chunks), dim=2))
+    vae = adapter.vae
+    cache: list = [None] * vae._cached_conv_counts["encoder"]
+    parts = []
+    for chunk in chunks:
+        moments = vae.quant_conv(vae.encoder(chunk, feat_cache=cache, feat_idx=[0]))
+        parts.append(moments[:, : adapter.latent_channels])  # posterior mode = the mean half of the moments
+    return torch.cat(parts, dim=2)
+
+
+# --- decoding -----------------------------------------------------------------------------------------------------
+def window_pixel_ranges(rule: FrameRule, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pixel-frame range ``[start, stop)`` decoded by each latent window."""
+    return [(0 if start == 0 else rule.pixel_frames(start), rule.pixel_frames(stop)) for start, stop in windows]
+
+
+def _stream_windows(
+    adapter: BackboneAdapter, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list
+) -> Iterator[torch.Tensor]:
+    from refdecoder.backbones.wan import WanAdapter
+
+    if not isinstance(adapter, WanAdapter):
+        # The adapter contract has no per-window step yet: decode in one call, hand out the windows' frames.
+        video = adapter.decode_windows(latents, hooks, ctx, windows)
+        for start, stop in window_pixel_ranges(adapter.frame_rule, windows):
+            yield video[:, :, start:stop]
+        return
+    # WanAdapter.decode_windows step for step (same modules, cache list and hook calls), but each window is handed
+    # out instead of being written into a whole-video tensor, so memory does not grow with the length. It relies on
+    # the adapter's per-window step until the adapter contract offers a public generator (docs/inference.md).
+    x = hooks.latents(adapter.vae.post_quant_conv(latents), ctx)
+    cache: list = [None] * adapter._num_cache_slots
+    for index, (start, stop) in enumerate(windows):
+        ctx.window_index, ctx.first_window = index, index == 0
+        yield adapter._decode_window(x[:, :, start:stop], cache, hooks, ctx)
+
+
+def _window(source: nn.Module | BackboneAdapter, latents: torch.Tensor, num_reference: int, window: int | None) -> int:
+    if isinstance(source, BackboneAdapter):
+        return window or source.default_window
+    return source.window_size(latents, num_reference, window)
+
+
+def _prepare(
+    source: nn.Module | BackboneAdapter, latents: torch.Tensor, reference: torch.Tensor | None, window: int | None
+) -> tuple[BackboneAdapter, DecodeHooks, DecodeContext, int]:
+    """The hooks, context and window size ``RefDecoder.decode`` would use (``reference`` already checked)."""
+    if isinstance(source, BackboneAdapter):
+        return source, IdentityHooks(), DecodeContext(), _window(source, latents, 0, window)
+    ctx = DecodeContext()
+    if reference is not None:
+        ctx.reference_tokens = source.tokenizer(reference.to(latents.dtype))
+        ctx.num_reference = reference.shape[2]
+    return source.adapter, source._hooks, ctx, _window(source, latents, ctx.num_reference, window)
+
+
+def iter_decode(
+    source: nn.Module | BackboneAdapter,
+    latents: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    *,
+    window: int | None = None,
+    resize_reference: bool = False,
+    clamp: bool = True,
+    tiles: TilePlan | None = None,
+) -> Iterator[torch.Tensor]:
+    """Decode raw latents window by window, yielding each window's frames as soon as they exist.
+
+    Concatenated, the chunks equal ``model.decode(latents, reference, window)`` (RefDecoder) or the backbone's own
+    decode (adapter); only one window of frames is alive at a time. Runs without gradients.
+
+    Args:
+        source: a RefDecoder (conditioned when ``reference`` is given) or a :class:`BackboneAdapter` (plain decode).
+        latents: raw latents ``B, C, t, h, w``.
+        reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, or None.
+        window: latent frames per decoder pass (default: the model's / backbone's).
+        resize_reference: resize a reference of another size instead of raising :class:`InputError`.
+        clamp: clamp to [-1, 1] like the backbone's decode.
+        tiles: decode in spatial tiles with this plan (:func:`refdecoder.tiling.plan_tiles`).
+
+    Yields:
+        ``B, 3, t, H, W`` chunks in time order (17, 16, 16, ... frames for Wan's default window).
+    """
+    adapter = source if isinstance(source, BackboneAdapter) else source.adapter
+    check_latents(latents, adapter.latent_channels)
+    if reference is not None:
+        if isinstance(source, BackboneAdapter):
+            raise InputError("a reference needs RefDecoder weights; the plain backbone decode takes none")
+        size = tuple(s * adapter.spatial_factor for s in latents.shape[-2:])
+        reference = check_reference(reference, latents.shape[0], size, resize_reference)
+    if tiles is not None:
+        chunks = _iter_tiles(source, latents, reference, window, tiles)
+    else:
+        adapter, hooks, ctx, size = _prepare(source, latents, reference, window)
+        chunks = _stream_windows(adapter, latents, hooks, ctx, adapter.plan_windows(latents.shape[2], size))
+    while True:
+        # no_grad only around each step: a `with` spanning the yield would leak into the caller's code.
+        with torch.no_grad():
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk.clamp(-1.0, 1.0) if clamp else chunk
+
+
+def _iter_tiles(
+    source: nn.Module | BackboneAdapter,
+    latents: torch.Tensor,
+    reference: torch.Tensor | None,
+    window: int | None,
+    tiles: TilePlan,
+) -> Iterator[torch.Tensor]:
+    full_tile = latents[..., : tiles.tile[0] // tiles.spatial_factor, : tiles.tile[1] // tiles.spatial_factor]
+    # Tiles advance in lockstep, so all must use the window a full tile gets (edge tiles alone could get larger).
+    size = _window(source, full_tile, 0 if reference is None else reference.shape[2], window)
+
+    def stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        adapter, hooks, ctx, _ = _prepare(source, z, ref, size)
+        return _stream_windows(adapter, z, hooks, ctx, adapter.plan_windows(z.shape[2], size))
+
+    return iter_tiled(stream, latents, reference, tiles)
+
+
+def decode_video(source: nn.Module | BackboneAdapter, latents: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """Whole-video form of :func:`iter_decode` (same arguments): ``B, 3, T, H, W`` in [-1, 1]."""
+    return torch.cat(list(iter_decode(source, latents, **kwargs)), dim=2)

@@ -1,0 +1,166 @@
+"""Streamed encode / decode: equal to the one-shot calls, bounded memory, clean errors."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import refdecoder
+from refdecoder.data import bundled_clips, read_clip, write_video
+from refdecoder.errors import InputError
+from refdecoder.frames import CAUSAL_1_PLUS_4K
+from refdecoder.inference import (
+    Decoder,
+    ReconstructOptions,
+    RuleChunks,
+    decode_video,
+    encode_chunks,
+    iter_decode,
+    reconstruct_video,
+    window_pixel_ranges,
+)
+from tests.helpers import latents_for, randomize_, reference_for
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _random_model(backbone: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = refdecoder.wrap(refdecoder.get_backbone(backbone).build_tiny().eval(), "tiny").eval()
+    for part in (model.tokenizer, model.transformer, model.projectors):
+        randomize_(part, scale=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return _random_model("wan2.1")
+
+
+@pytest.mark.parametrize("backbone", refdecoder.list_backbones())
+def test_iter_decode_equals_model_decode(backbone: str) -> None:
+    model = _random_model(backbone)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, model.adapter.latent_channels, 5, 4, 6, generator=g)
+    ref = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        expected = model.decode(z, reference=ref, window=2)
+    chunks = list(iter_decode(model, z, ref, window=2))
+    windows = model.adapter.plan_windows(5, 2)
+    assert [c.shape[2] for c in chunks] == [b - a for a, b in window_pixel_ranges(model.adapter.frame_rule, windows)]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=0, rtol=0)
+    assert not torch.allclose(expected, model.decode(z, window=2))  # the reference does change the result
+
+
+@pytest.mark.parametrize("backbone", refdecoder.list_backbones())
+def test_encode_chunks_equal_one_encode(backbone: str) -> None:
+    # Wan carries its causal encoder caches from piece to piece; other backbones encode the joined pieces.
+    model = _random_model(backbone)
+    video = torch.rand(1, 3, 22, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    valid = model.adapter.frame_rule.round(22, "up")
+    padded = torch.cat([video, video[:, :, -1:].expand(1, 3, valid - 22, 32, 48)], dim=2)
+    pieces = RuleChunks(video[0].split(7, dim=1), model.adapter.frame_rule, group=2)
+    torch.testing.assert_close(encode_chunks(model.adapter, pieces), model.encode(padded), atol=1e-5, rtol=0)
+    assert (pieces.frames, pieces.padded) == (22, valid)
+
+
+def test_plain_iter_decode_equals_vae_decode(model: torch.nn.Module) -> None:
+    z = latents_for(model.vae, 4)
+    with torch.no_grad():
+        expected = model.vae.decode(z).sample
+    torch.testing.assert_close(decode_video(model.adapter, z, window=2), expected, atol=1e-5, rtol=0)
+
+
+def test_iter_decode_checks_inputs(model: torch.nn.Module) -> None:
+    z = latents_for(model.vae, 2)
+    with pytest.raises(InputError, match="latents must have shape"):
+        next(iter_decode(model, torch.zeros(1, 7, 2, 4, 6)))
+    with pytest.raises(InputError, match="reference frames are 16x16"):
+        next(iter_decode(model, z, torch.zeros(1, 3, 16, 16)))
+    with pytest.raises(InputError, match="needs RefDecoder weights"):
+        next(iter_decode(model.adapter, z, reference_for(z)))
+    resized = decode_video(model, z, reference=torch.zeros(1, 3, 16, 16), resize_reference=True)
+    assert resized.shape == (1, 3, 5, 32, 48)
+
+
+def test_rule_chunks_pad_with_the_last_frame() -> None:
+    frames = torch.arange(22.0).view(1, 22, 1, 1).expand(3, 22, 2, 2)
+    chunks = RuleChunks(frames.split(5, dim=1), CAUSAL_1_PLUS_4K, group=2)
+    pieces = list(chunks)
+    assert [p.shape[2] for p in pieces] == [1, 8, 8, 8]  # 22 frames -> padded to 25 = 1 + 4 * 6
+    assert (chunks.frames, chunks.padded) == (22, 25)
+    joined = torch.cat(pieces, dim=2)[0, 0, :, 0, 0]
+    assert joined.tolist() == list(range(22)) + [21, 21, 21]
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensors created inside the mode (as benchmarks/_common.py's LiveTensorMeter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t._base is None and not t._is_view():
+                size = t.numel() * t.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def _moving_video(path: Path, frames: int) -> Path:
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    t = torch.linspace(0, 1, frames).view(1, frames, 1, 1)
+    return write_video(path, (0.5 * base + 0.3 * torch.sin(6 * t + 3 * base)).clamp(-1, 1), fps=25)
+
+
+def test_peak_memory_does_not_grow_with_length(model: torch.nn.Module, tmp_path: Path) -> None:
+    # Live tensor bytes of the whole per-file reconstruction: read, encode, decode, metrics, mp4 writing.
+    decoder = Decoder(model.adapter, model)
+    peaks = {}
+    for frames in (17, 250):
+        video, meter = _moving_video(tmp_path / f"{frames}.mp4", frames), _LiveTensorBytes()
+        with torch.inference_mode(), meter:
+            row = reconstruct_video(decoder, video, tmp_path, f"o{frames}")
+        assert row["frames"] == frames
+        peaks[frames] = meter.peak
+    # The decoded video alone is 250 * 3 * 16 * 16 * 4 B = 768 kB, about half the 17-frame peak.
+    assert peaks[250] / peaks[17] == pytest.approx(1.0, abs=0.15), peaks
+
+
+def test_reconstruct_options_reject_bad_reference_index(model: torch.nn.Module, tmp_path: Path) -> None:
+    decoder = Decoder(model.adapter, model)
+    options = ReconstructOptions(reference_index=30)
+    with pytest.raises(InputError, match="outside the video's 17 frames"):
+        reconstruct_video(decoder, _moving_video(tmp_path / "a.mp4", 17), tmp_path, "a", options)
+
+
+@pytest.mark.parametrize("backbone", refdecoder.list_backbones())
+def test_reconstruct_any_backbone(backbone: str, tmp_path: Path) -> None:
+    # 11 frames fit neither 1 + 4k nor 4k: padded for the VAE, trimmed back in the output and the metrics.
+    model = _random_model(backbone)
+    options = ReconstructOptions(size=(16, 16), max_frames=11, compare_base=True)
+    with torch.inference_mode():
+        row = reconstruct_video(Decoder(model.adapter, model), bundled_clips()[0], tmp_path, "clip", options)
+    assert row["frames"] == 11 and math.isfinite(row["psnr"]) and math.isfinite(row["delta_psnr"])
+    assert read_clip(tmp_path / "clip.mp4", range(11)).shape == (3, 11, 16, 16)
