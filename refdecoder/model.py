@@ -143,6 +143,36 @@ class RefDecoder(nn.Module):
         Returns:
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
+        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        return self._finish(self.adapter.decode_windows(latents, self._hooks, ctx, windows), clamp)
+
+    def iter_decode(
+        self,
+        latents: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        window: int | None = None,
+        clamp: bool = True,
+        resize_reference: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`decode`, yielding each window's frames ``B, 3, t, H, W`` as soon as they exist.
+
+        Concatenated over time the chunks equal :meth:`decode`'s output; only one window is alive at a time, so a
+        consumer that writes chunks away decodes videos of any length in constant memory.
+        """
+        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        for part in self.adapter.iter_decode_windows(latents, self._hooks, ctx, windows):
+            yield self._finish(part, clamp)
+
+    def _prepare_decode(
+        self,
+        latents: torch.Tensor,
+        reference: torch.Tensor | None,
+        window: int | None,
+        resize_reference: bool,
+        generator: torch.Generator | None,
+    ) -> tuple[DecodeContext, list[tuple[int, int]]]:
+        """Check the inputs, tokenize the reference and plan the windows of one decode."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
         ctx = DecodeContext(generator=generator)
@@ -152,8 +182,9 @@ class RefDecoder(nn.Module):
             ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
-        windows = self.adapter.plan_windows(latents.shape[2], size)
-        video = self.adapter.decode_windows(latents, self._hooks, ctx, windows)
+        return ctx, self.adapter.plan_windows(latents.shape[2], size)
+
+    def _finish(self, video: torch.Tensor, clamp: bool) -> torch.Tensor:
         if self.upscale_head is not None:
             video = self.upscale_head.apply(video)
         return video.clamp(-1.0, 1.0) if clamp else video

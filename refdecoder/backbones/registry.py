@@ -154,16 +154,29 @@ class BackboneAdapter(abc.ABC):
 
     # --- decoding -------------------------------------------------------------------------------------------
     @abc.abstractmethod
+    def iter_decode_windows(
+        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
+    ) -> Iterator[torch.Tensor]:
+        """Decode raw latents over ``windows`` (from :meth:`plan_windows`), yielding each window's pixel frames.
+
+        Calls ``hooks`` at each hook point. Yields unclamped ``B, 3, t, H, W`` chunks in time order; only one
+        window's activations are alive at a time, so a consumer that streams the chunks (e.g. to a video file)
+        decodes any length in constant memory. Causal backbones carry their caches across windows.
+        """
+
     def decode_windows(
         self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
     ) -> torch.Tensor:
-        """Decode raw latents over ``windows`` (from :meth:`plan_windows`), calling ``hooks`` at each hook point.
-
-        Returns the unclamped video ``B, 3, T, H, W``.
-
-        Caches of causal layers carry across windows, so the result does not depend on the window size except
-        through what the hooks do with the frames they see together.
-        """
+        """:meth:`iter_decode_windows` collected into one unclamped video ``B, 3, T, H, W``."""
+        video, filled = None, 0
+        for part in self.iter_decode_windows(latents, hooks, ctx, windows):
+            if video is None:
+                # Filled window by window rather than concatenated at the end, which would hold the video twice.
+                frames = self.frame_rule.pixel_frames(latents.shape[2])
+                video = part.new_empty(*part.shape[:2], frames, *part.shape[3:])
+            video[:, :, filled : filled + part.shape[2]] = part
+            filled += part.shape[2]
+        return video
 
     @abc.abstractmethod
     def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:

@@ -126,22 +126,14 @@ class WanAdapter(BackboneAdapter):
         return self._latents_mean.to(like.device, like.dtype), self._latents_std.to(like.device, like.dtype)
 
     # --- decoding -------------------------------------------------------------------------------------------
-    def decode_windows(
+    def iter_decode_windows(
         self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
-    ) -> torch.Tensor:
+    ) -> Iterator[torch.Tensor]:
         x = hooks.latents(self.vae.post_quant_conv(latents), ctx)
         cache: list[Any] = [None] * self._num_cache_slots
-        video = None
         for index, (start, stop) in enumerate(windows):
             ctx.window_index, ctx.first_window = index, index == 0
-            part = self._decode_window(x[:, :, start:stop], cache, hooks, ctx)
-            if video is None:
-                # Filled window by window rather than concatenated at the end, which would hold the video twice.
-                frames = self.frame_rule.pixel_frames(x.shape[2])
-                video = part.new_empty(*part.shape[:2], frames, *part.shape[3:])
-            first_frame = 0 if start == 0 else self.frame_rule.pixel_frames(start)
-            video[:, :, first_frame : first_frame + part.shape[2]] = part
-        return video
+            yield self._decode_window(x[:, :, start:stop], cache, hooks, ctx)
 
     def _decode_window(
         self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext

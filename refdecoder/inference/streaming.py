@@ -21,7 +21,7 @@ from torch import nn
 from refdecoder.backbones.registry import BackboneAdapter
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
-from refdecoder.hooks import DecodeContext, DecodeHooks, IdentityHooks
+from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.tiling import TilePlan, iter_tiled
 from refdecoder.validation import check_latents, check_reference
 
@@ -113,43 +113,13 @@ def window_pixel_ranges(rule: FrameRule, windows: list[tuple[int, int]]) -> list
 
 
 def _stream_windows(
-    adapter: BackboneAdapter, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list
-) -> Iterator[torch.Tensor]:
-    from refdecoder.backbones.wan import WanAdapter
-
-    if not isinstance(adapter, WanAdapter):
-        # The adapter contract has no per-window step yet: decode in one call, hand out the windows' frames.
-        video = adapter.decode_windows(latents, hooks, ctx, windows)
-        for start, stop in window_pixel_ranges(adapter.frame_rule, windows):
-            yield video[:, :, start:stop]
-        return
-    # WanAdapter.decode_windows step for step (same modules, cache list and hook calls), but each window is handed
-    # out instead of being written into a whole-video tensor, so memory does not grow with the length. It relies on
-    # the adapter's per-window step until the adapter contract offers a public generator (docs/inference.md).
-    x = hooks.latents(adapter.vae.post_quant_conv(latents), ctx)
-    cache: list = [None] * adapter._num_cache_slots
-    for index, (start, stop) in enumerate(windows):
-        ctx.window_index, ctx.first_window = index, index == 0
-        yield adapter._decode_window(x[:, :, start:stop], cache, hooks, ctx)
-
-
-def _window(source: nn.Module | BackboneAdapter, latents: torch.Tensor, num_reference: int, window: int | None) -> int:
-    if isinstance(source, BackboneAdapter):
-        return window or source.default_window
-    return source.window_size(latents, num_reference, window)
-
-
-def _prepare(
     source: nn.Module | BackboneAdapter, latents: torch.Tensor, reference: torch.Tensor | None, window: int | None
-) -> tuple[BackboneAdapter, DecodeHooks, DecodeContext, int]:
-    """The hooks, context and window size ``RefDecoder.decode`` would use (``reference`` already checked)."""
+) -> Iterator[torch.Tensor]:
+    """Unclamped window chunks of the plain backbone decode (adapter) or of a RefDecoder decode."""
     if isinstance(source, BackboneAdapter):
-        return source, IdentityHooks(), DecodeContext(), _window(source, latents, 0, window)
-    ctx = DecodeContext()
-    if reference is not None:
-        ctx.reference_tokens = source.tokenizer(reference.to(latents.dtype))
-        ctx.num_reference = reference.shape[2]
-    return source.adapter, source._hooks, ctx, _window(source, latents, ctx.num_reference, window)
+        windows = source.plan_windows(latents.shape[2], window or source.default_window)
+        return source.iter_decode_windows(latents, IdentityHooks(), DecodeContext(), windows)
+    return source.iter_decode(latents, reference, window=window, clamp=False)
 
 
 def iter_decode(
@@ -189,8 +159,7 @@ def iter_decode(
     if tiles is not None:
         chunks = _iter_tiles(source, latents, reference, window, tiles)
     else:
-        adapter, hooks, ctx, size = _prepare(source, latents, reference, window)
-        chunks = _stream_windows(adapter, latents, hooks, ctx, adapter.plan_windows(latents.shape[2], size))
+        chunks = _stream_windows(source, latents, reference, window)
     while True:
         # no_grad only around each step: a `with` spanning the yield would leak into the caller's code.
         with torch.no_grad():
@@ -209,11 +178,13 @@ def _iter_tiles(
 ) -> Iterator[torch.Tensor]:
     full_tile = latents[..., : tiles.tile[0] // tiles.spatial_factor, : tiles.tile[1] // tiles.spatial_factor]
     # Tiles advance in lockstep, so all must use the window a full tile gets (edge tiles alone could get larger).
-    size = _window(source, full_tile, 0 if reference is None else reference.shape[2], window)
+    if isinstance(source, BackboneAdapter):
+        size = window or source.default_window
+    else:
+        size = source.window_size(full_tile, 0 if reference is None else reference.shape[2], window)
 
     def stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        adapter, hooks, ctx, _ = _prepare(source, z, ref, size)
-        return _stream_windows(adapter, z, hooks, ctx, adapter.plan_windows(z.shape[2], size))
+        return _stream_windows(source, z, ref, size)
 
     return iter_tiled(stream, latents, reference, tiles)
 

@@ -122,22 +122,17 @@ class VideoVAEPlusAdapter(BackboneAdapter):
         return self.vae.encode(video, chunk_frames=self.temporal_factor * self.default_window)
 
     # --- decoding -------------------------------------------------------------------------------------------
-    def decode_windows(
+    def iter_decode_windows(
         self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
-    ) -> torch.Tensor:
+    ) -> Iterator[torch.Tensor]:
         step = self.temporal_factor
         # Independent chunks, as the official inference decodes them (replicate padding at every window edge).
-        z = torch.cat([self.vae.decoder_temporal(latents[:, :, a:b]) for a, b in windows], dim=2)
-        z = hooks.latents(z, ctx)
-        video = None
+        # The latents hook sees the whole full-rate latent at once, so per-decode draws (token dropout masks)
+        # stay shared by all windows.
+        z = hooks.latents(torch.cat([self.vae.decoder_temporal(latents[:, :, a:b]) for a, b in windows], dim=2), ctx)
         for index, (start, stop) in enumerate(windows):
             ctx.window_index, ctx.first_window = index, index == 0
-            part = self._decode_window(z[:, :, step * start : step * stop], hooks, ctx)
-            if video is None:
-                # Filled window by window rather than concatenated at the end, which would hold the video twice.
-                video = part.new_empty(*part.shape[:2], z.shape[2], *part.shape[3:])
-            video[:, :, step * start : step * stop] = part
-        return video
+            yield self._decode_window(z[:, :, step * start : step * stop], hooks, ctx)
 
     def _decode_window(self, z: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder = self.vae.decoder
