@@ -136,3 +136,23 @@ def test_tiled_equals_untiled_away_from_seams() -> None:
 def test_token_alignment_follows_the_patch_grid() -> None:
     model = refdecoder.wrap(tiny_wan(), "tiny")
     assert token_alignment(model) == 16  # stages at H/8, H/4, H/2 with patches 2, 4, 8: one token = 16 px
+
+
+def test_tiling_refuses_an_upscale_head():
+    """Tiles must blend before the depth-to-space shuffle; until that is wired, tiled decoding refuses the head."""
+    import pytest
+
+    import refdecoder
+    from refdecoder.blocks.upscale_head import UpscaleConfig
+    from refdecoder.errors import ConfigError
+    from refdecoder.inference.streaming import decode_video
+    from refdecoder.tiling import plan_tiles
+    from tests.helpers import latents_for, tiny_wan
+
+    vae = tiny_wan()
+    config = refdecoder.preset("tiny")
+    config.upscale = UpscaleConfig(factor=2)
+    model = refdecoder.wrap(vae, config)
+    z = latents_for(vae, 1, 8, 8)
+    with pytest.raises(ConfigError, match="upscale head"):
+        decode_video(model, z, tiles=plan_tiles((8, 8), spatial_factor=8, tile=(32, 32), overlap=(8, 8)))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from refdecoder.backbones.registry import BackboneAdapter
-from refdecoder.errors import InputError
+from refdecoder.errors import ConfigError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.tiling import TilePlan, iter_tiled
@@ -176,6 +176,10 @@ def _iter_tiles(
     window: int | None,
     tiles: TilePlan,
 ) -> Iterator[torch.Tensor]:
+    if getattr(source, "upscale_head", None) is not None:
+        # Tiles must be blended before the depth-to-space shuffle (and take 2x reference crops); until the tiler
+        # does that, refuse rather than blend shuffled pixels.
+        raise ConfigError("tiled decoding with an upscale head is not supported yet; decode without --tile")
     full_tile = latents[..., : tiles.tile[0] // tiles.spatial_factor, : tiles.tile[1] // tiles.spatial_factor]
     # Tiles advance in lockstep, so all must use the window a full tile gets (edge tiles alone could get larger).
     if isinstance(source, BackboneAdapter):
