@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import refdecoder
 from refdecoder.data import bundled_clips, read_clip, write_video
@@ -25,6 +23,7 @@ from refdecoder.inference import (
     reconstruct_video,
     window_pixel_ranges,
 )
+from refdecoder.profiling import LiveTensorMeter
 from tests.helpers import latents_for, randomize_, reference_for
 
 
@@ -106,27 +105,6 @@ def test_rule_chunks_pad_with_the_last_frame() -> None:
     assert joined.tolist() == list(range(22)) + [21, 21, 21]
 
 
-class _LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensors created inside the mode (as benchmarks/_common.py's LiveTensorMeter)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t._base is None and not t._is_view():
-                size = t.numel() * t.element_size()
-                self.live += size
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, size)
-        return out
-
-    def _free(self, size: int) -> None:
-        self.live -= size
-
-
 def _moving_video(path: Path, frames: int) -> Path:
     g = torch.Generator().manual_seed(0)
     base = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
@@ -139,7 +117,7 @@ def test_peak_memory_does_not_grow_with_length(model: torch.nn.Module, tmp_path:
     decoder = Decoder(model.adapter, model)
     peaks = {}
     for frames in (17, 250):
-        video, meter = _moving_video(tmp_path / f"{frames}.mp4", frames), _LiveTensorBytes()
+        video, meter = _moving_video(tmp_path / f"{frames}.mp4", frames), LiveTensorMeter()
         with torch.inference_mode(), meter:
             row = reconstruct_video(decoder, video, tmp_path, f"o{frames}")
         assert row["frames"] == frames
