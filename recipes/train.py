@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import warnings
@@ -27,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a
 import refdecoder  # noqa: E402
 from refdecoder.errors import CheckpointError, RefDecoderError  # noqa: E402
 from refdecoder.training import CheckpointManager, StopSignal, load_config, warmup_cosine  # noqa: E402
-from refdecoder.training.config import TrainConfig, changed_keys, config_to_dict  # noqa: E402
+from refdecoder.training.config import TrainConfig, config_to_dict  # noqa: E402
 from refdecoder.training.data import (  # noqa: E402
     BatchStream,
     StreamPosition,
     build_clip_dataset,
     build_latent_dataset,
+    check_data_source,
     ensure_sample_shards,
     take_samples,
 )
@@ -49,18 +51,15 @@ from refdecoder.training.setup import (  # noqa: E402
     build_fabric,
     build_loss,
     build_metric_lpips,
-    check_model_keys,
     compile_transformer,
     export_pretrained,
     gather_objects,
+    restore_checkpoint,
     rng_state,
     saved_model_keys,
-    set_rng_state,
 )
 from refdecoder.training.steps import NonFiniteGuard, latent_loss, step_generator, validate, video_loss  # noqa: E402
 from refdecoder.training.vae import PRETRAINED_VAE_NAME, backbone_adapter, load_vae, pretrain_vae  # noqa: E402
-
-log = logging.getLogger("refdecoder.training")
 
 
 def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> int:
@@ -107,6 +106,9 @@ def train(fabric: Any, cfg: TrainConfig, resume: str) -> int:
             if dataset is not None:
                 ensure_sample_shards(dataset)
     fabric.barrier()
+    check_data_source(cfg.data.train, "data.train")
+    if cfg.data.val is not None:
+        check_data_source(cfg.data.val, "data.val")
 
     model = build_model(fabric, cfg, run_dir)
     model_keys = saved_model_keys(model)
@@ -122,8 +124,9 @@ def train(fabric: Any, cfg: TrainConfig, resume: str) -> int:
     progress = {"step": 0, "ranks": None, "nonfinite": None, "history": {"train": [], "val": []}}
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
     if resume_path is not None:
-        restore(fabric, cfg, resume_path, state, model_keys)
-    run = Run(fabric, cfg, model, optimizer, scheduler, loss_fn, metric_lpips, ckpts, state, model_keys)
+        fabric.print(f"resuming from {resume_path}")
+        restore_checkpoint(fabric, resume_path, state, model_keys, config_to_dict(cfg))
+    run = Run(fabric, cfg, state, loss_fn, metric_lpips, ckpts, model_keys)
     code = run.fit()
     if code == 0:
         run.finish(started)
@@ -180,37 +183,22 @@ def setup_model_and_optimizer(fabric: Any, cfg: TrainConfig, model: torch.nn.Mod
     return model, optimizer
 
 
-def restore(fabric: Any, cfg: TrainConfig, path: Path, state: dict[str, Any], model_keys: set[str]) -> None:
-    """Load a checkpoint into ``state`` in place (the frozen VAE weights are not in it: they were rebuilt)."""
-    fabric.print(f"resuming from {path}")
-    fabric.load(path, state, strict=False)
-    progress = state["progress"]
-    check_model_keys(model_keys, progress["model_keys"], str(path))
-    changed = changed_keys(progress.get("config", {}), config_to_dict(cfg))
-    if changed:
-        log.warning("the config differs from the checkpoint's in %s; continuing with the new values", changed)
-    ranks = progress["ranks"]
-    if len(ranks) != fabric.world_size:
-        log.warning(
-            "checkpoint written by %d rank(s), resuming on %d: data positions of rank 0 are reused",
-            len(ranks),
-            fabric.world_size,
-        )
-    set_rng_state(ranks[fabric.global_rank if fabric.global_rank < len(ranks) else 0]["rng"])
-
-
 class Run:
     """The training loop's state on one rank: streams, counters, and what happens between steps."""
 
-    def __init__(self, fabric, cfg, model, optimizer, scheduler, loss_fn, metric_lpips, ckpts, state, model_keys):
-        self.fabric, self.cfg, self.model, self.optimizer, self.scheduler = fabric, cfg, model, optimizer, scheduler
-        self.loss_fn, self.metric_lpips, self.ckpts, self.state, self.model_keys = (
-            loss_fn,
-            metric_lpips,
-            ckpts,
-            state,
-            model_keys,
-        )
+    def __init__(
+        self,
+        fabric: Any,
+        cfg: TrainConfig,
+        state: dict[str, Any],
+        loss_fn: torch.nn.Module,
+        metric_lpips: torch.nn.Module | None,
+        ckpts: CheckpointManager,
+        model_keys: set[str],
+    ) -> None:
+        self.fabric, self.cfg, self.state, self.ckpts, self.model_keys = fabric, cfg, state, ckpts, model_keys
+        self.model, self.optimizer, self.scheduler = state["model"], state["optimizer"], state["scheduler"]
+        self.loss_fn, self.metric_lpips = loss_fn, metric_lpips
         self.progress = state["progress"]
         self.step = self.progress["step"]
         self.guard = NonFiniteGuard(cfg.optim.max_nonfinite)
@@ -236,26 +224,32 @@ class Run:
         if self.step == 0 and cfg.validation.at_start and cfg.data.val is not None:
             self.validate(tag="start")
         with StopSignal() as stop:
-            for index, stage in enumerate(cfg.stages):
-                end = sum(s.steps for s in cfg.stages[: index + 1])
-                if self.step >= end:
-                    continue
-                self.open_stage(index)
-                fabric.print(f"stage {index} {stage.name!r}: steps {self.step}..{end}, clips {self._clip_shape()}")
-                while self.step < end:
-                    parts = self.optimizer_step()
-                    self.step += 1
-                    self.after_step(parts, bar)
-                    if fabric.strategy.reduce_boolean_decision(stop.requested, all=False):
-                        path = self.save_checkpoint()
-                        fabric.print(
-                            f"stopped by {stop.name or 'a signal on another rank'} at step {self.step}; "
-                            f"checkpoint: {path}; continue with --resume auto"
-                        )
-                        return 128 + int(stop.received or 15)
-        if bar is not None:
-            bar.close()
+            try:
+                for index, stage in enumerate(cfg.stages):
+                    end = sum(s.steps for s in cfg.stages[: index + 1])
+                    if self.step >= end:
+                        continue
+                    self.open_stage(index)
+                    fabric.print(f"stage {index} {stage.name!r}: steps {self.step}..{end}, {self._clip_shape()}")
+                    while self.step < end:
+                        parts = self.optimizer_step()
+                        self.step += 1
+                        self.after_step(parts, bar)
+                        if fabric.strategy.reduce_boolean_decision(stop.requested, all=False):
+                            return self.stop(stop)
+            finally:
+                if bar is not None:
+                    bar.close()
         return 0
+
+    def stop(self, stop: StopSignal) -> int:
+        """Checkpoint after a SIGTERM/SIGINT (on any rank) and return the exit code 128 + signal number."""
+        path = self.save_checkpoint()
+        self.fabric.print(
+            f"stopped by {stop.name or 'a signal on another rank'} at step {self.step}; checkpoint: {path}; "
+            "continue with --resume auto"
+        )
+        return 128 + int(stop.received or signal.SIGTERM)
 
     def open_stage(self, index: int) -> None:
         cfg, fabric = self.cfg, self.fabric
@@ -463,7 +457,7 @@ class Run:
 
     def _clip_shape(self) -> str:
         frames, (h, w), batch = self._stage_geometry(self.stage_index)
-        return f"{batch} x {frames} x {h}x{w} per device"
+        return f"clips {batch} x {frames} x {h}x{w} per device"
 
     def _preview_clips(self) -> dict[str, Any]:
         """Held-out clips (or, without validation data, a fixed training batch) at the current clip geometry."""

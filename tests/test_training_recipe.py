@@ -147,22 +147,25 @@ def test_resume_after_sigkill_is_exact(tmp_path, shards):
     assert not torch.equal(a["projectors.stage0.out.weight"], torch.zeros_like(a["projectors.stage0.out.weight"]))
 
 
-def test_sigterm_checkpoints_and_stops(tmp_path, shards):
+class SignalAt:
+    """Sends ``signum`` to this process after step ``step`` (the recipe's handler turns it into a stop request)."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_step_end(self, step):
+        if step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path, shards, capsys):
+    recipe = load_recipe()
     run_dir = tmp_path / "run"
-    script_args = [TINY, *tiny_overrides(run_dir, shards, "checkpoint.every_steps=100")]
-    script = tmp_path / "worker.py"
-    script.write_text(
-        WORKER.format(recipe=str(RECIPE)).replace(
-            "os.kill(os.getpid(), signal.SIGKILL)", "os.kill(os.getpid(), signal.SIGTERM)"
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REFDECODER_TEST_THREADS": "1", "REFDECODER_TEST_KILL_AT": "2"}
-    proc = subprocess.run(
-        [sys.executable, str(script), *script_args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
-    assert "continue with --resume auto" in proc.stdout
+    args = [TINY, *tiny_overrides(run_dir, shards, "checkpoint.every_steps=100")]
+    assert recipe.main(args, callbacks=[SignalAt(2)]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-000000002.ckpt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the recipe's handler is gone again
 
 
 def test_fresh_start_refuses_to_overwrite_checkpoints(tmp_path, shards, capsys):
@@ -309,3 +312,29 @@ def test_image_grid_layout():
         assert torch.equal(block[:, :, :w], reference[:, 0])
         assert torch.equal(block[:, :, w : 2 * w], target[:, frame])
         assert torch.equal(block[:, :, 2 * w :], recon[:, frame].clamp(-1, 1))
+
+
+def test_config_components_are_registered_before_token_dropout():
+    import refdecoder
+    from refdecoder.errors import ConfigError
+    from refdecoder.training.config import ComponentConfig
+    from refdecoder.training.setup import attach_components, saved_model_keys
+
+    torch.manual_seed(0)
+    model = refdecoder.wrap(refdecoder.get_backbone("wan2.1").build_tiny(), "tiny")
+    module = "refdecoder.blocks.latent_degradation"
+    attach_components(
+        model,
+        [
+            ComponentConfig("blur", f"{module}:LatentBlur", {"sigma_range": [0.0, 1.0]}),
+            ComponentConfig("lmr", f"{module}.LatentMaskedReconstruction", {"channels": 4}),
+        ],
+    )
+    assert list(model.latent_components) == ["blur", "lmr", "token_dropout"]
+    token = model.latent_components["lmr"].mask_token
+    assert any(p is token for p in model.param_groups(1e-3)[0]["params"])  # trained at the added modules' lr
+    assert "latent_components.lmr.mask_token" in saved_model_keys(model)  # and checkpointed
+    with pytest.raises(ConfigError, match="cannot import"):
+        attach_components(model, [ComponentConfig("x", "refdecoder.nope:Thing")])
+    with pytest.raises(ConfigError, match="used twice"):
+        attach_components(model, [ComponentConfig("blur", f"{module}:LatentBlur")])

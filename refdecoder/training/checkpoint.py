@@ -158,10 +158,12 @@ class StopSignal:
 
     @property
     def requested(self) -> bool:
+        """True once a signal arrived."""
         return self.received is not None
 
     @property
     def name(self) -> str:
+        """Name of the signal received (``"SIGTERM"``), or ``""``."""
         return signal.Signals(self.received).name if self.received is not None else ""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "build_clip_dataset",
     "build_latent_dataset",
     "ensure_sample_shards",
+    "check_data_source",
     "take_samples",
 ]
 
@@ -202,6 +203,7 @@ class BatchStream:
         return iter(loader)
 
     def state(self) -> dict[str, int]:
+        """The position as plain values, for checkpoints: ``{"epoch", "consumed"}``."""
         return {"epoch": self.position.epoch, "consumed": self.position.consumed}
 
 
@@ -262,6 +264,19 @@ def ensure_sample_shards(cfg: DatasetConfig) -> Path | None:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built sample shards of %s in %s", list(cfg.samples), out)
     return out
+
+
+def check_data_source(cfg: DatasetConfig, key: str) -> None:
+    """Fail early, before any model is loaded, when a local dataset path does not exist.
+
+    Remote URLs, ``pipe:`` commands and patterns (braces, globs) are left to the dataset, which reports them.
+    """
+    path = cfg.path
+    if "://" in path or path.startswith("pipe:") or any(c in path for c in "{*?[,") or "::" in path:
+        return
+    if not Path(path).exists():
+        what = "CSV file" if cfg.kind == "csv" else "shard folder or file"
+        raise DataError(f"{key}.path: the {what} {path} does not exist")
 
 
 def take_samples(dataset: Dataset, count: int, collate_fn: Callable = collate) -> dict[str, Any]:

@@ -5,6 +5,7 @@ Named ``loggers`` rather than ``logging`` so it never shadows the standard libra
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -16,22 +17,29 @@ import torch
 from refdecoder._deps import require
 from refdecoder.errors import InputError, MissingDependencyError
 
-__all__ = ["build_loggers", "image_grid", "log_image", "write_json", "summarize", "print_summary"]
+__all__ = [
+    "build_loggers",
+    "CSVMetricsLogger",
+    "image_grid",
+    "log_image",
+    "write_json",
+    "summarize",
+    "print_summary",
+]
 
 
 def build_loggers(kinds: list[str], run_dir: str | os.PathLike, wandb_project: str | None = None) -> list[Any]:
     """Fabric loggers writing under ``<run_dir>/logs``: ``csv`` -> ``logs/csv/metrics.csv``,
     ``tensorboard`` -> ``logs/tensorboard``, ``wandb`` -> a W&B run (needs ``pip install wandb``).
 
-    Fixed versions (no ``version_N`` folders), so a resumed run appends to the same files.
+    Fixed folders (no ``version_N``), so a resumed run continues the same files.
     """
     loggers_mod = require("lightning_fabric.loggers", extra="train", package="lightning-fabric")
     root = str(Path(run_dir) / "logs")
     out: list[Any] = []
     for kind in kinds:
         if kind == "csv":
-            # Flushed at every log call: a run killed between flushes would otherwise lose its CSV rows.
-            out.append(loggers_mod.CSVLogger(root, name="", version="csv", flush_logs_every_n_steps=1))
+            out.append(CSVMetricsLogger(Path(root) / "csv"))
         elif kind == "tensorboard":
             out.append(loggers_mod.TensorBoardLogger(root, name="", version="tensorboard"))
         elif kind == "wandb":
@@ -39,6 +47,77 @@ def build_loggers(kinds: list[str], run_dir: str | os.PathLike, wandb_project: s
         else:
             raise InputError(f"unknown logger {kind!r}; choose from csv, tensorboard, wandb")
     return out
+
+
+class CSVMetricsLogger:
+    """A Fabric logger appending one row per ``log_metrics`` call to ``<log_dir>/metrics.csv``.
+
+    Fabric's own ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, which would lose the history of a
+    resumed run; this one keeps the rows, writes each at once (nothing is lost if the process is killed), and widens
+    the header when new metric names appear. Only global rank 0 writes.
+    """
+
+    name = "csv"
+    version = ""
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        self.log_dir = Path(log_dir)
+        self.path = self.log_dir / "metrics.csv"
+        self._header: list[str] | None = None
+
+    @property
+    def root_dir(self) -> str:
+        """The folder holding ``metrics.csv``."""
+        return str(self.log_dir)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Append one row (``step`` plus the metrics; tensors become numbers)."""
+        if not _is_global_zero():
+            return
+        row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        row["step"] = step
+        header = self._read_header()
+        if not set(row) <= set(header):
+            self._rewrite(["step", *sorted((set(header) | set(row)) - {"step"})])
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self._header).writerow(row)
+
+    def _read_header(self) -> list[str]:
+        if self._header is None:
+            self._header = []
+            if self.path.is_file():
+                with self.path.open(newline="") as handle:
+                    self._header = next(csv.reader(handle), [])
+        return self._header
+
+    def _rewrite(self, header: list[str]) -> None:
+        rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(".tmp-metrics.csv")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+        self._header = header
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Not recorded: the run's ``config.json`` holds the configuration."""
+
+    def save(self) -> None:
+        """Rows are written as they come; nothing is buffered."""
+
+    def finalize(self, status: str) -> None:
+        """Nothing to close."""
+
+
+def _is_global_zero() -> bool:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _wandb_logger(run_dir: str | os.PathLike, project: str | None) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 
 from refdecoder._deps import require
 from refdecoder.errors import CheckpointError, ConfigError
-from refdecoder.training.config import ComponentConfig, TrainConfig
+from refdecoder.training.config import ComponentConfig, TrainConfig, changed_keys
 
 __all__ = [
     "build_fabric",
@@ -31,6 +31,7 @@ __all__ = [
     "gather_objects",
     "check_model_keys",
     "export_pretrained",
+    "restore_checkpoint",
 ]
 
 logger = logging.getLogger("refdecoder.training")
@@ -46,15 +47,18 @@ def build_fabric(cfg: TrainConfig, loggers: list[Any] | None = None, callbacks: 
     """
     fabric_mod = require("lightning_fabric", extra="train", package="lightning-fabric")
     fc = cfg.fabric
-    return fabric_mod.Fabric(
-        accelerator=fc.accelerator,
-        devices=fc.devices,
-        num_nodes=fc.num_nodes,
-        strategy=_strategy(cfg),
-        precision=fc.precision,
-        loggers=loggers,
-        callbacks=callbacks,
-    )
+    try:
+        return fabric_mod.Fabric(
+            accelerator=fc.accelerator,
+            devices=fc.devices,
+            num_nodes=fc.num_nodes,
+            strategy=_strategy(cfg),
+            precision=fc.precision,
+            loggers=loggers,
+            callbacks=callbacks,
+        )
+    except (ValueError, RuntimeError) as err:  # Fabric's own check of accelerator/strategy/precision combinations
+        raise ConfigError(f"the fabric section does not work on this machine: {err}") from err
 
 
 def _strategy(cfg: TrainConfig) -> Any:
@@ -211,3 +215,28 @@ def export_pretrained(cfg: TrainConfig, model: nn.Module, checkpoint: Path, out:
     attach_components(fresh, cfg.model.latent_components)
     fresh.load_refdecoder_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     fresh.save_pretrained(out)
+
+
+def restore_checkpoint(
+    fabric: Any, path: Path, state: dict[str, Any], model_keys: set[str], config: dict[str, Any]
+) -> None:
+    """Load a recipe checkpoint into ``state`` in place and restore this rank's RNG states.
+
+    The checkpoint holds only the trained weights (the frozen VAE was rebuilt from its source), so the model loads
+    non-strictly and the saved key list is checked against ``model_keys`` instead. A config that differs from the
+    checkpoint's is logged, not refused (e.g. more steps, other logging).
+    """
+    fabric.load(path, state, strict=False)
+    progress = state["progress"]
+    check_model_keys(model_keys, progress["model_keys"], str(path))
+    changed = changed_keys(progress.get("config", {}), config)
+    if changed:
+        logger.warning("the config differs from the checkpoint's in %s; continuing with the new values", changed)
+    ranks = progress["ranks"]
+    if len(ranks) != fabric.world_size:
+        logger.warning(
+            "checkpoint written by %d rank(s), resuming on %d: data positions of rank 0 are reused",
+            len(ranks),
+            fabric.world_size,
+        )
+    set_rng_state(ranks[fabric.global_rank if fabric.global_rank < len(ranks) else 0]["rng"])

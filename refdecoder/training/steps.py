@@ -119,9 +119,11 @@ class NonFiniteGuard:
             )
 
     def state_dict(self) -> dict[str, int]:
+        """Counters for checkpoints."""
         return {"in_a_row": self.in_a_row, "total": self.total}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict`."""
         self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
 
 

@@ -59,6 +59,11 @@ def load_vae(cfg: ModelConfig, run_dir: str | Path) -> nn.Module:
         raise ConfigError(
             "config key 'model.vae.path' must name the pretrained VAE when model.vae.source is 'pretrained'"
         )
+    if not Path(cfg.vae.path).exists():
+        raise CheckpointError(
+            f"model.vae.path {cfg.vae.path} does not exist; give the local VAE "
+            "(a diffusers folder for wan2.1, the checkpoint file for videovae+); the recipe never downloads weights"
+        )
     loader = _LOADERS.get(cfg.backbone)
     if loader is None:
         raise ConfigError(
