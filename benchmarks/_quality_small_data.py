@@ -32,16 +32,17 @@ class DataSettings:
 
     short_side: int
     crop: int
-    frames: int
+    train_frames: int
+    eval_frames: int
     frame_stride: int
     cut_threshold: float
     sources: list[dict[str, Any]]
 
     def __post_init__(self) -> None:
-        if self.crop % 16 or self.crop > self.short_side or (self.frames - 1) % 4:
+        if self.crop % 16 or self.crop > self.short_side or (self.train_frames - 1) % 4 or (self.eval_frames - 1) % 4:
             raise ConfigError(
-                "data needs crop % 16 == 0, crop <= short_side and frames = 1 + 4k; got "
-                f"crop={self.crop}, short_side={self.short_side}, frames={self.frames}"
+                "data needs crop % 16 == 0, crop <= short_side and train/eval frames = 1 + 4k; got "
+                f"crop={self.crop}, short_side={self.short_side}, frames={self.train_frames}/{self.eval_frames}"
             )
         for src in self.sources:
             if set(src) != {"name", "file", "train", "heldout"}:
@@ -52,10 +53,9 @@ class DataSettings:
             if any(a < d and c < b for a, b in src["train"] for c, d in src["heldout"]):
                 raise ConfigError(f"{src['name']}: train {src['train']} overlaps held-out {src['heldout']}")
 
-    @property
-    def span(self) -> int:
-        """Source frames one clip covers."""
-        return (self.frames - 1) * self.frame_stride + 1
+    def span(self, frames: int) -> int:
+        """Source frames a clip of ``frames`` frames covers."""
+        return (frames - 1) * self.frame_stride + 1
 
 
 @dataclass
@@ -136,7 +136,21 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             f"{where or 'config'}: missing {sorted(set(fields) - set(raw))}, unknown {sorted(set(raw) - set(fields))}"
         )
     nested = {n: c for n, c in _SECTIONS.items() if n in fields and cls is Settings}
-    return cls(**{k: _build(nested[k], v, k) if k in nested else v for k, v in raw.items()})
+    return cls(**{k: _build(nested[k], v, k) if k in nested else _typed(v, fields[k], k) for k, v in raw.items()})
+
+
+def _typed(value: Any, kind: str, key: str) -> Any:
+    # PyYAML reads "1e-3" (no dot) as a string, so numbers are converted here and checked.
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and int(value) == float(value):
+            return int(value)
+    except (TypeError, ValueError):
+        pass
+    if kind in ("int", "float"):
+        raise ConfigError(f"setting {key!r} must be a number ({kind}), got {value!r}")
+    return value
 
 
 _SECTIONS = {
@@ -248,7 +262,7 @@ def train_plan(videos: list[Video], settings: Settings, stream: str, steps: int,
         (v, t0)
         for v, src in enumerate(data.sources)
         for a, b in shots(src["train"], videos[v].cuts)
-        for t0 in range(a, b - data.span + 1)
+        for t0 in range(a, b - data.span(data.train_frames) + 1)
     ]
     if not starts:
         raise DataError("no training clip fits in the train ranges (check ranges, frames, frame_stride)")
@@ -260,7 +274,7 @@ def train_plan(videos: list[Video], settings: Settings, stream: str, steps: int,
             v, t0 = starts[int(torch.randint(len(starts), (1,), generator=g))]
             h, w = videos[v].frames.shape[-2:]
             top, left = (int(torch.randint(n - data.crop + 1, (1,), generator=g)) for n in (h, w))
-            step.append((v, t0, top, left, int(torch.randint(data.frames, (1,), generator=g))))
+            step.append((v, t0, top, left, int(torch.randint(data.train_frames, (1,), generator=g))))
         plan.append(step)
     return plan
 
@@ -268,12 +282,13 @@ def train_plan(videos: list[Video], settings: Settings, stream: str, steps: int,
 def eval_plan(videos: list[Video], settings: Settings) -> list[tuple]:
     """Held-out clips ``(video, t0, top, left)``: non-overlapping in time, a grid of crops in space."""
     data, cap, clips = settings.data, settings.eval.max_clips_per_source, []
+    span = data.span(data.eval_frames)
     for v, src in enumerate(data.sources):
         h, w = videos[v].frames.shape[-2:]
         found = [
             (v, t0, top, left)
             for a, b in shots(src["heldout"], videos[v].cuts)
-            for t0 in range(a, b - data.span + 1, data.span)
+            for t0 in range(a, b - span + 1, span)
             for top in crop_positions(h, data.crop)
             for left in crop_positions(w, data.crop)
         ]
@@ -281,12 +296,10 @@ def eval_plan(videos: list[Video], settings: Settings) -> list[tuple]:
     return clips
 
 
-def clip_batch(videos: list[Video], clips: list[tuple], data: DataSettings) -> torch.Tensor:
-    """Float ``B, 3, T, crop, crop`` in [-1, 1] for clips ``(video, t0, top, left, ...)``."""
-    out = [
-        videos[v].frames[:, t0 : t0 + data.span : data.frame_stride, top : top + data.crop, left : left + data.crop]
-        for v, t0, top, left, *_ in clips
-    ]
+def clip_batch(videos: list[Video], clips: list[tuple], data: DataSettings, frames: int) -> torch.Tensor:
+    """Float ``B, 3, frames, crop, crop`` in [-1, 1] for clips ``(video, t0, top, left, ...)``."""
+    span, c = data.span(frames), data.crop
+    out = [videos[v].frames[:, t0 : t0 + span : data.frame_stride, y : y + c, x : x + c] for v, t0, y, x, *_ in clips]
     return torch.stack(out).float().div(127.5).sub(1.0)
 
 

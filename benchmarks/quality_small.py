@@ -84,10 +84,20 @@ logger = logging.getLogger("refdecoder.benchmarks.quality_small")
 
 # --- models -----------------------------------------------------------------------------------------------------
 def build_vae(settings: Settings) -> nn.Module:
-    """A seeded, randomly initialised reduced-width Wan2.1 ``AutoencoderKLWan``."""
+    """A seeded reduced-width Wan2.1 ``AutoencoderKLWan``, convolutions He-initialised with zero biases.
+
+    PyTorch's default conv init shrinks the signal at every layer, so in this deep, narrow VAE the latents barely
+    depend on the input at first (measured: two different clips gave latents 0.02 apart at std 0.15) and AdamW
+    spent over 800 steps at the predict-the-mean loss (L1 0.34); He init learns from the first steps (0.19 at 400).
+    """
     torch.manual_seed(derive_seed(settings.seed, "vae-init"))
     v = settings.vae
-    return WanAdapter.build_tiny(base_dim=v.base_dim, z_dim=v.z_dim, num_res_blocks=v.num_res_blocks)
+    vae = WanAdapter.build_tiny(base_dim=v.base_dim, z_dim=v.z_dim, num_res_blocks=v.num_res_blocks)
+    for module in vae.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return vae
 
 
 def load_vae(folder: Path) -> nn.Module:
@@ -185,7 +195,7 @@ def run_pretrain(settings: Settings, videos: list[Video], out: Path) -> dict:
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
-        video = clip_batch(videos, plan[step], settings.data)
+        video = clip_batch(videos, plan[step], settings.data, settings.data.train_frames)
         return loss_fn(plain_decode(vae, vae.encode(video).latent_dist.mode()), video)["loss"]
 
     log = optimise([{"params": list(vae.parameters())}], settings.pretrain, step_loss, len(plan), "pretrain")
@@ -204,7 +214,10 @@ def run_finetune(settings: Settings, videos: list[Video], out: Path, variants: l
     plan = train_plan(videos, settings, "finetune", ft.steps, ft.batch)
     encoder = load_vae(base).eval()
     with torch.no_grad():  # the encoder is frozen, so every variant can share one encoding of each batch
-        latents = [encoder.encode(clip_batch(videos, step, settings.data)).latent_dist.mode() for step in plan]
+        latents = [
+            encoder.encode(clip_batch(videos, step, settings.data, settings.data.train_frames)).latent_dist.mode()
+            for step in plan
+        ]
     logs = {}
     for variant in variants:
         logs[variant["name"]] = finetune_variant(settings, videos, out, variant, plan, latents)
@@ -228,7 +241,7 @@ def finetune_variant(
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
-        video = clip_batch(videos, plan[step], settings.data)
+        video = clip_batch(videos, plan[step], settings.data, settings.data.train_frames)
         if variant["kind"] == "plain":
             return loss_fn(plain_decode(vae, latents[step]), video)["loss"]
         index = torch.tensor([c[4] for c in plan[step]])
@@ -282,7 +295,10 @@ def run_eval(settings: Settings, videos: list[Video], out: Path, variants: list[
     clips, size = eval_plan(videos, settings), settings.eval.batch
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     encoder = load_vae(out / PRETRAINED).eval()
-    batches = [clip_batch(videos, clips[i : i + size], settings.data) for i in range(0, len(clips), size)]
+    batches = [
+        clip_batch(videos, clips[i : i + size], settings.data, settings.data.eval_frames)
+        for i in range(0, len(clips), size)
+    ]
     latents = [encoder.encode(video).latent_dist.mode() for video in batches]
     lpips, lpips_note = lpips_metric()
     shown = grid_clips(settings, clips)
@@ -337,7 +353,7 @@ def write_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = settings.data.frames
+    t = settings.data.eval_frames
     frames = [0, t // 2, t - 1]
     names = ["ground truth"] + [n for n in crops if n != "ground truth"]
     fig, axes = plt.subplots(

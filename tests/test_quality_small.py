@@ -17,15 +17,21 @@ from refdecoder.data import bundled_clips, read_clip
 from refdecoder.errors import ConfigError
 from tests.helpers import randomize_, tiny_wan
 
-CROP, FRAMES = 32, 5
+CROP, FRAMES, EVAL_FRAMES = 32, 5, 9
 
 
 def micro_config(folder: Path) -> Path:
-    """The real recipe shrunk to seconds: bundled 64x96 clips at 32x48, 5-frame clips, 3 / 2 steps."""
+    """The real recipe shrunk to seconds: bundled 64x96 clips at 32x48, 5 / 9-frame clips, 3 / 2 steps."""
     raw = yaml.safe_load(qd.CONFIG.read_text())
     clips = {p.stem: str(p) for p in bundled_clips()}
     raw["threads"] = 1
-    raw["data"] |= {"short_side": 32, "crop": CROP, "frames": FRAMES, "frame_stride": 1}
+    raw["data"] |= {
+        "short_side": 32,
+        "crop": CROP,
+        "train_frames": FRAMES,
+        "eval_frames": EVAL_FRAMES,
+        "frame_stride": 1,
+    }
     raw["data"]["sources"] = [
         {"name": "bikes", "file": clips["bikes"], "train": [[0, 15]], "heldout": [[16, 25]]},
         {"name": "bigbuckbunny", "file": clips["bigbuckbunny"], "train": [[0, 15]], "heldout": [[16, 25]]},
@@ -66,7 +72,7 @@ def test_config_rejects_missing_keys_and_train_heldout_overlap(tmp_path: Path) -
     with pytest.raises(ConfigError, match="missing \\['lr'\\]"):
         qd.load_settings(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="overlaps"):
-        qd.DataSettings(128, 64, 9, 2, 0.3, [{"name": "v", "file": "x", "train": [[0, 50]], "heldout": [[40, 60]]}])
+        qd.DataSettings(128, 64, 5, 9, 2, 0.3, [{"name": "v", "file": "x", "train": [[0, 50]], "heldout": [[40, 60]]}])
 
 
 def test_find_cuts_and_shots() -> None:
@@ -91,7 +97,7 @@ def test_clip_plans_stay_in_their_ranges_and_shots(tmp_path: Path) -> None:
     plan = qd.train_plan(videos, settings, "finetune", steps=50, batch=2)
     assert plan == qd.train_plan(videos, settings, "finetune", steps=50, batch=2)
     assert plan != qd.train_plan(videos, settings, "pretrain", steps=50, batch=2)
-    span = settings.data.span
+    span = settings.data.span(FRAMES)
     for v, t0, top, left, ref in (clip for step in plan for clip in step):
         assert settings.data.sources[v]["name"] != "carphone"
         assert t0 + span <= 15 and (t0 + span <= 9 or t0 >= 9)  # inside the train range, never across the cut
@@ -140,10 +146,10 @@ def test_saved_models_reproduce_the_reported_psnr(micro: tuple[Path, Path, dict]
     from diffusers import AutoencoderKLWan
 
     _, out, doc = micro
-    # The first held-out clip is bikes frames 16..20, crop (0, 0), read here independently of the benchmark.
+    # The first held-out clip is bikes frames 16..24, crop (0, 0), read here independently of the benchmark.
     assert doc["data"]["eval_clips"][0] == [0, 16, 0, 0]
     bikes = next(p for p in bundled_clips() if p.stem == "bikes")
-    clip = read_clip(bikes, range(16, 16 + FRAMES), (32, 48), "resize")[None, :, :, :CROP, :CROP]
+    clip = read_clip(bikes, range(16, 16 + EVAL_FRAMES), (32, 48), "resize")[None, :, :, :CROP, :CROP]
     vae = AutoencoderKLWan.from_pretrained(out / "vae_pretrained").eval()
     baseline = AutoencoderKLWan.from_pretrained(out / "baseline").eval()
     with torch.no_grad():
