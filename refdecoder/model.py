@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,15 +154,19 @@ class RefDecoder(nn.Module):
         clamp: bool = True,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
+        depth_to_space: bool = True,
     ) -> Iterator[torch.Tensor]:
         """:meth:`decode`, yielding each window's frames ``B, 3, t, H, W`` as soon as they exist.
 
         Concatenated over time the chunks equal :meth:`decode`'s output; only one window is alive at a time, so a
         consumer that writes chunks away decodes videos of any length in constant memory.
+
+        With an upscale head, ``depth_to_space=False`` yields the head's raw ``B, 3 * s**2, t, H/s, W/s`` output
+        instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
         ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
         for part in self.adapter.iter_decode_windows(latents, self._hooks, ctx, windows):
-            yield self._finish(part, clamp)
+            yield self._finish(part, clamp, depth_to_space)
 
     def _prepare_decode(
         self,
@@ -177,15 +181,20 @@ class RefDecoder(nn.Module):
         check_latents(latents, self.adapter.latent_channels)
         ctx = DecodeContext(generator=generator)
         if reference is not None:
-            size = tuple(s * self.adapter.spatial_factor * self.config.upscale.factor for s in latents.shape[-2:])
+            size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
             ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
         return ctx, self.adapter.plan_windows(latents.shape[2], size)
 
-    def _finish(self, video: torch.Tensor, clamp: bool) -> torch.Tensor:
-        if self.upscale_head is not None:
+    def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:
+        """(H, W) of the decoded video (and of the reference) for latents of spatial size ``latent_size``."""
+        scale = self.adapter.spatial_factor * self.config.upscale.factor
+        return latent_size[0] * scale, latent_size[1] * scale
+
+    def _finish(self, video: torch.Tensor, clamp: bool, depth_to_space: bool = True) -> torch.Tensor:
+        if self.upscale_head is not None and depth_to_space:
             video = self.upscale_head.apply(video)
         return video.clamp(-1.0, 1.0) if clamp else video
 

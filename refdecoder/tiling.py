@@ -13,6 +13,11 @@ layers are disabled; with trained weights the seams are usually invisible but ne
 
 Tiles are decoded as streams (one generator per tile, advanced window by window in lockstep), so tiling composes
 with the streamed decode of :func:`refdecoder.inference.iter_decode` and memory stays bounded by one window.
+
+With an upscale head (``3 * s**2`` output channels, then a depth-to-space shuffle) the plan stays in the decoder's
+own pixel grid: tiles are blended in the ``3 * s**2``-channel space and the caller shuffles the blended mosaic once.
+Blending after the shuffle would ramp between different sub-pixel phases at every seam. The reference is then at
+the upscaled size, and ``output_scale = s`` gives each tile the matching ``s``-times larger crop.
 """
 
 from __future__ import annotations
@@ -170,29 +175,39 @@ def blend_tiles(decoded: Sequence[Sequence[torch.Tensor]], plan: TilePlan) -> to
 
 
 def iter_tiled(
-    decode_stream: TileStream, latents: torch.Tensor, reference: torch.Tensor | None, plan: TilePlan
+    decode_stream: TileStream,
+    latents: torch.Tensor,
+    reference: torch.Tensor | None,
+    plan: TilePlan,
+    output_scale: int = 1,
 ) -> Iterator[torch.Tensor]:
     """Decode ``latents`` tile by tile and yield blended chunks of frames, one per decode window.
 
     Args:
-        decode_stream: ``(latent_tile, reference_tile) -> iterator of B, 3, t, h, w`` chunks; every tile must be
-            chunked alike (pass one explicit window size to all of them).
+        decode_stream: ``(latent_tile, reference_tile) -> iterator of B, C, t, h, w`` chunks in the plan's pixel
+            grid (``C = 3``, or ``3 * s**2`` before an upscale head's shuffle); every tile must be chunked alike
+            (pass one explicit window size to all of them).
         latents: ``B, C, T, h, w``.
-        reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size (each tile gets its crop), or None.
+        reference: ``B, 3, R, s*H, s*W`` in [-1, 1] at the final output size (each tile gets its crop), or None.
         plan: from :func:`plan_tiles` for ``latents``' spatial size.
+        output_scale: s, how much larger than the plan's pixel grid the final output (and the reference) is.
 
     Yields:
-        ``B, 3, t, H, W`` chunks in time order.
+        ``B, C, t, H, W`` chunks in time order (still to be shuffled when ``output_scale > 1``).
     """
     if tuple(latents.shape[-2:]) != plan.latent_size:
         raise InputError(f"latents are {tuple(latents.shape[-2:])} but the tile plan is for {plan.latent_size}")
-    if reference is not None and tuple(reference.shape[-2:]) != plan.pixel_size:
+    output_size = (plan.pixel_size[0] * output_scale, plan.pixel_size[1] * output_scale)
+    if reference is not None and tuple(reference.shape[-2:]) != output_size:
         raise InputError(
-            f"reference is {tuple(reference.shape[-2:])} but the decoded frames are {plan.pixel_size}; "
+            f"reference is {tuple(reference.shape[-2:])} but the decoded frames are {output_size}; "
             "resize it to the output size first"
         )
     streams = [
-        [decode_stream(latents[..., _latent_box(t)[0], _latent_box(t)[1]], _crop(reference, plan, t)) for t in row]
+        [
+            decode_stream(latents[..., _latent_box(t)[0], _latent_box(t)[1]], _crop(reference, plan, t, output_scale))
+            for t in row
+        ]
         for row in plan.rows
     ]
     while True:
@@ -209,11 +224,11 @@ def _latent_box(tile: Tile) -> tuple[slice, slice]:
     return slice(tile.top, tile.top + tile.height), slice(tile.left, tile.left + tile.width)
 
 
-def _crop(reference: torch.Tensor | None, plan: TilePlan, tile: Tile) -> torch.Tensor | None:
+def _crop(reference: torch.Tensor | None, plan: TilePlan, tile: Tile, scale: int) -> torch.Tensor | None:
     if reference is None:
         return None
     rows, cols = plan.pixel_box(tile)
-    return reference[..., rows, cols]
+    return reference[..., rows.start * scale : rows.stop * scale, cols.start * scale : cols.stop * scale]
 
 
 def token_alignment(model: torch.nn.Module) -> int:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import refdecoder
+from refdecoder.blocks.upscale_head import UpscaleConfig, depth_to_space
 from refdecoder.errors import ConfigError, InputError
 from refdecoder.inference import decode_video
 from refdecoder.tiling import blend_tiles, iter_tiled, plan_tiles, token_alignment
@@ -102,10 +103,10 @@ def test_iter_tiled_rejects_a_reference_of_another_size() -> None:
         next(iter_tiled(_local_stream, torch.zeros(1, 4, 1, 4, 4), torch.zeros(1, 3, 1, 30, 32), plan))
 
 
-def _local_model() -> torch.nn.Module:
+def _local_model(config: refdecoder.RefDecoderConfig | str = "tiny") -> torch.nn.Module:
     """RefDecoder with random added weights whose global attention (Wan mid-block, joint attention) is off."""
     vae = tiny_wan()
-    model = refdecoder.wrap(vae, "tiny").eval()
+    model = refdecoder.wrap(vae, config).eval()
     for part in (model.tokenizer, model.transformer, model.projectors):
         randomize_(part, scale=0.2)
     with torch.no_grad():
@@ -138,21 +139,60 @@ def test_token_alignment_follows_the_patch_grid() -> None:
     assert token_alignment(model) == 16  # stages at H/8, H/4, H/2 with patches 2, 4, 8: one token = 16 px
 
 
-def test_tiling_refuses_an_upscale_head():
-    """Tiles must blend before the depth-to-space shuffle; until that is wired, tiled decoding refuses the head."""
-    import pytest
-
-    import refdecoder
-    from refdecoder.blocks.upscale_head import UpscaleConfig
-    from refdecoder.errors import ConfigError
-    from refdecoder.inference.streaming import decode_video
-    from refdecoder.tiling import plan_tiles
-    from tests.helpers import latents_for, tiny_wan
-
-    vae = tiny_wan()
+def _upscale_config() -> refdecoder.RefDecoderConfig:
     config = refdecoder.preset("tiny")
     config.upscale = UpscaleConfig(factor=2)
-    model = refdecoder.wrap(vae, config)
-    z = latents_for(vae, 1, 8, 8)
-    with pytest.raises(ConfigError, match="upscale head"):
-        decode_video(model, z, tiles=plan_tiles((8, 8), spatial_factor=8, tile=(32, 32), overlap=(8, 8)))
+    return config
+
+
+def _local_stream_2x(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    """A position-local decoder with a 12-channel head: each sub-pixel = latent colour + its reference pixel."""
+    base = F.interpolate(z[:, :3].repeat_interleave(4, 1), scale_factor=(1, 8, 8), mode="nearest")
+    video = base + F.pixel_unshuffle(ref[:, :, 0], 2)[:, :, None]  # reference at 2x, folded into the 12 channels
+    yield from video.split(1, dim=2)
+
+
+def test_upscale_tiles_get_2x_reference_crops_and_blend_before_the_shuffle() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(1, 4, 2, 7, 9, generator=g), torch.randn(1, 3, 1, 112, 144, generator=g)
+    plan = plan_tiles((7, 9), 8, tile=(32, 32), overlap=(16, 16))
+    tiled = torch.cat([depth_to_space(c, 2) for c in iter_tiled(_local_stream_2x, z, ref, plan, output_scale=2)], 2)
+    whole = depth_to_space(torch.cat(list(_local_stream_2x(z, ref)), dim=2), 2)
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="112, 144"):  # a 1x reference is refused: the output is 2x
+        next(iter_tiled(_local_stream_2x, z, ref[..., ::2, ::2], plan, output_scale=2))
+
+
+def test_tiled_upscale_at_init_is_nearest_2x_of_diffusers_tiled_decode() -> None:
+    # At init the head replicates each colour into its 4 sub-pixels, so blending before the shuffle gives exactly
+    # the nearest 2x of the plain tiled decode; blending after it would ramp at 2x resolution instead.
+    model = refdecoder.wrap(tiny_wan(), _upscale_config()).eval()
+    g = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(1, 4, 2, 8, 8, generator=g), torch.rand(1, 3, 128, 128, generator=g) * 2 - 1
+    plan = plan_tiles((8, 8), 8, tile=(48, 48), overlap=(16, 16), alignment=token_alignment(model))
+    with torch.no_grad():
+        tiled = decode_video(model, z, reference=ref, tiles=plan)
+    vae = model.unwrap()
+    vae.enable_tiling(48, 48, 32, 32)
+    with torch.no_grad():
+        expected = vae.decode(z).sample
+    assert tiled.shape[-2:] == (128, 128)
+    torch.testing.assert_close(tiled, expected.repeat_interleave(2, -2).repeat_interleave(2, -1), atol=1e-5, rtol=0)
+
+
+def test_tiled_upscale_equals_untiled_away_from_seams() -> None:
+    model = _local_model(_upscale_config())
+    randomize_(model.vae.decoder.conv_out, scale=0.05)  # a trained head: its sub-pixels differ
+    g = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(1, 4, 1, 16, 16, generator=g), torch.rand(1, 3, 256, 256, generator=g) * 2 - 1
+    plan = plan_tiles((16, 16), 8, tile=(96, 96), overlap=(32, 32), alignment=token_alignment(model))
+    with torch.no_grad():
+        whole = model.decode(z, reference=ref)
+        tiled = decode_video(model, z, reference=ref, tiles=plan)
+        streamed = decode_video(model, z, reference=ref)
+    torch.testing.assert_close(streamed, whole, atol=1e-6, rtol=0)
+    error = (whole - tiled).abs().amax(dim=(0, 1, 2))
+    assert whole.shape[-2:] == (256, 256)
+    assert (whole[..., ::2, ::2] - whole[..., 1::2, 1::2]).abs().max() > 0.5  # not a nearest upsample
+    assert error[:64, :64].max() < 1e-2  # the 1x test's region, at 2x
+    assert error[128:192, 128:192].max() > 0.05

@@ -70,3 +70,20 @@ def test_proxy_in_config_not_needed_at_load(tmp_path):
     loaded = refdecoder.load(vae, tmp_path / "ckpt")
     assert "degrade_proxy" not in loaded.latent_components
     assert loaded.config.degradation.proxy == str(proxy)
+
+
+def test_reconstruct_refuses_an_upscale_head(tmp_path):
+    # reconstruct scores the decode against the source at the encoded size; a 2x output cannot be compared.
+    import pytest
+
+    from refdecoder.data import bundled_clips
+    from refdecoder.errors import ConfigError
+    from refdecoder.inference import reconstruct_video
+    from refdecoder.inference.loading import Decoder
+
+    config = refdecoder.preset("tiny")
+    config.upscale = UpscaleConfig(factor=2)
+    model = refdecoder.wrap(tiny_wan(), config)
+    with pytest.raises(ConfigError, match="2x upscale head"):
+        reconstruct_video(Decoder(model.adapter, model), bundled_clips()[0], tmp_path, "clip")
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -169,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from refdecoder.inference import build_lpips, reconstruct_video
+    from refdecoder.inference.reconstruct import refuse_upscale_head
 
     videos = collect_videos(args.inputs)
     decoder = load_from_args(args)
+    refuse_upscale_head(decoder, "reconstruct")  # once, rather than for every file
     lpips = build_lpips(args.lpips, args.lpips_weights)
     out = Path(args.out)
     rows, failures = [], 0

@@ -248,6 +248,7 @@ def reconstruct_video(
         DataError: missing or unreadable file; InputError: bad reference index or reference size.
     """
     options, started = options or ReconstructOptions(), time.perf_counter()
+    refuse_upscale_head(decoder, "reconstruct")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"input not found: {path}")
@@ -427,6 +428,8 @@ def decode_to_files(
     options, stem = options or DecodeOptions(), Path(stem)
     frames = frames or decoder.adapter.frame_rule.pixel_frames(latents.shape[2])
     compare = options.compare_base and decoder.conditioned
+    if compare:
+        refuse_upscale_head(decoder, "compare_base")
     if options.compare_base and not compare:
         logger.warning("--compare-base needs --weights (without them the output already is the base decode)")
     settings = dict(window=options.window, tiles=_tile_plan(decoder, tuple(latents.shape[-2:]), options))
@@ -446,6 +449,17 @@ def decode_to_files(
         sink.abort()
         raise
     return sink.summary(reference_index) if truth is not None else {}
+
+
+def refuse_upscale_head(decoder: Decoder, what: str) -> None:
+    """Raise :class:`ConfigError` for a decoder with an upscale head: ``what`` compares its output with frames at the
+    encoded size (the source, or the base decode), which a 2x output does not match."""
+    head = getattr(decoder.model, "upscale_head", None)
+    if head is not None:
+        raise ConfigError(
+            f"{what} compares the decoded video with frames at the encoded size, but these weights add a "
+            f"{head.factor}x upscale head; decode latents with `refdecoder decode-latents` or model.decode instead"
+        )
 
 
 def _display_reference(reference: torch.Tensor, adapter: BackboneAdapter, latents: torch.Tensor) -> torch.Tensor:

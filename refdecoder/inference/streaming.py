@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from refdecoder.backbones.registry import BackboneAdapter
-from refdecoder.errors import ConfigError, InputError
+from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.tiling import TilePlan, iter_tiled
@@ -113,13 +113,18 @@ def window_pixel_ranges(rule: FrameRule, windows: list[tuple[int, int]]) -> list
 
 
 def _stream_windows(
-    source: nn.Module | BackboneAdapter, latents: torch.Tensor, reference: torch.Tensor | None, window: int | None
+    source: nn.Module | BackboneAdapter,
+    latents: torch.Tensor,
+    reference: torch.Tensor | None,
+    window: int | None,
+    depth_to_space: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """Unclamped window chunks of the plain backbone decode (adapter) or of a RefDecoder decode."""
+    """Unclamped window chunks of the plain backbone decode (adapter) or of a RefDecoder decode (before an upscale
+    head's shuffle when ``depth_to_space`` is False)."""
     if isinstance(source, BackboneAdapter):
         windows = source.plan_windows(latents.shape[2], window or source.default_window)
         return source.iter_decode_windows(latents, IdentityHooks(), DecodeContext(), windows)
-    return source.iter_decode(latents, reference, window=window, clamp=False)
+    return source.iter_decode(latents, reference, window=window, clamp=False, depth_to_space=depth_to_space)
 
 
 def iter_decode(
@@ -154,8 +159,9 @@ def iter_decode(
     if reference is not None:
         if isinstance(source, BackboneAdapter):
             raise InputError("a reference needs RefDecoder weights; the plain backbone decode takes none")
-        size = tuple(s * adapter.spatial_factor for s in latents.shape[-2:])
-        reference = check_reference(reference, latents.shape[0], size, resize_reference)
+        reference = check_reference(
+            reference, latents.shape[0], source.output_size(latents.shape[-2:]), resize_reference
+        )
     if tiles is not None:
         chunks = _iter_tiles(source, latents, reference, window, tiles)
     else:
@@ -176,10 +182,6 @@ def _iter_tiles(
     window: int | None,
     tiles: TilePlan,
 ) -> Iterator[torch.Tensor]:
-    if getattr(source, "upscale_head", None) is not None:
-        # Tiles must be blended before the depth-to-space shuffle (and take 2x reference crops); until the tiler
-        # does that, refuse rather than blend shuffled pixels.
-        raise ConfigError("tiled decoding with an upscale head is not supported yet; decode without --tile")
     full_tile = latents[..., : tiles.tile[0] // tiles.spatial_factor, : tiles.tile[1] // tiles.spatial_factor]
     # Tiles advance in lockstep, so all must use the window a full tile gets (edge tiles alone could get larger).
     if isinstance(source, BackboneAdapter):
@@ -187,10 +189,14 @@ def _iter_tiles(
     else:
         size = source.window_size(full_tile, 0 if reference is None else reference.shape[2], window)
 
-    def stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        return _stream_windows(source, z, ref, size)
+    # With an upscale head, tiles are blended in its 3 * s**2-channel output and the mosaic is shuffled once.
+    head = getattr(source, "upscale_head", None)
 
-    return iter_tiled(stream, latents, reference, tiles)
+    def stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        return _stream_windows(source, z, ref, size, depth_to_space=head is None)
+
+    blended = iter_tiled(stream, latents, reference, tiles, output_scale=1 if head is None else head.factor)
+    return blended if head is None else map(head.apply, blended)
 
 
 def decode_video(source: nn.Module | BackboneAdapter, latents: torch.Tensor, **kwargs: object) -> torch.Tensor:
