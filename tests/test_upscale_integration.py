@@ -7,6 +7,7 @@ import torch
 import refdecoder
 from refdecoder.blocks.latent_degradation import DegradationProxy, LatentDegradationConfig
 from refdecoder.blocks.upscale_head import UpscaleConfig
+from refdecoder.inference import iter_decode
 from tests.helpers import latents_for, randomize_, reference_for, tiny_wan
 
 
@@ -36,6 +37,8 @@ def test_upscale_config(tmp_path):
         randomize_(p, 0.1)
     with torch.no_grad():
         trained = model.decode(z, ref)
+        streamed = torch.cat(list(iter_decode(model, z, ref)), dim=2)  # its reference check is at 2x too
+    torch.testing.assert_close(streamed, trained, atol=1e-6, rtol=0)
     model.save_pretrained(tmp_path)
     model.unwrap()
     assert vae.decoder.conv_out.weight.shape[0] == 3 and vae.decoder.conv_out.weight.requires_grad  # as built
