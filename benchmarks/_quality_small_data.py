@@ -32,6 +32,7 @@ class DataSettings:
 
     short_side: int
     crop: int
+    pretrain_frames: int
     train_frames: int
     eval_frames: int
     frame_stride: int
@@ -39,10 +40,11 @@ class DataSettings:
     sources: list[dict[str, Any]]
 
     def __post_init__(self) -> None:
-        if self.crop % 16 or self.crop > self.short_side or (self.train_frames - 1) % 4 or (self.eval_frames - 1) % 4:
+        frames = (self.pretrain_frames, self.train_frames, self.eval_frames)
+        if self.crop % 16 or self.crop > self.short_side or any((f - 1) % 4 for f in frames):
             raise ConfigError(
-                "data needs crop % 16 == 0, crop <= short_side and train/eval frames = 1 + 4k; got "
-                f"crop={self.crop}, short_side={self.short_side}, frames={self.train_frames}/{self.eval_frames}"
+                "data needs crop % 16 == 0, crop <= short_side and pretrain/train/eval frames = 1 + 4k; got "
+                f"crop={self.crop}, short_side={self.short_side}, frames={'/'.join(map(str, frames))}"
             )
         for src in self.sources:
             if set(src) != {"name", "file", "train", "heldout"}:
@@ -255,14 +257,17 @@ def crop_positions(size: int, crop: int) -> list[int]:
     return [round(i * (size - crop) / max(1, n - 1)) for i in range(n)]
 
 
-def train_plan(videos: list[Video], settings: Settings, stream: str, steps: int, batch: int) -> list[list[tuple]]:
-    """Per step, ``batch`` clips ``(video, t0, top, left, reference_index)``, uniform over all valid train clips."""
+def train_plan(
+    videos: list[Video], settings: Settings, stream: str, steps: int, batch: int, frames: int
+) -> list[list[tuple]]:
+    """Per step, ``batch`` clips ``(video, t0, top, left, reference_index)`` of ``frames`` frames, uniform over all
+    valid train clips."""
     data = settings.data
     starts = [
         (v, t0)
         for v, src in enumerate(data.sources)
         for a, b in shots(src["train"], videos[v].cuts)
-        for t0 in range(a, b - data.span(data.train_frames) + 1)
+        for t0 in range(a, b - data.span(frames) + 1)
     ]
     if not starts:
         raise DataError("no training clip fits in the train ranges (check ranges, frames, frame_stride)")
@@ -274,7 +279,7 @@ def train_plan(videos: list[Video], settings: Settings, stream: str, steps: int,
             v, t0 = starts[int(torch.randint(len(starts), (1,), generator=g))]
             h, w = videos[v].frames.shape[-2:]
             top, left = (int(torch.randint(n - data.crop + 1, (1,), generator=g)) for n in (h, w))
-            step.append((v, t0, top, left, int(torch.randint(data.train_frames, (1,), generator=g))))
+            step.append((v, t0, top, left, int(torch.randint(frames, (1,), generator=g))))
         plan.append(step)
     return plan
 

@@ -191,11 +191,12 @@ def optimise(
 def run_pretrain(settings: Settings, videos: list[Video], out: Path) -> dict:
     """Train the whole VAE as an autoencoder (L1 on the unclamped decode) and save it to ``OUT/vae_pretrained``."""
     vae = build_vae(settings).train()
-    plan = train_plan(videos, settings, "pretrain", settings.pretrain.steps, settings.pretrain.batch)
+    frames = settings.data.pretrain_frames
+    plan = train_plan(videos, settings, "pretrain", settings.pretrain.steps, settings.pretrain.batch, frames)
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
-        video = clip_batch(videos, plan[step], settings.data, settings.data.train_frames)
+        video = clip_batch(videos, plan[step], settings.data, frames)
         return loss_fn(plain_decode(vae, vae.encode(video).latent_dist.mode()), video)["loss"]
 
     log = optimise([{"params": list(vae.parameters())}], settings.pretrain, step_loss, len(plan), "pretrain")
@@ -211,7 +212,7 @@ def run_finetune(settings: Settings, videos: list[Video], out: Path, variants: l
     ft = settings.finetune
     base = out / PRETRAINED
     read_meta(base, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
-    plan = train_plan(videos, settings, "finetune", ft.steps, ft.batch)
+    plan = train_plan(videos, settings, "finetune", ft.steps, ft.batch, settings.data.train_frames)
     encoder = load_vae(base).eval()
     with torch.no_grad():  # the encoder is frozen, so every variant can share one encoding of each batch
         latents = [

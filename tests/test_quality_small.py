@@ -28,6 +28,7 @@ def micro_config(folder: Path) -> Path:
     raw["data"] |= {
         "short_side": 32,
         "crop": CROP,
+        "pretrain_frames": FRAMES,
         "train_frames": FRAMES,
         "eval_frames": EVAL_FRAMES,
         "frame_stride": 1,
@@ -72,7 +73,9 @@ def test_config_rejects_missing_keys_and_train_heldout_overlap(tmp_path: Path) -
     with pytest.raises(ConfigError, match="missing \\['lr'\\]"):
         qd.load_settings(tmp_path / "a.yaml")
     with pytest.raises(ConfigError, match="overlaps"):
-        qd.DataSettings(128, 64, 5, 9, 2, 0.3, [{"name": "v", "file": "x", "train": [[0, 50]], "heldout": [[40, 60]]}])
+        qd.DataSettings(
+            128, 64, 9, 5, 9, 2, 0.3, [{"name": "v", "file": "x", "train": [[0, 50]], "heldout": [[40, 60]]}]
+        )
 
 
 def test_find_cuts_and_shots() -> None:
@@ -94,9 +97,9 @@ def test_clip_plans_stay_in_their_ranges_and_shots(tmp_path: Path) -> None:
     settings = qd.load_settings(micro_config(tmp_path))
     frames = torch.zeros(3, 25, 32, 48, dtype=torch.uint8)
     videos = [qd.Video(s["name"], frames, cuts=[9]) for s in settings.data.sources]
-    plan = qd.train_plan(videos, settings, "finetune", steps=50, batch=2)
-    assert plan == qd.train_plan(videos, settings, "finetune", steps=50, batch=2)
-    assert plan != qd.train_plan(videos, settings, "pretrain", steps=50, batch=2)
+    plan = qd.train_plan(videos, settings, "finetune", steps=50, batch=2, frames=FRAMES)
+    assert plan == qd.train_plan(videos, settings, "finetune", steps=50, batch=2, frames=FRAMES)
+    assert plan != qd.train_plan(videos, settings, "pretrain", steps=50, batch=2, frames=FRAMES)
     span = settings.data.span(FRAMES)
     for v, t0, top, left, ref in (clip for step in plan for clip in step):
         assert settings.data.sources[v]["name"] != "carphone"
