@@ -71,6 +71,10 @@ class TransformerConfig:
     head_dim: int = 128
     ffn_dim: int | None = None  # None: 4 x width
     rope_theta: float = 10000.0
+    # None: every token attends to every token of its stage (the paper). r >= 0: only to tokens within r token rows
+    # and columns, in every frame, so the reference token at the same position is always in view (a locality prior
+    # that the reference path learns much faster with; see docs/architecture.md "Attention scope").
+    attention_radius: int | None = None
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -82,6 +86,10 @@ class TransformerConfig:
             f"transformer.head_dim must be even and >= 6, got {self.head_dim}",
         )
         _check(self.ffn_dim is None or self.ffn_dim >= 1, f"transformer.ffn_dim must be positive, got {self.ffn_dim}")
+        _check(
+            self.attention_radius is None or (isinstance(self.attention_radius, int) and self.attention_radius >= 0),
+            f"transformer.attention_radius must be None (global) or an int >= 0, got {self.attention_radius!r}",
+        )
 
     @property
     def width(self) -> int:

@@ -86,7 +86,12 @@ class RefDecoder(nn.Module):
             norm=config.tokenizer.norm,
         )
         self.transformer = SharedTransformer(
-            dim=tf.width, depth=tf.depth, num_heads=tf.num_heads, ffn_dim=tf.ffn_width, rope_theta=tf.rope_theta
+            dim=tf.width,
+            depth=tf.depth,
+            num_heads=tf.num_heads,
+            ffn_dim=tf.ffn_width,
+            rope_theta=tf.rope_theta,
+            attention_radius=tf.attention_radius,
         )
         self.transformer.gradient_checkpointing = tf.gradient_checkpointing
         patches = _stage_patches(config, [specs[i] for i in self.stage_indices])

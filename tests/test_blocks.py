@@ -23,6 +23,8 @@ from refdecoder.blocks import (
     attention,
     attention_backend,
     latent_token_dropout,
+    local_attention_mask,
+    per_position_attention,
     rope_axis_dims,
     rope_tables,
     space_to_depth,
@@ -228,6 +230,58 @@ def test_attention_matches_softmax_by_hand():
     expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(8), dim=-1) @ v.double()
     torch.testing.assert_close(attention(q, k, v).double(), expected, atol=1e-5, rtol=1e-5)
     assert attention_backend("cpu") == "sdpa"
+
+
+def test_attention_with_mask_matches_masked_softmax_by_hand():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    mask = torch.rand(5, 5) > 0.5
+    mask.fill_diagonal_(True)
+    logits = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(logits, dim=-1) @ v.double()
+    torch.testing.assert_close(attention(q, k, v, mask).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_local_attention_mask_by_definition():
+    t, h, w, radius = 2, 3, 4, 1
+    mask = local_attention_mask((t, h, w), radius)
+    positions = [(ti, hi, wi) for ti in range(t) for hi in range(h) for wi in range(w)]  # w fastest
+    for i, (_, hq, wq) in enumerate(positions):
+        for j, (_, hk, wk) in enumerate(positions):
+            assert mask[i, j] == (abs(hq - hk) <= radius and abs(wq - wk) <= radius)
+    # Radius 0: a token sees exactly its own position in each of the T frames.
+    assert local_attention_mask((t, h, w), 0).sum(dim=1).eq(t).all()
+    with pytest.raises(ValueError):
+        local_attention_mask((1, 2, 2), -1)
+
+
+def test_per_position_attention_equals_the_radius_0_mask():
+    grid = (3, 2, 4)
+    q, k, v = (torch.randn(2, 3, 24, 8) for _ in range(3))
+    masked = attention(q, k, v, local_attention_mask(grid, 0))
+    torch.testing.assert_close(per_position_attention(q, k, v, frames=3), masked, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        per_position_attention(q[:, :, :23], k[:, :, :23], v[:, :, :23], frames=3)
+
+
+def test_local_attention_only_mixes_nearby_positions():
+    torch.manual_seed(0)
+    local, wide = SharedTransformer(DIM, 2, HEADS, ffn_dim=32, attention_radius=0), tiny_transformer()
+    wide.load_state_dict(local.state_dict())
+    grid, x = (2, 3, 3), torch.randn(1, 18, DIM)
+    moved = x.clone()
+    moved[0, 0] += torch.randn(DIM)  # frame 0, row 0, column 0 (not a constant: LayerNorm would remove it)
+    far = 9 + 2 * 3 + 2  # frame 1, row 2, column 2: another position
+    same = 9  # frame 1, row 0, column 0: the same position in the other frame
+    for model, far_changes in ((local, False), (wide, True)):
+        diff = (model(moved, grid) - model(x, grid)).abs().amax(dim=-1)[0]
+        assert diff[same] > 1e-3
+        assert (diff[far] > 1e-3) == far_changes
+    # A radius that covers the whole grid is global attention.
+    covering = SharedTransformer(DIM, 2, HEADS, ffn_dim=32, attention_radius=2)
+    covering.load_state_dict(wide.state_dict())
+    torch.testing.assert_close(covering(x, grid), wide(x, grid), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError):
+        SharedTransformer(DIM, 1, HEADS, attention_radius=-1)
 
 
 @pytest.mark.gpu

@@ -268,6 +268,32 @@ def test_decode_on_meta_device():
     assert out.shape == (1, 3, 17, 480, 832) and out.device.type == "meta"
 
 
+def test_local_attention_scope_is_used_saved_and_loaded(vae, tmp_path):
+    config = refdecoder.preset("tiny")
+    config.transformer.attention_radius = 0
+    local = refdecoder.wrap(vae, config).eval()
+    randomize_(local.projectors)
+    randomize_(local.transformer, seed=2)
+    z = latents_for(vae, 2, h=6, w=8)
+    ref = reference_for(z)
+    with torch.no_grad():
+        expected = local.decode(z, reference=ref)
+    state = local.refdecoder_state_dict()
+    local.save_pretrained(tmp_path)
+    local.unwrap()
+    loaded = refdecoder.load(vae, tmp_path).eval()
+    assert loaded.transformer.attention_radius == 0
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z, reference=ref), expected)
+    loaded.unwrap()
+    wide = refdecoder.wrap(vae, "tiny").eval()  # the same weights with global attention
+    wide.load_refdecoder_state_dict(state)
+    with torch.no_grad():
+        assert _max_diff(wide.decode(z, reference=ref), expected) > 1e-4
+    with pytest.raises(refdecoder.ConfigError, match="attention_radius"):
+        RefDecoderConfig.from_dict({"transformer": {"attention_radius": -1}})
+
+
 def test_config_roundtrip_and_unknown_keys(tmp_path, caplog):
     config = refdecoder.preset("paper")
     path = tmp_path / "c.json"

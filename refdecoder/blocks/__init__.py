@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from refdecoder.blocks.attention import attention, attention_backend
+from refdecoder.blocks.attention import attention, attention_backend, local_attention_mask, per_position_attention
 from refdecoder.blocks.latent_degradation import (
     DegradationProxy,
     LatentBlur,
@@ -22,6 +22,8 @@ from refdecoder.blocks.upscale_head import UpscaleConfig, UpscaleHead, attach_up
 __all__ = [
     "attention",
     "attention_backend",
+    "local_attention_mask",
+    "per_position_attention",
     "ChannelRMSNorm",
     "FP32LayerNorm",
     "RMSNorm",

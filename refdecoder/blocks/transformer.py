@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from refdecoder.blocks.attention import attention
+from refdecoder.blocks.attention import attention, local_attention_mask, per_position_attention
 from refdecoder.blocks.norms import FP32LayerNorm, RMSNorm
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope
 from refdecoder.errors import ConfigError, InputError
@@ -19,6 +19,8 @@ from refdecoder.errors import ConfigError, InputError
 __all__ = ["SelfAttention", "FeedForward", "TransformerBlock", "SharedTransformer"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# Which keys a query sees: None = all; an int T = only its own grid position in each of T frames; a bool N x N mask.
+Scope = torch.Tensor | int | None
 
 
 class SelfAttention(nn.Module):
@@ -40,14 +42,17 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """``B, N, dim`` tokens and ``(cos, sin)`` tables ``N, head_dim`` -> ``B, N, dim``."""
+    def forward(self, x: torch.Tensor, rope: Rope, scope: Scope = None) -> torch.Tensor:
+        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``."""
         # The norms act on the full width before the heads are split (as the official checkpoints expect).
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(x)))
         v = self._heads(self.to_v(x))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v)
+        if isinstance(scope, int):
+            out = per_position_attention(q, k, v, scope)
+        else:
+            out = attention(q, k, v, scope)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +89,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """``B, N, dim`` tokens and ``(cos, sin)`` tables ``N, head_dim`` -> ``B, N, dim``."""
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: Rope, scope: Scope = None) -> torch.Tensor:
+        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``."""
+        x = x + self.attn(self.norm1(x), rope, scope)
         return x + self.ffn(self.norm2(x))
 
 
@@ -100,6 +105,11 @@ class SharedTransformer(nn.Module):
         ffn_dim: feed-forward width; default ``4 * dim``.
         rope_theta: RoPE base.
         eps: norm epsilon.
+        attention_radius: None = global attention over every token of a stage; r >= 0 = each token sees only the
+            tokens within r rows and columns of it, in every frame (see
+            :func:`~refdecoder.blocks.attention.local_attention_mask`). A locality prior that makes the reference
+            token at the same position easy to find. Radius 0 runs as per-position attention over the frames
+            (cheaper than global); a larger radius costs an ``N x N`` bool mask per stage grid.
 
     The same instance serves all stages (shared weights) and keeps no per-stage state; the stage-specific parts
     (patch embedding, output projection) live in each stage's :class:`~refdecoder.blocks.StageProjector`. Set
@@ -114,6 +124,7 @@ class SharedTransformer(nn.Module):
         ffn_dim: int | None = None,
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
+        attention_radius: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
@@ -123,6 +134,10 @@ class SharedTransformer(nn.Module):
             TransformerBlock(dim, num_heads, ffn_dim if ffn_dim is not None else 4 * dim, eps) for _ in range(depth)
         )
         self.rope = RotaryEmbedding3D(dim // num_heads, rope_theta)
+        if attention_radius is not None and attention_radius < 0:
+            raise ConfigError(f"attention_radius must be None (global) or >= 0, got {attention_radius}")
+        self.attention_radius = attention_radius
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self.gradient_checkpointing = False
 
     @property
@@ -153,10 +168,26 @@ class SharedTransformer(nn.Module):
                 f"got shape {tuple(tokens.shape)}"
             )
         rope = self.rope(grid, time_positions, device=tokens.device)
+        scope = self._scope(grid, tokens.device)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = checkpoint(block, tokens, rope, use_reentrant=False) if checkpointed else block(tokens, rope)
+            if checkpointed:
+                tokens = checkpoint(block, tokens, rope, scope, use_reentrant=False)
+            else:
+                tokens = block(tokens, rope, scope)
         return tokens
 
+    def _scope(self, grid: tuple[int, int, int], device: torch.device) -> Scope:
+        """None (global), the frame count (radius 0), or the local mask for ``grid`` (the last one is reused)."""
+        if self.attention_radius is None:
+            return None
+        if self.attention_radius == 0:
+            return int(grid[0])
+        key = (tuple(int(v) for v in grid), device)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, local_attention_mask(key[0], self.attention_radius, device))
+        return self._mask_cache[1]
+
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, head_dim={self.head_dim}"
+        scope = "global" if self.attention_radius is None else f"radius {self.attention_radius}"
+        return f"dim={self.dim}, heads={self.num_heads}, head_dim={self.head_dim}, attention={scope}"
