@@ -94,11 +94,14 @@ class FinetuneSettings:
     decoder_lr_ratio: float
     warmup: int
     weight_decay: float
+    reference: str  # "random": a random frame of the training clip (the paper); "first": its frame 0 (I2V use)
     variants: list[dict[str, Any]]
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch) < 1 or len({v.get("name") for v in self.variants}) != len(self.variants):
             raise ConfigError(f"finetune needs steps, batch >= 1 and unique variant names, got {self}")
+        if self.reference not in ("random", "first"):
+            raise ConfigError(f"finetune.reference must be random|first, got {self.reference!r}")
         for v in self.variants:
             if v.get("kind") not in ("plain", "refdecoder") or "name" not in v:
                 raise ConfigError(f"a variant needs a name and kind plain|refdecoder, got {v}")

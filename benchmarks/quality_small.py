@@ -226,6 +226,13 @@ def run_finetune(settings: Settings, videos: list[Video], out: Path, variants: l
     return logs
 
 
+def training_reference(video: torch.Tensor, step_plan: list[tuple], choice: str) -> torch.Tensor:
+    """``B, 3, 1, H, W`` reference of each training clip: the plan's random frame (``"random"``) or frame 0."""
+    # The plan always draws a random reference index, so both choices see the same clips in the same order.
+    index = torch.tensor([clip[4] if choice == "random" else 0 for clip in step_plan])
+    return video[torch.arange(len(index)), :, index].unsqueeze(2)
+
+
 def finetune_variant(
     settings: Settings, videos: list[Video], out: Path, variant: dict, plan: list, latents: list
 ) -> dict:
@@ -245,8 +252,7 @@ def finetune_variant(
         video = clip_batch(videos, plan[step], settings.data, settings.data.train_frames)
         if variant["kind"] == "plain":
             return loss_fn(plain_decode(vae, latents[step]), video)["loss"]
-        index = torch.tensor([c[4] for c in plan[step]])
-        reference = video[torch.arange(len(index)), :, index].unsqueeze(2)
+        reference = training_reference(video, plan[step], ft.reference)
         generator = sample_generator(settings.seed, "finetune-step", step)  # token dropout draws
         return loss_fn(model.decode(latents[step], reference, clamp=False, generator=generator), video)["loss"]
 

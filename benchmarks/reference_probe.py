@@ -76,12 +76,15 @@ def _record_rms(out: dict, name: str, args: tuple) -> None:
     ]
 
 
-def reference_only(vae_dir: Path, steps: int, lr: float, decoder_lr_ratio: float, seed: int = 0) -> dict:
+def reference_only(
+    vae_dir: Path, steps: int, lr: float, decoder_lr_ratio: float, attention_radius: int | None = None, seed: int = 0
+) -> dict:
     """Train a fresh ``tiny`` RefDecoder to reproduce its reference from all-zero latents; loss vs mean colour."""
     torch.manual_seed(seed)
     config = refdecoder.preset("tiny")
     config.transformer.num_heads, config.transformer.head_dim = 4, 64  # as quality_small's variants
     config.dropout.p_max, config.train_decoder = 0.0, decoder_lr_ratio > 0
+    config.transformer.attention_radius = attention_radius
     model = refdecoder.wrap(load_vae(vae_dir), config).train()
     optimizer = torch.optim.AdamW(model.param_groups(lr, decoder_lr_ratio), lr=lr)
     frames = sample("bikes.mp4", range(0, 187))  # quality_small's training range of bikes
@@ -113,6 +116,7 @@ def reference_only(vae_dir: Path, steps: int, lr: float, decoder_lr_ratio: float
         "steps": steps,
         "lr": lr,
         "decoder_lr_ratio": decoder_lr_ratio,
+        "attention_radius": attention_radius,
         "log": log,
         "seconds": time.perf_counter() - start,
     }
@@ -125,6 +129,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="reference-only training steps (0 skips it)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--decoder-lr-ratio", type=float, default=0.0, help="0 keeps the decoder frozen")
+    parser.add_argument(
+        "--attention-radius", type=int, help="reference-only model's transformer.attention_radius (default: global)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -137,7 +144,9 @@ def main() -> None:
         for name, (ref, vid) in s["feature_rms"].items():
             print(f"{name}: reference features RMS {ref:.2f}, video features RMS {vid:.2f}")
     if args.steps:
-        payload["reference_only"] = reference_only(args.vae, args.steps, args.lr, args.decoder_lr_ratio)
+        payload["reference_only"] = reference_only(
+            args.vae, args.steps, args.lr, args.decoder_lr_ratio, args.attention_radius
+        )
     print(f"wrote {write_json('reference_probe', payload, args.out)}")
 
 

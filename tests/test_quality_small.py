@@ -120,6 +120,17 @@ def test_evaluation_conditions_on_frame_zero() -> None:
     assert torch.equal(qs.reconstruct(model.vae, latents, video), model.vae.decode(latents).sample)
 
 
+def test_training_reference_is_the_planned_frame_or_frame_zero() -> None:
+    video = torch.arange(2 * 3 * 5 * 2 * 2, dtype=torch.float32).reshape(2, 3, 5, 2, 2)
+    step_plan = [(0, 0, 0, 0, 3), (1, 4, 0, 0, 1)]  # (video, t0, top, left, reference index)
+    random = qs.training_reference(video, step_plan, "random")
+    assert random.shape == (2, 3, 1, 2, 2)
+    assert torch.equal(random[0, :, 0], video[0, :, 3]) and torch.equal(random[1, :, 0], video[1, :, 1])
+    assert torch.equal(qs.training_reference(video, step_plan, "first"), video[:, :, :1])
+    with pytest.raises(ConfigError, match=r"random\|first"):
+        qd.load_settings(overrides=("finetune.reference=last",))
+
+
 # --- micro end-to-end run -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
