@@ -2,9 +2,10 @@
 
 xformers' memory-efficient attention is used when xformers is installed and the tensors are on CUDA; otherwise
 PyTorch's ``scaled_dot_product_attention`` (which picks flash / memory-efficient / math kernels itself). Global
-attention builds no mask, so memory stays linear in the token count on the fused kernels. A local attention scope of
-radius 0 (each token sees its own row and column in every frame) runs as one short attention per position, without a
-mask; a larger radius passes a dense boolean ``N x N`` mask (:func:`local_attention_mask`) to SDPA, ``N^2`` bytes.
+attention builds no mask, so memory stays linear in the token count on the fused kernels. A local attention scope
+of radius 0 (each token sees its own (row, column) position in every frame) runs as one short attention per
+position, without a mask; a larger radius passes a dense boolean ``N x N`` mask (:func:`local_attention_mask`) to
+SDPA, ``N^2`` bytes.
 """
 
 from __future__ import annotations
