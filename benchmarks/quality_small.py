@@ -1,7 +1,7 @@
 """Small-scale reproduction of the paper's reconstruction gain, on CPU, from real clips (issue 8).
 
     python benchmarks/quality_small.py [--quick] [--phase all|pretrain|finetune|eval] [--fresh] [--out DIR]
-                                       [--set KEY=VALUE ...] [--variants a,b] [--results FILE.json]
+                                       [--set KEY=VALUE ...] [--variants a,b] [--results FILE.json|DIR/]
 
 Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its ``quick:`` overrides).
 
@@ -418,7 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default runs/quality_small[_quick])")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--variants", help="comma-separated subset of the configured variants")
-    p.add_argument("--results", type=Path, help="also copy the JSON (and grid PNG) here, e.g. benchmarks/results/")
+    p.add_argument(
+        "--results", help="also copy the JSON (and grid PNG) here: a .json path or a folder (benchmarks/results/)"
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -485,10 +487,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     write_json("quality_small", doc, out / RESULTS)
     if args.results:
-        write_json("quality_small", doc, args.results)
+        copy = write_json("quality_small", doc, results_file(args.results))
         if (out / GRID).is_file():
-            shutil.copyfile(out / GRID, args.results.with_suffix(".png"))
+            shutil.copyfile(out / GRID, copy.with_suffix(".png"))
     return doc
+
+
+def results_file(raw: str) -> Path:
+    """``--results`` as a JSON file path: a folder (existing, or given with a trailing slash) gets
+    ``quality_small.json`` inside it."""
+    path = Path(raw)  # Path drops a trailing slash, so look at the raw string first
+    if raw.endswith(("/", os.sep)) or path.is_dir():
+        return path / "quality_small.json"
+    return path
 
 
 if __name__ == "__main__":

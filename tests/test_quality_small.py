@@ -131,6 +131,12 @@ def test_training_reference_is_the_planned_frame_or_frame_zero() -> None:
         qd.load_settings(overrides=("finetune.reference=last",))
 
 
+def test_results_copy_accepts_a_folder_or_a_file(tmp_path: Path) -> None:
+    assert qs.results_file(str(tmp_path)) == tmp_path / "quality_small.json"
+    assert qs.results_file(f"{tmp_path}/new/") == tmp_path / "new" / "quality_small.json"
+    assert qs.results_file(f"{tmp_path}/mine.json") == tmp_path / "mine.json"
+
+
 # --- micro end-to-end run -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
