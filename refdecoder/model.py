@@ -92,6 +92,10 @@ class RefDecoder(nn.Module):
             ffn_dim=tf.ffn_width,
             rope_theta=tf.rope_theta,
             attention_radius=tf.attention_radius,
+            video_attention_radius=tf.video_attention_radius,
+            locality_bias=tf.locality_bias,
+            locality_bias_slope=tf.locality_bias_slope,
+            locality_bias_extent=tf.locality_bias_extent,
         )
         self.transformer.gradient_checkpointing = tf.gradient_checkpointing
         patches = _stage_patches(config, [specs[i] for i in self.stage_indices])
