@@ -361,3 +361,18 @@ def test_windows_keep_equal_pixel_length(vae):
     assert adapter.plan_windows(21, 5) == [(0, 5), (5, 9), (9, 13), (13, 17), (17, 21)]  # 17, 16, 16, 16, 16 px
     assert adapter.plan_windows(3, 1) == [(0, 1), (1, 2), (2, 3)]
     assert adapter.plan_windows(4, 9) == [(0, 4)]
+
+
+def test_forward_with_an_explicit_reference(vae):
+    model = refdecoder.wrap(vae, "tiny")
+    randomize_(model.projectors)
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    outside = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = model(video, reference=outside)
+        expected = model.decode(model.encode(video), outside, clamp=False)
+    assert torch.equal(out.sample, expected) and out.reference_index.tolist() == [-1, -1]
+    with torch.no_grad():
+        assert _max_diff(model(video, reference_index=0).sample, out.sample) > 1e-4  # the reference is used
+    with pytest.raises(InputError, match="not both"):
+        model(video, reference_index=0, reference=outside)
