@@ -250,13 +250,18 @@ def _global_biased_attention(
     return torch.cat(parts, dim=2)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_mask(scope: AttentionScope, device: torch.device) -> torch.Tensor:
+    return local_attention_mask(scope, device)
+
+
 def _dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: LocalityBias | None
 ) -> torch.Tensor:
     """The scope's definition, materialised: ``N x N`` mask and bias (tests and tiny grids)."""
     logits = torch.zeros(q.shape[2], k.shape[2], dtype=q.dtype, device=q.device)
     if not scope.is_global:
-        logits = logits.masked_fill(~local_attention_mask(scope, q.device), float("-inf"))
+        logits = logits.masked_fill(~_cached_mask(scope, q.device), float("-inf"))
     if bias is not None:
         logits = logits + bias.dense(scope).to(q.dtype)
     return attention(q, k, v, logits)
@@ -315,9 +320,9 @@ def scoped_attention(
     """Attention of ``B, heads, N, head_dim`` tokens within ``scope``, plus ``bias``; returns ``B, heads, N, D``.
 
     ``backend="auto"``: global without a bias -> :func:`~refdecoder.blocks.attention` (no mask); on CUDA with
-    flex_attention -> :func:`flex_neighbourhood_attention`; else local -> :func:`neighbourhood_attention` and
-    global with a bias -> chunked dense bias. ``"gather"``, ``"flex"`` and ``"dense"`` (the ``N x N`` definition)
-    force one computation.
+    flex_attention -> :func:`flex_neighbourhood_attention`; else global with a bias -> chunked dense bias, and
+    local -> :func:`neighbourhood_attention` (a grid whose dense logits fit one chunk's budget runs dense).
+    ``"gather"``, ``"flex"`` and ``"dense"`` (the ``N x N`` definition) force one computation.
     """
     t, h, w = scope.grid
     if q.shape[2] != t * h * w or k.shape[2] != q.shape[2]:
@@ -332,4 +337,9 @@ def scoped_attention(
         return flex_neighbourhood_attention(q, k, v, scope, bias)
     if scope.is_global:
         return _global_biased_attention(q, k, v, scope, bias, CHUNK_BYTES)
+    both_zero = scope.reference_radius == 0 and scope.video_frame_radius == 0
+    if backend == "auto" and not both_zero and 8 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= CHUNK_BYTES:
+        # A grid this small fits its dense logits in one chunk's budget, and fused dense attention is faster
+        # than gathering (whose backward scatters) at this size.
+        return _dense_attention(q, k, v, scope, bias)
     return neighbourhood_attention(q, k, v, scope, bias)
