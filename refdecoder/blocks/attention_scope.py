@@ -119,14 +119,13 @@ def local_attention_mask(scope: AttentionScope, device: torch.device | str | Non
     return near
 
 
-def _by_position(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``B, heads, T*P, D`` -> ``B*P, heads, T, D`` (every grid position's tokens over the frames)."""
-    b, heads, n, d = x.shape
-    return x.reshape(b, heads, frames, n // frames, d).permute(0, 3, 1, 2, 4).reshape(-1, heads, frames, d)
-
-
 def per_position_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int, bias: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    frames: int,
+    bias: torch.Tensor | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> torch.Tensor:
     """Attention where each token sees only its own grid position, in every frame (radius 0 everywhere).
 
@@ -134,17 +133,36 @@ def per_position_attention(
         q, k, v: ``B, heads, N, head_dim`` with ``N = frames * H * W`` ordered (t, h, w).
         frames: T, the grid's frame count.
         bias: optional ``heads, T`` additive bias per key frame.
+        chunk_bytes: working-memory budget of one chunk of grid positions.
 
     Returns:
-        ``B, heads, N, head_dim``; ``H*W`` attentions over ``frames`` tokens each, so neither time nor memory grows
-        with the square of the token count.
+        ``B, heads, N, head_dim``; ``H*W`` attentions over ``frames`` tokens each, a chunk of positions at a time,
+        so neither time nor memory grows with the square of the token count.
     """
     b, heads, n, d = q.shape
     if n % frames:
         raise ValueError(f"token count {n} is not a multiple of the frame count {frames}")
-    mask = None if bias is None else bias.to(q.dtype)[None, :, None, :]
-    out = attention(_by_position(q, frames), _by_position(k, frames), _by_position(v, frames), mask)
-    return out.reshape(b, n // frames, heads, frames, d).permute(0, 2, 3, 1, 4).reshape(b, heads, n, d)
+    p = n // frames
+    # Per position: its queries, keys, values and outputs (T each) and float32 logits and weights (T x T each).
+    chunk = max(1, chunk_bytes // (b * heads * (4 * frames * d * q.element_size() + 8 * frames * frames)))
+    grid_q, grid_k, grid_v = (x.reshape(b, heads, frames, p, d) for x in (q, k, v))
+    out = q.new_empty(b, heads, frames, p, d)
+    for p0 in range(0, p, chunk):
+        pos = slice(p0, min(p0 + chunk, p))
+        pc = pos.stop - pos.start
+        # Batch dims (B, heads * Pc): each position's tokens over the frames are one attention.
+        part_q, part_k, part_v = (
+            x[:, :, :, pos].transpose(2, 3).reshape(b, heads * pc, frames, d) for x in (grid_q, grid_k, grid_v)
+        )
+        mask = None
+        if bias is not None:
+            mask = (
+                bias.to(q.dtype)[None, :, None, None, :]
+                .expand(b, heads, pc, 1, frames)
+                .reshape(b, heads * pc, 1, frames)
+            )
+        out[:, :, :, pos] = attention(part_q, part_k, part_v, mask).reshape(b, heads, pc, frames, d).transpose(2, 3)
+    return out.reshape(b, heads, n, d)
 
 
 @functools.lru_cache(maxsize=32)
