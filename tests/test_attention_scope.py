@@ -117,12 +117,10 @@ def test_neighbourhood_attention_with_bias_equals_the_dense_computation(grid, ra
 def test_per_position_attention_equals_the_radius_0_scope_with_and_without_bias():
     scope = AttentionScope((3, 2, 4), 1, 0)
     q, k, v = qkv(scope.grid)
-    torch.testing.assert_close(
-        per_position_attention(q, k, v, frames=3),
-        attention(q, k, v, local_attention_mask(scope)),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    dense = attention(q, k, v, local_attention_mask(scope))
+    for chunk_bytes in (1, 2**20):  # one position per chunk, and all positions in one
+        got = per_position_attention(q, k, v, frames=3, chunk_bytes=chunk_bytes)
+        torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
     bias = random_bias(0)
     torch.testing.assert_close(
         scoped_attention(q, k, v, scope, bias),
