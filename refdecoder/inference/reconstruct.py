@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from refdecoder.backbones.registry import BackboneAdapter
+from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.data.transforms import ResizePlan, plan_resize
 from refdecoder.data.video import probe, read_image
 from refdecoder.errors import CheckpointError, ConfigError, DataError, InputError, MissingDependencyError
