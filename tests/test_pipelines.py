@@ -131,22 +131,12 @@ def wan_pipeline(request) -> tuple[object, tuple[int, int]]:
     return build(), size
 
 
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    for part in (model.tokenizer, model.transformer, model.projectors):
-        randomize_(part, scale=0.1)
-    return model
-
-
 def test_frames_at_init_equal_the_stock_pipeline(wan_pipeline) -> None:
     pipe, size = wan_pipeline
     image = tiny_pipelines.image(size=size)
     stock = tiny_pipelines.call(pipe, "pt", image, size)
-    model = refdecoder.wrap(pipe.vae, "tiny")
-    try:
-        with reference_decoding(pipe, model):
-            inside = tiny_pipelines.call(pipe, "pt", image, size)
-    finally:
-        model.unwrap()
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
+        inside = tiny_pipelines.call(pipe, "pt", image, size)
     assert inside.shape == stock.shape == (1, 9, 3, *size)
     assert (inside - stock).abs().max() <= 1e-5
 
@@ -155,16 +145,13 @@ def test_trained_weights_decode_with_the_conditioning_image(wan_pipeline) -> Non
     """Same generation (same latents), two references: the frames follow the reference once weights move."""
     pipe, size = wan_pipeline
     image, other = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
-    model = _perturbed(refdecoder.wrap(pipe.vae, "tiny"))
-    try:
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
         latents = tiny_pipelines.call(pipe, "latent", image, size)
         manual = decode_with_reference(pipe, latents, image, model=model)
         with reference_decoding(pipe, model):
             own = tiny_pipelines.call(pipe, "pt", image, size)
         with reference_decoding(pipe, model, image=other):
             swapped = tiny_pipelines.call(pipe, "pt", image, size)
-    finally:
-        model.unwrap()
     manual = pipe.video_processor.postprocess_video(manual, output_type="pt")
     torch.testing.assert_close(own, manual, atol=1e-5, rtol=0)
     assert (own - swapped).abs().max() > 0.05
@@ -174,8 +161,7 @@ def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
     """A call that returns latents or fails leaves no image behind for the next call of the block."""
     pipe, size = wan_pipeline
     first, second = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
-    model = _perturbed(refdecoder.wrap(pipe.vae, "tiny"))
-    try:
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
         latents = tiny_pipelines.call(pipe, "latent", second, size)
         by_hand = {
             name: pipe.video_processor.postprocess_video(decode_with_reference(pipe, latents, ref, model=model), "pt")
@@ -187,8 +173,6 @@ def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
             with pytest.raises(_Stop):
                 tiny_pipelines.call(pipe, "pt", first, size, callback_on_step_end=_raise_on_step)
             after_failure = tiny_pipelines.call(pipe, "pt", second, size)
-    finally:
-        model.unwrap()
     for out in (after_latent, after_failure):
         torch.testing.assert_close(out, by_hand["second"], atol=1e-5, rtol=0)
         assert (out - by_hand["first"]).abs().max() > 0.05
@@ -196,41 +180,32 @@ def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
 
 def test_the_pipeline_class_is_restored(pipeline: object) -> None:
     before = type(pipeline)
-    model = refdecoder.wrap(pipeline.vae, "tiny")
-    try:
-        with reference_decoding(pipeline, model):
-            assert type(pipeline) is not before and isinstance(pipeline, before)
-            assert type(pipeline).__name__ == before.__name__
-    finally:
-        model.unwrap()
+    with tiny_pipelines.wrapped(pipeline) as model, reference_decoding(pipeline, model):
+        assert type(pipeline) is not before and isinstance(pipeline, before)
+        assert type(pipeline).__name__ == before.__name__
     assert type(pipeline) is before
 
 
 def test_pipelines_it_cannot_serve_are_refused_by_name(pipeline: object) -> None:
-    model = refdecoder.wrap(pipeline.vae, "tiny")
-    try:
+    class NoProcessor:
+        vae = pipeline.vae
+
+    with tiny_pipelines.wrapped(pipeline) as model:
         with pytest.raises(InputError, match="object has no .vae"), reference_decoding(object(), model):
             pass
-
-        class NoProcessor:
-            vae = pipeline.vae
-
         with pytest.raises(InputError, match="NoProcessor has no video_processor or image_processor"):
             with reference_decoding(NoProcessor(), model):
                 pass
-    finally:
-        model.unwrap()
 
 
 def test_tiling_errors_name_the_vae_settings(pipeline: object) -> None:
-    model = refdecoder.wrap(pipeline.vae, "tiny")
     pipeline.vae.enable_tiling(16, 16, 8, 8)
     try:
-        with reference_decoding(pipeline, model), pytest.raises(ConfigError) as err:
-            tiny_pipelines.call(pipeline, "pt", tiny_pipelines.image())
+        with tiny_pipelines.wrapped(pipeline) as model, reference_decoding(pipeline, model):
+            with pytest.raises(ConfigError) as err:
+                tiny_pipelines.call(pipeline, "pt", tiny_pipelines.image())
     finally:
         pipeline.vae.disable_tiling()
-        model.unwrap()
     message = str(err.value)
     assert "vae.enable_tiling(tile_sample_min_height=16" in message and "multiple of 16 pixels" in message
     assert "--" not in message

@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import refdecoder
 from refdecoder.errors import InputError
 from refdecoder.pipelines import reference_decoding
 from tests import tiny_pipelines
-from tests.helpers import randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,38 +26,26 @@ def _options(pipe: object) -> dict[str, bool]:
 def test_images_at_init_equal_the_stock_pipeline(pipe) -> None:
     image = tiny_pipelines.image()
     stock = tiny_pipelines.call(pipe, "pt", image)
-    model = refdecoder.wrap(pipe.vae, "tiny")
-    assert model.adapter.name == "qwen-image"
-    try:
-        with reference_decoding(pipe, model, **_options(pipe)):
-            inside = tiny_pipelines.call(pipe, "pt", image)
-    finally:
-        model.unwrap()
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model, **_options(pipe)):
+        assert model.adapter.name == "qwen-image"
+        inside = tiny_pipelines.call(pipe, "pt", image)
     assert inside.shape == stock.shape == (1, 3, 32, 48)
     assert (inside - stock).abs().max() <= 1e-5
 
 
 def test_trained_weights_decode_with_the_input_image(pipe) -> None:
     image, other = tiny_pipelines.image(0), tiny_pipelines.image(7)
-    model = refdecoder.wrap(pipe.vae, "tiny")
-    for part in (model.tokenizer, model.transformer, model.projectors):
-        randomize_(part, scale=0.1)
-    try:
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
         with reference_decoding(pipe, model, **_options(pipe)):
             own = tiny_pipelines.call(pipe, "pt", image)
         with reference_decoding(pipe, model, image=other, resize_reference=True):
             swapped = tiny_pipelines.call(pipe, "pt", image)  # same generation, another reference
-    finally:
-        model.unwrap()
     assert (own - swapped).abs().max() > 0.05
 
 
 def test_a_reference_of_another_size_needs_resize_reference() -> None:
     pipe = tiny_pipelines.qwen("img2img")
-    model = refdecoder.wrap(pipe.vae, "tiny")
-    try:
+    with tiny_pipelines.wrapped(pipe) as model:
         with reference_decoding(pipe, model, image=torch.zeros(1, 3, 64, 64)):  # a tensor is used as it is
             with pytest.raises(InputError, match="resize_reference=True"):
                 tiny_pipelines.call(pipe, "pt", tiny_pipelines.image())
-    finally:
-        model.unwrap()

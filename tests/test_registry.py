@@ -172,6 +172,9 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
     assert "\n" not in message
     nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
     assert message.startswith(nearest)
+    # The video VAEs decode whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
+    # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
+    assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
 
 
 def test_a_non_vae_is_refused_with_the_nearest_adapter():

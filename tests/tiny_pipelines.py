@@ -6,14 +6,17 @@ needs ``ftfy``, which is not a dependency.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import refdecoder
 from refdecoder.backbones.wan import QwenImageAdapter, Wan22Adapter
-from tests.helpers import tiny_wan
+from tests.helpers import randomize_, tiny_wan
 
 TEXT_DIM = 16
 
@@ -132,3 +135,17 @@ def call(pipe: Any, output_type: str, conditioning: Any, size: tuple[int, int] =
         return pipe(prompt_embeds_mask=mask, max_sequence_length=8, **common).images
     out = pipe(negative_prompt_embeds=embeds[1], num_frames=9, max_sequence_length=8, **common)
     return out.frames
+
+
+@contextlib.contextmanager
+def wrapped(pipe: Any, perturb: bool = False) -> Iterator[torch.nn.Module]:
+    """``pipe.vae`` wrapped with the tiny preset (added weights moved off the identity when ``perturb``), unwrapped
+    again afterwards so the module-scoped pipelines stay plain."""
+    model = refdecoder.wrap(pipe.vae, "tiny")
+    if perturb:
+        for part in (model.tokenizer, model.transformer, model.projectors):
+            randomize_(part, scale=0.1)
+    try:
+        yield model
+    finally:
+        model.unwrap()

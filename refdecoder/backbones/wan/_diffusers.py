@@ -30,7 +30,11 @@ def class_reason(vae: nn.Module, class_name: str) -> str | None:
         return f"it drives diffusers {class_name}, and diffusers is not installed (pip install 'diffusers')"
     if isinstance(vae, getattr(diffusers, class_name)):
         return None
-    return f"it drives diffusers {class_name} only, not {type(vae).__name__}"
+    reason = f"it drives diffusers {class_name} only, not {type(vae).__name__}"
+    decoder = getattr(vae, "decoder", None)
+    if isinstance(decoder, nn.Module) and "feat_cache" not in inspect.signature(decoder.forward).parameters:
+        reason += ", whose decoder has no per-conv causal cache (feat_cache) to decode window by window with"
+    return reason
 
 
 def config_reasons(vae: nn.Module, expected: dict[str, Any], adapter: str) -> list[str]:
