@@ -14,7 +14,8 @@ or one pytest case per check, so each failure shows on its own::
 
 The checks compare against independent computations: the backbone's own decode (``adapter.plain_decode``, which
 for diffusers VAEs is ``vae.decode``), its own tiled decode, a snapshot of the VAE taken before wrapping, and the
-fp32 decode for bf16. Tolerances: 1e-5 (max abs) for every equality in fp32.
+fp32 decode for bf16. Tolerances: 1e-5 (max abs) against the backbone's own decodes; streamed and whole decodes
+must be bit-equal.
 """
 
 from __future__ import annotations
@@ -143,14 +144,15 @@ def check_identity_at_init(c: Conformance) -> None:
 
 @torch.no_grad()
 def check_streaming(c: Conformance) -> None:
-    """``iter_decode`` concatenated equals ``decode``, with trained-looking weights, for every window."""
+    """``iter_decode`` concatenated equals ``decode`` exactly, with trained-looking weights, for every window."""
     model = c.wrap(perturb=True)
     z = c.latents(model, max(c.latent_frames))
     ref = c.reference(model, z)
     for window in c.windows:
         whole = model.decode(z, reference=ref, window=window)
         streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
-        assert _max_diff(streamed, whole) <= TOLERANCE, f"{c.backbone}: window {window}: streamed != whole"
+        # Both run the same windows through the same loop: anything but bit-equality is a bug.
+        assert torch.equal(streamed, whole), f"{c.backbone}: window {window}: streamed != whole"
 
 
 @torch.no_grad()
@@ -237,15 +239,16 @@ def check_tiling(c: Conformance) -> None:
 
 @torch.no_grad()
 def check_bf16(c: Conformance) -> None:
-    """The whole model in bf16 decodes, in bf16, close to the fp32 decode (mean abs diff <= 0.02)."""
+    """The whole model in bf16 decodes, in bf16, close to the fp32 decode (mean abs diff <= 0.02, max <= 0.15)."""
     model = c.wrap(perturb=True)
     z = c.latents(model, 2)
     ref = c.reference(model, z)
     fp32 = model.decode(z, reference=ref)
     out = model.to(torch.bfloat16).decode(z.bfloat16(), reference=ref.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), f"{c.backbone}: bf16 decode is not finite"
-    mean = (out.float() - fp32).abs().mean().item()
-    assert mean <= 0.02, f"{c.backbone}: bf16 decode is {mean:.4f} (mean abs) away from fp32"
+    diff = (out.float() - fp32).abs()
+    mean, worst = diff.mean().item(), diff.max().item()
+    assert mean <= 0.02 and worst <= 0.15, f"{c.backbone}: bf16 is {mean:.4f} mean, {worst:.4f} max from fp32"
 
 
 def check_bad_inputs(c: Conformance) -> None:

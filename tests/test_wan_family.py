@@ -14,6 +14,7 @@ from refdecoder import BackboneError
 from refdecoder.backbones.wan import QwenImageAdapter, Wan22Adapter, WanAdapter
 from refdecoder.backbones.wan._diffusers import SUPPORTED_DIFFUSERS
 from refdecoder.hooks import DecodeContext, IdentityHooks
+from refdecoder.testing import Conformance, check_identity_at_init
 
 ADAPTERS = {"wan2.1": WanAdapter, "wan2.2": Wan22Adapter, "qwen-image": QwenImageAdapter}
 # Latent sizes giving 32x48 pixels: 8x for Wan2.1 / Qwen-Image, 16x for Wan2.2.
@@ -57,6 +58,12 @@ def test_windowed_loop_equals_stock_decode(family, frames):
             out = adapter.decode_windows(z, IdentityHooks(), DecodeContext(), adapter.plan_windows(frames, window))
             assert out.shape == stock.shape == (1, 3, 1 + 4 * (frames - 1), 32, 48)
             assert (out.clamp(-1, 1) - stock).abs().max().item() <= 1e-5, f"window {window}"
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_refdecoder_at_init_equals_stock_decode(name):
+    """``model.decode`` with and without a reference, 1, 2, 3, 6, 9 latent frames x windows 1, 2, 5, vs vae.decode."""
+    check_identity_at_init(Conformance(name, latent_frames=(1, 2, 3, 6, 9), windows=(1, 2, 5), pixel_size=(32, 48)))
 
 
 def test_stage_inputs_equal_stock_up_block_inputs(family):

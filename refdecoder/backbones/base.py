@@ -18,7 +18,7 @@ here, so an adapter writes only what is specific to its decoder:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -74,7 +74,7 @@ class Fit:
         return not self.reasons
 
     @classmethod
-    def run(cls, *checks: Callable[[], str | Iterable[str] | None]) -> Fit:
+    def run(cls, *checks: Callable[[], str | Sequence[str] | None]) -> Fit:
         """Run ``checks`` in order (each returns None when it holds, else its reasons) up to the first that fails."""
         for passed, check in enumerate(checks):
             reasons = check()
