@@ -33,7 +33,7 @@ from refdecoder.errors import ConfigError, InputError
 from refdecoder.inference.streaming import decode_video
 from refdecoder.tiling import TilePlan, plan_tiles, token_alignment
 
-__all__ = ["decode_with_reference", "reference_decoding", "reference_tensor", "vae_tiles"]
+__all__ = ["decode_with_reference", "reference_decoding", "reference_tensor", "pixel_processor", "vae_tiles"]
 
 
 def _model_and_vae(pipe_or_vae: Any, model: nn.Module | None) -> tuple[nn.Module, nn.Module]:

@@ -97,7 +97,7 @@ def get_backbone(name: str) -> type[BackboneAdapter]:
 
 def find_backbone(vae: nn.Module) -> type[BackboneAdapter]:
     """The single registered adapter that drives ``vae``; if none does, the error names the nearest and why."""
-    fits = {name: get_backbone(name).fit(vae) for name in list(_ordered_names())}
+    fits = {name: get_backbone(name).fit(vae) for name in _ordered_names()}
     found = [name for name, fit in fits.items() if fit.ok]
     if len(found) > 1:
         raise BackboneError(f"several backbones match a {type(vae).__name__}: {sorted(found)}; pass backbone='<name>'")
