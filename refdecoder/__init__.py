@@ -12,13 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from refdecoder.backbones.registry import (
-    BackboneAdapter,
-    StageSpec,
-    get_backbone,
-    list_backbones,
-    register_backbone,
-)
+from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.registry import get_backbone, list_backbones, register_backbone
 from refdecoder.config import PRESETS, RefDecoderConfig, preset
 from refdecoder.errors import (
     BackboneError,
@@ -56,6 +51,7 @@ __all__ = [
     "get_backbone",
     "register_backbone",
     "BackboneAdapter",
+    "Fit",
     "StageSpec",
     "RefDecoderError",
     "ConfigError",

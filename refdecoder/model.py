@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
+from refdecoder.backbones.base import BackboneAdapter
+from refdecoder.backbones.registry import resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
@@ -472,9 +473,7 @@ def wrap(
     if vae in _WRAPPED:
         raise BackboneError("this VAE is already wrapped by a RefDecoder; call unwrap() on it first")
     config = resolve_config(config)
-    adapter_cls = get_backbone(backbone) if backbone else find_backbone(vae)
-    if backbone and not adapter_cls.matches(vae):
-        raise BackboneError(f"backbone {backbone!r} does not fit a {type(vae).__name__}")
+    adapter_cls = resolve_backbone(vae, backbone)
     if config.backbone not in (None, adapter_cls.name):
         raise ConfigError(f"config was made for backbone {config.backbone!r}, but this VAE is {adapter_cls.name!r}")
     config.backbone = adapter_cls.name
