@@ -1,8 +1,10 @@
-"""Shared test fixtures: deterministic seeds, the official fixture folder, GPU skipping."""
+"""Shared test fixtures: deterministic seeds, one intra-op thread for tiny models, the official fixture folder, GPU
+skipping."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for the module's tests, restored afterwards.
+
+    Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,7 @@ from refdecoder.inference import decode_video
 from refdecoder.tiling import blend_tiles, iter_tiled, plan_tiles, token_alignment
 from tests.helpers import randomize_, tiny_wan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_follows_diffusers_tile_loop() -> None:
