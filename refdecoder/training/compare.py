@@ -2,7 +2,8 @@
 
 With ``compare.baseline``, :func:`baseline_config` turns the run's config into the baseline's: the backbone's plain
 decoder fine-tuned alone, with the same data, stages, schedule, seed and starting VAE, in ``<run_dir>/baseline``.
-:func:`compare_run` then decodes held-out clips with the VAE as it was, the baseline and the RefDecoder, and writes
+:func:`compare_run` then decodes held-out clips (from their first frame) with the VAE as it was, the baseline and
+the RefDecoder, and writes
 under ``<run_dir>/comparison``: ``<clip>.source.mp4`` (ground truth), ``<clip>.base.mp4`` (the VAE),
 ``<clip>.baseline.mp4``, ``<clip>.mp4`` (RefDecoder), ``<clip>.compare.mp4`` / ``.grid.png``, ``metrics.csv``
 (``base_*``, ``baseline_*``, ``delta_*`` = RefDecoder - VAE, ``gain_*`` = RefDecoder - baseline) and the HTML
@@ -11,6 +12,7 @@ report ``index.html``. Every decoder reads the run's outputs exactly as the CLI 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from refdecoder.data import ClipPlan, ClipSampler
 from refdecoder.inference.loading import Decoder, load_decoder
 from refdecoder.inference.reconstruct import DecodeOptions, decode_to_files
 from refdecoder.inference.results import METRICS_CSV, write_metrics_csv
@@ -71,11 +74,34 @@ def compare_run(
     baseline = load_decoder(baseline_dir, device=device) if baseline_dir is not None else None
     frames, size = _geometry(cfg)
     dataset = build_clip_dataset(cfg.data.val, frames, size, backbone_adapter(cfg.model.backbone).frame_rule, cfg.seed)
+    dataset.sampler = _FromStart.like(dataset.sampler)
     clips = take_samples(dataset, cfg.compare.clips)
     rows = [_compare_clip(refdecoder, baseline, clips, i, out) for i in range(clips["video"].shape[0])]
     write_metrics_csv(rows, out / METRICS_CSV)
     runs = {"RefDecoder": run_dir, **({"baseline": baseline_dir} if baseline_dir is not None else {})}
     return rows, write_report(out, runs=runs)
+
+
+class _FromStart(ClipSampler):
+    """The configured clips, moved to start at the video's first frame: the comparison then shows exactly what
+    ``refdecoder reconstruct VIDEO --frames N`` of the same file gives (validation clips start anywhere)."""
+
+    @classmethod
+    def like(cls, sampler: ClipSampler) -> _FromStart:
+        return cls(
+            sampler.frames,
+            sampler.frame_rule,
+            sampler.fps,
+            sampler.short,
+            sampler.reference,
+            sampler.size,
+            sampler.resize_mode,
+        )
+
+    def plan(self, info: Any, generator: torch.Generator | None = None) -> ClipPlan:
+        plan = super().plan(info, generator)
+        shift = plan.indices[0]
+        return dataclasses.replace(plan, indices=tuple(i - shift for i in plan.indices))
 
 
 @torch.no_grad()
