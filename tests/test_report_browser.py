@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import refdecoder
 from refdecoder.cli import main
 from refdecoder.data import bundled_clips
 from refdecoder.inference.results import read_metrics_csv
-from tests.helpers import randomize_, tiny_wan
+from tests.helpers import save_random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,15 +35,10 @@ FLAGS = (
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``reconstruct --compare-base`` folder of two clips, with its ``index.html``."""
     root = tmp_path_factory.mktemp("report")
-    vae = tiny_wan()
-    vae.save_pretrained(root / "vae")
-    model = refdecoder.wrap(vae, "tiny")
-    for part in (model.tokenizer, model.transformer, model.projectors):
-        randomize_(part, scale=0.1)
-    model.save_pretrained(root / "weights")
+    models = save_random_model(root)
     out = root / "out"
     clips = [str(p) for p in bundled_clips()[:2]]
-    args = ["--out", str(out), "--vae", str(root / "vae"), "--weights", str(root / "weights"), "--no-progress"]
+    args = ["--out", str(out), "--vae", str(models["vae"]), "--weights", str(models["weights"]), "--no-progress"]
     assert main(["reconstruct", *clips, *args, "--size", "32x48", "--compare-base"]) == 0
     assert (out / "index.html").is_file()
     return out

@@ -238,3 +238,29 @@ def test_resume_with_a_changed_model_is_refused_in_one_line(tmp_path, train_shar
     assert err.splitlines() == [err] and "Traceback" not in err  # one line, no traceback
     assert "model.refdecoder.transformer.depth: 1 -> 3" in err
     assert (run / "config.json").read_bytes() == saved  # the refused resume wrote nothing
+
+
+@pytest.mark.slow
+def test_readme_command_1_shows_a_reference_frame_gain(tmp_path) -> None:
+    """The README's demo as it is (about 7 minutes on 2 shared CPU cores)."""
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE), TINY], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = read_metrics_csv(tmp_path / "runs" / "tiny" / "comparison" / "metrics.csv")[0]
+    assert row["gain_psnr_reference"] > 0 and row["delta_psnr_reference"] > 0
+
+
+def test_documented_demo_figures_are_the_recorded_run() -> None:
+    """docs/training.md and the README quote recipes/results/tiny_demo.json, the output of README command 1."""
+    record = json.loads((ROOT / "recipes" / "results" / "tiny_demo.json").read_text())
+    row = record["comparison"][0]
+    docs = (ROOT / "docs" / "training.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for prefix, label in (("base_", "VAE"), ("baseline_", "baseline"), ("", "RefDecoder")):
+        cells = " | ".join(f"{row[prefix + k]:.2f}" for k in ("psnr", "psnr_reference", "psnr_others"))
+        assert cells in docs and cells in readme, label
+    gain = f"{row['gain_psnr_reference']:+.2f} dB"
+    assert gain in docs and gain in readme
+    minutes = f"{record['seconds'] // 60:.0f} min {record['seconds'] % 60:.0f} s"
+    assert minutes in docs and minutes in readme

@@ -3,11 +3,11 @@
 With ``compare.baseline``, :func:`baseline_config` turns the run's config into the baseline's: the backbone's plain
 decoder fine-tuned alone, with the same data, stages, schedule, seed and starting VAE, in ``<run_dir>/baseline``.
 :func:`compare_run` then decodes held-out clips (from their first frame) with the VAE as it was, the baseline and
-the RefDecoder, and writes
-under ``<run_dir>/comparison``: ``<clip>.source.mp4`` (ground truth), ``<clip>.base.mp4`` (the VAE),
-``<clip>.baseline.mp4``, ``<clip>.mp4`` (RefDecoder), ``<clip>.compare.mp4`` / ``.grid.png``, ``metrics.csv``
-(``base_*``, ``baseline_*``, ``delta_*`` = RefDecoder - VAE, ``gain_*`` = RefDecoder - baseline) and the HTML
-report ``index.html``. Every decoder reads the run's outputs exactly as the CLI does (``--vae RUN --weights RUN``).
+the RefDecoder, and writes under ``<run_dir>/comparison``: ``<clip>.source.mp4`` (ground truth), ``<clip>.base.mp4``
+(the VAE), ``<clip>.baseline.mp4``, ``<clip>.mp4`` (RefDecoder), ``<clip>.compare.mp4`` / ``.grid.png``,
+``metrics.csv`` (``base_*``, ``baseline_*``, ``delta_*`` = RefDecoder - VAE, ``gain_*`` = RefDecoder - baseline)
+and the HTML report ``index.html``. Every decoder reads the run's outputs exactly as the CLI does (``--vae RUN
+--weights RUN``).
 """
 
 from __future__ import annotations
