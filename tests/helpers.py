@@ -8,20 +8,13 @@ import torch
 from torch import nn
 
 from refdecoder.backbones.wan import WanAdapter
+from refdecoder.testing import randomize_  # noqa: F401  (re-exported for the tests)
 
 
 def tiny_wan(seed: int = 0, **overrides) -> nn.Module:
     """Reduced-width Wan2.1-architecture VAE in eval mode (base_dim 8, z_dim 4)."""
     torch.manual_seed(seed)
     return WanAdapter.build_tiny(**overrides).eval()
-
-
-def randomize_(module: nn.Module, scale: float = 0.05, seed: int = 1) -> None:
-    """Give every parameter of ``module`` small random values (to leave the zero-init identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def latents_for(vae: nn.Module, frames: int, h: int = 4, w: int = 6, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -23,8 +23,6 @@ from refdecoder.blocks import (
     attention,
     attention_backend,
     latent_token_dropout,
-    local_attention_mask,
-    per_position_attention,
     rope_axis_dims,
     rope_tables,
     space_to_depth,
@@ -41,8 +39,8 @@ def tiny_transformer(depth: int = 2) -> SharedTransformer:
 class IdentityTransformer(torch.nn.Module):
     """Stand-in for SharedTransformer that records its call and returns the tokens unchanged."""
 
-    def forward(self, tokens, grid, time_positions=None):
-        self.grid, self.time_positions = grid, time_positions
+    def forward(self, tokens, grid, time_positions=None, num_reference=0):
+        self.grid, self.time_positions, self.num_reference = grid, time_positions, num_reference
         return tokens
 
 
@@ -241,28 +239,6 @@ def test_attention_with_mask_matches_masked_softmax_by_hand():
     torch.testing.assert_close(attention(q, k, v, mask).double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_local_attention_mask_by_definition():
-    t, h, w, radius = 2, 3, 4, 1
-    mask = local_attention_mask((t, h, w), radius)
-    positions = [(ti, hi, wi) for ti in range(t) for hi in range(h) for wi in range(w)]  # w fastest
-    for i, (_, hq, wq) in enumerate(positions):
-        for j, (_, hk, wk) in enumerate(positions):
-            assert mask[i, j] == (abs(hq - hk) <= radius and abs(wq - wk) <= radius)
-    # Radius 0: a token sees exactly its own position in each of the T frames.
-    assert local_attention_mask((t, h, w), 0).sum(dim=1).eq(t).all()
-    with pytest.raises(ValueError):
-        local_attention_mask((1, 2, 2), -1)
-
-
-def test_per_position_attention_equals_the_radius_0_mask():
-    grid = (3, 2, 4)
-    q, k, v = (torch.randn(2, 3, 24, 8) for _ in range(3))
-    masked = attention(q, k, v, local_attention_mask(grid, 0))
-    torch.testing.assert_close(per_position_attention(q, k, v, frames=3), masked, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="multiple"):
-        per_position_attention(q[:, :, :23], k[:, :, :23], v[:, :, :23], frames=3)
-
-
 def test_local_attention_only_mixes_nearby_positions():
     torch.manual_seed(0)
     local, wide = SharedTransformer(DIM, 2, HEADS, ffn_dim=32, attention_radius=0), tiny_transformer()
@@ -386,6 +362,7 @@ def test_projector_padding_grid_and_token_count(shape, patch, grid):
     out = projector(torch.randn(shape), stub, num_reference=1)
     assert out.shape == shape
     assert stub.grid == grid and stub.time_positions is None  # None = arange(T'): reference at 0..R-1
+    assert stub.num_reference == 1  # the token frame holding the reference (with pt = 2 it also holds a video frame)
     assert projector.token_count(*shape[2:]) == math.prod(grid)
 
 

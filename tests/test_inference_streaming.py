@@ -46,7 +46,7 @@ def test_iter_decode_equals_model_decode(backbone: str) -> None:
     model = _random_model(backbone)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, model.adapter.latent_channels, 5, 4, 6, generator=g)
-    ref = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
+    ref = torch.rand(1, 3, *model.output_size(z.shape[-2:]), generator=g) * 2 - 1
     with torch.no_grad():
         expected = model.decode(z, reference=ref, window=2)
     chunks = list(iter_decode(model, z, ref, window=2))

@@ -296,6 +296,52 @@ def test_local_attention_scope_is_used_saved_and_loaded(vae, tmp_path):
         RefDecoderConfig.from_dict({"transformer": {"attention_radius": -1}})
 
 
+@pytest.mark.parametrize(
+    "scope",
+    [
+        {"attention_radius": 2, "locality_bias": True},
+        {"attention_radius": 2, "video_attention_radius": 0, "locality_bias": True},
+        {"locality_bias": True, "locality_bias_extent": 2},  # global attention with a distance bias
+    ],
+)
+def test_neighbourhood_scope_and_locality_bias_keep_identity_and_save(vae, tmp_path, scope):
+    config = refdecoder.preset("tiny")
+    for key, value in scope.items():
+        setattr(config.transformer, key, value)
+    model = refdecoder.wrap(vae, config)
+    z = latents_for(vae, 3, h=6, w=8)
+    ref = reference_for(z)
+    with torch.no_grad():
+        # The zero-initialised stage updates make the prior invisible at init: still exactly the backbone.
+        assert _max_diff(model.decode(z, reference=ref), vae.decode(z).sample) <= 1e-5
+    randomize_(model.projectors)
+    randomize_(model.transformer, seed=3)  # also the bias tables
+    tables = [k for k in model.refdecoder_state_dict() if k.endswith("locality_bias.table")]
+    assert len(tables) == config.transformer.depth
+    with torch.no_grad():
+        expected = model.decode(z, reference=ref)
+    model.save_pretrained(tmp_path)
+    model.unwrap()
+    loaded = refdecoder.load(vae, tmp_path)
+    assert torch.equal(loaded.refdecoder_state_dict()[tables[0]], model.refdecoder_state_dict()[tables[0]])
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z, reference=ref), expected)
+        # The bias matters: zeroing the tables changes the decode.
+        for block in loaded.transformer.blocks:
+            block.attn.locality_bias.table.zero_()
+        assert _max_diff(loaded.decode(z, reference=ref), expected) > 1e-5
+
+
+def test_scope_config_is_checked():
+    with pytest.raises(refdecoder.ConfigError, match="video_attention_radius"):
+        RefDecoderConfig.from_dict({"transformer": {"video_attention_radius": 0}})  # needs a local radius
+    with pytest.raises(refdecoder.ConfigError, match="locality_bias"):
+        RefDecoderConfig.from_dict({"transformer": {"locality_bias": "yes"}})
+    for name in refdecoder.config.PRESETS:  # the presets keep the paper's global attention without a prior
+        tf = refdecoder.preset(name).transformer
+        assert (tf.attention_radius, tf.video_attention_radius, tf.locality_bias) == (None, None, False)
+
+
 def test_config_roundtrip_and_unknown_keys(tmp_path, caplog):
     config = refdecoder.preset("paper")
     path = tmp_path / "c.json"
@@ -317,3 +363,18 @@ def test_windows_keep_equal_pixel_length(vae):
     assert adapter.plan_windows(21, 5) == [(0, 5), (5, 9), (9, 13), (13, 17), (17, 21)]  # 17, 16, 16, 16, 16 px
     assert adapter.plan_windows(3, 1) == [(0, 1), (1, 2), (2, 3)]
     assert adapter.plan_windows(4, 9) == [(0, 4)]
+
+
+def test_forward_with_an_explicit_reference(vae):
+    model = refdecoder.wrap(vae, "tiny")
+    randomize_(model.projectors)
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    outside = torch.rand(2, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = model(video, reference=outside)
+        expected = model.decode(model.encode(video), outside, clamp=False)
+    assert torch.equal(out.sample, expected) and out.reference_index.tolist() == [-1, -1]
+    with torch.no_grad():
+        assert _max_diff(model(video, reference_index=0).sample, out.sample) > 1e-4  # the reference is used
+    with pytest.raises(InputError, match="not both"):
+        model(video, reference_index=0, reference=outside)

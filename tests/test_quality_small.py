@@ -1,4 +1,5 @@
-"""benchmarks/quality_small.py: settings, shot cuts, clip plans, and a micro end-to-end run on the bundled clips."""
+"""benchmarks/quality_small.py: settings, what is trained on vs held out, rendering, metrics by distance, and a
+micro end-to-end run on the bundled clips."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import yaml
 
 import refdecoder
 from benchmarks import _quality_small_data as qd
+from benchmarks import _quality_small_eval as qe
+from benchmarks import _quality_small_settings as qset
 from benchmarks import quality_small as qs
-from refdecoder.data import bundled_clips, read_clip
+from refdecoder.data import bundled_clips, read_clip, write_image
 from refdecoder.errors import ConfigError
 from tests.helpers import randomize_, tiny_wan
 
@@ -21,29 +24,44 @@ CROP, FRAMES, EVAL_FRAMES = 32, 5, 9
 
 
 def micro_config(folder: Path) -> Path:
-    """The real recipe shrunk to seconds: bundled 64x96 clips at 32x48, 5 / 9-frame clips, 3 / 2 steps."""
-    raw = yaml.safe_load(qd.CONFIG.read_text())
+    """The real recipe shrunk to seconds: bundled 64x96 clips at 48x72, two photos cut from them, 3 / 2 steps."""
+    raw = yaml.safe_load(qset.CONFIG.read_text())
     clips = {p.stem: str(p) for p in bundled_clips()}
+    photos = []
+    for name, frame in (("bikes", 3), ("bigbuckbunny", 20)):
+        image = read_clip(clips[name], [frame], None, "resize")
+        photos.append(str(write_image(folder / f"{name}_{frame}.png", image[:, 0])))
     raw["threads"] = 1
     raw["data"] |= {
-        "short_side": 32,
+        "short_side": 48,
+        "photo_short_side": 48,
         "crop": CROP,
         "pretrain_frames": FRAMES,
         "train_frames": FRAMES,
         "eval_frames": EVAL_FRAMES,
         "frame_stride": 1,
+        "photo_share": 0.3,
     }
     raw["data"]["sources"] = [
-        {"name": "bikes", "file": clips["bikes"], "train": [[0, 15]], "heldout": [[16, 25]]},
-        {"name": "bigbuckbunny", "file": clips["bigbuckbunny"], "train": [[0, 15]], "heldout": [[16, 25]]},
-        {"name": "carphone", "file": clips["carphone"], "train": [], "heldout": [[0, 10]]},
-    ]
+        {"name": "bikes", "file": clips["bikes"], "train": [[0, 15]], "heldout": [[16, 25]], "eval": "static"},
+        {"name": "bigbuckbunny", "file": clips["bigbuckbunny"], "train": [[0, 15]], "heldout": [[16, 25]],
+         "eval": "motion"},
+        {"name": "carphone", "file": clips["carphone"], "train": [], "heldout": [[0, 10]], "eval": "static"},
+    ]  # fmt: skip
+    raw["data"]["photos"] = {"train": photos[:1], "heldout": photos[1:]}
     raw["vae"] = {"base_dim": 8, "z_dim": 4, "num_res_blocks": 1}
     raw["pretrain"] |= {"steps": 3, "warmup": 1}
-    raw["finetune"] |= {"steps": 2, "warmup": 1}
+    raw["finetune"] |= {"steps": 2, "warmup": 1, "reference_distance": 2}
+    raw["eval"] |= {"max_clips_per_source": 2, "camera_clips_per_source": 2, "camera_clips_per_photo": 2}
     path = folder / "micro.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="module")
+def micro_media(tmp_path_factory: pytest.TempPathFactory) -> tuple[qset.Settings, qd.Media]:
+    settings = qset.load_settings(micro_config(tmp_path_factory.mktemp("media")))
+    return settings, qd.load_media(settings.data)
 
 
 def psnr_np(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -52,30 +70,55 @@ def psnr_np(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return 10 * np.log10(1.0 / ((x - y) ** 2).mean(axis=(0, 2, 3)))
 
 
-# --- settings and clips -------------------------------------------------------------------------------------------
+# --- settings: what is trained on vs held out -------------------------------------------------------------------
 def test_recipe_loads_quick_and_overrides_apply() -> None:
-    full = qd.load_settings()
-    quick = qd.load_settings(quick=True, overrides=("finetune.steps=7", "eval.grid_clips=1"))
-    raw = yaml.safe_load(qd.CONFIG.read_text())
+    full = qset.load_settings()
+    quick = qset.load_settings(quick=True, overrides=("finetune.steps=7", "eval.grid_clips=1"))
+    raw = yaml.safe_load(qset.CONFIG.read_text())
     assert full.data.crop == raw["data"]["crop"] and quick.data.crop == raw["quick"]["data.crop"]
     assert quick.finetune.steps == 7 and quick.eval.grid_clips == 1
-    assert [v["name"] for v in full.finetune.variants] == [v["name"] for v in raw["finetune"]["variants"]]
+    assert full.finetune.headline in full.finetune.default_variants
+    assert full.data.camera.pan == raw["data"]["motion"]["pan"]
     with pytest.raises(ConfigError, match="finetune.stepz"):
-        qd.load_settings(overrides=("finetune.stepz=7",))
+        qset.load_settings(overrides=("finetune.stepz=7",))
     with pytest.raises(ConfigError, match="KEY=VALUE"):
-        qd.load_settings(overrides=("finetune.steps",))
+        qset.load_settings(overrides=("finetune.steps",))
 
 
-def test_config_rejects_missing_keys_and_train_heldout_overlap(tmp_path: Path) -> None:
-    raw = yaml.safe_load(qd.CONFIG.read_text())
+def _raw() -> dict:
+    return yaml.safe_load(qset.CONFIG.read_text())
+
+
+def _load(tmp_path: Path, raw: dict) -> qset.Settings:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    return qset.load_settings(tmp_path / "c.yaml")
+
+
+def test_config_rejects_overlapping_or_reserved_material(tmp_path: Path) -> None:
+    raw = _raw()
     del raw["pretrain"]["lr"]
-    (tmp_path / "a.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="missing \\['lr'\\]"):
-        qd.load_settings(tmp_path / "a.yaml")
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["data"]["sources"][0]["heldout"] = [[180, 242]]  # bikes trains on 0-187
     with pytest.raises(ConfigError, match="overlaps"):
-        qd.DataSettings(
-            128, 64, 9, 5, 9, 2, 0.3, [{"name": "v", "file": "x", "train": [[0, 50]], "heldout": [[40, 60]]}]
-        )
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["data"]["photos"]["heldout"].append(raw["data"]["photos"]["train"][0])
+    with pytest.raises(ConfigError, match="more than one"):
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["data"]["photos"]["train"].append("/x/site-packages/skimage/data/astronaut.png")
+    with pytest.raises(ConfigError, match="reserved"):
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["finetune"]["headline"] = "refdecoder_global_prior"  # not in the default run
+    with pytest.raises(ConfigError, match="default_variants"):
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["finetune"]["variants"][2]["reference"] = "last"
+    with pytest.raises(ConfigError, match="reference"):
+        _load(tmp_path, raw)
 
 
 def test_find_cuts_and_shots() -> None:
@@ -93,20 +136,64 @@ def test_crop_positions_by_hand() -> None:
     assert qd.crop_positions(100, 64) == [0]
 
 
-def test_clip_plans_stay_in_their_ranges_and_shots(tmp_path: Path) -> None:
-    settings = qd.load_settings(micro_config(tmp_path))
-    frames = torch.zeros(3, 25, 32, 48, dtype=torch.uint8)
-    videos = [qd.Video(s["name"], frames, cuts=[9]) for s in settings.data.sources]
-    plan = qd.train_plan(videos, settings, "finetune", steps=50, batch=2, frames=FRAMES)
-    assert plan == qd.train_plan(videos, settings, "finetune", steps=50, batch=2, frames=FRAMES)
-    assert plan != qd.train_plan(videos, settings, "pretrain", steps=50, batch=2, frames=FRAMES)
-    span = settings.data.span(FRAMES)
-    for v, t0, top, left, ref in (clip for step in plan for clip in step):
-        assert settings.data.sources[v]["name"] != "carphone"
-        assert t0 + span <= 15 and (t0 + span <= 9 or t0 >= 9)  # inside the train range, never across the cut
-        assert 0 <= top <= 32 - CROP and 0 <= left <= 48 - CROP and 0 <= ref < FRAMES
-    clips = qd.eval_plan(videos, settings)
-    assert clips == [(0, 16, 0, 0), (1, 16, 0, 0), (2, 0, 0, 0)]  # held-out only; carphone's cut at 9 ends a clip
+def test_training_clips_use_train_frames_and_held_out_clips_held_out_frames(micro_media) -> None:
+    settings, media = micro_media
+    far = settings.finetune.reference_distance
+    plan = qd.train_plan(media, settings, "finetune", 60, 2, FRAMES, far)
+    assert plan == qd.train_plan(media, settings, "finetune", 60, 2, FRAMES, far)
+    assert plan != qd.train_plan(media, settings, "pretrain", 60, 2, FRAMES, far)
+    kinds = [clip[0] for step in plan for clip in step]
+    assert 0.1 < kinds.count("p") / len(kinds) < 0.5  # photo_share 0.3
+    for kind, v, t0, *_ in (clip for step in plan for clip in step):
+        if kind == "v":
+            src = settings.data.sources[v]
+            used = range(t0 - far, t0 + FRAMES + far)  # the clip and both possible far references
+            assert any(a <= min(used) and max(used) < b for a, b in src["train"]), (src["name"], t0)
+    for clip in qd.eval_plan(media, settings):
+        if clip.kind == "v":
+            src = settings.data.sources[clip.index]
+            last = clip.t0 + (EVAL_FRAMES - 1 if clip.seed is None else 0)
+            assert any(a <= clip.t0 and last < b for a, b in src["heldout"]), clip
+        else:
+            assert clip.group == "photos" and clip.source == media.heldout_photos[clip.index].name
+    groups = {(c.group, c.part) for c in qd.eval_plan(media, settings)}
+    assert groups == {("static", "natural"), ("motion", "natural"), ("motion", "camera"), ("photos", "photo")}
+
+
+def test_rendered_training_clips_and_references(micro_media) -> None:
+    settings, media = micro_media
+    far, crop = settings.finetune.reference_distance, settings.data.crop
+    window = settings.data.window(settings.data.camera)
+    clip = ("v", 0, 6, 0, 10, 3, 0, 1234)  # bikes from frame 6, window at (0, 10), random index 3, far side "before"
+    still, before = qd.render_training(media, settings, [clip], FRAMES, motion=False, reference="far")
+    o = (window - crop) // 2
+    source = media.videos[0].frames[:, :, o : o + crop, 10 + o : 10 + o + crop].float() / 127.5 - 1
+    torch.testing.assert_close(still[0], source[:, 6 : 6 + FRAMES])  # without motion: the window's centre crop
+    torch.testing.assert_close(before[0, :, 0], source[:, 6 - far])  # `far` clip frames before the clip
+    _, first = qd.render_training(media, settings, [clip], FRAMES, motion=False, reference="first")
+    _, random = qd.render_training(media, settings, [clip], FRAMES, motion=False, reference="random")
+    torch.testing.assert_close(first[0, :, 0], still[0, :, 0])
+    torch.testing.assert_close(random[0, :, 0], still[0, :, 3])
+    moving, ref = qd.render_training(media, settings, [clip], FRAMES, motion=True, reference="first")
+    assert (moving - still).abs().mean() > 0.01  # the camera moved
+    torch.testing.assert_close(ref[0, :, 0], moving[0, :, 0])
+
+
+# --- metrics by distance ----------------------------------------------------------------------------------------
+def test_summaries_by_group_part_source_and_distance() -> None:
+    clips = [
+        qd.HeldOut("static", "natural", "a", "v", 0, 0, 0, 0, None),
+        qd.HeldOut("motion", "camera", "a", "v", 0, 0, 0, 0, 1),
+        qd.HeldOut("motion", "natural", "b", "v", 1, 0, 0, 0, None),
+    ]
+    psnr = torch.arange(27, dtype=torch.float64).reshape(3, 9)  # clip c, frame f -> 9c + f
+    out = qe.summarise({"psnr": psnr}, clips)
+    assert out["static"]["psnr_0"] == 0 and out["static"]["psnr_1-3"] == 2 and out["static"]["psnr_4+"] == 6
+    motion = psnr[1:]
+    assert out["motion"]["psnr"] == motion.mean().item() and out["motion"]["clips"] == 2
+    assert out["motion"]["psnr_4+"] == motion[:, 4:].mean().item()
+    assert out["motion"]["by_part"]["camera"]["psnr_0"] == 9 and out["motion"]["by_source"]["b"]["psnr_0"] == 18
+    assert out["per_clip_psnr"] == [4.0, 13.0, 22.0]
 
 
 def test_evaluation_conditions_on_frame_zero() -> None:
@@ -114,21 +201,10 @@ def test_evaluation_conditions_on_frame_zero() -> None:
     randomize_(model.projectors)  # leave the zero-init identity, so the reference changes the output
     video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents = model.encode(video)
-    out = qs.reconstruct(model, latents, video)
+    out = qe.reconstruct(model, latents, video)
     assert torch.equal(out, model.decode(latents, reference=video[:, :, :1]))
     assert not torch.allclose(out, model.decode(latents, reference=video[:, :, 1:2]), atol=1e-4)
-    assert torch.equal(qs.reconstruct(model.vae, latents, video), model.vae.decode(latents).sample)
-
-
-def test_training_reference_is_the_planned_frame_or_frame_zero() -> None:
-    video = torch.arange(2 * 3 * 5 * 2 * 2, dtype=torch.float32).reshape(2, 3, 5, 2, 2)
-    step_plan = [(0, 0, 0, 0, 3), (1, 4, 0, 0, 1)]  # (video, t0, top, left, reference index)
-    random = qs.training_reference(video, step_plan, "random")
-    assert random.shape == (2, 3, 1, 2, 2)
-    assert torch.equal(random[0, :, 0], video[0, :, 3]) and torch.equal(random[1, :, 0], video[1, :, 1])
-    assert torch.equal(qs.training_reference(video, step_plan, "first"), video[:, :, :1])
-    with pytest.raises(ConfigError, match=r"random\|first"):
-        qd.load_settings(overrides=("finetune.reference=last",))
+    assert torch.equal(qe.reconstruct(model.vae, latents, video), model.vae.decode(latents).sample)
 
 
 def test_results_copy_accepts_a_folder_or_a_file(tmp_path: Path) -> None:
@@ -146,20 +222,26 @@ def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
 
 
 def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
-    _, out, doc = micro
+    config, out, doc = micro
+    settings = qset.load_settings(config)
+    assert doc["headline"] == settings.finetune.headline
     assert (out / "vae_pretrained" / "config.json").is_file() and (out / "baseline" / "config.json").is_file()
-    for name, p_max in (("refdecoder_tiny", 0.7), ("refdecoder_tiny_nodrop", 0.0)):
-        config = json.loads((out / name / "refdecoder_config.json").read_text())
-        assert config["dropout"]["p_max"] == p_max and config["train_decoder"] is True
+    for name in settings.finetune.default_variants[1:]:
+        saved = json.loads((out / name / "refdecoder_config.json").read_text())
+        assert saved["train_decoder"] is True and saved["dropout"]["p_max"] == 0.0
+    headline = json.loads((out / doc["headline"] / "refdecoder_config.json").read_text())["transformer"]
+    assert headline["locality_bias"] is True and headline["attention_radius"] == 2
     assert (out / qs.GRID).stat().st_size > 0
     assert json.loads((out / qs.RESULTS).read_text())["eval"] == json.loads(json.dumps(doc["eval"]))
     assert len({log["data_order"] for log in doc["finetune"].values()}) == 1  # same clips, same order
-    assert doc["eval"]["lpips"] in ("alex", "n/a (no trunk weights)", "n/a (lpips not installed)")
     models = doc["eval"]["models"]
-    gain = doc["gains"]["refdecoder_tiny - baseline"]
-    assert gain["psnr_reference"] == pytest.approx(
-        models["refdecoder_tiny"]["psnr_reference"] - models["baseline"]["psnr_reference"]
-    )
+    gain = doc["gains"][f"{doc['headline']} - baseline"]
+    for group in ("static", "motion", "photos"):
+        for metric in ("psnr", "psnr_0", "psnr_1-3", "psnr_4+", "ssim_4+"):
+            expected = models[doc["headline"]][group][metric] - models["baseline"][group][metric]
+            assert gain[group][metric] == pytest.approx(expected)
+    target = doc["targets"]["motion_psnr_4+_gain"]
+    assert target["value"] == pytest.approx(gain["motion"]["psnr_4+"]) and target["met"] == (target["value"] >= 0.3)
 
 
 def test_saved_models_reproduce_the_reported_psnr(micro: tuple[Path, Path, dict]) -> None:
@@ -167,16 +249,16 @@ def test_saved_models_reproduce_the_reported_psnr(micro: tuple[Path, Path, dict]
 
     _, out, doc = micro
     # The first held-out clip is bikes frames 16..24, crop (0, 0), read here independently of the benchmark.
-    assert doc["data"]["eval_clips"][0] == [0, 16, 0, 0]
+    assert list(doc["eval"]["heldout"][0][:8]) == ["static", "natural", "bikes", "v", 0, 16, 0, 0]
     bikes = next(p for p in bundled_clips() if p.stem == "bikes")
-    clip = read_clip(bikes, range(16, 16 + EVAL_FRAMES), (32, 48), "resize")[None, :, :, :CROP, :CROP]
+    clip = read_clip(bikes, range(16, 16 + EVAL_FRAMES), (48, 72), "resize")[None, :, :, :CROP, :CROP]
     vae = AutoencoderKLWan.from_pretrained(out / "vae_pretrained").eval()
     baseline = AutoencoderKLWan.from_pretrained(out / "baseline").eval()
     with torch.no_grad():
         latents = vae.encode(clip).latent_dist.mode()
         plain = baseline.decode(latents).sample
-        conditioned = refdecoder.load(vae, out / "refdecoder_tiny").eval().decode(latents, reference=clip[:, :, :1])
-    for name, pred in (("baseline", plain), ("refdecoder_tiny", conditioned)):
+        headline = refdecoder.load(vae, out / doc["headline"]).eval().decode(latents, reference=clip[:, :, :1])
+    for name, pred in (("baseline", plain), (doc["headline"], headline)):
         per_frame = psnr_np(pred[0].numpy(), clip[0].numpy())
         assert doc["eval"]["models"][name]["per_clip_psnr"][0] == pytest.approx(per_frame.mean(), abs=2e-3)
 
@@ -189,7 +271,37 @@ def test_cached_phases_are_reused_and_deterministic(micro: tuple[Path, Path, dic
     assert again["eval"]["models"] == json.loads(json.dumps(doc["eval"]["models"]))
     with pytest.raises(ConfigError, match="other settings"):
         qs.main(["--config", str(config), "--out", str(out), "--phase", "eval", "--set", "pretrain.lr=0.5"])
+    # The held-out camera moves are evaluation settings: changing them keeps the cached weights.
+    qs.main(["--config", str(config), "--out", str(out), "--phase", "eval", "--set", "data.eval_motion.pan=0.1"])
     qs.main(["--config", str(config), "--out", str(tmp_path), "--phase", "pretrain"])
     first = load_file(out / "vae_pretrained" / "diffusion_pytorch_model.safetensors")
     second = load_file(tmp_path / "vae_pretrained" / "diffusion_pytorch_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --- the correspondence probe (benchmarks/reference_probe.py) -----------------------------------------------------
+def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
+    from benchmarks import reference_probe as rp
+
+    settings, media = micro_media
+    clips, references = rp.shifted_clips(settings, media, shift=8, per_source=1)
+    assert clips.shape[1:] == (3, EVAL_FRAMES, CROP, CROP) and sorted(references) == list(range(-8, 9))
+    torch.testing.assert_close(references[0][:, :, 0], clips[:, :, 0])
+    # bikes (frames 48 x 72): the clip is cut at columns 20..52, the +8 reference at 28..60 of frame 16.
+    frame = media.videos[0].frames[:, 16, 8:40].float() / 127.5 - 1
+    torch.testing.assert_close(clips[0, :, 0], frame[..., 20:52])
+    torch.testing.assert_close(references[8][0, :, 0], frame[..., 28:60])
+    with pytest.raises(ValueError, match="no room"):
+        rp.shifted_clips(settings, media, shift=40, per_source=1)
+
+
+def test_correspondence_gains_are_zero_for_a_decoder_that_ignores_its_reference(micro, micro_media) -> None:
+    from benchmarks import reference_probe as rp
+
+    config, out, _ = micro
+    vae = qs.load_vae(out / qs.PRETRAINED)
+    refdecoder.wrap(vae, "tiny").save_pretrained(out / "fresh")  # zero-initialised stage updates: identity
+    doc = rp.correspondence(out, ["fresh"], config, shifts=[0, 1], token=8, per_source=1)
+    rows = doc["models"]["fresh"]
+    assert rows["shift_tokens"] == [-1, 0, 1]
+    assert all(abs(g) < 1e-4 for g in rows["gain_frame0"] + rows["gain_all"])

@@ -176,8 +176,6 @@ def test_unregistered_backbone_fails_with_a_clear_error(monkeypatch):
     from refdecoder.backbones import registry
     from refdecoder.training.vae import backbone_adapter
 
-    registry._ensure_builtins()
-    monkeypatch.setattr(registry, "_ensure_builtins", lambda: None)
-    monkeypatch.delitem(registry._REGISTRY, "videovae+")
+    monkeypatch.setattr(registry, "_REGISTRY", {"wan2.1": registry.BUILTINS["wan2.1"]})
     with pytest.raises(BackboneError, match=r"backbone 'videovae\+'.*registered backbones: \['wan2\.1'\]"):
         backbone_adapter("videovae+")

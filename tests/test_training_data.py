@@ -106,3 +106,38 @@ def test_sample_shards_are_built_once(tmp_path):
     assert ensure_sample_shards(cfg) is None  # present: left alone
     with pytest.raises(ConfigError, match="unknown sample clips"):
         ensure_sample_shards(DatasetConfig(kind="shards", path=str(tmp_path / "x"), samples=["nope"]))
+
+
+def test_recipe_datasets_move_the_camera_and_take_a_far_reference(tmp_path):
+    from refdecoder.data import CameraMotion
+    from refdecoder.frames import CAUSAL_1_PLUS_4K
+    from refdecoder.training.config import load_config
+    from refdecoder.training.data import build_clip_dataset
+
+    out = tmp_path / "shards"
+    ensure_sample_shards(DatasetConfig(kind="shards", path=str(out), samples=["bikes"]))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data:\n  train: {{kind: shards, path: {out}, reference: far, reference_distance: 3,\n"
+        "    motion: {pan: 0.3, zoom: 0.1, rotation: 2.0}}\n"
+    )
+    cfg = load_config(config).data.train
+    assert cfg.motion == CameraMotion(pan=0.3, zoom=0.1, rotation=2.0)
+    sample = next(iter(build_clip_dataset(cfg, 5, (32, 32), CAUSAL_1_PLUS_4K, seed=0)))
+    assert sample["video"].shape == (3, 5, 32, 32) and sample["reference"].shape == (3, 1, 32, 32)
+    assert sample["reference_index"] == -1
+    # The loss decodes with that outside frame, not a clip frame.
+    from refdecoder.training.steps import video_loss
+
+    class Recorder(torch.nn.Module):
+        def forward(self, video, reference_index=None, generator=None, reference=None):
+            self.reference, self.reference_index = reference, reference_index
+            return type("Out", (), {"sample": video})()
+
+    model = Recorder()
+    batch = {"video": sample["video"][None], "reference": sample["reference"][None], "reference_index": [-1]}
+    video_loss(model, batch, lambda a, b: {"loss": (a - b).abs().mean()}, torch.Generator())
+    assert torch.equal(model.reference, batch["reference"]) and model.reference_index is None
+    with pytest.raises(ConfigError, match="data.val.reference"):
+        config.write_text(f"data:\n  train: {{path: {out}}}\n  val: {{path: {out}, reference: far}}\n")
+        load_config(config)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from refdecoder.blocks.attention import attention, attention_backend, local_attention_mask, per_position_attention
+from refdecoder.blocks.attention import attention, attention_backend
+from refdecoder.blocks.attention_scope import (
+    AttentionScope,
+    flex_neighbourhood_attention,
+    local_attention_mask,
+    neighbourhood_attention,
+    per_position_attention,
+    scoped_attention,
+)
 from refdecoder.blocks.latent_degradation import (
     DegradationProxy,
     LatentBlur,
@@ -11,6 +19,7 @@ from refdecoder.blocks.latent_degradation import (
     LatentMaskedReconstruction,
     LatentNoise,
 )
+from refdecoder.blocks.locality_bias import LocalityBias
 from refdecoder.blocks.norms import ChannelRMSNorm, FP32LayerNorm, RMSNorm
 from refdecoder.blocks.reference_tokenizer import ReferenceTokenizer, space_to_depth
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_axis_dims, rope_tables
@@ -22,8 +31,13 @@ from refdecoder.blocks.upscale_head import UpscaleConfig, UpscaleHead, attach_up
 __all__ = [
     "attention",
     "attention_backend",
+    "AttentionScope",
+    "scoped_attention",
+    "neighbourhood_attention",
+    "flex_neighbourhood_attention",
     "local_attention_mask",
     "per_position_attention",
+    "LocalityBias",
     "ChannelRMSNorm",
     "FP32LayerNorm",
     "RMSNorm",

@@ -102,7 +102,9 @@ class StageProjector(nn.Module):
         self._check(x, num_reference)
         t, h, w = x.shape[-3:]
         tokens, grid = self._embed(self._normalize(x, num_reference))
-        tokens = self.out(self.out_norm(transformer(tokens, grid)))
+        # Token frames holding any reference frame count as reference frames for the attention scope.
+        reference_tokens = -(-num_reference // self.patch_size[0])
+        tokens = self.out(self.out_norm(transformer(tokens, grid, num_reference=reference_tokens)))
         delta = self._unpatchify(tokens, grid)[:, :, :t, :h, :w]
         if not self.residual:
             return delta

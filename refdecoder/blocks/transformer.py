@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from refdecoder.blocks.attention import attention, local_attention_mask, per_position_attention
+from refdecoder.blocks.attention import attention
+from refdecoder.blocks.attention_scope import AttentionScope, scoped_attention
+from refdecoder.blocks.locality_bias import LocalityBias
 from refdecoder.blocks.norms import FP32LayerNorm, RMSNorm
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope
 from refdecoder.errors import ConfigError, InputError
@@ -19,20 +21,20 @@ from refdecoder.errors import ConfigError, InputError
 __all__ = ["SelfAttention", "FeedForward", "TransformerBlock", "SharedTransformer"]
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-# Which keys a query sees: None = all; an int T = only its own grid position in each of T frames; a bool N x N mask.
-Scope = torch.Tensor | int | None
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with q/k RMS norm (over all heads together) and RoPE.
+    """Multi-head self-attention with q/k RMS norm (over all heads together), RoPE and an optional locality bias.
 
     Args:
         dim: token width (``num_heads * head_dim``).
         num_heads: heads; head ``h`` takes channels ``[h*head_dim, (h+1)*head_dim)``.
         eps: RMS-norm epsilon.
+        locality_bias: optional :class:`~refdecoder.blocks.LocalityBias` added to this layer's logits (its own
+            table; the prior is learned per layer).
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6, locality_bias: LocalityBias | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, dim)
@@ -41,18 +43,21 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.locality_bias = locality_bias
 
-    def forward(self, x: torch.Tensor, rope: Rope, scope: Scope = None) -> torch.Tensor:
-        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``."""
+    def forward(self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None) -> torch.Tensor:
+        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``.
+
+        ``scope=None`` attends over all tokens (a layer with a locality bias needs the scope of its grid).
+        """
+        if scope is None and self.locality_bias is not None:
+            raise InputError("this attention layer has a locality bias: pass the AttentionScope of the token grid")
         # The norms act on the full width before the heads are split (as the official checkpoints expect).
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(x)))
         v = self._heads(self.to_v(x))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if isinstance(scope, int):
-            out = per_position_attention(q, k, v, scope)
-        else:
-            out = attention(q, k, v, scope)
+        out = attention(q, k, v) if scope is None else scoped_attention(q, k, v, scope, self.locality_bias)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,16 +85,19 @@ class TransformerBlock(nn.Module):
         num_heads: attention heads (``dim`` must be divisible by it).
         ffn_dim: hidden width of the feed-forward layers.
         eps: epsilon of the LayerNorms and the q/k RMS norms.
+        locality_bias: optional locality prior of the attention.
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, eps: float = 1e-6, locality_bias: LocalityBias | None = None
+    ) -> None:
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.attn = SelfAttention(dim, num_heads, eps)
+        self.attn = SelfAttention(dim, num_heads, eps, locality_bias)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: Rope, scope: Scope = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None) -> torch.Tensor:
         """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``."""
         x = x + self.attn(self.norm1(x), rope, scope)
         return x + self.ffn(self.norm2(x))
@@ -105,11 +113,17 @@ class SharedTransformer(nn.Module):
         ffn_dim: feed-forward width; default ``4 * dim``.
         rope_theta: RoPE base.
         eps: norm epsilon.
-        attention_radius: None = global attention over every token of a stage; r >= 0 = each token sees only the
-            tokens within r rows and columns of it, in every frame (see
-            :func:`~refdecoder.blocks.attention.local_attention_mask`). A locality prior that makes the reference
-            token at the same position easy to find. Radius 0 runs as per-position attention over the frames
-            (cheaper than global); a larger radius costs an ``N x N`` bool mask per stage grid.
+        attention_radius: None = global attention over every token of a stage (the paper); r >= 0 = each token
+            sees only the tokens within r rows and columns of it, in every frame (see
+            :class:`~refdecoder.blocks.AttentionScope`). Radius 0 runs as per-position attention over the frames;
+            r >= 1 as neighbourhood attention, with memory linear in the tokens, never ``N x N``.
+        video_attention_radius: with a local ``attention_radius``, the radius in the video frames (None: the same;
+            0: a query sees its own position in the video frames and a neighbourhood in the reference).
+        locality_bias: add a learnable per-head, per-layer bias by spatial offset
+            (:class:`~refdecoder.blocks.LocalityBias`), starting concentrated on the query's own position.
+        locality_bias_slope: its initial slope per token of distance.
+        locality_bias_extent: its reach with global attention (offsets beyond share the edge value); a local scope
+            uses its largest radius.
 
     The same instance serves all stages (shared weights) and keeps no per-stage state; the stage-specific parts
     (patch embedding, output projection) live in each stage's :class:`~refdecoder.blocks.StageProjector`. Set
@@ -125,19 +139,31 @@ class SharedTransformer(nn.Module):
         rope_theta: float = 10000.0,
         eps: float = 1e-6,
         attention_radius: int | None = None,
+        video_attention_radius: int | None = None,
+        locality_bias: bool = False,
+        locality_bias_slope: float = 3.0,
+        locality_bias_extent: int = 4,
     ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads:
             raise ConfigError(f"transformer width {dim} must be divisible by num_heads {num_heads}")
+        try:  # the scope checks the radii once here, not at the first decode
+            AttentionScope((1, 1, 1), 0, attention_radius, video_attention_radius)
+        except ValueError as err:
+            raise ConfigError(f"invalid attention scope: {err}") from err
         self.dim, self.num_heads = dim, num_heads
+        self.attention_radius, self.video_attention_radius = attention_radius, video_attention_radius
+        if attention_radius is not None:
+            locality_bias_extent = max(attention_radius, video_attention_radius or 0)
+
+        def bias() -> LocalityBias | None:
+            return LocalityBias(num_heads, locality_bias_extent, locality_bias_slope) if locality_bias else None
+
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_heads, ffn_dim if ffn_dim is not None else 4 * dim, eps) for _ in range(depth)
+            TransformerBlock(dim, num_heads, ffn_dim if ffn_dim is not None else 4 * dim, eps, bias())
+            for _ in range(depth)
         )
         self.rope = RotaryEmbedding3D(dim // num_heads, rope_theta)
-        if attention_radius is not None and attention_radius < 0:
-            raise ConfigError(f"attention_radius must be None (global) or >= 0, got {attention_radius}")
-        self.attention_radius = attention_radius
-        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self.gradient_checkpointing = False
 
     @property
@@ -150,6 +176,7 @@ class SharedTransformer(nn.Module):
         tokens: torch.Tensor,
         grid: tuple[int, int, int],
         time_positions: torch.Tensor | None = None,
+        num_reference: int = 0,
     ) -> torch.Tensor:
         """Run all blocks over one token sequence.
 
@@ -157,6 +184,8 @@ class SharedTransformer(nn.Module):
             tokens: ``B, N, dim`` with ``N = T*H*W`` ordered (t, h, w), w fastest.
             grid: ``(T, H, W)`` token grid.
             time_positions: ``(T,)`` integer RoPE time index per grid frame; default ``arange(T)``.
+            num_reference: leading grid frames that are reference frames (they may have their own attention
+                radius and locality-bias table).
 
         Returns:
             ``B, N, dim``.
@@ -168,7 +197,9 @@ class SharedTransformer(nn.Module):
                 f"got shape {tuple(tokens.shape)}"
             )
         rope = self.rope(grid, time_positions, device=tokens.device)
-        scope = self._scope(grid, tokens.device)
+        scope = AttentionScope(
+            tuple(int(v) for v in grid), num_reference, self.attention_radius, self.video_attention_radius
+        )
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointed:
@@ -177,17 +208,13 @@ class SharedTransformer(nn.Module):
                 tokens = block(tokens, rope, scope)
         return tokens
 
-    def _scope(self, grid: tuple[int, int, int], device: torch.device) -> Scope:
-        """None (global), the frame count (radius 0), or the local mask for ``grid`` (the last one is reused)."""
-        if self.attention_radius is None:
-            return None
-        if self.attention_radius == 0:
-            return int(grid[0])
-        key = (tuple(int(v) for v in grid), device)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            self._mask_cache = (key, local_attention_mask(key[0], self.attention_radius, device))
-        return self._mask_cache[1]
-
     def extra_repr(self) -> str:
-        scope = "global" if self.attention_radius is None else f"radius {self.attention_radius}"
-        return f"dim={self.dim}, heads={self.num_heads}, head_dim={self.head_dim}, attention={scope}"
+        if self.attention_radius is None:
+            scope = "global"
+        else:
+            scope = f"radius {self.attention_radius}"
+            if self.video_attention_radius is not None:
+                scope += f" (video {self.video_attention_radius})"
+        bias = self.blocks[0].attn.locality_bias if len(self.blocks) else None
+        prior = f", locality_bias=extent {bias.extent}" if bias is not None else ""
+        return f"dim={self.dim}, heads={self.num_heads}, head_dim={self.head_dim}, attention={scope}{prior}"

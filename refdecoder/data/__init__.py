@@ -16,6 +16,7 @@ are imported only when a function that needs them runs. See ``docs/data.md``.
 from __future__ import annotations
 
 from refdecoder.data.base import RetryingDataset, clip_sample
+from refdecoder.data.camera import CameraMotion, CameraPath, camera_path, render_camera
 from refdecoder.data.csv_dataset import CSVRow, VideoCSVDataset, read_csv_rows
 from refdecoder.data.faults import FailureBudget, SkipCounter, is_sample_error
 from refdecoder.data.latents import LatentDataset, load_latents, save_latents
@@ -60,6 +61,10 @@ __all__ = [
     "plan_resize",
     "ClipSampler",
     "ClipPlan",
+    "CameraMotion",
+    "CameraPath",
+    "camera_path",
+    "render_camera",
     "derive_seed",
     "sample_generator",
     "SkipCounter",

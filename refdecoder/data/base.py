@@ -15,19 +15,29 @@ from refdecoder.data.video import ReadStats
 __all__ = ["RetryingDataset", "clip_sample"]
 
 
-def clip_sample(video: torch.Tensor, plan: ClipPlan, key: str, decoded_frames: int) -> dict[str, Any]:
+def clip_sample(
+    video: torch.Tensor,
+    plan: ClipPlan,
+    key: str,
+    decoded_frames: int,
+    reference: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """The sample dict every clip dataset returns (``"skipped"`` is added by the dataset).
 
-    Keys: ``video`` ``3, T, H, W`` in [-1, 1]; ``reference_index`` (int into T); ``key``; ``fps`` of the clip;
-    ``decoded_frames`` (frames decoded to produce it, for throughput accounting).
+    Keys: ``video`` ``3, T, H, W`` in [-1, 1]; ``reference_index`` (int into T, -1 for a reference outside the
+    clip); ``key``; ``fps`` of the clip; ``decoded_frames`` (frames decoded to produce it, for throughput
+    accounting); and ``reference`` ``3, 1, H, W`` when the reference is a frame outside the clip.
     """
-    return {
+    sample = {
         "video": video,
         "reference_index": plan.reference_index,
         "key": key,
         "fps": plan.fps,
         "decoded_frames": decoded_frames,
     }
+    if reference is not None:
+        sample["reference"] = reference
+    return sample
 
 
 class RetryingDataset(Dataset, abc.ABC):

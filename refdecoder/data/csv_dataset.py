@@ -145,11 +145,11 @@ class VideoCSVDataset(RetryingDataset):
         row = self.rows[index]
         if not row.path.is_file():
             raise DataError(f"file not found: {row.path}")
-        video, plan = self.sampler.read(row.path, generator, self.read_stats)
-        sample = clip_sample(video, plan, row.key, self.read_stats.last_decoded)
+        video, plan, outside = self.sampler.read(row.path, generator, self.read_stats)
+        sample = clip_sample(video, plan, row.key, self.read_stats.last_decoded, outside)
         if row.caption is not None:
             sample["caption"] = row.caption
-        if row.reference is not None:
+        if row.reference is not None and outside is None:
             mode = "crop_center" if self.sampler.resize_mode == "crop_random" else self.sampler.resize_mode
             sample["reference"] = read_image(row.reference, self.sampler.size, mode)
         return sample

@@ -230,10 +230,8 @@ class _Stream:
         generator = sample_generator(*ids)
         with VideoReader(raw[media]) as reader:
             plan = self.ds.sampler.plan(reader.info, generator)
-            video = reader.read(
-                plan.indices, self.ds.sampler.size, self.ds.sampler.resize_mode, generator, self.ds.read_stats
-            )
-        sample = clip_sample(video, plan, key, self.ds.read_stats.last_decoded)
+            video, outside = self.ds.sampler.decode(reader, plan, generator, self.ds.read_stats)
+        sample = clip_sample(video, plan, key, self.ds.read_stats.last_decoded, outside)
         self._extras(sample, raw, meta)
         return sample
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from refdecoder.backbones.registry import BackboneAdapter
+from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.data.transforms import ResizePlan, plan_resize
 from refdecoder.data.video import TAIL_TOLERANCE, probe, read_image
 from refdecoder.errors import CheckpointError, ConfigError, DataError, InputError, MissingDependencyError
@@ -213,7 +213,8 @@ def _tile_plan(decoder: Decoder, latent_size: tuple[int, int], options: DecodeOp
     if options.tile is None:
         return None
     align = token_alignment(decoder.model) if decoder.model is not None else 1
-    return plan_tiles(latent_size, decoder.adapter.spatial_factor, options.tile, options.tile_overlap, align)
+    factor, patch = decoder.adapter.spatial_factor, decoder.adapter.output_patch
+    return plan_tiles(latent_size, factor, options.tile, options.tile_overlap, align, patch)
 
 
 def reconstruct_video(

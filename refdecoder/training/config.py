@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from refdecoder._deps import require
 from refdecoder.config import PRESETS, RefDecoderConfig
+from refdecoder.data.camera import CameraMotion
 from refdecoder.errors import ConfigError
 from refdecoder.training._typed import build_dataclass, to_plain
 
@@ -106,7 +107,11 @@ class DatasetConfig:
     path: str = ""  # shard folder/pattern, or the CSV file
     samples: list[str] | None = None  # build these bundled sample clips into shards at `path` when it is missing
     fps: float | None = None  # None: the source frame rate
-    reference: str | int = "uniform"  # reference frame: "uniform" per sample, or a fixed index
+    # Reference frame: "uniform" (a random clip frame per sample, the paper), a fixed index (0 = image-to-video),
+    # or "far" (a frame outside the clip, reference_distance clip frames before or after it; training only).
+    reference: str | int = "uniform"
+    reference_distance: int = 8
+    motion: CameraMotion | None = None  # a virtual camera moving across each clip (refdecoder.data.CameraMotion)
     resize_mode: Literal["crop_center", "crop_random", "resize"] = "crop_center"
     short: Literal["pad", "skip"] = "pad"
     shuffle: int = 100  # shard sample shuffle buffer (shards only)
@@ -296,9 +301,16 @@ def _validate(cfg: TrainConfig) -> None:
     _check(0 <= cfg.schedule.min_ratio <= 1, "schedule.min_ratio", "must be in [0, 1]")
     _check(not cfg.data.train.path == "", "data.train.path", "must name the training shards or CSV")
     _check(
-        isinstance(cfg.data.train.reference, int) or cfg.data.train.reference == "uniform",
+        isinstance(cfg.data.train.reference, int) or cfg.data.train.reference in ("uniform", "far"),
         "data.train.reference",
-        f"must be 'uniform' or a frame index, got {cfg.data.train.reference!r}",
+        f"must be 'uniform', 'far' or a frame index, got {cfg.data.train.reference!r}",
+    )
+    val = cfg.data.val
+    _check(
+        val is None or isinstance(val.reference, int) or val.reference == "uniform",
+        "data.val.reference",
+        "must be 'uniform' or a frame index (validation scores the reference frame apart from the others), "
+        f"got {None if val is None else val.reference!r}",
     )
     lf = cfg.latent_finetune
     _check(not lf.enabled or bool(lf.path), "latent_finetune.path", "must be set when latent_finetune.enabled")

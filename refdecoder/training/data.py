@@ -212,7 +212,8 @@ def build_clip_dataset(
 ) -> Dataset:
     """The clip dataset a :class:`~refdecoder.training.config.DatasetConfig` describes.
 
-    Returns a dataset of ``{"video": (3, frames, H, W) in [-1, 1], "reference_index": int, ...}`` samples.
+    Returns a dataset of ``{"video": (3, frames, H, W) in [-1, 1], "reference_index": int, ...}`` samples (plus
+    ``"reference"`` ``(3, 1, H, W)`` with ``reference: far``).
     """
     sampler = ClipSampler(
         frames=frames,
@@ -222,6 +223,8 @@ def build_clip_dataset(
         reference=cfg.reference,
         size=tuple(size),
         resize_mode=cfg.resize_mode,
+        reference_distance=cfg.reference_distance,
+        motion=cfg.motion,
     )
     if cfg.kind == "csv":
         return VideoCSVDataset(cfg.path, sampler, seed=seed, max_failures=cfg.max_failures)

@@ -43,13 +43,19 @@ def step_generator(seed: int, step: int, slot: int) -> torch.Generator:
 def video_loss(
     model: nn.Module, batch: dict[str, Any], loss_fn: nn.Module, generator: torch.Generator
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Reconstruct ``batch["video"]`` (``B, 3, T, H, W`` in [-1, 1]) with the per-sample reference frame.
+    """Reconstruct ``batch["video"]`` (``B, 3, T, H, W`` in [-1, 1]) with each sample's reference.
+
+    The reference is ``batch["reference"]`` (``B, 3, 1, H, W``: an explicit image, or a frame outside the clip)
+    when the batch has one, else the clip frame ``batch["reference_index"]``.
 
     Returns:
         ``(loss parts, reconstruction)``: ``{"loss", "l1"[, "lpips"]}`` scalars and the unclamped output.
     """
     video = batch["video"]
-    out = model(video, reference_index=batch["reference_index"], generator=generator)
+    if "reference" in batch:
+        out = model(video, reference=batch["reference"].to(video), generator=generator)
+    else:
+        out = model(video, reference_index=batch["reference_index"], generator=generator)
     return loss_fn(out.sample.float(), video.float()), out.sample
 
 

@@ -1,0 +1,130 @@
+"""Cost of the attention scopes: CPU time of the shared transformer and attention memory at paper-size grids.
+
+    python benchmarks/attention_scope.py [--repeats 3] [--threads 1] [--out benchmarks/results/attention_scope.json]
+
+1. Time: a 2-layer, 256-wide (4 heads x 64) shared transformer, forward only, on the stage-0 token grid of 17
+   frames at 480x832 plus one reference frame (6 x 30 x 52 = 9,360 tokens), for every scope: global, per position
+   (radius 0), neighbourhoods of radius 2 and 4, radius 2 in the reference with the own position in the video, and
+   each with the locality bias. Rounds are interleaved (one run of every scope per round) and the median is kept.
+2. Memory: peak live tensor bytes of one attention call (its output included) at the stage-2 grid of the same
+   clip (18 x 30 x 52 = 28,080 tokens), on the meta device, for 4 x 64 and 8 x 128 heads, against the ``N^2``
+   bytes of the dense boolean mask the neighbourhood computation replaces.
+3. FLOPs of the ``small`` preset decoding 17 frames at 480x832 with a reference (Wan2.1, meta device), per scope,
+   against the plain decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import refdecoder  # noqa: E402
+from benchmarks._common import LiveTensorMeter, write_json  # noqa: E402
+from benchmarks.decode_overhead import build_wan, flops_row  # noqa: E402
+from refdecoder.blocks import AttentionScope, LocalityBias, SharedTransformer, scoped_attention  # noqa: E402
+
+SCOPES = {  # name -> (attention_radius, video_attention_radius)
+    "global": (None, None),
+    "radius 0": (0, None),
+    "radius 2": (2, None),
+    "radius 4": (4, None),
+    "radius 2, video 0": (2, 0),
+}
+
+
+def scope_timings(grid: tuple[int, int, int], repeats: int) -> dict[str, float]:
+    """Median forward seconds of the transformer per scope (with and without the locality bias)."""
+    torch.manual_seed(0)
+    models = {
+        f"{name}{' + bias' if bias else ''}": SharedTransformer(
+            256, 2, 4, attention_radius=r, video_attention_radius=rv, locality_bias=bias
+        ).eval()
+        for name, (r, rv) in SCOPES.items()
+        for bias in (False, True)
+    }
+    tokens = torch.randn(1, math.prod(grid), 256)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(tokens, grid, num_reference=1)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def scope_memory(grid: tuple[int, int, int], heads: int, head_dim: int) -> dict[str, int]:
+    """Peak live bytes of one attention call per local scope (with the bias), on the meta device."""
+    n, out = math.prod(grid), {}
+    for name, (r, rv) in SCOPES.items():
+        if r is None:
+            continue
+        with torch.device("meta"):
+            q, k, v = (torch.empty(1, heads, n, head_dim) for _ in range(3))
+            bias = LocalityBias(heads, max(r, rv or 0))
+        with torch.no_grad(), LiveTensorMeter() as meter:
+            scoped_attention(q, k, v, AttentionScope(grid, 1, r, rv), bias)
+        out[name] = meter.peak
+    return out
+
+
+def small_flops() -> dict:
+    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies)."""
+    configs = {}
+    for name, (r, rv) in SCOPES.items():
+        for bias in (False, True):
+            config = refdecoder.preset("small")
+            tf = config.transformer
+            tf.attention_radius, tf.video_attention_radius, tf.locality_bias = r, rv, bias
+            configs[f"{name}{' + bias' if bias else ''}"] = config
+    return flops_row(build_wan("meta"), 17, (480, 832), configs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    time_grid, memory_grid = (6, 30, 52), (18, 30, 52)
+    timings = scope_timings(time_grid, args.repeats)
+    for name, seconds in timings.items():
+        print(f"{name:24s} {seconds:7.3f} s  ({seconds / timings['global']:.2f}x global)")
+    n = math.prod(memory_grid)
+    memory = {}
+    for heads, head_dim in ((4, 64), (8, 128)):
+        peaks = scope_memory(memory_grid, heads, head_dim)
+        output = n * heads * head_dim * 4
+        memory[f"{heads}x{head_dim}"] = {"output_bytes": output, "peak_bytes": peaks}
+        for name, peak in peaks.items():
+            print(
+                f"{heads}x{head_dim} {name:20s} peak {peak / 2**20:7.1f} MiB (output {output / 2**20:.1f} MiB), "
+                f"{peak / n**2:.3f}x the {n**2 / 2**20:.0f} MiB dense mask"
+            )
+    flops = small_flops()
+    for name, row in flops.items():
+        if isinstance(row, dict):
+            print(f"small, {name:24s} {row['tflop']:7.1f} TFLOP ({row['ratio_to_plain']:.3f}x the plain decoder)")
+    payload = {
+        "time_grid": time_grid,
+        "time_model": "SharedTransformer(256, depth 2, 4 heads), forward, batch 1, reference frames 1",
+        "repeats": args.repeats,
+        "seconds": timings,
+        "memory_grid": memory_grid,
+        "dense_mask_bytes": n * n,
+        "memory": memory,
+        "small_flops_17f_480x832": flops,
+    }
+    print(f"wrote {write_json('attention_scope', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
