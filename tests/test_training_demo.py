@@ -128,7 +128,9 @@ def test_a_run_folder_works_with_every_cli_command(demo) -> None:
     latents_dir.mkdir()
     image = write_image(latents_dir / "gen.png", torch.rand(3, 32, 32) * 2 - 1)
     save_latents(latents_dir / "gen.safetensors", torch.randn(4, 2, 4, 4), image, height=32, width=32, normalized=True)
-    assert main(["decode-latents", str(latents_dir), "--out", str(root / "d"), *common]) == 0
+    assert main(["decode-latents", str(latents_dir), "--out", str(root / "d"), *common, "--compare-base"]) == 0
+    report = (root / "d" / "index.html").read_text()  # no ground truth: videos and slider, no metrics
+    assert 'data-role="base (VAE)"' in report and 'class="slider"' in report and "No metrics" in report
     assert main(["analyze-latents", str(clip), "--vae", str(run), "--out", str(root / "a"), "--no-plots"]) == 0
     assert json.loads((root / "a" / "report.json").read_text())["files"] == [str(clip)]
     # The baseline's run folder is a plain decoder: --vae takes it, --weights says why not.
