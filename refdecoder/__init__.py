@@ -12,6 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.registry import get_backbone, list_backbones, register_backbone
 from refdecoder.config import PRESETS, RefDecoderConfig, preset
@@ -24,6 +26,9 @@ from refdecoder.errors import (
     MissingDependencyError,
     RefDecoderError,
 )
+
+if TYPE_CHECKING:  # what __getattr__ hands out lazily, for type checkers and IDEs
+    from refdecoder.model import RefDecoder, RefDecoderOutput, load, wrap
 
 _LAZY = {"wrap", "load", "RefDecoder", "RefDecoderOutput"}
 

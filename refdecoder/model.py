@@ -29,7 +29,13 @@ from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
-from refdecoder.validation import check_latents, check_reference, check_reference_index, check_video
+from refdecoder.validation import (
+    check_latent_statistics,
+    check_latents,
+    check_reference,
+    check_reference_index,
+    check_video,
+)
 
 __all__ = ["RefDecoder", "RefDecoderOutput", "wrap", "load", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -72,6 +78,7 @@ class RefDecoder(nn.Module):
         self, vae: nn.Module, config: RefDecoderConfig, adapter: BackboneAdapter, include_proxy: bool = True
     ) -> None:
         super().__init__()
+        check_latent_statistics(adapter)
         self.config = config
         self.adapter = adapter
         self.vae = vae
@@ -344,12 +351,26 @@ class RefDecoder(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
-        """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly."""
+    def from_pretrained(
+        cls,
+        vae: nn.Module,
+        directory: str | os.PathLike,
+        backbone: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+    ) -> RefDecoder:
+        """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly.
+
+        ``directory`` is a local folder or a Hugging Face repo id (``org/name``, ``org/name@rev/subfolder``; see
+        :mod:`refdecoder.hub`), read from the Hub cache first and downloaded when online; ``revision`` and
+        ``subfolder`` work as in diffusers' ``from_pretrained``.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from refdecoder.hub import resolve_path
+
+        directory = resolve_path(directory, revision, subfolder, what="RefDecoder weights")
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -491,6 +512,13 @@ def wrap(
     return model
 
 
-def load(vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
-    """Wrap ``vae`` and load RefDecoder weights saved with :meth:`RefDecoder.save_pretrained`."""
-    return RefDecoder.from_pretrained(vae, directory, backbone=backbone)
+def load(
+    vae: nn.Module,
+    directory: str | os.PathLike,
+    backbone: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> RefDecoder:
+    """Wrap ``vae`` and load RefDecoder weights saved with :meth:`RefDecoder.save_pretrained`, from a folder or a
+    Hugging Face repo id (see :meth:`RefDecoder.from_pretrained`)."""
+    return RefDecoder.from_pretrained(vae, directory, backbone=backbone, revision=revision, subfolder=subfolder)

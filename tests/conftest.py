@@ -1,4 +1,5 @@
-"""Shared test fixtures: deterministic seeds, the official fixture folder, GPU skipping."""
+"""Shared test fixtures: deterministic seeds, one intra-op thread for tiny models, the official fixture folder, GPU
+skipping."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -24,3 +26,18 @@ def reference_for(latents: torch.Tensor, frames: int = 1, seed: int = 1, spatial
     g = torch.Generator().manual_seed(seed)
     b, _, _, h, w = latents.shape
     return torch.rand(b, 3, frames, h * spatial, w * spatial, generator=g) * 2 - 1
+
+
+def save_random_model(root: Path) -> dict[str, Path]:
+    """A tiny Wan VAE saved as a diffusers folder ``root/vae`` and random RefDecoder weights for it in
+    ``root/weights`` (what ``--vae`` / ``--weights`` take)."""
+    import refdecoder
+
+    vae = tiny_wan()
+    vae.save_pretrained(root / "vae")
+    model = refdecoder.wrap(vae, "tiny")
+    for part in (model.tokenizer, model.transformer, model.projectors):
+        randomize_(part, scale=0.1)
+    model.save_pretrained(root / "weights")
+    model.unwrap()
+    return {"vae": root / "vae", "weights": root / "weights"}
