@@ -201,7 +201,8 @@ def _move(
     if seed is None:
         h, w = window.shape[-2:]
         top, left = (h - crop) // 2, (w - crop) // 2
-        return window[..., top : top + crop, left : left + crop].float().div(127.5).sub(1.0)
+        still = window[..., top : top + crop, left : left + crop].expand(-1, len(times), -1, -1)  # a photo: 1 frame
+        return still.float().div(127.5).sub(1.0)
     path = camera_path(camera, tuple(window.shape[-2:]), (crop, crop), times, frames, sample_generator(seed))
     return render_camera(window, path)
 

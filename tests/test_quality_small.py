@@ -174,6 +174,9 @@ def test_rendered_training_clips_and_references(micro_media) -> None:
     _, random = qd.render_training(media, settings, [clip], FRAMES, motion=False, reference="random")
     torch.testing.assert_close(first[0, :, 0], still[0, :, 0])
     torch.testing.assert_close(random[0, :, 0], still[0, :, 3])
+    photo = ("p", 0, 0, 0, 0, 3, 1, 99)  # without motion a photo makes a frozen clip of its window's centre
+    frozen, _ = qd.render_training(media, settings, [photo, clip], FRAMES, motion=False, reference="far")
+    assert frozen.shape == (2, 3, FRAMES, crop, crop) and torch.equal(frozen[0, :, :1].expand_as(frozen[0]), frozen[0])
     moving, ref = qd.render_training(media, settings, [clip], FRAMES, motion=True, reference="first")
     assert (moving - still).abs().mean() > 0.01  # the camera moved
     torch.testing.assert_close(ref[0, :, 0], moving[0, :, 0])
