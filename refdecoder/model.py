@@ -152,7 +152,7 @@ class RefDecoder(nn.Module):
         Returns:
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
-        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
         return self._finish(self.adapter.decode_windows(latents, self._hooks, ctx, windows), clamp)
 
     def iter_decode(
@@ -173,7 +173,7 @@ class RefDecoder(nn.Module):
         With an upscale head, ``depth_to_space=False`` yields the head's raw ``B, 3 * s**2, t, H/s, W/s`` output
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
-        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
         for part in self.adapter.iter_decode_windows(latents, self._hooks, ctx, windows):
             yield self._finish(part, clamp, depth_to_space)
 
@@ -184,18 +184,21 @@ class RefDecoder(nn.Module):
         window: int | None,
         resize_reference: bool,
         generator: torch.Generator | None,
-    ) -> tuple[DecodeContext, list[tuple[int, int]]]:
-        """Check the inputs, tokenize the reference and plan the windows of one decode."""
+    ) -> tuple[torch.Tensor, DecodeContext, list[tuple[int, int]]]:
+        """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
+        # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
+        # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
+        latents = latents.to(next(self.adapter.decoder_parameters())[1].dtype)
         ctx = DecodeContext(generator=generator)
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
-            ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
+            ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
-        return ctx, self.adapter.plan_windows(latents.shape[2], size)
+        return latents, ctx, self.adapter.plan_windows(latents.shape[2], size)
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:
         """(H, W) of the decoded video (and of the reference) for latents of spatial size ``latent_size``."""
@@ -212,7 +215,7 @@ class RefDecoder(nn.Module):
         """Frozen encoder: ``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode), without gradients."""
         self._check_alive()
         check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
-        return self.adapter.encode(video)
+        return self.adapter.encode(video.to(next(self.vae.parameters()).dtype))
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the normalised space diffusion pipelines work in."""
