@@ -117,7 +117,6 @@ class RefDecoder(nn.Module):
         )
         if config.dropout.p_max > 0:
             self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
-        self._hooks = _ReferenceHooks(self)
         # Last, so that no error above leaves the VAE modified. A plain attribute, not a submodule: the head conv
         # lives inside the VAE, where diffusers expects it.
         self.upscale_head = attach_upscale_head(vae, up.factor, up.order) if up.factor > 1 else None
@@ -153,7 +152,7 @@ class RefDecoder(nn.Module):
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
         latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        return self._finish(self.adapter.decode_windows(latents, self._hooks, ctx, windows), clamp)
+        return self._finish(self.adapter.decode_windows(latents, _ReferenceHooks(self), ctx, windows), clamp)
 
     def iter_decode(
         self,
@@ -174,7 +173,7 @@ class RefDecoder(nn.Module):
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
         latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        for part in self.adapter.iter_decode_windows(latents, self._hooks, ctx, windows):
+        for part in self.adapter.iter_decode_windows(latents, _ReferenceHooks(self), ctx, windows):
             yield self._finish(part, clamp, depth_to_space)
 
     def _prepare_decode(
@@ -248,6 +247,19 @@ class RefDecoder(nn.Module):
             h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
             counts.append(self.projectors[specs[i].name].token_count(frames, h, w))
         return max(counts)
+
+    def compile(self, decoder: bool = True, **options: Any) -> None:
+        """``torch.compile(**options)`` the transformer blocks and, with ``decoder``, the backbone's window pass.
+
+        In place; state-dict keys do not change. The compiled window pass (Wan) traces hooks and transformer into one
+        graph per window shape (the first window, then each later size); torch keeps a bounded number of graphs per
+        function (``torch._dynamo.config.recompile_limit``, 8). Replaces :meth:`nn.Module.compile`, which would
+        compile :meth:`forward` (the training pass).
+        """
+        for block in self.transformer.blocks:
+            block.compile(**options)
+        if decoder and not self.adapter.compile_window(**options):
+            logger.info("the %s adapter has no window pass to compile; compiled the transformer", self.adapter.name)
 
     # --- training -------------------------------------------------------------------------------------------
     def forward(
@@ -394,7 +406,8 @@ class _ReferenceHooks:
     """The hook-point behaviour of a RefDecoder (what the adapter's decode loop calls)."""
 
     def __init__(self, model: RefDecoder) -> None:
-        self._model = weakref.proxy(model)
+        # Made per decode, so no lasting cycle; a strong reference, because torch.compile cannot guard a proxy.
+        self._model = model
 
     def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         for component in self._model.latent_components.values():

@@ -178,6 +178,14 @@ class BackboneAdapter(abc.ABC):
             filled += part.shape[2]
         return video
 
+    def compile_window(self, **options: Any) -> bool:
+        """``torch.compile(**options)`` the per-window decoder pass in place; False when this adapter has none.
+
+        A compiled pass must take the hooks as an argument (they are traced into its graph) and see inputs of the
+        same shapes and strides in every window of one size, so that such windows reuse one graph.
+        """
+        return False
+
     @abc.abstractmethod
     def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
         """Push ``B, C_i, R, h_i, w_i`` reference features through stage ``index`` spatially only."""

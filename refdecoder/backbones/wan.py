@@ -133,7 +133,13 @@ class WanAdapter(BackboneAdapter):
         cache: list[Any] = [None] * self._num_cache_slots
         for index, (start, stop) in enumerate(windows):
             ctx.window_index, ctx.first_window = index, index == 0
-            yield self._decode_window(x[:, :, start:stop], cache, hooks, ctx)
+            part = self._decode_window(_settled(x[:, :, start:stop]), cache, hooks, ctx)
+            cache[:] = [_settled(entry) if isinstance(entry, torch.Tensor) else entry for entry in cache]
+            yield part
+
+    def compile_window(self, **options: Any) -> bool:
+        self._decode_window = torch.compile(self._decode_window, **options)
+        return True
 
     def _decode_window(
         self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext
@@ -191,3 +197,17 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list[Any], cursor: lis
     cache[idx] = keep
     cursor[0] += 1
     return out
+
+
+def _settled(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a new contiguous tensor, size-1 dimensions included (copied only if it differs).
+
+    A window slice keeps the batch stride of the whole video, and a cache slot after the mid-block's attention
+    the layout of the window it was cut from. A compiled window pass guards on strides, so without this it would
+    trace again for each video length and for the second window of each size.
+    """
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.insert(0, step)
+        step *= size
+    return x if list(x.stride()) == strides else x.clone(memory_format=torch.contiguous_format)

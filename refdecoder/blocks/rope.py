@@ -114,6 +114,10 @@ class RotaryEmbedding3D(nn.Module):
         time_positions: torch.Tensor | None = None,
         device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled graph computes its own tables: reading the cache would guard the graph on the grid of
+            # the previous call, and each window would trace again.
+            return rope_tables(grid, self.head_dim, self.theta, time_positions, device)
         positions = None if time_positions is None else tuple(int(p) for p in time_positions.reshape(-1).tolist())
         key = (tuple(int(v) for v in grid), positions, torch.device(device) if device is not None else None)
         if self._cache is None or self._cache[0] != key:
