@@ -314,6 +314,8 @@ def _decode_table(results: dict, run: Run) -> str:
     for name, row in results["decode"].items():
         cells = [_cells(row.get(str(f), row)) for f in run.frames]
         t = row.get(long, {}).get("median_s")
+        if "graphs" in row:
+            name += f" ({row['graphs']} graphs traced, {row['traced_while_timed']} while timed)"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {f'{t / plain:.2f}x' if t and plain else '-'} |")
     return "\n".join(lines)
 

@@ -39,4 +39,4 @@ def test_dry_run_measures_every_row_and_writes_json_and_table(tmp_path):
     saved = json.loads((tmp_path / "gpu_decode_dry_run.json").read_text())
     assert saved["decode"].keys() == decode.keys()
     table = (tmp_path / "gpu_decode_dry_run.md").read_text()
-    assert "| small compiled |" in table and "| target |" in table
+    assert "| small compiled (2 graphs traced, 0 while timed) |" in table and "| target |" in table
