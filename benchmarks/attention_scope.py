@@ -9,6 +9,8 @@
 2. Memory: peak live tensor bytes of one attention call (its output included) at the stage-2 grid of the same
    clip (18 x 30 x 52 = 28,080 tokens), on the meta device, for 4 x 64 and 8 x 128 heads, against the ``N^2``
    bytes of the dense boolean mask the neighbourhood computation replaces.
+3. FLOPs of the ``small`` preset decoding 17 frames at 480x832 with a reference (Wan2.1, meta device), per scope,
+   against the plain decoder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import refdecoder  # noqa: E402
 from benchmarks._common import LiveTensorMeter, write_json  # noqa: E402
+from benchmarks.decode_overhead import build_wan, flops_row  # noqa: E402
 from refdecoder.blocks import AttentionScope, LocalityBias, SharedTransformer, scoped_attention  # noqa: E402
 
 SCOPES = {  # name -> (attention_radius, video_attention_radius)
@@ -71,6 +75,18 @@ def scope_memory(grid: tuple[int, int, int], heads: int, head_dim: int) -> dict[
     return out
 
 
+def small_flops() -> dict:
+    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies)."""
+    configs = {}
+    for name, (r, rv) in SCOPES.items():
+        for bias in (False, True):
+            config = refdecoder.preset("small")
+            tf = config.transformer
+            tf.attention_radius, tf.video_attention_radius, tf.locality_bias = r, rv, bias
+            configs[f"{name}{' + bias' if bias else ''}"] = config
+    return flops_row(build_wan("meta"), 17, (480, 832), configs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -93,6 +109,10 @@ def main() -> None:
                 f"{heads}x{head_dim} {name:20s} peak {peak / 2**20:7.1f} MiB (output {output / 2**20:.1f} MiB), "
                 f"{peak / n**2:.3f}x the {n**2 / 2**20:.0f} MiB dense mask"
             )
+    flops = small_flops()
+    for name, row in flops.items():
+        if isinstance(row, dict):
+            print(f"small, {name:24s} {row['tflop']:7.1f} TFLOP ({row['ratio_to_plain']:.3f}x the plain decoder)")
     payload = {
         "time_grid": time_grid,
         "time_model": "SharedTransformer(256, depth 2, 4 heads), forward, batch 1, reference frames 1",
@@ -101,6 +121,7 @@ def main() -> None:
         "memory_grid": memory_grid,
         "dense_mask_bytes": n * n,
         "memory": memory,
+        "small_flops_17f_480x832": flops,
     }
     print(f"wrote {write_json('attention_scope', payload, args.out)}")
 

@@ -1,10 +1,12 @@
-"""Cost of reference conditioning on the Wan2.1 decoder: wall time, FLOPs at the real size, memory vs length.
+"""Cost of reference conditioning on the Wan decoders: wall time, FLOPs at the real size, memory vs length.
 
     python benchmarks/decode_overhead.py [--skip-time] [--out results.json]
 
 1. Wall time of ``model.decode`` (presets paper, small) vs ``vae.decode`` on the same latents: full Wan2.1 width
    (random weights), a small spatial size, median of several runs, measured side by side in one process.
-2. FLOPs at 480x832 for 17 and 81 frames, counted with ``FlopCounterMode`` on the meta device (nothing runs).
+2. FLOPs, counted with ``FlopCounterMode`` on the meta device (nothing runs): Wan2.1 at 480x832 for 17 and 81
+   frames; Wan2.2 (the TI2V-5B VAE config) at its default 17 frames, 704x1280, also with ``small``'s last stage on
+   the same token grid as the others (``stages.patch_multipliers = (1, 1, 1)``). Added parameters per preset.
 3. Peak live-tensor memory of decoding 21 vs 5 latent frames with the same window (meta device at 480x832, and
    real tensors at a small size): the window bounds memory, not the video length.
 """
@@ -34,27 +36,49 @@ def build_wan(device: str | torch.device = "cpu"):
         return AutoencoderKLWan().eval()  # Wan2.1 config: base_dim 96, z_dim 16
 
 
+def build_wan22(device: str | torch.device = "meta"):
+    """The Wan2.2 TI2V-5B VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json; statistics do not change FLOPs)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device(device):
+        return AutoencoderKLWan(
+            base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in_channels=12,
+            out_channels=12, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+        ).eval()  # fmt: skip
+
+
 def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
 
+def flops_row(vae, frames: int, size: tuple[int, int], configs: dict) -> dict:
+    """Plain decoder FLOPs and, per config, RefDecoder FLOPs (ratio to plain) and added parameters."""
+    factor, channels = vae.spatial_compression_ratio, vae.config.z_dim
+    z = torch.empty(1, channels, 1 + (frames - 1) // 4, size[0] // factor, size[1] // factor, device="meta")
+    ref = torch.empty(1, 3, 1, *size, device="meta")
+    base = count_flops(lambda: vae.decode(z))
+    row = {"plain_decoder_tflop": base / 1e12}
+    for name, config in configs.items():
+        model = refdecoder.wrap(vae, config)
+        total = count_flops(lambda m=model: m.decode(z, reference=ref))
+        added = sum(p.numel() for _, p in model.added_parameters())
+        row[name] = {"tflop": total / 1e12, "ratio_to_plain": total / base, "added_params_m": added / 1e6}
+        model.unwrap()
+    return row
+
+
 def flops_table(frames_list=(17, 81), size=(480, 832)) -> dict:
-    vae = build_wan("meta")
-    rows = {}
-    for frames in frames_list:
-        z = torch.empty(1, 16, 1 + (frames - 1) // 4, size[0] // 8, size[1] // 8, device="meta")
-        ref = torch.empty(1, 3, 1, *size, device="meta")
-        base = count_flops(lambda z=z: vae.decode(z))
-        row = {"plain_decoder_tflop": base / 1e12}
-        for name in PRESETS:
-            model = refdecoder.wrap(vae, name)
-            total = count_flops(lambda m=model, z=z, r=ref: m.decode(z, reference=r))
-            row[name] = {"tflop": total / 1e12, "ratio_to_plain": total / base, "added_fraction": total / base - 1}
-            model.unwrap()
-        rows[f"{frames}f_{size[0]}x{size[1]}"] = row
-    return rows
+    vae, configs = build_wan("meta"), {name: name for name in PRESETS}
+    return {f"{frames}f_{size[0]}x{size[1]}": flops_row(vae, frames, size, configs) for frames in frames_list}
+
+
+def wan22_flops(frames: int = 17, size: tuple[int, int] = (704, 1280)) -> dict:
+    even = refdecoder.preset("small")
+    even.stages.patch_multipliers = (1, 1, 1)  # stage 2 on the same H/32 grid as stages 0 and 1
+    configs = {"small": "small", "small_even_grid": even, "paper": "paper"}
+    return {f"{frames}f_{size[0]}x{size[1]}": flops_row(build_wan22(), frames, size, configs)}
 
 
 def wall_times(latent_shape=(1, 16, 2, 8, 8), repeats: int = 3) -> dict:
@@ -112,8 +136,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    result = {"flops": flops_table()}
+    result = {"flops": flops_table(), "wan22_flops": wan22_flops()}
     print("FLOPs:", result["flops"])
+    print("Wan2.2 FLOPs:", result["wan22_flops"])
     result["memory"] = [peak_memory("meta", (480, 832)), peak_memory("cpu", (64, 64))]
     print("memory:", result["memory"])
     if not args.skip_time:

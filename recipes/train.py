@@ -4,10 +4,13 @@
     python recipes/train.py recipes/configs/wan2.1.yaml model.vae.path=/models/Wan2.1-I2V fabric.devices=8
     python recipes/train.py CONFIG optim.lr=1e-4 stages.1.frames=17 --resume auto
 
-Flow, top to bottom: config -> Fabric -> sample shards and the VAE (a tiny VAE is pretrained briefly on first run)
--> wrap -> optimizer + schedule -> resume -> the curriculum stages (video steps, with latent-finetuning steps
-interleaved when enabled), logging, validation, image grids and checkpoints -> final checkpoint, ``save_pretrained``
-export and a summary of where everything went.
+Flow, top to bottom: config -> Fabric -> sample shards and the VAE (saved as ``<run_dir>/vae``; a tiny VAE is
+pretrained briefly on first run) -> wrap (or, for ``model.kind: plain``, the plain decoder) -> optimizer + schedule
+-> resume (refused when the model config changed) -> the curriculum stages (video steps, with latent-finetuning
+steps interleaved when enabled), logging, validation, image grids and checkpoints -> final checkpoint, export and a
+summary. With ``compare.baseline`` the same budget then trains the plain decoder in ``<run_dir>/baseline``, and with
+``compare.enabled`` the VAE, the baseline and the RefDecoder are compared on held-out clips
+(``<run_dir>/comparison``: videos, ``metrics.csv``, ``index.html``). The closing lines print commands to go on with.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runs from a clone without `pip install -e .`
 
-import refdecoder  # noqa: E402
+from refdecoder.cli._progress import progress  # noqa: E402
 from refdecoder.errors import CheckpointError, RefDecoderError  # noqa: E402
 from refdecoder.training import CheckpointManager, StopSignal, load_config, warmup_cosine  # noqa: E402
+from refdecoder.training.compare import baseline_config, closing_lines, compare_run, comparison_table  # noqa: E402
 from refdecoder.training.config import TrainConfig, config_to_dict  # noqa: E402
 from refdecoder.training.data import (  # noqa: E402
     BatchStream,
@@ -47,19 +51,21 @@ from refdecoder.training.loggers import (  # noqa: E402
     write_json,
 )
 from refdecoder.training.setup import (  # noqa: E402
-    attach_components,
     build_fabric,
     build_loss,
     build_metric_lpips,
-    compile_transformer,
-    export_pretrained,
+    check_resume_config,
+    export_run,
     gather_objects,
     restore_checkpoint,
     rng_state,
+    saved_config,
     saved_model_keys,
+    setup_model_and_optimizer,
+    wrap_run_model,
 )
 from refdecoder.training.steps import NonFiniteGuard, latent_loss, step_generator, validate, video_loss  # noqa: E402
-from refdecoder.training.vae import PRETRAINED_VAE_NAME, backbone_adapter, load_vae, pretrain_vae  # noqa: E402
+from refdecoder.training.vae import RUN_VAE_DIR, backbone_adapter, load_vae, pretrain_run_vae, save_run_vae  # noqa: E402
 
 
 def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> int:
@@ -76,16 +82,33 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> i
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        loggers = build_loggers(cfg.logging.loggers, cfg.run_dir, cfg.logging.wandb_project)
-        fabric = build_fabric(cfg, loggers, callbacks)
-        return fabric.launch(train, cfg, args.resume)
+        fabric = build_fabric(cfg, callbacks=callbacks)
+        return fabric.launch(run_job, cfg, args.resume)
     except RefDecoderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
 
+def run_job(fabric: Any, cfg: TrainConfig, resume: str) -> int:
+    """The configured run, then the equal-budget baseline and the comparison when ``compare`` asks for them."""
+    code = train(fabric, cfg, resume)
+    baseline = baseline_config(cfg) if cfg.compare.baseline else None
+    if code == 0 and baseline is not None:
+        fabric.print(f"training the equal-budget baseline (the plain decoder alone) in {baseline.run_dir}")
+        code = train(fabric, baseline, resume)
+    if code != 0 or not fabric.is_global_zero:
+        return code
+    if cfg.compare.enabled:
+        fabric.print("comparing on held-out clips: the VAE as it was, the baseline and the RefDecoder")
+        rows, report = compare_run(cfg, Path(baseline.run_dir) if baseline else None, fabric.device)
+        fabric.print(comparison_table(rows))
+        fabric.print(f"report:      {report}  (videos, before/after slider, metrics, loss curves)")
+    fabric.print(closing_lines(cfg))
+    return code
+
+
 def train(fabric: Any, cfg: TrainConfig, resume: str) -> int:
-    """The whole run on one rank; returns the exit code (0 done, 128 + signal number when stopped by a signal)."""
+    """One run on one rank; returns the exit code (0 done, 128 + signal number when stopped by a signal)."""
     started = time.time()
     run_dir = Path(cfg.run_dir)
     if cfg.fabric.cpu_threads:
@@ -99,9 +122,9 @@ def train(fabric: Any, cfg: TrainConfig, resume: str) -> int:
         raise CheckpointError(
             f"{ckpts.directory} already holds checkpoints; continue with --resume auto, or pick a new run_dir"
         )
+    if resume_path is not None:  # before anything is built or written: a refused resume changes nothing
+        check_resume_config(resume_path, saved_config(resume_path), config_to_dict(cfg))
     if fabric.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config_to_dict(cfg))
         for dataset in (cfg.data.train, cfg.data.val):
             if dataset is not None:
                 ensure_sample_shards(dataset)
@@ -113,74 +136,46 @@ def train(fabric: Any, cfg: TrainConfig, resume: str) -> int:
     model = build_model(fabric, cfg, run_dir)
     model_keys = saved_model_keys(model)
     model, optimizer = setup_model_and_optimizer(fabric, cfg, model)
-    total_steps = cfg.schedule.total_steps or cfg.total_steps
     scheduler = warmup_cosine(
-        optimizer, total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_start, cfg.schedule.min_ratio
+        optimizer, cfg.total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_start, cfg.schedule.min_ratio
     )
     loss_fn = fabric.to_device(build_loss(cfg))
     metric_lpips = build_metric_lpips(cfg.validation.lpips)
     metric_lpips = fabric.to_device(metric_lpips) if metric_lpips is not None else None
 
-    progress = {"step": 0, "ranks": None, "nonfinite": None, "history": {"train": [], "val": []}}
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    progress_state = {"step": 0, "ranks": None, "nonfinite": None, "history": {"train": [], "val": []}}
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress_state}
     if resume_path is not None:
         fabric.print(f"resuming from {resume_path}")
         restore_checkpoint(fabric, resume_path, state, model_keys, config_to_dict(cfg))
-    run = Run(fabric, cfg, state, loss_fn, metric_lpips, ckpts, model_keys)
+    if fabric.is_global_zero:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+    loggers = build_loggers(cfg.logging.loggers, cfg.run_dir, cfg.logging.wandb_project)
+    run = Run(fabric, cfg, state, loss_fn, metric_lpips, ckpts, model_keys, loggers)
     code = run.fit()
     if code == 0:
         run.finish(started)
-    for logger in fabric.loggers:
+    for logger in loggers:
         logger.finalize("success" if code == 0 else "interrupted")
     return code
 
 
-def build_model(fabric: Any, cfg: TrainConfig, run_dir: Path) -> refdecoder.RefDecoder:
-    """Load (or build, and on first run pretrain) the VAE, wrap it, attach the configured extra components."""
-    vae = load_vae(cfg.model, run_dir)
-    pretrain = cfg.model.vae.pretrain
-    if cfg.model.vae.source == "tiny" and pretrain.steps > 0 and not (run_dir / PRETRAINED_VAE_NAME).is_file():
+def build_model(fabric: Any, cfg: TrainConfig, run_dir: Path) -> torch.nn.Module:
+    """The run's VAE (saved as ``<run_dir>/vae`` on first run; a tiny one pretrained first), wrapped by RefDecoder
+    with the configured extra components, or the plain decoder for ``model.kind: plain``."""
+    if not (run_dir / RUN_VAE_DIR / "config.json").is_file() and cfg.model.vae.source in ("tiny", "demo"):
         if fabric.is_global_zero:
-            fabric.print(
-                f"pretraining the tiny VAE ({pretrain.steps} steps, L1) so that reconstruction means something"
-            )
-            size = cfg.stages[0].size or cfg.data.size
-            frame_rule = backbone_adapter(cfg.model.backbone).frame_rule
-            dataset = build_clip_dataset(cfg.data.train, pretrain.frames, size, frame_rule, cfg.seed)
-            batches = BatchStream(dataset, pretrain.batch_size, seed=cfg.seed, num_workers=cfg.data.train.num_workers)
-            losses = pretrain_vae(
-                vae, cfg.model.backbone, batches, pretrain.steps, pretrain.lr, run_dir / PRETRAINED_VAE_NAME
-            )
-            write_json(run_dir / "vae_pretrain.json", {"steps": pretrain.steps, "loss": losses})
-            fabric.print(f"VAE pretraining L1: {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+            vae = load_vae(cfg.model, run_dir)
+            if cfg.model.vae.source == "tiny" and cfg.model.vae.pretrain.steps > 0:
+                steps = cfg.model.vae.pretrain.steps
+                fabric.print(f"pretraining the tiny VAE ({steps} steps, L1) so that reconstruction means something")
+                bar = progress(steps, "VAE pretraining", unit="step", disable=not cfg.logging.progress_bar)
+                losses = pretrain_run_vae(cfg, vae, run_dir, tick=lambda loss: _tick(bar, loss))
+                bar.close()
+                fabric.print(f"VAE pretraining L1: {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+            save_run_vae(cfg.model, vae, run_dir)
         fabric.barrier()
-        vae = load_vae(cfg.model, run_dir)  # every rank starts from the same saved weights
-    model = refdecoder.wrap(vae, cfg.refdecoder_config(), backbone=cfg.model.backbone)
-    attach_components(model, cfg.model.latent_components)
-    if cfg.fabric.compile:
-        compile_transformer(model)
-    return model
-
-
-def setup_model_and_optimizer(fabric: Any, cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]:
-    """AdamW over ``model.param_groups`` (added modules at lr, decoder at lr x ratio), set up by Fabric."""
-    lr = cfg.optim.lr
-    if cfg.optim.scale_lr:
-        lr *= fabric.world_size * cfg.data.batch_size * cfg.optim.grad_accum
-
-    def make_optimizer(module: Any) -> torch.optim.Optimizer:
-        groups = module.param_groups(lr, decoder_lr_ratio=cfg.optim.decoder_lr_ratio)
-        oc = cfg.optim
-        return torch.optim.AdamW(groups, lr=lr, betas=oc.betas, weight_decay=oc.weight_decay, eps=oc.eps)
-
-    if cfg.fabric.strategy.startswith("deepspeed"):
-        model, optimizer = fabric.setup(model, make_optimizer(model))
-    else:  # FSDP needs the optimizer built on the already sharded parameters; the others do not mind
-        model = fabric.setup_module(model)
-        optimizer = fabric.setup_optimizers(make_optimizer(model))
-    for method in ("decode", "encode"):  # latent finetuning calls these; they must go through DDP/FSDP's forward
-        model.mark_forward_method(method)
-    return model, optimizer
+    return wrap_run_model(cfg, load_vae(cfg.model, run_dir))  # every rank starts from the same saved weights
 
 
 class Run:
@@ -195,8 +190,10 @@ class Run:
         metric_lpips: torch.nn.Module | None,
         ckpts: CheckpointManager,
         model_keys: set[str],
+        loggers: list[Any],
     ) -> None:
         self.fabric, self.cfg, self.state, self.ckpts, self.model_keys = fabric, cfg, state, ckpts, model_keys
+        self.loggers = loggers
         self.model, self.optimizer, self.scheduler = state["model"], state["optimizer"], state["scheduler"]
         self.loss_fn, self.metric_lpips = loss_fn, metric_lpips
         self.progress = state["progress"]
@@ -219,6 +216,9 @@ class Run:
     # --- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> int:
         cfg, fabric = self.cfg, self.fabric
+        # wrap() returns an eval-mode model; Fabric does not switch it. In eval, token dropout would stay off until
+        # the first validation switched the model to train mode, so a resumed run would differ from a straight one.
+        self.model.train()
         bar = _progress_bar(fabric, cfg, self.step)
         fabric.call("on_train_start", fabric=fabric, step=self.step, model=self.model)
         if self.step == 0 and cfg.validation.at_start and cfg.data.val is not None:
@@ -324,8 +324,7 @@ class Run:
         for key, value in parts.items():
             self.meter.setdefault(key, []).append(value)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts.get('train/loss', parts.get('latent/loss', float('nan'))):.4f}")
+            _tick(bar, parts.get("train/loss", parts.get("latent/loss", float("nan"))))
         if step % cfg.logging.every_steps == 0:
             self.log_metrics()
         if cfg.data.val is not None and step % cfg.validation.every_steps == 0:
@@ -359,7 +358,7 @@ class Run:
                 "stage": float(self.stage_index),
             }
         )
-        fabric.log_dict(metrics, step=self.step)
+        self._log(metrics)
         if "train/loss" in metrics:
             self.progress["history"]["train"].append([self.step, metrics["train/loss"]])
         self.meter = {}
@@ -367,7 +366,7 @@ class Run:
     def validate(self, tag: str) -> dict[str, float]:
         clips = self._preview_clips()
         metrics, _ = validate(self.model, clips, self.metric_lpips, self.fabric.device)
-        self.fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=self.step)
+        self._log({f"val/{k}": v for k, v in metrics.items()})
         self.progress["history"]["val"].append({"step": self.step, "tag": tag, **metrics})
         self.fabric.print(
             f"validation at step {self.step}: "
@@ -382,11 +381,12 @@ class Run:
     def image(self) -> None:
         clips = self._preview_clips()
         first = {key: value[:1] for key, value in clips.items()}
-        _, (reference, target, recon) = validate(self.model, first, None, self.fabric.device)
+        metrics, (reference, target, recon) = validate(self.model, first, None, self.fabric.device)
         if self.fabric.is_global_zero:
-            grid = image_grid(reference, target, recon, self.cfg.logging.image_frames)
+            title = f"step {self.step}, PSNR {metrics['psnr']:.2f} dB"
+            grid = image_grid(reference, target, recon, self.cfg.logging.image_frames, title=title)
             path = Path(self.cfg.run_dir) / "images" / f"step-{self.step:09d}.png"
-            self.paths["image"] = log_image(self.fabric.loggers, "reconstruction", grid, self.step, path)
+            self.paths["image"] = log_image(self.loggers, "reconstruction", grid, self.step, path)
 
     def save_checkpoint(self) -> Path:
         fabric = self.fabric
@@ -427,15 +427,19 @@ class Run:
             final = {k: v for k, v in final.items() if k not in ("step", "tag")}
         if "image" not in self.paths or self.step % cfg.logging.image_every_steps != 0:
             self.image()
-        export = run_dir / "refdecoder"
         if fabric.is_global_zero:
-            export_pretrained(cfg, self.model, self.paths["checkpoint"], export)
+            export = export_run(cfg, self.model, self.paths["checkpoint"])
             ends = [sum(s.steps for s in cfg.stages[: i + 1]) for i in range(len(cfg.stages))]
             summary = summarize(self.progress["history"], ends, final, self.guard.total, time.time() - started)
             self.paths["metrics"] = write_json(run_dir / "metrics.json", summary)
-            fabric.print(print_summary(summary, {**self.paths, "weights": export, "logs": run_dir / "logs"}))
+            paths = {**self.paths, "weights": export, "logs": run_dir / "logs"}
+            fabric.print(print_summary(summary, paths, cfg.model.kind))
 
     # --- helpers ------------------------------------------------------------------------------------------------
+    def _log(self, metrics: dict[str, float]) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
+
     def _latent_stream(self) -> BatchStream | None:
         lf, fabric = self.cfg.latent_finetune, self.fabric
         if not lf.enabled:
@@ -475,12 +479,16 @@ class Run:
         return self.preview[key]
 
 
+def _tick(bar: Any, loss: float) -> None:
+    bar.set_postfix(loss=f"{loss:.4f}")
+    bar.update(1)
+
+
 def _progress_bar(fabric: Any, cfg: TrainConfig, step: int) -> Any:
     if not (fabric.is_global_zero and cfg.logging.progress_bar):
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    what = "baseline" if cfg.model.kind == "plain" else "RefDecoder"
+    return progress(cfg.total_steps, f"train {what}", unit="step", initial=step)
 
 
 if __name__ == "__main__":

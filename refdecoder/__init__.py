@@ -12,13 +12,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from refdecoder.backbones.registry import (
-    BackboneAdapter,
-    StageSpec,
-    get_backbone,
-    list_backbones,
-    register_backbone,
-)
+from typing import TYPE_CHECKING
+
+from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.registry import get_backbone, list_backbones, register_backbone
 from refdecoder.config import PRESETS, RefDecoderConfig, preset
 from refdecoder.errors import (
     BackboneError,
@@ -29,6 +26,9 @@ from refdecoder.errors import (
     MissingDependencyError,
     RefDecoderError,
 )
+
+if TYPE_CHECKING:  # what __getattr__ hands out lazily, for type checkers and IDEs
+    from refdecoder.model import RefDecoder, RefDecoderOutput, load, wrap
 
 _LAZY = {"wrap", "load", "RefDecoder", "RefDecoderOutput"}
 
@@ -56,6 +56,7 @@ __all__ = [
     "get_backbone",
     "register_backbone",
     "BackboneAdapter",
+    "Fit",
     "StageSpec",
     "RefDecoderError",
     "ConfigError",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "read_checkpoint",
+    "sniff_format",
     "detect_layout",
     "official_wan_config",
     "official_videovaeplus_config",
@@ -66,16 +67,17 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     """Tensors of a checkpoint file or DeepSpeed folder, with wrapper fragments removed from the keys.
 
     Args:
-        path: ``.ckpt``/``.pt``/``.pth`` (torch), ``.safetensors``, or a DeepSpeed checkpoint folder.
+        path: ``.ckpt``/``.pt``/``.pth`` (torch), ``.safetensors``, a DeepSpeed checkpoint folder, a folder holding
+            one checkpoint file, or a Hugging Face repo id (``org/name``, ``org/name@rev/file.ckpt``; see
+            :mod:`refdecoder.hub`).
         allow_pickle: allow arbitrary pickled objects (only for files you trust); by default only tensors and
             plain containers are unpickled.
     """
-    path = Path(path)
+    from refdecoder.hub import resolve_path
+
+    path = resolve_path(path, what="checkpoint")
     if path.is_dir():
-        shards = sorted(path.glob("**/mp_rank_00_model_states.pt"))
-        if not shards:
-            raise CheckpointError(f"{path} is a folder but holds no DeepSpeed mp_rank_00_model_states.pt")
-        path = shards[0]
+        path = _checkpoint_in(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     state = _unwrap_container(_load_file(path, allow_pickle), path)
@@ -88,16 +90,62 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, t
     return cleaned
 
 
+def _checkpoint_in(folder: Path) -> Path:
+    """The checkpoint file of a folder: DeepSpeed's model states, else its only checkpoint file."""
+    shards = sorted(folder.glob("**/mp_rank_00_model_states.pt"))
+    if shards:
+        return shards[0]
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".pt", ".pth", ".bin", ".safetensors"))
+    if len(files) != 1:
+        found = f"{len(files)} checkpoint files ({[p.name for p in files][:5]})" if files else "no checkpoint file"
+        raise CheckpointError(
+            f"{folder} holds {found} and no DeepSpeed mp_rank_00_model_states.pt; name the file (org/name/FILE)"
+        )
+    return files[0]
+
+
 def _load_file(path: Path, allow_pickle: bool) -> Mapping:
+    kind = sniff_format(path)
+    if kind == "text":
+        first = path.read_bytes()[:60].decode("utf-8", "replace").splitlines()[0] if path.stat().st_size else ""
+        raise CheckpointError(f"{path} is a text file (it starts with {first!r}), not a checkpoint")
+    if kind == "unknown" and not allow_pickle:
+        raise CheckpointError(
+            f"{path} is neither a torch checkpoint (zip or pickle) nor a safetensors file; if it is a checkpoint in "
+            "another pickle layout and you trust it, pass --allow-pickle (allow_pickle=True in Python)"
+        )
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:  # torch raises several unrelated types for truncated or foreign files
-        hint = "" if allow_pickle else " (if the file is trusted and holds non-tensor objects, pass allow_pickle=True)"
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}{hint}") from err
+        reason = " ".join(str(err).split())
+        if not allow_pickle and "weights_only" in reason.lower().replace(" ", "_"):
+            reason = "it holds Python objects other than tensors"
+            hint = "; if the file is trusted, pass --allow-pickle (allow_pickle=True in Python)"
+        else:
+            reason, hint = f"{type(err).__name__}: {reason[:300]}", ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}{hint}") from err
+
+
+def sniff_format(path: Path) -> str:
+    """The container of a checkpoint file from its first bytes: ``"zip"`` (torch >= 1.6), ``"pickle"`` (legacy
+    torch), ``"safetensors"``, ``"text"``, or ``"unknown"``."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    return "text" if all(c.isprintable() or c.isspace() for c in text) else "unknown"
 
 
 def _unwrap_container(raw: Mapping, path: Path) -> Mapping:
@@ -371,7 +419,7 @@ def load_official(
     """Read a released RefDecoder checkpoint and return a ready :class:`RefDecoder`.
 
     Args:
-        path: the official checkpoint (file or DeepSpeed folder).
+        path: the official checkpoint (file, DeepSpeed folder, or Hub id: see :func:`read_checkpoint`).
         backbone: ``"wan2.1"`` or ``"videovae+"``; detected from the keys when None (a mismatch raises).
         vae: an existing base VAE to wrap (its decoder weights are replaced by the checkpoint's fine-tuned ones);
             by default one is built from the checkpoint's own VAE weights.

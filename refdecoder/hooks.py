@@ -6,7 +6,9 @@ A backbone adapter drives its own decoder loop and, at named places, hands the c
   split into windows. Training-time components (token dropout, latent degradation, LMR) attach here.
 - ``stage{i}``: the feature map entering up-sampling stage ``i``, once per window. The reference-conditioning
   stage attaches here (stage projector + shared transformer).
-- ``reference``: where reference tokens are made (the reference tokenizer), once per decode.
+
+Reference tokens are made once per decode before the loop starts (``DecodeContext.reference_tokens``), so they
+need no hook point of their own.
 
 The adapter never knows what is attached; it only calls :class:`DecodeHooks`. :class:`IdentityHooks` gives the
 plain backbone decode through the same loop, which is what the identity tests compare against ``vae.decode``.
@@ -19,9 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["HOOK_POINTS", "DecodeContext", "DecodeHooks", "IdentityHooks", "plan_windows"]
-
-HOOK_POINTS = ("latents", "stage{i}", "reference")
+__all__ = ["DecodeContext", "DecodeHooks", "IdentityHooks", "plan_windows"]
 
 
 @dataclass

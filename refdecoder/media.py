@@ -23,7 +23,7 @@ from refdecoder.data.transforms import ResizeMode, ResizePlan, frames_to_tensor,
 from refdecoder.data.video import probe, write_image
 from refdecoder.errors import DataError, InputError
 
-__all__ = ["iter_frames", "VideoWriter", "side_by_side", "zoom_box", "comparison_grid", "write_grid"]
+__all__ = ["iter_frames", "VideoWriter", "label_strip", "side_by_side", "zoom_box", "comparison_grid", "write_grid"]
 
 logger = logging.getLogger("refdecoder")
 
@@ -163,13 +163,19 @@ def _even(frames: np.ndarray) -> np.ndarray:
 
 
 # --- labels -------------------------------------------------------------------------------------------------------
-def _label_strip(labels: Sequence[str], widths: Sequence[int], gap: int, height: int) -> torch.Tensor:
-    """A ``3, height, sum(widths) + gaps`` dark strip with each label centred over its column, in [-1, 1]."""
+def label_strip(labels: Sequence[str], widths: Sequence[int], gap: int = 0, height: int | None = None) -> torch.Tensor:
+    """A ``3, height, sum(widths) + gaps`` dark strip with each label centred over its column, in [-1, 1].
+
+    Needs OpenCV (extra ``eval``). ``height`` defaults to a fraction of the narrowest column; a label wider than
+    its column is drawn smaller until it fits.
+    """
     cv2 = require("cv2", extra="eval", package="opencv-python-headless")
+    height = height or _label_height(min(widths))
     strip = np.full((height, sum(widths) + gap * (len(widths) - 1), 3), 24, dtype=np.uint8)
-    scale = height / 30
     x = 0
     for label, width in zip(labels, widths):
+        (full, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+        scale = min(height / 30, 0.95 * width / max(1, full))
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         org = (x + max(0, (width - tw) // 2), (height + th) // 2)
         cv2.putText(strip, label, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (235, 235, 235), 1, cv2.LINE_AA)
@@ -210,7 +216,7 @@ def side_by_side(videos: Sequence[torch.Tensor], labels: Sequence[str] | None = 
     row = torch.cat(columns, dim=3)
     if labels is None:
         return row
-    strip = _label_strip(labels, [v.shape[3] for v in videos], gap, _label_height(row.shape[2]))
+    strip = label_strip(labels, [v.shape[3] for v in videos], gap, _label_height(row.shape[2]))
     return torch.cat([strip[:, None].expand(3, frames, *strip.shape[1:]), row], dim=2)
 
 
@@ -282,7 +288,7 @@ def comparison_grid(
     separator = torch.full((3, gap, width), -1.0)
     body = torch.cat([c for cell in cells for c in (cell, separator)][:-1], dim=1)
     widths = [f.shape[-1] for f in rows[0]]
-    return torch.cat([_label_strip(labels, widths, gap, _label_height(height)), body], dim=1)
+    return torch.cat([label_strip(labels, widths, gap, _label_height(height)), body], dim=1)
 
 
 def write_grid(path: str | os.PathLike, grid: torch.Tensor) -> Path:

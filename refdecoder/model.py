@@ -21,14 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
+from refdecoder.backbones.base import BackboneAdapter
+from refdecoder.backbones.registry import resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
-from refdecoder.validation import check_latents, check_reference, check_reference_index, check_video
+from refdecoder.validation import (
+    check_latent_statistics,
+    check_latents,
+    check_reference,
+    check_reference_index,
+    check_video,
+)
 
 __all__ = ["RefDecoder", "RefDecoderOutput", "wrap", "load", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -71,6 +78,7 @@ class RefDecoder(nn.Module):
         self, vae: nn.Module, config: RefDecoderConfig, adapter: BackboneAdapter, include_proxy: bool = True
     ) -> None:
         super().__init__()
+        check_latent_statistics(adapter)
         self.config = config
         self.adapter = adapter
         self.vae = vae
@@ -189,7 +197,8 @@ class RefDecoder(nn.Module):
         check_latents(latents, self.adapter.latent_channels)
         # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
         # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
-        latents = latents.to(next(self.adapter.decoder_parameters())[1].dtype)
+        base = next(self.vae.parameters()).dtype
+        latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
         ctx = DecodeContext(generator=generator)
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
@@ -358,12 +367,26 @@ class RefDecoder(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
-        """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly."""
+    def from_pretrained(
+        cls,
+        vae: nn.Module,
+        directory: str | os.PathLike,
+        backbone: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+    ) -> RefDecoder:
+        """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly.
+
+        ``directory`` is a local folder or a Hugging Face repo id (``org/name``, ``org/name@rev/subfolder``; see
+        :mod:`refdecoder.hub`), read from the Hub cache first and downloaded when online; ``revision`` and
+        ``subfolder`` work as in diffusers' ``from_pretrained``.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from refdecoder.hub import resolve_path
+
+        directory = resolve_path(directory, revision, subfolder, what="RefDecoder weights")
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -488,9 +511,7 @@ def wrap(
     if vae in _WRAPPED:
         raise BackboneError("this VAE is already wrapped by a RefDecoder; call unwrap() on it first")
     config = resolve_config(config)
-    adapter_cls = get_backbone(backbone) if backbone else find_backbone(vae)
-    if backbone and not adapter_cls.matches(vae):
-        raise BackboneError(f"backbone {backbone!r} does not fit a {type(vae).__name__}")
+    adapter_cls = resolve_backbone(vae, backbone)
     if config.backbone not in (None, adapter_cls.name):
         raise ConfigError(f"config was made for backbone {config.backbone!r}, but this VAE is {adapter_cls.name!r}")
     config.backbone = adapter_cls.name
@@ -508,6 +529,13 @@ def wrap(
     return model
 
 
-def load(vae: nn.Module, directory: str | os.PathLike, backbone: str | None = None) -> RefDecoder:
-    """Wrap ``vae`` and load RefDecoder weights saved with :meth:`RefDecoder.save_pretrained`."""
-    return RefDecoder.from_pretrained(vae, directory, backbone=backbone)
+def load(
+    vae: nn.Module,
+    directory: str | os.PathLike,
+    backbone: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+) -> RefDecoder:
+    """Wrap ``vae`` and load RefDecoder weights saved with :meth:`RefDecoder.save_pretrained`, from a folder or a
+    Hugging Face repo id (see :meth:`RefDecoder.from_pretrained`)."""
+    return RefDecoder.from_pretrained(vae, directory, backbone=backbone, revision=revision, subfolder=subfolder)

@@ -18,6 +18,9 @@ With an upscale head (``3 * s**2`` output channels, then a depth-to-space shuffl
 own pixel grid: tiles are blended in the ``3 * s**2``-channel space and the caller shuffles the blended mosaic once.
 Blending after the shuffle would ramp between different sub-pixel phases at every seam. The reference is then at
 the upscaled size, and ``output_scale = s`` gives each tile the matching ``s``-times larger crop.
+
+A decoder that writes ``p x p`` pixel patches (Wan2.2's patchified output, unpatchified at the end) is blended by
+diffusers in its patch grid; ``ramp_step = p`` gives the same ramps in pixels (constant over each patch).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TilePlan:
         tile: (height, width) of a full tile in pixels.
         stride: (height, width) between tile origins in pixels (``tile - overlap``).
         rows: the tiles, row by row, in raster order.
+        ramp_step: pixels per step of the blend ramps (the decoder's output patch; 1 = a ramp per pixel).
     """
 
     latent_size: tuple[int, int]
@@ -63,6 +67,7 @@ class TilePlan:
     tile: tuple[int, int]
     stride: tuple[int, int]
     rows: tuple[tuple[Tile, ...], ...]
+    ramp_step: int = 1
 
     @property
     def blend(self) -> tuple[int, int]:
@@ -91,6 +96,7 @@ def plan_tiles(
     tile: tuple[int, int] = (256, 256),
     overlap: tuple[int, int] = (64, 64),
     alignment: int = 1,
+    ramp_step: int = 1,
 ) -> TilePlan:
     """Lay out diffusers-style tiles over a ``latent_size`` frame.
 
@@ -101,6 +107,7 @@ def plan_tiles(
         overlap: pixels shared by neighbouring tiles (diffusers' default 64, i.e. a stride of 192).
         alignment: tile origins must fall on multiples of this many pixels; use :func:`token_alignment` for a
             RefDecoder, so that each tile's tokens coincide with the untiled token grid.
+        ramp_step: pixels per blend-ramp step; the adapter's ``output_patch`` reproduces diffusers' blend.
 
     Returns:
         The :class:`TilePlan`; a frame no larger than one tile gives a single tile.
@@ -117,7 +124,7 @@ def plan_tiles(
     if min(stride) < 1 or any(s % step for s in stride):
         raise ConfigError(
             f"tile {tile} with overlap {overlap} gives a stride of {stride} pixels; it must be positive and a "
-            f"multiple of {step} pixels (the token grid of this model); change --tile or --tile-overlap"
+            f"multiple of {step} pixels (the token grid of this model); change tile or overlap"
         )
     (h, w), f = latent_size, spatial_factor
     rows = tuple(
@@ -127,17 +134,19 @@ def plan_tiles(
         )
         for top in range(0, h, stride[0] // f)
     )
-    return TilePlan(tuple(latent_size), f, tuple(tile), stride, rows)
+    return TilePlan(tuple(latent_size), f, tuple(tile), stride, rows, ramp_step)
 
 
-def _blend_into(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int) -> None:
-    """Ramp the first ``extent`` rows/columns of ``current`` from ``previous``'s last ones (diffusers' blend)."""
+def _blend_into(previous: torch.Tensor, current: torch.Tensor, extent: int, dim: int, step: int) -> None:
+    """Ramp the first ``extent`` rows/columns of ``current`` from ``previous``'s last ones (diffusers' blend),
+    one ramp value per ``step`` pixels."""
     extent = min(previous.shape[dim], current.shape[dim], extent)
     if extent <= 0:
         return
     shape = [1] * current.ndim
     shape[dim] = extent
-    ramp = (torch.arange(extent, device=current.device, dtype=torch.float32) / extent).view(shape)
+    positions = torch.arange(extent, device=current.device) // step * step
+    ramp = (positions.to(torch.float32) / extent).view(shape)
     head = current.narrow(dim, 0, extent)
     tail = previous.narrow(dim, previous.shape[dim] - extent, extent)
     head.copy_(tail * (1 - ramp) + head * ramp)
@@ -166,9 +175,9 @@ def blend_tiles(decoded: Sequence[Sequence[torch.Tensor]], plan: TilePlan) -> to
     for i, row in enumerate(decoded):
         for j, tile in enumerate(row):
             if i > 0:
-                _blend_into(decoded[i - 1][j], tile, blend_h, dim=-2)
+                _blend_into(decoded[i - 1][j], tile, blend_h, -2, plan.ramp_step)
             if j > 0:
-                _blend_into(row[j - 1], tile, blend_w, dim=-1)
+                _blend_into(row[j - 1], tile, blend_w, -1, plan.ramp_step)
         mosaic_rows.append(torch.cat([tile[..., :stride_h, :stride_w] for tile in row], dim=-1))
     height, width = plan.pixel_size
     return torch.cat(mosaic_rows, dim=-2)[..., :height, :width]

@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refdecoder.errors import InputError
+from refdecoder.errors import ConfigError, InputError
 from refdecoder.frames import FrameRule
 
-__all__ = ["check_latents", "check_video", "check_reference", "check_reference_index", "check_range"]
+__all__ = [
+    "check_latents",
+    "check_video",
+    "check_reference",
+    "check_reference_index",
+    "check_range",
+    "check_latent_statistics",
+]
 
 # References a little outside [-1, 1] come from resampling overshoot; anything beyond this margin is almost
 # certainly the wrong range (e.g. [0, 255] pixels).
@@ -73,10 +80,12 @@ def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], 
     mismatch is an error unless ``resize`` is set, in which case frames are resized (bilinear, antialiased).
     """
     _check_tensor(reference, "reference", "B, 3, R, H, W")
+    given = tuple(reference.shape)
     if reference.ndim == 4:
         reference = reference.unsqueeze(2)
     if reference.ndim != 5 or reference.shape[1] != 3:
-        raise InputError(f"reference must have shape (B, 3, H, W) or (B, 3, R, H, W), got {tuple(reference.shape)}")
+        hint = "; channels must come second (channels-last images: x.permute(0, 3, 1, 2))" if given[-1] == 3 else ""
+        raise InputError(f"reference must have shape (B, 3, H, W) or (B, 3, R, H, W), got {given}{hint}")
     if reference.shape[0] not in (1, batch):
         raise InputError(f"reference batch {reference.shape[0]} does not match the latents' batch {batch} (or 1)")
     if tuple(reference.shape[-2:]) != tuple(size):
@@ -107,3 +116,23 @@ def check_reference_index(index: torch.Tensor | int, batch: int, frames: int) ->
     if ((index < 0) | (index >= frames)).any():
         raise InputError(f"reference_index must lie in [0, {frames}), got {index.tolist()}")
     return index
+
+
+def check_latent_statistics(adapter: object) -> None:
+    """Raise :class:`ConfigError` when the backbone's latent (de-)normalisation does not fit its latent channels.
+
+    Probed once with zeros of the latent shape on the meta device, so no backbone literal is needed here: a Wan
+    VAE whose ``latents_mean`` / ``latents_std`` have another length than ``z_dim`` fails at ``wrap()`` rather than
+    at the first ``denormalize``.
+    """
+    channels = adapter.latent_channels
+    probe = torch.zeros(1, channels, 1, 1, 1, device="meta")
+    try:
+        shapes = {tuple(adapter.normalize(probe).shape), tuple(adapter.denormalize(probe).shape)}
+    except RuntimeError as err:
+        shapes = {" ".join(str(err).split())}
+    if shapes != {tuple(probe.shape)}:
+        raise ConfigError(
+            f"the {adapter.name} VAE has {channels} latent channels, but its latent statistics (e.g. latents_mean / "
+            f"latents_std in its config) do not have {channels} values ({shapes.pop()}); fix the VAE config"
+        )

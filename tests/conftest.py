@@ -1,8 +1,10 @@
-"""Shared test fixtures: deterministic seeds, the official fixture folder, GPU skipping."""
+"""Shared test fixtures: deterministic seeds, one intra-op thread for tiny models, the official fixture folder, GPU
+skipping."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module of tiny-model tests: a second thread costs more than it brings there (badly
+    so on a busy machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

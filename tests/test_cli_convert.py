@@ -10,8 +10,8 @@ import torch
 import refdecoder
 from refdecoder.backbones.videovaeplus import VideoVAEPlus, VideoVAEPlusConfig
 from refdecoder.cli import main
-from refdecoder.cli.convert import VIDEOVAEPLUS_CONFIG, VIDEOVAEPLUS_WEIGHTS
 from refdecoder.convert import load_official
+from refdecoder.inference.loading import VIDEOVAEPLUS_CONFIG, VIDEOVAEPLUS_WEIGHTS
 from refdecoder.model import CONFIG_NAME, WEIGHTS_NAME
 from tests.test_convert_videovaeplus import write_tiny_official
 

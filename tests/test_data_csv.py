@@ -80,13 +80,15 @@ def test_csv_format_errors(tmp_path):
 def test_broken_rows_are_skipped_with_a_warning_and_counted(dataset_dir, caplog):
     bad = bad_files(dataset_dir / "bad")
     rows = [{"path": "videos/bikes.mp4"}] + [{"path": f"bad/{p.name}"} for p in bad.values()]
-    ds = VideoCSVDataset(write_csv(dataset_dir / "mixed.csv", rows), small_sampler(), seed=0, max_failures=50)
     with caplog.at_level(logging.WARNING, logger="refdecoder"):
+        ds = VideoCSVDataset(write_csv(dataset_dir / "mixed.csv", rows), small_sampler(), seed=0, max_failures=50)
+        assert len(ds) == len(rows) - 1  # the missing file is left out up front, with one warning
+        assert len(caplog.records) == 1 and "1 of 5 files listed" in caplog.records[0].getMessage()
         samples = [ds[i] for i in range(len(ds))]
     assert all(s["key"] == "videos/bikes.mp4" and s["video"].shape == (3, 5, 32, 32) for s in samples)
     assert all(s["skipped"] >= 1 for s in samples[1:])
     # Every skip was logged and counted, and the per-sample counts add up to the process counter.
-    assert ds.skips.count == sum(s["skipped"] for s in samples) == len(caplog.records)
+    assert ds.skips.count == sum(s["skipped"] for s in samples) == len(caplog.records) - 1
     warned = " ".join(r.getMessage() for r in caplog.records)
     for path in bad.values():
         assert path.name in warned

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -18,29 +17,15 @@ from refdecoder.cli import main
 from refdecoder.data import bundled_clips, probe, read_clip, save_latents, write_image, write_video
 from refdecoder.errors import CheckpointError
 from refdecoder.losses._trunk import resolve_trunk_weights
-from tests.helpers import randomize_, tiny_wan
+from tests.helpers import save_random_model, tiny_wan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Wan VAE saved as a diffusers folder and random RefDecoder weights for it."""
-    root = tmp_path_factory.mktemp("models")
-    vae = tiny_wan()
-    vae.save_pretrained(root / "vae")
-    model = refdecoder.wrap(vae, "tiny")
-    for part in (model.tokenizer, model.transformer, model.projectors):
-        randomize_(part, scale=0.1)
-    model.save_pretrained(root / "weights")
-    return {"vae": root / "vae", "weights": root / "weights"}
+    return save_random_model(tmp_path_factory.mktemp("models"))
 
 
 def _args(folders: dict[str, Path], out: Path, *extra: str, weights: bool = True) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -14,14 +13,7 @@ from refdecoder.data import bundled_clips, read_clip, read_image
 from refdecoder.errors import DataError, InputError
 from refdecoder.media import VideoWriter, comparison_grid, iter_frames, side_by_side, write_grid, zoom_box
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_iter_frames_equals_read_clip() -> None:

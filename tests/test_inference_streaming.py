@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,7 @@ from refdecoder.inference import (
 from refdecoder.profiling import LiveTensorMeter
 from tests.helpers import latents_for, randomize_, reference_for
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(backbone: str) -> torch.nn.Module:
@@ -54,7 +46,7 @@ def test_iter_decode_equals_model_decode(backbone: str) -> None:
     model = _random_model(backbone)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, model.adapter.latent_channels, 5, 4, 6, generator=g)
-    ref = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
+    ref = torch.rand(1, 3, *model.output_size(z.shape[-2:]), generator=g) * 2 - 1
     with torch.no_grad():
         expected = model.decode(z, reference=ref, window=2)
     chunks = list(iter_decode(model, z, ref, window=2))

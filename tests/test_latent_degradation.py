@@ -44,15 +44,6 @@ def _load_recipe():
 recipe = _load_recipe()
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny tensors: thread hand-offs would cost more than the convolutions themselves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- parametric degradations ---------------------------------------------------------------------------------
 def test_blur_matches_scipy_per_sample():
     x = torch.randn(2, 3, 2, 9, 11, dtype=torch.float64)

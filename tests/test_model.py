@@ -185,8 +185,10 @@ def test_load_reports_mismatched_weights(vae, tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         refdecoder.load(vae, tmp_path)
     refdecoder.wrap(vae, "tiny")  # the failed load released the VAE
-    with pytest.raises(CheckpointError, match="not a RefDecoder folder"):
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
         refdecoder.load(tiny_wan(), tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="not a RefDecoder folder"):
+        refdecoder.load(tiny_wan(), tmp_path.parent)
 
 
 def test_gradients_reach_only_new_modules(vae):

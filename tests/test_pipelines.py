@@ -1,33 +1,25 @@
-"""Generation decode: decode_with_reference, the WanImageToVideoPipeline context manager, the paired recipe."""
+"""Generation decode: decode_with_reference, reference_decoding on the Wan-family pipelines, the paired recipe."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import refdecoder
 from refdecoder.cli import main
 from refdecoder.data import load_latents, read_image
-from refdecoder.errors import InputError
+from refdecoder.errors import ConfigError, InputError
 from refdecoder.inference import decode_video
 from refdecoder.pipelines import decode_with_reference, reference_decoding, vae_tiles
+from tests import tiny_pipelines
 from tests.helpers import latents_for, randomize_, reference_for, tiny_wan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,86 +70,23 @@ def test_vae_tiling_settings_are_honoured() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline() -> object:
-    """A WanImageToVideoPipeline built from tiny configs only (no downloads): UMT5 + word-level tokenizer, CLIP."""
-    transformers = pytest.importorskip("transformers", reason="the Wan pipeline needs transformers (extra dev)")
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    torch.manual_seed(0)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate("a cat on the mat".split())}}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    text = transformers.UMT5Config(
-        vocab_size=len(vocab), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8
-    )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    transformer = WanTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4 + 4 + 4,  # noisy latents + 4 mask channels + image-condition latents (z_dim 4)
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=1,
-        image_dim=16,
-        rope_max_seq_len=32,
-    )
-    return WanImageToVideoPipeline(
-        tokenizer=tokenizer,
-        text_encoder=transformers.UMT5EncoderModel(text).eval(),
-        vae=tiny_wan(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32),
-        image_encoder=transformers.CLIPVisionModel(vision).eval(),
-        transformer=transformer.eval(),
-    )
-
-
-def _image(seed: int = 0) -> object:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((32, 48, 3)) * 255).astype("uint8"))
-
-
-def _call(pipe: object, output_type: str, image: object) -> torch.Tensor:
-    # Embeddings are passed in directly: the pipeline's prompt cleaning needs `ftfy`, which is not a dependency.
-    g = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
-    return pipe(
-        image=image,
-        prompt_embeds=embeds[0],
-        negative_prompt_embeds=embeds[1],
-        height=32,
-        width=48,
-        num_frames=9,
-        num_inference_steps=2,
-        max_sequence_length=8,
-        generator=torch.Generator().manual_seed(0),
-        output_type=output_type,
-    ).frames
+    return tiny_pipelines.wan21_i2v()
 
 
 def test_context_manager_decodes_like_the_manual_path(pipeline: object) -> None:
     from diffusers import AutoencoderKLWan
 
-    model, image = refdecoder.wrap(pipeline.vae, "tiny").eval(), _image()
+    model, image = refdecoder.wrap(pipeline.vae, "tiny").eval(), tiny_pipelines.image()
     for part in (model.tokenizer, model.transformer, model.projectors):
         randomize_(part, scale=0.1)
     try:
-        latents = _call(pipeline, "latent", image)
+        latents = tiny_pipelines.call(pipeline, "latent", image)
         manual = decode_with_reference(pipeline, latents, image, normalized=True, model=model)
         manual = pipeline.video_processor.postprocess_video(manual, output_type="pt")
         with reference_decoding(pipeline, model):
             assert type(pipeline.vae) is AutoencoderKLWan  # pipe.vae is never replaced
-            inside = _call(pipeline, "pt", image)
-        plain = _call(pipeline, "pt", image)
+            inside = tiny_pipelines.call(pipeline, "pt", image)
+        plain = tiny_pipelines.call(pipeline, "pt", image)
     finally:
         model.unwrap()
     torch.testing.assert_close(inside, manual, atol=1e-5, rtol=0)
@@ -180,6 +109,108 @@ def test_context_manager_restores_on_errors(pipeline: object) -> None:
         model.unwrap()
 
 
+class _Stop(RuntimeError):
+    pass
+
+
+def _raise_on_step(pipe, step, timestep, kwargs):
+    raise _Stop("a call that fails half way")
+
+
+# (builder, output size): Wan2.2's 16x latents must stay even for its transformer's 2x2 patches.
+WAN_PIPELINES = {
+    "wan2.1-i2v": (tiny_pipelines.wan21_i2v, (32, 48)),
+    "wan2.2-ti2v": (tiny_pipelines.wan22_ti2v, (32, 64)),
+    "skyreels-v2-i2v": (tiny_pipelines.skyreels_i2v, (32, 48)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(WAN_PIPELINES))
+def wan_pipeline(request) -> tuple[object, tuple[int, int]]:
+    build, size = WAN_PIPELINES[request.param]
+    return build(), size
+
+
+def test_frames_at_init_equal_the_stock_pipeline(wan_pipeline) -> None:
+    pipe, size = wan_pipeline
+    image = tiny_pipelines.image(size=size)
+    stock = tiny_pipelines.call(pipe, "pt", image, size)
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
+        inside = tiny_pipelines.call(pipe, "pt", image, size)
+    assert inside.shape == stock.shape == (1, 9, 3, *size)
+    assert (inside - stock).abs().max() <= 1e-5
+
+
+def test_trained_weights_decode_with_the_conditioning_image(wan_pipeline) -> None:
+    """Same generation (same latents), two references: the frames follow the reference once weights move."""
+    pipe, size = wan_pipeline
+    image, other = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
+        latents = tiny_pipelines.call(pipe, "latent", image, size)
+        manual = decode_with_reference(pipe, latents, image, model=model)
+        with reference_decoding(pipe, model):
+            own = tiny_pipelines.call(pipe, "pt", image, size)
+        with reference_decoding(pipe, model, image=other):
+            swapped = tiny_pipelines.call(pipe, "pt", image, size)
+    manual = pipe.video_processor.postprocess_video(manual, output_type="pt")
+    torch.testing.assert_close(own, manual, atol=1e-5, rtol=0)
+    assert (own - swapped).abs().max() > 0.05
+
+
+def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
+    """A call that returns latents or fails leaves no image behind for the next call of the block."""
+    pipe, size = wan_pipeline
+    first, second = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
+        latents = tiny_pipelines.call(pipe, "latent", second, size)
+        by_hand = {
+            name: pipe.video_processor.postprocess_video(decode_with_reference(pipe, latents, ref, model=model), "pt")
+            for name, ref in (("second", second), ("first", first))
+        }
+        with reference_decoding(pipe, model):
+            tiny_pipelines.call(pipe, "latent", first, size)
+            after_latent = tiny_pipelines.call(pipe, "pt", second, size)
+            with pytest.raises(_Stop):
+                tiny_pipelines.call(pipe, "pt", first, size, callback_on_step_end=_raise_on_step)
+            after_failure = tiny_pipelines.call(pipe, "pt", second, size)
+    for out in (after_latent, after_failure):
+        torch.testing.assert_close(out, by_hand["second"], atol=1e-5, rtol=0)
+        assert (out - by_hand["first"]).abs().max() > 0.05
+
+
+def test_the_pipeline_class_is_restored(pipeline: object) -> None:
+    before = type(pipeline)
+    with tiny_pipelines.wrapped(pipeline) as model, reference_decoding(pipeline, model):
+        assert type(pipeline) is not before and isinstance(pipeline, before)
+        assert type(pipeline).__name__ == before.__name__
+    assert type(pipeline) is before
+
+
+def test_pipelines_it_cannot_serve_are_refused_by_name(pipeline: object) -> None:
+    class NoProcessor:
+        vae = pipeline.vae
+
+    with tiny_pipelines.wrapped(pipeline) as model:
+        with pytest.raises(InputError, match="object has no .vae"), reference_decoding(object(), model):
+            pass
+        with pytest.raises(InputError, match="NoProcessor has no video_processor or image_processor"):
+            with reference_decoding(NoProcessor(), model):
+                pass
+
+
+def test_tiling_errors_name_the_vae_settings(pipeline: object) -> None:
+    pipeline.vae.enable_tiling(16, 16, 8, 8)
+    try:
+        with tiny_pipelines.wrapped(pipeline) as model, reference_decoding(pipeline, model):
+            with pytest.raises(ConfigError) as err:
+                tiny_pipelines.call(pipeline, "pt", tiny_pipelines.image())
+    finally:
+        pipeline.vae.disable_tiling()
+    message = str(err.value)
+    assert "vae.enable_tiling(tile_sample_min_height=16" in message and "multiple of 16 pixels" in message
+    assert "--" not in message
+
+
 def _recipe(monkeypatch: pytest.MonkeyPatch) -> object:
     """recipes/ is not a package: load the script as a module (registered, as its dataclasses need)."""
     spec = importlib.util.spec_from_file_location("paired_generation", ROOT / "recipes" / "paired_generation.py")
@@ -195,7 +226,7 @@ def test_paired_generation_recipe(pipeline: object, tmp_path: Path, monkeypatch:
     monkeypatch.setattr(wan_i2v, "prompt_clean", lambda text: text.strip())  # needs ftfy otherwise
     recipe = _recipe(monkeypatch)
     image_path = tmp_path / "cat.png"
-    _image(3).save(image_path)
+    tiny_pipelines.image(3).save(image_path)
     (tmp_path / "prompts.csv").write_text("image,prompt\ncat.png,a cat on the mat\n")
     jobs = recipe.read_jobs(tmp_path / "prompts.csv", seeds=[5, 6])
     paths = recipe.generate_latents(

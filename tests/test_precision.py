@@ -1,9 +1,10 @@
 """Reduced precision: bf16 and fp16 weights, and bf16 autocast over fp32 weights, against the fp32 decode.
 
 Tolerance: every decoded frame at least ``BF16_DB`` dB PSNR from the fp32 decode in bf16, ``FP16_DB`` in fp16
-(videos in [-1, 1]). Measured on these tiny models with random weights, worst frame: bf16 45.9-48.6 dB, fp16
+(videos in [-1, 1]). Measured on these tiny models with random weights, worst frame: bf16 47.1-48.6 dB, fp16
 63.8-66.5 dB. A dtype mismatch anywhere in the decode raises instead. At this size the check is not sensitive to
-each float32 island on its own (norms computed in bf16 cost 0.1 dB here); it pins the whole decode.
+each float32 island on its own (norms computed in bf16 cost 0.1 dB here); it pins the whole decode. Every
+registered adapter's bf16 decode is also checked by the conformance suite (``refdecoder.testing.check_bf16``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ SCOPES = {
 }
 
 
-def conditioned(backbone: str = "wan2.1", **transformer) -> refdecoder.RefDecoder:
+def conditioned(**transformer) -> refdecoder.RefDecoder:
     """A tiny model whose added modules (norm scales included) are away from their identity init."""
     torch.manual_seed(0)
     config = refdecoder.preset("tiny")
     for key, value in transformer.items():
         setattr(config.transformer, key, value)
-    model = refdecoder.wrap(get_backbone(backbone).build_tiny().eval(), config)
+    model = refdecoder.wrap(get_backbone("wan2.1").build_tiny().eval(), config)
     for module in (model.tokenizer, model.transformer, *model.projectors.values()):
         randomize_(module, 0.05)
     return model
@@ -62,14 +63,6 @@ def test_bf16_weights_decode_fp32_inputs_close_to_fp32(scope):
         # fp32 latents and reference: cast at the boundary, as a diffusers pipeline casts to vae.dtype.
         assert_close_in_db(model.decode(z, reference=ref), fp32, torch.bfloat16, BF16_DB)
         assert_close_in_db(model.decode(z.bfloat16(), reference=ref.bfloat16()), fp32, torch.bfloat16, BF16_DB)
-
-
-def test_bf16_videovaeplus_decode_close_to_fp32():
-    model = conditioned("videovae+")
-    z, ref = inputs(model)
-    with torch.no_grad():
-        fp32 = model.decode(z, reference=ref)
-        assert_close_in_db(model.to(torch.bfloat16).decode(z, reference=ref), fp32, torch.bfloat16, BF16_DB)
 
 
 @pytest.mark.parametrize("scope", ["global", "radius 1 + locality bias"])

@@ -1,6 +1,11 @@
-"""Backbone registry: registration forms, lookups, auto-detection, and generic checks over every backbone."""
+"""Backbone registry: registration forms, lazy built-ins, entry points, auto-detection and refusals, import graph."""
 
 from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,25 +13,35 @@ from torch import nn
 
 import refdecoder
 from refdecoder import BackboneError
-from refdecoder.backbones.registry import _REGISTRY, BackboneAdapter, find_backbone
+from refdecoder.backbones import registry
+from refdecoder.backbones.base import BackboneAdapter, Fit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Dummy(BackboneAdapter):
     @classmethod
-    def matches(cls, vae):
-        return False
+    def fit(cls, vae):
+        return Fit(0, ("never fits",))
 
 
 @pytest.fixture
-def clean_registry():
-    saved = dict(_REGISTRY)
-    yield
-    _REGISTRY.clear()
-    _REGISTRY.update(saved)
+def clean_registry(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def test_builtin_backbones_listed():
-    assert "wan2.1" in refdecoder.list_backbones()
+    assert {"wan2.1", "wan2.2", "qwen-image", "videovae+"} <= set(refdecoder.list_backbones())
+
+
+def test_import_and_listing_load_no_adapter_and_no_diffusers():
+    code = (
+        "import sys, refdecoder; names = refdecoder.list_backbones(); "
+        "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'refdecoder.backbones.')))); print(names)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "['refdecoder.backbones.base', 'refdecoder.backbones.registry']"
+    assert out[1] == "['qwen-image', 'videovae+', 'wan2.1', 'wan2.2']"
 
 
 def test_register_forms_and_override(clean_registry):
@@ -44,6 +59,8 @@ def test_register_forms_and_override(clean_registry):
         pass
 
     assert refdecoder.get_backbone("dummy") is Replacement
+    with pytest.raises(BackboneError, match="'wan2.1' is already registered"):
+        refdecoder.register_backbone("wan2.1", _Dummy)  # a built-in counts before its module is imported
 
 
 def test_lookup_miss_lists_names():
@@ -56,28 +73,139 @@ def test_register_rejects_non_adapters(clean_registry):
         refdecoder.register_backbone("bad", object)
 
 
-def test_autodetect_and_unknown_vae():
-    from tests.helpers import tiny_wan
+def test_entry_point_adapters_are_found(tmp_path, monkeypatch, clean_registry):
+    """A package that declares ``[project.entry-points."refdecoder.backbones"]`` is found without an import."""
+    (tmp_path / "toy_plugin.py").write_text(
+        "from refdecoder.backbones.base import Fit\n"
+        "from tests.test_registry import _Dummy\n"
+        "class PluginAdapter(_Dummy):\n    pass\n"
+    )
+    dist = tmp_path / "toy_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[refdecoder.backbones]\ntoy = toy_plugin:PluginAdapter\nwan2.1 = toy_plugin:PluginAdapter\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_entry_points_read", False)
+    assert "toy" in refdecoder.list_backbones()
+    assert "toy_plugin" not in sys.modules  # listed, not imported
+    adapter = refdecoder.get_backbone("toy")
+    assert adapter.__name__ == "PluginAdapter" and adapter.name == "toy"
+    assert refdecoder.get_backbone("wan2.1").__name__ == "WanAdapter"  # an entry point cannot take a built-in name
 
-    assert find_backbone(tiny_wan()).name == "wan2.1"
-    with pytest.raises(BackboneError, match="no registered backbone adapter matches a Linear"):
+
+def _tiny_diffusers_vaes() -> dict[str, nn.Module]:
+    """Tiny VAEs built straight from diffusers classes (not build_tiny), one per diffusers built-in."""
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
+
+    family = dict(base_dim=8, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+    stats = dict(latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return {
+        "wan2.1": AutoencoderKLWan(z_dim=4, **family, **stats),
+        "wan2.2": AutoencoderKLWan(
+            z_dim=4,
+            is_residual=True,
+            patch_size=2,
+            in_channels=12,
+            out_channels=12,
+            scale_factor_spatial=16,
+            **family,
+            **stats,
+        ),  # fmt: skip
+        "qwen-image": AutoencoderKLQwenImage(z_dim=4, **family, **stats),
+    }
+
+
+def test_autodetect_from_plain_diffusers_and_videovaeplus_classes():
+    from refdecoder.backbones.videovaeplus import VideoVAEPlus, VideoVAEPlusConfig
+
+    vaes = _tiny_diffusers_vaes()
+    vaes["videovae+"] = VideoVAEPlus(VideoVAEPlusConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1))
+    for name, vae in vaes.items():
+        assert registry.find_backbone(vae).name == name
+        model = refdecoder.wrap(vae, "tiny")
+        assert model.adapter.name == name
+        model.unwrap()
+
+
+def test_forcing_the_wrong_wan_adapter_names_the_fields_and_the_right_one():
+    vae = _tiny_diffusers_vaes()["wan2.2"]
+    with pytest.raises(BackboneError) as err:
+        refdecoder.wrap(vae, "tiny", backbone="wan2.1")
+    message = str(err.value)
+    assert "is_residual=True (wan2.1 needs False)" in message and "patch_size=2 (wan2.1 needs None)" in message
+    assert "backbone='wan2.2' fits it" in message and "\n" not in message
+
+
+def test_inconsistent_wan22_config_says_what_to_set():
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, num_res_blocks=1, is_residual=True, patch_size=2, in_channels=12, out_channels=12
+    )  # scale_factor_spatial left at Wan2.1's 8
+    with pytest.raises(BackboneError, match=r"nearest is 'wan2.2': .*up-samples space 16x.*scale_factor_spatial=16"):
+        refdecoder.wrap(vae, "tiny")
+
+
+def _refused_vaes() -> dict[str, nn.Module]:
+    import diffusers
+
+    with torch.device("meta"):  # only the class and config are inspected: nothing is allocated
+        return {
+            name: getattr(diffusers, name)()
+            for name in (
+                "AutoencoderKLHunyuanVideo",
+                "AutoencoderKLCogVideoX",
+                "AutoencoderKLLTXVideo",
+                "AutoencoderKLQwenImage21",
+            )
+        }
+
+
+@pytest.mark.parametrize("name", sorted(_refused_vaes()))
+def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
+    vae = _refused_vaes()[name]
+    with pytest.raises(BackboneError) as err:
+        refdecoder.wrap(vae, "tiny")
+    message = str(err.value)
+    assert "\n" not in message
+    nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
+    assert message.startswith(nearest)
+    # The video VAEs decode whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
+    # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
+    assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
+
+
+def test_a_non_vae_is_refused_with_the_nearest_adapter():
+    with pytest.raises(BackboneError, match="no registered backbone drives a Linear; nearest is 'wan2.1'"):
         refdecoder.wrap(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("name", refdecoder.list_backbones())
-def test_every_backbone_wraps_to_identity(name):
-    """Generic contract check: a tiny instance wraps, decodes to its own decode at init, and unwraps."""
-    adapter_cls = refdecoder.get_backbone(name)
-    torch.manual_seed(0)
-    vae = adapter_cls.build_tiny().eval()
-    assert adapter_cls.matches(vae)
-    model = refdecoder.wrap(vae, "tiny", backbone=name).eval()
-    frames = adapter_cls.frame_rule.pixel_frames(2)
-    video = torch.rand(1, 3, frames, 32, 32) * 2 - 1
-    with torch.no_grad():
-        z = model.encode(video)
-        expected = model.adapter.plain_decode(z)
-        out = model.decode(z, reference=video[:, :, :1])
-    assert out.shape == video.shape
-    assert (out - expected).abs().max().item() <= 1e-5
-    assert model.unwrap() is vae
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """``refdecoder.backbones`` modules a file imports anywhere (function-level imports count: they close cycles)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from package import module`
+    return found & modules
+
+
+def test_no_import_cycle_in_backbones():
+    paths = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "refdecoder" / "backbones").rglob("*.py")
+    }
+    graph = {module: _imports(path, set(paths)) - {module} for module, path in paths.items()}
+    graph["refdecoder.backbones.registry"] |= {path.partition(":")[0] for path in registry.BUILTINS.values()}
+    assert graph["refdecoder.backbones.registry"] >= {"refdecoder.backbones.base", "refdecoder.backbones.wan.wan21"}
+
+    def cycle(node: str, trail: tuple[str, ...]) -> tuple[str, ...] | None:
+        if node in trail:
+            return trail[trail.index(node) :] + (node,)
+        return next((c for nxt in sorted(graph[node]) if (c := cycle(nxt, trail + (node,)))), None)
+
+    assert [c for c in map(lambda m: cycle(m, ()), sorted(graph)) if c] == []

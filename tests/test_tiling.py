@@ -15,14 +15,7 @@ from refdecoder.inference import decode_video
 from refdecoder.tiling import blend_tiles, iter_tiled, plan_tiles, token_alignment
 from tests.helpers import randomize_, tiny_wan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread costs more than it brings (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_follows_diffusers_tile_loop() -> None:
@@ -185,3 +178,19 @@ def test_tiled_upscale_at_init_is_nearest_2x_of_diffusers_tiled_decode() -> None
         expected = vae.decode(z).sample
     assert tiled.shape[-2:] == (128, 128)
     torch.testing.assert_close(tiled, expected.repeat_interleave(2, -2).repeat_interleave(2, -1), atol=1e-5, rtol=0)
+
+
+def test_wan22_tiles_blend_in_its_patch_grid() -> None:
+    """diffusers blends Wan2.2 tiles before unpatchifying: ramps constant over each 2x2 patch, not per pixel."""
+    torch.manual_seed(0)
+    adapter = refdecoder.get_backbone("wan2.2")(refdecoder.get_backbone("wan2.2").build_tiny().eval())
+    z = torch.randn(1, adapter.latent_channels, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    tile, overlap = (48, 48), (16, 16)
+    patch_plan = plan_tiles((5, 5), 16, tile, overlap, ramp_step=adapter.output_patch)
+    with torch.no_grad():
+        expected = adapter.plain_tiled_decode(z, patch_plan)
+        ours = decode_video(adapter, z, tiles=patch_plan)
+        per_pixel = decode_video(adapter, z, tiles=plan_tiles((5, 5), 16, tile, overlap))
+    assert patch_plan.num_tiles == 9 and not adapter.vae.use_tiling  # the VAE's own settings were restored
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert (per_pixel - expected).abs().max() > 1e-3

@@ -113,7 +113,11 @@ def test_apply_overrides_does_not_touch_the_input():
 def test_refdecoder_config_is_the_preset_plus_overrides(tmp_path):
     cfg = load_config(
         _write(tmp_path, MINIMAL),
-        ["model.preset=tiny", "model.refdecoder.train_decoder=true", "fabric.activation_checkpointing=true"],
+        [
+            "model.preset=tiny",
+            "model.refdecoder.train_decoder=true",
+            "model.refdecoder.transformer.gradient_checkpointing=true",
+        ],
     )
     rd = cfg.refdecoder_config()
     assert (rd.transformer.depth, rd.transformer.num_heads, rd.transformer.head_dim) == (2, 2, 32)  # tiny preset
@@ -145,19 +149,33 @@ def test_shipped_paper_configs_hold_the_paper_values():
     assert (wan.model.backbone, vvp.model.backbone) == ("wan2.1", "videovae+")
 
 
-def test_tiny_config_is_cpu_l1_only():
+def test_tiny_config_is_the_cpu_demo():
     cfg = load_config(CONFIGS / "tiny.yaml")
     assert cfg.fabric.accelerator == "cpu" and cfg.loss.lpips_weight == 0
-    assert cfg.model.vae.source == "tiny" and cfg.data.val is not None
-    assert [s.frames for s in cfg.stages] == [5, 17]
+    assert cfg.model.vae.source == "demo" and cfg.data.val.samples == ["carphone"]
+    assert "carphone" not in cfg.data.train.samples  # the held-out clip
+    assert cfg.compare.enabled and cfg.compare.baseline
+    rd = cfg.refdecoder_config()  # the settings that showed a reference gain in the quality benchmark
+    assert (rd.transformer.attention_radius, rd.transformer.num_heads, rd.transformer.head_dim) == (0, 4, 64)
+    assert rd.stages.patch_sizes == ((1, 1, 1), (1, 2, 2), (1, 4, 4)) and rd.dropout.p_max == 0
+
+
+@pytest.mark.parametrize(
+    ("removed", "owner"),
+    [
+        ("fabric.activation_checkpointing=true", "model.refdecoder.transformer.gradient_checkpointing"),
+        ("schedule.total_steps=10", "stages"),
+    ],
+)
+def test_removed_duplicate_keys_name_their_one_owner(tmp_path, removed, owner):
+    with pytest.raises(ConfigError, match=f"{removed.split('=')[0]}' was removed; set {owner}"):
+        load_config(_write(tmp_path, MINIMAL), [removed])
 
 
 def test_unregistered_backbone_fails_with_a_clear_error(monkeypatch):
     from refdecoder.backbones import registry
     from refdecoder.training.vae import backbone_adapter
 
-    registry._ensure_builtins()
-    monkeypatch.setattr(registry, "_ensure_builtins", lambda: None)
-    monkeypatch.delitem(registry._REGISTRY, "videovae+")
+    monkeypatch.setattr(registry, "_REGISTRY", {"wan2.1": registry.BUILTINS["wan2.1"]})
     with pytest.raises(BackboneError, match=r"backbone 'videovae\+'.*registered backbones: \['wan2\.1'\]"):
         backbone_adapter("videovae+")

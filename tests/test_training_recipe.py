@@ -69,16 +69,20 @@ class Recorder:
 
 
 def tiny_overrides(run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    """The tiny recipe shrunk to seconds: 16x16 clips, a 1-layer transformer, no pretraining, no validation."""
+    """The tiny recipe shrunk to seconds: 16x16 clips, a random tiny VAE, the tiny preset with 1 layer and token
+    dropout, no pretraining, no validation, no comparison."""
     return [
         f"run_dir={run_dir}",
         f"data.train.path={shards}",
         "data.val=null",
         "data.size=[16, 16]",
         "data.batch_size=1",
+        "model.vae.source=tiny",
         "model.vae.tiny={}",
         "model.vae.pretrain.steps=0",
-        "model.refdecoder.transformer.depth=1",
+        "model.refdecoder={train_decoder: true, dropout: {p_max: 0.7}, transformer: {depth: 1}}",
+        "compare.enabled=false",
+        "compare.baseline=false",
         "stages=[{name: short, steps: 2, frames: 5}, {name: long, steps: 4, frames: 9}]",
         "schedule.warmup_steps=2",
         "checkpoint.every_steps=3",
@@ -305,13 +309,30 @@ def test_image_grid_layout():
     t, h, w = 9, 8, 10
     target, recon = torch.rand(3, t, h, w), torch.rand(3, t, h, w) * 4 - 2
     reference = torch.rand(3, 1, h, w)
-    grid = image_grid(reference, target, recon, frames=3)
-    assert grid.shape == (3, 3 * h, 3 * w)
+    grid = image_grid(reference, target, recon, frames=3, min_width=w)
+    header = grid.shape[1] - 3 * h
+    assert grid.shape[::2] == (3, 3 * w) and header > 0  # a label strip above the frames
     for row, frame in enumerate([0, 4, 8]):  # evenly spaced frames
-        block = grid[:, row * h : (row + 1) * h]
+        block = grid[:, header + row * h : header + (row + 1) * h]
         assert torch.equal(block[:, :, :w], reference[:, 0])
         assert torch.equal(block[:, :, w : 2 * w], target[:, frame])
         assert torch.equal(block[:, :, 2 * w :], recon[:, frame].clamp(-1, 1))
+
+
+def test_image_grid_is_labelled_and_enlarged():
+    from refdecoder.media import label_strip
+
+    t, h, w = 5, 8, 10
+    target, recon, reference = torch.rand(3, t, h, w), torch.rand(3, t, h, w), torch.rand(3, h, w)
+    grid = image_grid(reference, target, recon, frames=2, title="step 7, PSNR 21.50 dB", min_width=40)
+    columns = label_strip(["reference", "target", "reconstruction"], [4 * w] * 3)
+    title = label_strip(["step 7, PSNR 21.50 dB"], [12 * w])
+    assert torch.equal(grid[:, : title.shape[1]], title)  # title line first, then the column labels
+    assert torch.equal(grid[:, title.shape[1] : title.shape[1] + columns.shape[1]], columns)
+    assert (title > 0).any() and (columns > 0).any()  # text drawn (the strip is dark elsewhere)
+    body = grid[:, title.shape[1] + columns.shape[1] :]
+    assert body.shape[1:] == (2 * 4 * h, 3 * 4 * w)  # columns enlarged 4x (nearest) to at least 40 px
+    assert torch.equal(body[:, : 4 * h, : 4 * w], reference.repeat_interleave(4, 1).repeat_interleave(4, 2))
 
 
 def test_config_components_are_registered_before_token_dropout():

@@ -13,14 +13,7 @@ from refdecoder.blocks.upscale_head import UpscaleConfig, attach_upscale_head, d
 from refdecoder.errors import ConfigError, InputError
 from tests.helpers import latents_for, randomize_, reference_for, tiny_wan
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny decodes: thread hand-offs on a shared CPU cost more than the convolutions.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nearest(video: torch.Tensor, factor: int = 2) -> torch.Tensor:

@@ -55,11 +55,11 @@ def test_official_stage_layout():
     """README §9.18: 512 ch at H/2 (1,8,8), 256 ch at H (1,16,16), 128 ch at H (1,16,16); time never resampled."""
     with torch.device("meta"):
         adapter = VideoVAEPlusAdapter(VideoVAEPlus())
-    got = [(s.name, s.module, s.channels, s.scale, s.patch_size, s.time_factor) for s in adapter.stages()]
+    got = [(s.name, s.channels, s.scale, s.patch_size, s.time_factor) for s in adapter.stages()]
     assert got == [
-        ("stage0", "decoder.up.1", 512, 2, (1, 8, 8), 1),
-        ("stage1", "decoder.up.0", 256, 1, (1, 16, 16), 1),
-        ("stage2", "decoder.norm_out", 128, 1, (1, 16, 16), 1),
+        ("stage0", 512, 2, (1, 8, 8), 1),  # before decoder.up.1
+        ("stage1", 256, 1, (1, 16, 16), 1),  # before decoder.up.0
+        ("stage2", 128, 1, (1, 16, 16), 1),  # before the head (decoder.norm_out)
     ]
     assert (adapter.reference_channels, adapter.reference_scale) == (512, 2)
     assert (adapter.latent_channels, adapter.spatial_factor, adapter.temporal_factor) == (16, 8, 4)

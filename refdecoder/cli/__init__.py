@@ -3,7 +3,8 @@
 Each module in this package (other than those starting with ``_``) is one sub-command and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a callable ``(args) -> int``. Modules are
 discovered at start-up, so adding a command means adding a file. Heavy imports happen inside the command's
-``run`` function, never at module level, so ``refdecoder --help`` stays fast.
+``run`` function, never at module level, so ``refdecoder --help`` stays fast. Parsers use :class:`HelpFormatter`
+and :func:`plain` descriptions: help shows defaults and no reStructuredText markup.
 """
 
 from __future__ import annotations
@@ -12,16 +13,48 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import re
 import sys
 
+from refdecoder import __version__
 from refdecoder.errors import RefDecoderError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "HelpFormatter", "plain", "add_command"]
+
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`~?([^`]+)`")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written (examples stay on their lines); each option's default appended to its help
+    when it has one worth showing (not None, not False, not already mentioned)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or not action.option_strings or default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def plain(doc: str | None) -> str:
+    """A module docstring as plain help text: ``code`` and :func:`role` markup removed, ``::`` to ``:``."""
+    text = _ROLE.sub(lambda m: m.group(1), doc or "")
+    return text.replace("``", "").replace("::", ":")
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, doc: str | None, help: str
+) -> argparse.ArgumentParser:
+    """A sub-command parser with the shared formatter and ``doc`` (a module docstring) as its description."""
+    return subparsers.add_parser(name, help=help, description=plain(doc), formatter_class=HelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every discovered sub-command registered."""
-    parser = argparse.ArgumentParser(prog="refdecoder", description="Reference-conditioned video VAE decoders.")
+    parser = argparse.ArgumentParser(
+        prog="refdecoder", description="Reference-conditioned video VAE decoders.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"refdecoder {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

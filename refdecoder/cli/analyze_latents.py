@@ -3,13 +3,16 @@
 refdecoder analyze-latents gen/*.safetensors --out report/
 refdecoder analyze-latents gen/ --out report/ --degrade blur,noise,lmr --blur-sigma 1 --noise-std 0.3
 refdecoder analyze-latents gen/ --out report/ --degrade proxy --proxy degrader.safetensors --t 0.1
+refdecoder analyze-latents clip.mp4 --vae runs/tiny --out report/    # a video, encoded by a run's (or any) VAE
 
 Inputs are ``.safetensors`` files with a ``latents`` tensor (as written by ``refdecoder.data.save_latents``) or
 ``.pt`` files holding a tensor or a dict with ``latents``; each ``C, T, H, W`` or ``B, C, T, H, W``; folders are
-searched for both. Writes ``report.json`` (every statistic of every variant) and, unless ``--no-plots``,
-``spatial_spectrum.png``, ``temporal_spectrum.png`` and ``eigenspectrum.png`` comparing the variants. Degradations
-are applied in the files' own latent space, with a zero mask token for LMR (the learned token is a training
-artefact) and the proxy at a fixed timestep ``--t``.
+searched for both. With ``--vae`` (a VAE folder, checkpoint, training run folder or Hub id) video files are
+accepted too: each is encoded whole (its first frames up to the backbone's frame rule) by the frozen encoder.
+Writes ``report.json`` (every statistic of every variant) and, unless ``--no-plots``, ``spatial_spectrum.png``,
+``temporal_spectrum.png`` and ``eigenspectrum.png`` comparing the variants. Degradations are applied in the files'
+own latent space, with a zero mask token for LMR (the learned token is a training artefact) and the proxy at a fixed
+timestep ``--t``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ _DEGRADATIONS = ("blur", "noise", "lmr", "proxy")
 
 def register(subparsers: Any) -> None:
     """Add the ``analyze-latents`` command to the top-level parser."""
-    p = subparsers.add_parser(
-        "analyze-latents",
-        help="latent power spectrum and channel eigenspectrum, clean vs degraded",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from refdecoder.cli import add_command
+
+    p = add_command(
+        subparsers, "analyze-latents", __doc__, "latent power spectrum and channel eigenspectrum, clean vs degraded"
     )
-    p.add_argument("latents", nargs="+", help="latent files (.safetensors / .pt) or folders of them")
+    p.add_argument(
+        "latents", nargs="+", help="latent files (.safetensors / .pt) or folders of them; videos with --vae"
+    )
     p.add_argument("--out", required=True, help="output folder for report.json and the PNG plots")
+    p.add_argument("--vae", help="VAE (folder, checkpoint, training run folder, Hub id) that encodes video inputs")
     p.add_argument("--degrade", default="", help=f"comma-separated degradations to compare: {','.join(_DEGRADATIONS)}")
     p.add_argument("--blur-sigma", type=float, default=1.0, help="blur sigma in latent positions")
     p.add_argument("--noise-std", type=float, default=0.3, help="noise std relative to each channel's std")
@@ -57,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
 
     from refdecoder.analysis import channel_eigenspectrum, power_spectrum
 
-    files = _collect(args.latents)
-    latents = [_load(path) for path in files]
+    files = _collect(args.latents, videos=args.vae is not None)
+    encode = _encoder(args.vae) if args.vae is not None else None
+    latents = [encode(path) if _is_video(path) else _load(path) for path in files]
     variants = {"clean": latents}
     generator = torch.Generator().manual_seed(args.seed)
     names = _parse_degradations(args.degrade)
@@ -96,20 +102,51 @@ def _parse_degradations(spec: str) -> list[str]:
     return names
 
 
-def _collect(inputs: list[str]) -> list[Path]:
+def _is_video(path: Path) -> bool:
+    from refdecoder.data import VIDEO_EXTENSIONS
+
+    return path.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
+
+
+def _collect(inputs: list[str], videos: bool) -> list[Path]:
     from refdecoder.errors import InputError
 
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files.extend(sorted(p for p in item.iterdir() if p.suffix in (".safetensors", ".pt")))
+            files.extend(
+                sorted(p for p in item.iterdir() if p.suffix in (".safetensors", ".pt") or (videos and _is_video(p)))
+            )
         elif item.is_file():
+            if _is_video(item) and not videos:
+                raise InputError(f"{item} is a video; pass --vae VAE (or a training run folder) to encode it")
             files.append(item)
         else:
             raise InputError(f"{item} does not exist; pass latent files or folders of them")
     if not files:
         raise InputError(f"no .safetensors or .pt files in {inputs}")
     return files
+
+
+def _encoder(vae_path: str) -> Any:
+    """A function ``path -> latents 1, C, t, h, w`` encoding a whole video (cut to the frame rule) with ``vae``."""
+    import torch
+
+    from refdecoder.backbones.registry import find_backbone
+    from refdecoder.data import probe, read_clip
+    from refdecoder.inference.loading import load_vae
+
+    vae = load_vae(vae_path)
+    adapter = find_backbone(vae)(vae)
+
+    def encode(path: Path) -> Any:
+        info, factor = probe(path), adapter.spatial_factor
+        size = (info.height // factor * factor, info.width // factor * factor)  # centre crop to whole latents
+        video = read_clip(path, range(adapter.frame_rule.round(info.frames, "down")), size)[None]
+        with torch.no_grad():
+            return adapter.encode(video).float()
+
+    return encode
 
 
 def _load(path: Path) -> Any:

@@ -13,24 +13,21 @@ diffusers folder for Wan2.1, ``videovaeplus.safetensors`` + ``videovaeplus_confi
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "save_base_vae", "VIDEOVAEPLUS_WEIGHTS", "VIDEOVAEPLUS_CONFIG"]
-
-VIDEOVAEPLUS_WEIGHTS = "videovaeplus.safetensors"
-VIDEOVAEPLUS_CONFIG = "videovaeplus_config.json"
+__all__ = ["register", "run", "save_base_vae"]
 
 
 def register(subparsers: Any) -> None:
     """Add the ``convert`` command to the top-level parser."""
-    parser = subparsers.add_parser(
+    from refdecoder.cli import add_command
+
+    parser = add_command(
+        subparsers,
         "convert",
-        help="convert an official RefDecoder checkpoint (Wan2.1 or VideoVAE+) to the refdecoder format",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        __doc__,
+        "convert an official RefDecoder checkpoint (Wan2.1 or VideoVAE+) to the refdecoder format",
     )
     parser.add_argument("checkpoint", help="official checkpoint: .ckpt/.pt/.safetensors file or DeepSpeed folder")
     parser.add_argument("--out", required=True, help="output folder for refdecoder_config.json + weights")
@@ -60,36 +57,26 @@ def run(args: argparse.Namespace) -> int:
 def save_base_vae(model: Any, directory: str | Path) -> Path:
     """Write ``model.vae`` so that a converted RefDecoder can be used with no other file.
 
-    Wan2.1: diffusers ``save_pretrained``. VideoVAE+: a safetensors state dict plus its config as JSON. The
-    decoder weights are those the VAE holds now, i.e. the checkpoint's fine-tuned decoder (a RefDecoder checkpoint
-    does not contain the original base decoder).
+    Wan2.1: diffusers ``save_pretrained``. VideoVAE+: a safetensors state dict plus its config as JSON (see
+    :func:`refdecoder.inference.loading.save_vae`; ``--vae DIR`` reads both). The decoder weights are those the VAE
+    holds now, i.e. the checkpoint's fine-tuned decoder (a RefDecoder checkpoint does not contain the original base
+    decoder).
 
     Args:
         model: a :class:`~refdecoder.RefDecoder` (e.g. from ``load_official``).
-        directory: output folder (created if needed).
+        directory: output folder (replaced).
 
     Returns:
         The folder written.
     """
-    from refdecoder.errors import CheckpointError
+    from refdecoder.inference.loading import save_vae
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if model.adapter.name == "wan2.1":
-        model.vae.save_pretrained(directory)
-    elif model.adapter.name == "videovae+":
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.vae.state_dict().items()}
-        save_file(tensors, directory / VIDEOVAEPLUS_WEIGHTS, metadata={"format": "pt"})
-        config = dataclasses.asdict(model.vae.config)
-        (directory / VIDEOVAEPLUS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    else:
-        raise CheckpointError(f"--base-out supports wan2.1 and videovae+, not {model.adapter.name!r}")
-    return directory
+    return save_vae(model.vae, directory)
 
 
 def _load_instructions(backbone: str, out: Path, base: Path | None) -> str:
+    from refdecoder.inference.loading import VIDEOVAEPLUS_CONFIG, VIDEOVAEPLUS_WEIGHTS
+
     if backbone == "wan2.1":
         source = f'"{base}"' if base else '"Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", subfolder="vae"'
         lines = ["from diffusers import AutoencoderKLWan", f"vae = AutoencoderKLWan.from_pretrained({source})"]

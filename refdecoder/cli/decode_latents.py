@@ -9,8 +9,9 @@ metadata). ``--latents auto`` reads each file's ``normalized`` metadata: normali
 reference of ``<stem>.safetensors`` is ``<stem>.<png|jpg|...>`` in ``--reference-dir``, else the file's
 ``reference`` metadata, else an image with the same stem beside it; it must have the decoded size unless
 ``--resize-reference``. ``--compare-base`` also decodes with the base decoder (the paper's paired protocol) and
-writes ``<stem>.base.mp4``, ``<stem>.compare.mp4`` and ``<stem>.grid.png``. A file that fails is reported on one
-line and makes the exit code 1 at the end; the others are still decoded.
+writes ``<stem>.base.mp4``, ``<stem>.compare.mp4``, ``<stem>.grid.png`` and the HTML report ``index.html``. A file
+that fails is reported on one line and makes the exit code 1 at the end; the others are still decoded. Outputs
+already in ``--out`` are refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from refdecoder.cli import add_command
 from refdecoder.cli.reconstruct import add_model_arguments
 
 __all__ = ["register", "run"]
@@ -30,11 +32,8 @@ logger = logging.getLogger("refdecoder")
 
 def register(subparsers: Any) -> None:
     """Add the ``decode-latents`` command."""
-    parser = subparsers.add_parser(
-        "decode-latents",
-        help="decode saved diffusion latents with their reference images",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "decode-latents", __doc__, "decode saved diffusion latents with their reference images"
     )
     parser.add_argument("latent_dir", metavar="LATENT_DIR", help="folder of .safetensors latents files")
     parser.add_argument("--reference-dir", help="folder of reference images named like the latents files")
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     """Decode every latents file of LATENT_DIR; returns 1 if any failed, else 0."""
     import torch
 
-    from refdecoder.cli.reconstruct import load_from_args, one_line, progress_bar
+    from refdecoder.cli.reconstruct import check_out, load_from_args, one_line, progress_bar
     from refdecoder.errors import DataError
     from refdecoder.inference.generated import decode_latents_file
     from refdecoder.inference.reconstruct import DecodeOptions
@@ -62,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         raise DataError(f"no .safetensors latents files in {folder}")
+    check_out(args.out, [path.stem for path in files], args.overwrite)
     decoder = load_from_args(args)
     options = DecodeOptions(
         window=args.window,
@@ -85,4 +85,8 @@ def run(args: argparse.Namespace) -> int:
             logger.debug("%s failed", path, exc_info=True)
             print(f"error: {path}: {one_line(err)}", file=sys.stderr)
     print(f"decoded {len(files) - failures} of {len(files)} files into {args.out}")
+    if args.compare_base and decoder.conditioned and failures < len(files):
+        from refdecoder.report import write_report
+
+        print(f"report: {write_report(args.out)}")
     return 1 if failures else 0

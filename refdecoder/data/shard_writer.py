@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from refdecoder._deps import require
-from refdecoder.data.csv_dataset import read_csv_rows
+from refdecoder.data.csv_dataset import drop_missing, read_csv_rows
 from refdecoder.data.faults import SkipCounter, is_sample_error
-from refdecoder.data.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, probe
+from refdecoder.data.video import IMAGE_EXTENSIONS, TAIL_TOLERANCE, VIDEO_EXTENSIONS, probe, stored_frames
 from refdecoder.errors import DataError
 
 __all__ = ["ShardItem", "ShardReport", "collect_inputs", "write_shards", "meta_path"]
@@ -70,7 +70,7 @@ def collect_inputs(source: str | os.PathLike, recursive: bool = True) -> list[Sh
     """
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".csv":
-        rows = read_csv_rows(source)
+        rows = drop_missing(read_csv_rows(source), source)
         items = [(row.path, row.key, row.caption, row.reference) for row in rows]
     elif source.is_dir():
         pattern = "**/*" if recursive else "*"
@@ -94,7 +94,8 @@ def write_shards(
     """Write ``items`` into shards ``out_dir/NNNNNN.tar`` with ``NNNNNN.meta.jsonl`` beside each.
 
     A shard is closed once it holds ``maxcount`` samples or ``maxsize`` bytes (the sample that crosses
-    ``maxsize`` stays in it). Inputs that cannot be probed are skipped with a warning.
+    ``maxsize`` stays in it). Inputs that cannot be probed, and videos that hold fewer frames than their container
+    promises (truncated files), are skipped with a warning and counted in the report.
 
     Args:
         items: inputs, e.g. from :func:`collect_inputs`.
@@ -142,6 +143,8 @@ def write_shards(
 def _encode(item: ShardItem, skips: SkipCounter) -> tuple[dict, dict] | None:
     try:
         info = probe(item.path)
+        if not info.is_image and (held := stored_frames(item.path)) < info.frames - TAIL_TOLERANCE:
+            raise DataError(f"truncated: its container promises {info.frames} frames, the file holds {held}")
         sample = {"__key__": item.key, _extension(item.path): item.path.read_bytes(), "id": item.key}
         if item.caption:
             sample["txt"] = item.caption

@@ -46,6 +46,7 @@ __all__ = [
     "Clip",
     "VideoReader",
     "probe",
+    "stored_frames",
     "read_clip",
     "read_span",
     "read_image",
@@ -307,6 +308,24 @@ def probe(source: Source) -> VideoInfo:
     """Frame rate, frame count, size and duration of a video or image, from its headers (nothing is decoded)."""
     with VideoReader(source) as reader:
         return reader.info
+
+
+def stored_frames(source: Source) -> int:
+    """How many video frames the file really holds: its packets, counted by demuxing (nothing is decoded).
+
+    A file cut short after its header was written (an interrupted copy of an mp4 whose index comes first) still
+    reports the full count in :func:`probe`; this count stops where the data stops. Images count as 1.
+    """
+    av = require("av", extra="video")
+    name = _describe(source)
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else _as_path(source)) as container:
+            if not container.streams.video:
+                raise DataError(f"{name} has no video stream")
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except av.FFmpegError as err:
+        raise DataError(f"cannot read {name}: {err}") from err
 
 
 def read_clip(

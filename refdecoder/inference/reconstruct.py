@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from refdecoder.backbones.registry import BackboneAdapter
+from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.data.transforms import ResizePlan, plan_resize
-from refdecoder.data.video import probe, read_image
+from refdecoder.data.video import TAIL_TOLERANCE, probe, read_image
 from refdecoder.errors import CheckpointError, ConfigError, DataError, InputError, MissingDependencyError
 from refdecoder.inference.loading import Decoder
 from refdecoder.inference.streaming import RuleChunks, encode_chunks, iter_decode
@@ -213,7 +213,8 @@ def _tile_plan(decoder: Decoder, latent_size: tuple[int, int], options: DecodeOp
     if options.tile is None:
         return None
     align = token_alignment(decoder.model) if decoder.model is not None else 1
-    return plan_tiles(latent_size, decoder.adapter.spatial_factor, options.tile, options.tile_overlap, align)
+    factor, patch = decoder.adapter.spatial_factor, decoder.adapter.output_patch
+    return plan_tiles(latent_size, factor, options.tile, options.tile_overlap, align, patch)
 
 
 def reconstruct_video(
@@ -242,7 +243,9 @@ def reconstruct_video(
     Returns:
         One metrics row: in-memory PSNR/SSIM/LPIPS (means over frames, and ``_reference`` / ``_others`` splits
         when the reference is a frame of the video), ``psnr_written`` (the mp4 as written, decoded back: the codec
-        loss is its difference to ``psnr``), ``base_*`` and ``delta_*`` with ``compare_base``, sizes, timing.
+        loss is its difference to ``psnr``), ``base_*`` and ``delta_*`` with ``compare_base``, sizes, timing, and
+        ``frames_header`` / ``truncated``: a file that decodes to fewer frames than its container promises is
+        reconstructed from the frames it has, with a warning.
 
     Raises:
         DataError: missing or unreadable file; InputError: bad reference index or reference size.
@@ -257,6 +260,17 @@ def reconstruct_video(
         raise DataError(f"{path} is an image, not a video")
     plan = frame_plan((info.height, info.width), options.size, decoder.adapter.spatial_factor)
     latents, frames, reference = _encode(decoder, path, plan, options, progress, info.frames)
+    promised = min(info.frames, options.max_frames or info.frames)
+    truncated = frames < promised - TAIL_TOLERANCE
+    if truncated:
+        logger.warning(
+            "%s: decoded %d frames, but its container promises %d (truncated or corrupt file?); reconstructing the "
+            "%d that decode",
+            path,
+            frames,
+            promised,
+            frames,
+        )
     stem = Path(out_dir) / name
     stem.parent.mkdir(parents=True, exist_ok=True)
     truth = iter_frames(path, chunk=16, max_frames=frames, plan=plan)
@@ -280,6 +294,8 @@ def reconstruct_video(
         "output": f"{stem}.mp4",
         "decoder": "refdecoder" if decoder.conditioned else "base",
         "frames": frames,
+        "frames_header": info.frames,
+        "truncated": truncated,
         "fps": info.fps,
         "height": plan.size[0],
         "width": plan.size[1],
@@ -341,6 +357,7 @@ class _Sink:
         lpips: torch.nn.Module | None,
     ) -> None:
         names = [f"{stem}.mp4"] + ([f"{stem}.base.mp4", f"{stem}.compare.mp4"] if base is not None else [])
+        names += [f"{stem}.source.mp4"] if base is not None and truth is not None else []
         self.writers = [VideoWriter(name, fps, options.crf) for name in names]
         self.base = _Frames(base) if base is not None else None
         self.truth = _Frames(truth) if truth is not None else None
@@ -366,6 +383,8 @@ class _Sink:
             columns = [c[0] for c in (self.reference, base, out, target) if c is not None]
             self.writers[1].write(columns[1])
             self.writers[2].write(side_by_side(columns, self.labels))
+            if target is not None:
+                self.writers[3].write(target[0])
             start, stop = self.done, self.done + n
             self.grid_rows += [
                 [c[:, min(i - start, c.shape[1] - 1)].cpu() for c in columns] for i in self.shown if start <= i < stop
@@ -406,8 +425,10 @@ def decode_to_files(
 ) -> dict[str, Any]:
     """Decode latents window by window into ``<stem>.mp4`` (and comparison media), scoring against ``truth``.
 
-    With ``options.compare_base`` (and a RefDecoder) the base decoder runs in step and ``<stem>.base.mp4``,
-    ``<stem>.compare.mp4`` (reference | base | RefDecoder [| ground truth]) and ``<stem>.grid.png`` are written.
+    With ``options.compare_base`` (and a RefDecoder) the base decoder (the VAE as it was before the weights, see
+    :attr:`Decoder.base`) runs in step and ``<stem>.base.mp4``, ``<stem>.compare.mp4`` (reference | base |
+    RefDecoder [| ground truth]), ``<stem>.grid.png`` and, with ``truth``, ``<stem>.source.mp4`` (the ground truth
+    at the decoded size) are written.
 
     Args:
         decoder: from :func:`refdecoder.inference.load_decoder`.
@@ -435,7 +456,7 @@ def decode_to_files(
     settings = dict(window=options.window, tiles=_tile_plan(decoder, tuple(latents.shape[-2:]), options))
     use_reference = reference if decoder.conditioned else None
     main = iter_decode(decoder.main, latents, use_reference, resize_reference=options.resize_reference, **settings)
-    base = iter_decode(decoder.adapter, latents, **settings) if compare else None
+    base = iter_decode(decoder.base_adapter, latents, **settings) if compare else None
     display = _display_reference(reference, decoder.adapter, latents)[None] if compare else None
     sink = _Sink(stem, fps, options, frames, base, truth, display, lpips)
     try:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from refdecoder.backbones.registry import BackboneAdapter
+from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, IdentityHooks
@@ -81,9 +81,9 @@ def _split_frames(pending: list[torch.Tensor], count: int) -> tuple[torch.Tensor
 def encode_chunks(adapter: BackboneAdapter, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
     """Encode consecutive pixel chunks of one video into its raw latents (posterior mode).
 
-    For Wan the encoder's causal caches are carried from chunk to chunk, which equals one ``vae.encode`` of the
-    whole video while holding one chunk of pixels; other backbones get the chunks joined and encoded at once
-    (memory then grows with the length).
+    Causal backbones (the Wan family) carry the encoder's caches from chunk to chunk, which equals one
+    ``vae.encode`` of the whole video while holding one chunk of pixels; other backbones get the chunks joined and
+    encoded at once (memory then grows with the length). See :meth:`BackboneAdapter.encode_chunks`.
 
     Args:
         adapter: the backbone adapter.
@@ -93,17 +93,7 @@ def encode_chunks(adapter: BackboneAdapter, chunks: Iterable[torch.Tensor]) -> t
     Returns:
         Latents ``B, C, t_latent, h, w``.
     """
-    from refdecoder.backbones.wan import WanAdapter
-
-    if not isinstance(adapter, WanAdapter):
-        return adapter.encode(torch.cat(list(chunks), dim=2))
-    vae = adapter.vae
-    cache: list = [None] * vae._cached_conv_counts["encoder"]
-    parts = []
-    for chunk in chunks:
-        moments = vae.quant_conv(vae.encoder(chunk, feat_cache=cache, feat_idx=[0]))
-        parts.append(moments[:, : adapter.latent_channels])  # posterior mode = the mean half of the moments
-    return torch.cat(parts, dim=2)
+    return adapter.encode_chunks(chunks)
 
 
 # --- decoding -----------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "LoggingConfig",
     "ValidationConfig",
     "LatentFinetuneConfig",
+    "CompareConfig",
     "TrainConfig",
     "load_config",
     "parse_overrides",
@@ -59,7 +60,8 @@ class VAEPretrainConfig:
     """Optional short pretraining of a randomly initialised (``source: tiny``) VAE before RefDecoder training."""
 
     steps: int = 0  # 0: no pretraining
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak; linear warm-up over `warmup` steps, then cosine to 1 %
+    warmup: int = 0
     frames: int = 5
     batch_size: int = 2
 
@@ -68,8 +70,9 @@ class VAEPretrainConfig:
 class VAEConfig:
     """Where the backbone VAE comes from."""
 
-    source: Literal["tiny", "pretrained"] = "pretrained"
-    path: str | None = None  # diffusers folder (wan2.1) or official checkpoint file (videovae+)
+    # demo: the bundled demo VAE (wan2.1); tiny: random, reduced width (+ pretrain); pretrained: from `path`
+    source: Literal["demo", "tiny", "pretrained"] = "pretrained"
+    path: str | None = None  # diffusers folder or Hub id (wan2.1), official checkpoint file (videovae+)
     subfolder: str | None = "vae"  # diffusers subfolder of `path` (wan2.1)
     tiny: dict[str, Any] = field(default_factory=dict)  # build_tiny() overrides, e.g. {base_dim: 16, z_dim: 8}
     seed: int = 0  # initialisation seed of a tiny VAE
@@ -87,6 +90,8 @@ class ComponentConfig:
 
 @dataclass
 class ModelConfig:
+    # refdecoder: the reference-conditioned decoder; plain: the backbone's decoder fine-tuned alone (a baseline)
+    kind: Literal["refdecoder", "plain"] = "refdecoder"
     backbone: str = "wan2.1"
     preset: str = "small"
     refdecoder: dict[str, Any] = field(default_factory=dict)  # RefDecoderConfig overrides on top of the preset
@@ -152,8 +157,7 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_steps: int = 1000
     warmup_start: float = 0.01  # warm-up starts at lr * warmup_start
-    min_ratio: float = 0.01  # cosine floor, lr * min_ratio
-    total_steps: int | None = None  # None: the sum of the stages' steps
+    min_ratio: float = 0.01  # cosine floor, lr * min_ratio (reached at the last step of the last stage)
 
 
 @dataclass
@@ -174,7 +178,6 @@ class FabricConfig:
     precision: Precision = "32-true"
     compile: bool = False  # torch.compile the shared transformer
     cpu_threads: int | None = None  # torch intra-op threads (None: torch's default)
-    activation_checkpointing: bool = False  # recompute the shared transformer blocks in backward
     find_unused_parameters: bool = False  # ddp only
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
@@ -219,6 +222,23 @@ class LatentFinetuneConfig:
 
 
 @dataclass
+class CompareConfig:
+    """The equal-budget comparison at the end of a run (what the CPU demo shows).
+
+    With ``baseline``, the backbone's plain decoder is fine-tuned too, with the same data, stages, schedule and
+    seed, in ``<run_dir>/baseline``. With ``enabled``, the first ``clips`` held-out clips of ``data.val`` are decoded
+    by the VAE as it was, the baseline and the RefDecoder (reference = each clip's ``data.val.reference`` frame);
+    the videos, ``metrics.csv`` and an HTML report go to ``<run_dir>/comparison``.
+    """
+
+    enabled: bool = False
+    baseline: bool = False
+    clips: int = 1
+    frames: int | None = None  # clip length (None: the last stage's); Wan: 1 + 4k
+    size: tuple[int, int] | None = None  # (H, W) (None: the last stage's)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -233,10 +253,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     latent_finetune: LatentFinetuneConfig = field(default_factory=LatentFinetuneConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole curriculum."""
+        """Optimizer steps of the whole curriculum (the learning-rate schedule spans them)."""
         return sum(stage.steps for stage in self.stages)
 
     def refdecoder_config(self) -> RefDecoderConfig:
@@ -250,8 +271,6 @@ class TrainConfig:
             if "model.refdecoder" not in message:  # a check inside RefDecoderConfig, which names its own key
                 message = f"model.refdecoder: {message}"
             raise ConfigError(message) from None
-        if self.fabric.activation_checkpointing:
-            config.transformer.gradient_checkpointing = True
         return config
 
 
@@ -297,6 +316,31 @@ def _validate(cfg: TrainConfig) -> None:
     _check(not lf.enabled or bool(lf.path), "latent_finetune.path", "must be set when latent_finetune.enabled")
     _check(lf.every >= 1, "latent_finetune.every", f"must be >= 1, got {lf.every}")
     _check(0 <= lf.reversed_prob <= 1, "latent_finetune.reversed_prob", "must be in [0, 1]")
+    if cfg.model.kind == "plain":
+        for key, used in (
+            ("latent_finetune.enabled", lf.enabled),
+            ("model.latent_components", bool(cfg.model.latent_components)),
+            ("compare.baseline", cfg.compare.baseline),
+        ):
+            _check(not used, key, "needs model.kind: refdecoder (a plain decoder has no reference path)")
+        _check(cfg.fabric.strategy != "fsdp", "fabric.strategy", "fsdp is not supported with model.kind: plain")
+    cc = cfg.compare
+    _check(not cc.enabled or cfg.data.val is not None, "compare.enabled", "needs held-out clips in data.val")
+    _check(cc.clips >= 1, "compare.clips", f"must be >= 1, got {cc.clips}")
+
+
+# Keys that were removed, and the one key that owns the setting now.
+_MOVED = {
+    "fabric.activation_checkpointing": "model.refdecoder.transformer.gradient_checkpointing",
+    "schedule.total_steps": "stages (the schedule spans the steps of all stages)",
+}
+
+
+def _check_moved(data: Mapping[str, Any]) -> None:
+    for old, new in _MOVED.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), Mapping) and key in data[section]:
+            raise ConfigError(f"config key {old!r} was removed; set {new} instead")
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -418,6 +462,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     data = apply_overrides(data, parse_overrides(overrides))
     source = f" (in {path} or its overrides)" if path is not None else ""
     try:
+        _check_moved(data)
         cfg = build_dataclass(TrainConfig, data)
         _validate(cfg)
     except ConfigError as err:

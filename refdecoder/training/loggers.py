@@ -131,19 +131,31 @@ def _wandb_logger(run_dir: str | os.PathLike, project: str | None) -> Any:
 
 
 def image_grid(
-    reference: torch.Tensor, target: torch.Tensor, reconstruction: torch.Tensor, frames: int = 4
+    reference: torch.Tensor,
+    target: torch.Tensor,
+    reconstruction: torch.Tensor,
+    frames: int = 4,
+    title: str | None = None,
+    min_width: int = 160,
 ) -> torch.Tensor:
-    """One sample as a picture: rows are evenly spaced frames; columns reference | ground truth | reconstruction.
+    """One sample as a labelled picture: rows are evenly spaced frames; columns reference | target | reconstruction.
+
+    Columns narrower than ``min_width`` pixels are enlarged (nearest neighbour, no blur) so that the labels are
+    legible; the column labels, and ``title`` above them (e.g. the step and the PSNR), need OpenCV.
 
     Args:
         reference: ``3, H, W`` (or ``3, 1, H, W``) reference frame in [-1, 1].
         target: ``3, T, H, W`` ground-truth clip in [-1, 1].
         reconstruction: ``3, T, H, W`` decoded clip (clamped to [-1, 1] here).
         frames: rows (frames shown), at most ``T``.
+        title: a line above the column labels, or None.
+        min_width: enlarge columns to at least this width.
 
     Returns:
-        ``3, rows * H, 3 * W`` image in [-1, 1].
+        ``3, H_grid, 3 * W * s`` image in [-1, 1]: title and label strips, then ``rows`` frames ``s`` times enlarged.
     """
+    from refdecoder.media import label_strip
+
     if reference.ndim == 4:
         reference = reference[:, 0]
     if target.ndim != 4 or reconstruction.shape != target.shape or reference.shape != target[:, 0].shape:
@@ -151,10 +163,16 @@ def image_grid(
             f"image_grid needs reference (3, H, W) and clips (3, T, H, W) of the same size, got "
             f"{tuple(reference.shape)}, {tuple(target.shape)}, {tuple(reconstruction.shape)}"
         )
-    t = target.shape[1]
+    t, width = target.shape[1], target.shape[-1]
     rows = [round(i * (t - 1) / max(1, frames - 1)) for i in range(min(frames, t))] if t > 1 else [0]
     lines = [torch.cat([reference, target[:, i], reconstruction[:, i].clamp(-1, 1)], dim=2) for i in rows]
-    return torch.cat(lines, dim=1).float().cpu()
+    body = torch.cat(lines, dim=1).float().cpu()
+    scale = max(1, math.ceil(min_width / width))
+    body = body.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    strips = [label_strip(["reference", "target", "reconstruction"], [width * scale] * 3)]
+    if title:
+        strips.insert(0, label_strip([title], [3 * width * scale]))
+    return torch.cat([*strips, body], dim=1)
 
 
 def log_image(loggers: list[Any], tag: str, image: torch.Tensor, step: int, path: str | os.PathLike) -> Path:
@@ -225,8 +243,11 @@ def summarize(
     return summary
 
 
-def print_summary(summary: dict[str, Any], paths: dict[str, Any]) -> str:
-    """The closing report of a run: loss drop per stage, validation change, and where every output went."""
+def print_summary(summary: dict[str, Any], paths: dict[str, Any], kind: str = "refdecoder") -> str:
+    """The closing report of a run: loss drop per stage, validation change, and where every output went.
+
+    ``paths["weights"]`` is the export: RefDecoder weights, or for ``kind="plain"`` the fine-tuned VAE folder.
+    """
     lines = [f"done in {summary['seconds']:.0f}s"]
     for i, stage in enumerate(summary["stages"]):
         lines.append(
@@ -243,8 +264,10 @@ def print_summary(summary: dict[str, Any], paths: dict[str, Any]) -> str:
     weights = paths["weights"]
     lines += [
         f"checkpoint:  {paths['checkpoint']}",
-        f"weights:     {weights}  (refdecoder.load(vae, '{weights}'))",
-        f"image grid:  {paths.get('image', 'none')}  (rows: frames; reference | ground truth | reconstruction)",
+        f"weights:     {weights}  (refdecoder.load(vae, '{weights}'))"
+        if kind != "plain"
+        else f"VAE:         {weights}  (the fine-tuned VAE, a diffusers folder)",
+        f"image grid:  {paths.get('image', 'none')}  (rows: frames; reference | target | reconstruction)",
         f"metrics:     {paths['metrics']}",
         f"logs:        {paths['logs']}  (csv/metrics.csv, tensorboard/)",
     ]

@@ -31,7 +31,12 @@ __all__ = [
     "gather_objects",
     "check_model_keys",
     "export_pretrained",
+    "export_run",
+    "wrap_run_model",
+    "saved_config",
+    "check_resume_config",
     "restore_checkpoint",
+    "setup_model_and_optimizer",
 ]
 
 logger = logging.getLogger("refdecoder.training")
@@ -217,21 +222,98 @@ def export_pretrained(cfg: TrainConfig, model: nn.Module, checkpoint: Path, out:
     fresh.save_pretrained(out)
 
 
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The training config a recipe checkpoint file holds, read without loading its tensors (None for a folder,
+    i.e. a sharded checkpoint, or a checkpoint without one)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several unrelated types for truncated or foreign files
+        reason = " ".join(str(err).split())
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {reason}") from err
+    progress = state.get("progress") if isinstance(state, dict) else None
+    return progress.get("config") if isinstance(progress, dict) else None
+
+
+def check_resume_config(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a resume whose config changes the model; log other changes (more steps, other logging, ...).
+
+    Raises:
+        CheckpointError: a ``model.*`` key differs; the one-line message lists each key with its old and new value.
+    """
+    if saved is None:
+        return
+    changed = changed_keys(saved, current)
+    model = [key for key in changed if key.startswith("model.")]
+    if model:
+        diffs = "; ".join(f"{key}: {_at(saved, key)} -> {_at(current, key)}" for key in model)
+        raise CheckpointError(
+            f"cannot resume from {path}: the model config differs from the checkpoint's ({diffs}); restore the "
+            "checkpoint's values or start a new run_dir"
+        )
+    if changed:
+        logger.warning("the config differs from the checkpoint's in %s; continuing with the new values", changed)
+
+
+def _at(config: dict[str, Any], key: str) -> str:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "(unset)"
+        node = node[part]
+    return repr(node)
+
+
+def wrap_run_model(cfg: TrainConfig, vae: nn.Module) -> nn.Module:
+    """The trained model of a run: ``vae`` wrapped by RefDecoder (+ the configured latent components, compiled
+    blocks), or, for ``model.kind: plain``, its decoder alone (:class:`~refdecoder.training.plain.PlainDecoder`)."""
+    import refdecoder
+    from refdecoder.training.plain import PlainDecoder
+    from refdecoder.training.vae import backbone_adapter
+
+    if cfg.model.kind == "plain":
+        return PlainDecoder(vae, backbone_adapter(cfg.model.backbone)(vae))
+    model = refdecoder.wrap(vae, cfg.refdecoder_config(), backbone=cfg.model.backbone)
+    attach_components(model, cfg.model.latent_components)
+    if cfg.fabric.compile:
+        compile_transformer(model)
+    return model
+
+
+def export_run(cfg: TrainConfig, model: nn.Module, checkpoint: Path) -> Path:
+    """What a finished run leaves for inference: ``<run_dir>/refdecoder`` (``save_pretrained``), or for a plain
+    decoder the fine-tuned VAE as ``<run_dir>/vae`` (what ``--vae RUN_DIR`` then decodes with)."""
+    from refdecoder.inference.loading import save_vae
+    from refdecoder.training.vae import RUN_VAE_DIR
+
+    if cfg.model.kind == "plain":
+        return save_vae(model.vae, Path(cfg.run_dir) / RUN_VAE_DIR)
+    out = Path(cfg.run_dir) / "refdecoder"
+    export_pretrained(cfg, model, checkpoint, out)
+    return out
+
+
 def restore_checkpoint(
     fabric: Any, path: Path, state: dict[str, Any], model_keys: set[str], config: dict[str, Any]
 ) -> None:
     """Load a recipe checkpoint into ``state`` in place and restore this rank's RNG states.
 
     The checkpoint holds only the trained weights (the frozen VAE was rebuilt from its source), so the model loads
-    non-strictly and the saved key list is checked against ``model_keys`` instead. A config that differs from the
-    checkpoint's is logged, not refused (e.g. more steps, other logging).
+    non-strictly and the saved key list is checked against ``model_keys`` instead. Check a checkpoint file's config
+    with :func:`check_resume_config` first (a changed model would fail here with the optimizer's own error); a
+    sharded checkpoint (folder) is checked here, after the load.
     """
-    fabric.load(path, state, strict=False)
+    try:
+        fabric.load(path, state, strict=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from err
     progress = state["progress"]
     check_model_keys(model_keys, progress["model_keys"], str(path))
-    changed = changed_keys(progress.get("config", {}), config)
-    if changed:
-        logger.warning("the config differs from the checkpoint's in %s; continuing with the new values", changed)
+    if not Path(path).is_file():  # a sharded checkpoint: saved_config could not read it before the load
+        check_resume_config(path, progress.get("config"), config)
     ranks = progress["ranks"]
     if len(ranks) != fabric.world_size:
         logger.warning(
@@ -240,3 +322,24 @@ def restore_checkpoint(
             fabric.world_size,
         )
     set_rng_state(ranks[fabric.global_rank if fabric.global_rank < len(ranks) else 0]["rng"])
+
+
+def setup_model_and_optimizer(fabric: Any, cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]:
+    """AdamW over ``model.param_groups`` (added modules at lr, decoder at lr x ratio), set up by Fabric."""
+    lr = cfg.optim.lr
+    if cfg.optim.scale_lr:
+        lr *= fabric.world_size * cfg.data.batch_size * cfg.optim.grad_accum
+
+    def make_optimizer(module: Any) -> torch.optim.Optimizer:
+        groups = module.param_groups(lr, decoder_lr_ratio=cfg.optim.decoder_lr_ratio)
+        oc = cfg.optim
+        return torch.optim.AdamW(groups, lr=lr, betas=oc.betas, weight_decay=oc.weight_decay, eps=oc.eps)
+
+    if cfg.fabric.strategy.startswith("deepspeed"):
+        model, optimizer = fabric.setup(model, make_optimizer(model))
+    else:  # FSDP needs the optimizer built on the already sharded parameters; the others do not mind
+        model = fabric.setup_module(model)
+        optimizer = fabric.setup_optimizers(make_optimizer(model))
+    for method in ("decode", "encode"):  # latent finetuning calls these; they must go through DDP/FSDP's forward
+        model.mark_forward_method(method)
+    return model, optimizer

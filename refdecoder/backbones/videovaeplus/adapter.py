@@ -34,7 +34,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones.registry import BackboneAdapter, StageSpec, register_backbone
+from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.videovaeplus.autoencoder import VideoVAEPlus, VideoVAEPlusConfig
 from refdecoder.errors import BackboneError
 from refdecoder.frames import GROUPS_OF_4, FrameRule
@@ -47,7 +47,6 @@ _STAGE_LEVELS = (1, 0)
 _HEAD_STAGE = len(_STAGE_LEVELS)
 
 
-@register_backbone("videovae+")
 class VideoVAEPlusAdapter(BackboneAdapter):
     """Adapter for :class:`~refdecoder.backbones.videovaeplus.VideoVAEPlus` (the ``sota-4-16z`` layout).
 
@@ -72,9 +71,13 @@ class VideoVAEPlusAdapter(BackboneAdapter):
 
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
-    def matches(cls, vae: nn.Module) -> bool:
+    def fit(cls, vae: nn.Module) -> Fit:
         # The frame rule is a class attribute of the contract, so only the 4x temporal variant fits.
-        return isinstance(vae, VideoVAEPlus) and vae.frame_rule == cls.frame_rule
+        if not isinstance(vae, VideoVAEPlus):
+            return Fit(0, (f"it drives VideoVAEPlus only, not {type(vae).__name__}",))
+        if vae.frame_rule != cls.frame_rule:
+            return Fit(1, (f"frames {vae.frame_rule.describe()} ({cls.name} needs {cls.frame_rule.describe()})",))
+        return Fit(2)
 
     @classmethod
     def build_tiny(cls, **overrides: Any) -> nn.Module:
@@ -101,11 +104,11 @@ class VideoVAEPlusAdapter(BackboneAdapter):
     def _build_stages(self) -> list[StageSpec]:
         decoder = self.vae.decoder
         grid = 2 * self.spatial_factor  # the paper's H/16 token grid for the official 8x model
-        points = [(f"decoder.up.{level}", decoder.level_in_channels[level], 2**level) for level in _STAGE_LEVELS]
-        points.append(("decoder.norm_out", decoder.level_out_channels[0], 1))
+        points = [(decoder.level_in_channels[level], 2**level) for level in _STAGE_LEVELS]
+        points.append((decoder.level_out_channels[0], 1))  # before the head
         return [
-            StageSpec(f"stage{i}", module, channels, scale, (1, grid // scale, grid // scale), time_factor=1)
-            for i, (module, channels, scale) in enumerate(points)
+            StageSpec(f"stage{i}", channels, scale, (1, grid // scale, grid // scale), time_factor=1)
+            for i, (channels, scale) in enumerate(points)
         ]
 
     def stage_frames(self, index: int, latent_frames: int, first_window: bool) -> int:
@@ -122,19 +125,16 @@ class VideoVAEPlusAdapter(BackboneAdapter):
         return self.vae.encode(video, chunk_frames=self.temporal_factor * self.default_window)
 
     # --- decoding -------------------------------------------------------------------------------------------
-    def iter_decode_windows(
-        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
-    ) -> Iterator[torch.Tensor]:
-        step = self.temporal_factor
+    def decoder_input(self, latents: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
         # Independent chunks, as the official inference decodes them (replicate padding at every window edge).
         # The latents hook sees the whole full-rate latent at once, so per-decode draws (token dropout masks)
         # stay shared by all windows.
-        z = hooks.latents(torch.cat([self.vae.decoder_temporal(latents[:, :, a:b]) for a, b in windows], dim=2), ctx)
-        for index, (start, stop) in enumerate(windows):
-            ctx.window_index, ctx.first_window = index, index == 0
-            yield self._decode_window(z[:, :, step * start : step * stop], hooks, ctx)
+        return torch.cat([self.vae.decoder_temporal(latents[:, :, a:b]) for a, b in windows], dim=2)
 
-    def _decode_window(self, z: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
+    def window_input(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return x[:, :, self.temporal_factor * start : self.temporal_factor * stop]  # full-frame-rate latents
+
+    def decode_window(self, z: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder = self.vae.decoder
         h = decoder.forward_stem(z)
         for level in reversed(range(decoder.num_levels)):

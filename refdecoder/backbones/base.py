@@ -1,0 +1,283 @@
+"""The backbone adapter contract: what a VAE family tells the generic RefDecoder components.
+
+An adapter knows one VAE family: where its decoder stages are, how its frames and latents are laid out, how to
+encode, and how to run its decoder on one window of latent frames while calling the hook points. The window loop
+itself (window iteration, the :class:`~refdecoder.hooks.DecodeContext` bookkeeping, collecting the windows) lives
+here, so an adapter writes only what is specific to its decoder:
+
+- :meth:`BackboneAdapter.fit` (does it drive this VAE, and if not, why), :meth:`~BackboneAdapter.build_tiny`;
+- the geometry (:attr:`~BackboneAdapter.latent_channels`, :attr:`~BackboneAdapter.spatial_factor`,
+  :meth:`~BackboneAdapter.stages`) and :meth:`~BackboneAdapter.encode`;
+- :meth:`~BackboneAdapter.decode_window` (plus :meth:`~BackboneAdapter.decoder_input` and
+  :meth:`~BackboneAdapter.begin_decode` when the decoder has a stem to run once or caches to carry);
+- :meth:`~BackboneAdapter.run_stage_on_reference` and :meth:`~BackboneAdapter.decoder_parameters`.
+
+``docs/backbones.md`` walks through writing one; :mod:`refdecoder.testing` checks it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from refdecoder.frames import FrameRule
+from refdecoder.hooks import DecodeContext, DecodeHooks, plan_windows
+
+if TYPE_CHECKING:
+    from refdecoder.tiling import TilePlan
+
+__all__ = ["StageSpec", "Fit", "BackboneAdapter"]
+
+Patch = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One decoder up-sampling stage that components can attach before.
+
+    Attributes:
+        name: hook point name, ``stage{i}``.
+        channels: channels of the features entering the stage.
+        scale: spatial down-sampling of those features relative to the decoded pixels (8 means H/8).
+        patch_size: default token patch ``(t, h, w)`` that brings every stage to the same token grid.
+        time_factor: how many frames the stage makes of each input frame (2 for Wan's temporal up-sampling).
+    """
+
+    name: str
+    channels: int
+    scale: int
+    patch_size: Patch
+    time_factor: int = 1
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How far a VAE gets through an adapter's checks, and why it stops.
+
+    Attributes:
+        passed: checks that held, in the adapter's order; the registry names the adapter with the most as the
+            nearest one when none fits.
+        reasons: why the first failing check failed (e.g. ``"is_residual=True (wan2.1 needs False)"``); empty when
+            the adapter drives the VAE.
+    """
+
+    passed: int
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+    @classmethod
+    def run(cls, *checks: Callable[[], str | Sequence[str] | None]) -> Fit:
+        """Run ``checks`` in order (each returns None when it holds, else its reasons) up to the first that fails."""
+        for passed, check in enumerate(checks):
+            reasons = check()
+            if reasons:
+                return cls(passed, (reasons,) if isinstance(reasons, str) else tuple(reasons))
+        return cls(len(checks))
+
+
+class BackboneAdapter(abc.ABC):
+    """Contract between a VAE family and the generic RefDecoder components.
+
+    An instance wraps one VAE object; subclasses set the class attributes and implement the abstract methods.
+    Class attributes are read without an instance (a training recipe asks ``get_backbone(name).frame_rule`` before
+    a VAE exists), so a family whose variants differ in them needs one adapter per variant.
+    """
+
+    name: ClassVar[str] = ""
+    frame_rule: ClassVar[FrameRule]
+    # True when latent frame 0 is decoded like an image and later frames are up-sampled in time (Wan); False for
+    # backbones that up-sample every frame alike.
+    causal_first_frame: ClassVar[bool] = True
+    # Latent frames in the first decode window when the config does not say (the paper's chunk length).
+    default_window: ClassVar[int] = 4
+    # True when the backbone has its own spatially tiled decode (plain_tiled_decode) that refdecoder.tiling
+    # reproduces; RefDecoder's tiled decode then equals it at initialisation.
+    tiling: ClassVar[bool] = False
+
+    def __init__(self, vae: nn.Module) -> None:
+        self.vae = vae
+
+    # --- identification -------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def fit(cls, vae: nn.Module) -> Fit:
+        """How well this adapter fits ``vae`` (``Fit.ok`` when it can drive it); see :meth:`Fit.run`."""
+
+    @classmethod
+    def matches(cls, vae: nn.Module) -> bool:
+        """True when this adapter can drive ``vae`` (used by ``wrap()`` auto-detection)."""
+        return cls.fit(vae).ok
+
+    @classmethod
+    @abc.abstractmethod
+    def build_tiny(cls, **overrides: Any) -> nn.Module:
+        """A small randomly initialised VAE of this family, for tests and demos."""
+
+    # --- geometry -------------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latents ``decode`` accepts."""
+
+    @property
+    @abc.abstractmethod
+    def spatial_factor(self) -> int:
+        """Pixels per latent position along H and W."""
+
+    @property
+    def temporal_factor(self) -> int:
+        """Pixel frames per latent frame (after the first, for causal backbones)."""
+        return self.frame_rule.step
+
+    @property
+    def output_patch(self) -> int:
+        """Pixels per decoder output position along H and W (Wan2.2 writes 2x2 patches); tiles blend per patch."""
+        return 1
+
+    @abc.abstractmethod
+    def stages(self) -> list[StageSpec]:
+        """The decoder stages in call order (hook points ``stage0``, ``stage1``, ...)."""
+
+    @property
+    def reference_channels(self) -> int:
+        """Channels the reference tokenizer must produce (those of the first stage)."""
+        return self.stages()[0].channels
+
+    @property
+    def reference_scale(self) -> int:
+        """Spatial down-sampling of the first stage, i.e. the reference tokenizer's patch size."""
+        return self.stages()[0].scale
+
+    def stage_frames(self, index: int, latent_frames: int, first_window: bool) -> int:
+        """Frames entering stage ``index`` when a window of ``latent_frames`` latent frames is decoded."""
+        frames = latent_frames
+        for spec in self.stages()[:index]:
+            if self.causal_first_frame and first_window:
+                frames = 1 + spec.time_factor * (frames - 1)
+            else:
+                frames = spec.time_factor * frames
+        return frames
+
+    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
+        """Latent-frame windows for one decode: ``window`` frames first, then windows of equal pixel length.
+
+        With a causal first frame, latent frame 0 yields one pixel frame and every later one ``step`` frames, so a
+        first window of W latent frames spans ``1 + step*(W-1)`` pixel frames and later windows of ``W - 1``
+        latent frames span ``step*(W-1)``: every decoder pass (and so its memory and attention span) is the same
+        size, e.g. 17 then 16 pixel frames for Wan with W = 5.
+        """
+        later = max(1, window - 1) if self.causal_first_frame else window
+        return plan_windows(num_latent_frames, window, later)
+
+    # --- encode / latent conventions ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode) ``B, C, t, h, w``."""
+
+    def encode_chunks(self, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Encode consecutive pixel pieces of one video (frame 0 alone, then groups; see ``RuleChunks``).
+
+        The default joins the pieces and encodes once (memory grows with the length); causal backbones override it
+        to carry their encoder caches from piece to piece, which equals one :meth:`encode` of the whole video.
+        """
+        return self.encode(torch.cat(list(chunks), dim=2))
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the normalised latents diffusion models work in (identity if the family has none)."""
+        return latents
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised diffusion latents -> raw latents that ``decode`` accepts (identity if none)."""
+        return latents
+
+    # --- decoding -------------------------------------------------------------------------------------------
+    def decoder_input(self, latents: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
+        """What the ``latents`` hook sees, computed once per decode (Wan: ``post_quant_conv(latents)``)."""
+        return latents
+
+    def window_input(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The part of :meth:`decoder_input`'s output that latent frames ``[start, stop)`` decode from."""
+        return x[:, :, start:stop]
+
+    def begin_decode(self, x: torch.Tensor) -> Any:
+        """Per-decode state handed to every :meth:`decode_window` call (a causal backbone's caches), or None."""
+        return None
+
+    @abc.abstractmethod
+    def decode_window(self, x: torch.Tensor, state: Any, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
+        """Decode one window: call ``hooks.stage(i, h, ctx)`` before stage ``i`` and use its return value.
+
+        Args:
+            x: the window's slice of the decoder input (:meth:`window_input`).
+            state: what :meth:`begin_decode` returned; causal backbones carry their caches in it.
+            hooks: the hook points to call.
+            ctx: the decode's context; ``ctx.first_window`` is True for the window holding latent frame 0.
+
+        Returns:
+            The window's unclamped pixel frames ``B, 3, t, H, W``.
+        """
+
+    def compile_window(self, **options: Any) -> bool:
+        """``torch.compile(**options)`` :meth:`decode_window` in place; False when this adapter does not.
+
+        The hooks are traced into the compiled pass. It must see inputs and state of the same shapes and strides in
+        every window of one size, so that such windows reuse one graph.
+        """
+        return False
+
+    def iter_decode_windows(
+        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
+    ) -> Iterator[torch.Tensor]:
+        """Decode raw latents over ``windows`` (from :meth:`plan_windows`), yielding each window's pixel frames.
+
+        Calls ``hooks.latents`` once, then :meth:`decode_window` per window. Yields unclamped ``B, 3, t, H, W``
+        chunks in time order; only one window's activations are alive at a time, so a consumer that streams the
+        chunks (e.g. to a video file) decodes any length in constant memory.
+        """
+        x = hooks.latents(self.decoder_input(latents, windows), ctx)
+        state = self.begin_decode(x)
+        for index, (start, stop) in enumerate(windows):
+            ctx.window_index, ctx.first_window = index, index == 0
+            yield self.decode_window(self.window_input(x, start, stop), state, hooks, ctx)
+
+    def decode_windows(
+        self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """:meth:`iter_decode_windows` collected into one unclamped video ``B, 3, T, H, W``."""
+        video, filled = None, 0
+        for part in self.iter_decode_windows(latents, hooks, ctx, windows):
+            if video is None:
+                # Filled window by window rather than concatenated at the end, which would hold the video twice.
+                frames = self.frame_rule.pixel_frames(latents.shape[2])
+                video = part.new_empty(*part.shape[:2], frames, *part.shape[3:])
+            video[:, :, filled : filled + part.shape[2]] = part
+            filled += part.shape[2]
+        return video
+
+    @abc.abstractmethod
+    def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
+        """Push ``B, C_i, R, h_i, w_i`` reference features through stage ``index`` spatially only."""
+
+    def plain_decode(self, latents: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """The backbone's own decode of raw latents (what RefDecoder must equal at initialisation).
+
+        ``window`` matters only to backbones whose output depends on how frames are grouped (VideoVAE+).
+        """
+        return self.vae.decode(latents).sample
+
+    def plain_tiled_decode(self, latents: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+        """The backbone's own spatially tiled decode with ``plan``'s tiles (adapters with :attr:`tiling`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tiled decode of its own (tiling = False)")
+
+    # --- parameters -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters of the decoder side (what ``train_decoder`` unfreezes); names as in ``vae``."""
