@@ -2,7 +2,7 @@
 
 Tolerance: every decoded frame at least ``BF16_DB`` dB PSNR from the fp32 decode in bf16, ``FP16_DB`` in fp16
 (videos in [-1, 1]). Measured on these tiny models with random weights, worst frame: bf16 47.1-48.6 dB, fp16
-63.8-66.5 dB. A dtype mismatch anywhere in the decode raises instead. At this size the check is not sensitive to
+66.5 dB. A dtype mismatch anywhere in the decode raises instead. At this size the check is not sensitive to
 each float32 island on its own (norms computed in bf16 cost 0.1 dB here); it pins the whole decode. Every
 registered adapter's bf16 decode is also checked by the conformance suite (``refdecoder.testing.check_bf16``).
 """
