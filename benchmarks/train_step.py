@@ -75,8 +75,8 @@ class PlainStep:
 class RefDecoderStep:
     """The recipe's video step: the clip's own frame as reference, decoder trained at 0.1 x lr."""
 
-    def __init__(self, vae: torch.nn.Module, preset: str, lr: float) -> None:
-        config = refdecoder.preset(preset)
+    def __init__(self, vae: torch.nn.Module, preset: str | refdecoder.RefDecoderConfig, lr: float) -> None:
+        config = refdecoder.preset(preset) if isinstance(preset, str) else preset.copy()
         config.train_decoder = True
         self.model = refdecoder.wrap(vae, config).train()
         self.optimizer = torch.optim.AdamW(self.model.param_groups(lr), lr=lr)

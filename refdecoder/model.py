@@ -125,7 +125,6 @@ class RefDecoder(nn.Module):
         )
         if config.dropout.p_max > 0:
             self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
-        self._hooks = _ReferenceHooks(self)
         # Last, so that no error above leaves the VAE modified. A plain attribute, not a submodule: the head conv
         # lives inside the VAE, where diffusers expects it.
         self.upscale_head = attach_upscale_head(vae, up.factor, up.order) if up.factor > 1 else None
@@ -160,8 +159,8 @@ class RefDecoder(nn.Module):
         Returns:
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
-        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        return self._finish(self.adapter.decode_windows(latents, self._hooks, ctx, windows), clamp)
+        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        return self._finish(self.adapter.decode_windows(latents, _ReferenceHooks(self), ctx, windows), clamp)
 
     def iter_decode(
         self,
@@ -181,8 +180,8 @@ class RefDecoder(nn.Module):
         With an upscale head, ``depth_to_space=False`` yields the head's raw ``B, 3 * s**2, t, H/s, W/s`` output
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
-        ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        for part in self.adapter.iter_decode_windows(latents, self._hooks, ctx, windows):
+        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        for part in self.adapter.iter_decode_windows(latents, _ReferenceHooks(self), ctx, windows):
             yield self._finish(part, clamp, depth_to_space)
 
     def _prepare_decode(
@@ -192,18 +191,22 @@ class RefDecoder(nn.Module):
         window: int | None,
         resize_reference: bool,
         generator: torch.Generator | None,
-    ) -> tuple[DecodeContext, list[tuple[int, int]]]:
-        """Check the inputs, tokenize the reference and plan the windows of one decode."""
+    ) -> tuple[torch.Tensor, DecodeContext, list[tuple[int, int]]]:
+        """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
+        # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
+        # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
+        base = next(self.vae.parameters()).dtype
+        latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
         ctx = DecodeContext(generator=generator)
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
-            ctx.reference_tokens = self.tokenizer(reference.to(latents.dtype))
+            ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
-        return ctx, self.adapter.plan_windows(latents.shape[2], size)
+        return latents, ctx, self.adapter.plan_windows(latents.shape[2], size)
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:
         """(H, W) of the decoded video (and of the reference) for latents of spatial size ``latent_size``."""
@@ -220,7 +223,7 @@ class RefDecoder(nn.Module):
         """Frozen encoder: ``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode), without gradients."""
         self._check_alive()
         check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
-        return self.adapter.encode(video)
+        return self.adapter.encode(video.to(next(self.vae.parameters()).dtype))
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the normalised space diffusion pipelines work in."""
@@ -253,6 +256,19 @@ class RefDecoder(nn.Module):
             h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
             counts.append(self.projectors[specs[i].name].token_count(frames, h, w))
         return max(counts)
+
+    def compile(self, decoder: bool = True, **options: Any) -> None:
+        """``torch.compile(**options)`` the transformer blocks and, with ``decoder``, the backbone's window pass.
+
+        In place; state-dict keys do not change. The compiled window pass (Wan) traces hooks and transformer into one
+        graph per window shape (the first window, then each later size); torch keeps a bounded number of graphs per
+        function (``torch._dynamo.config.recompile_limit``, 8). Replaces :meth:`nn.Module.compile`, which would
+        compile :meth:`forward` (the training pass).
+        """
+        for block in self.transformer.blocks:
+            block.compile(**options)
+        if decoder and not self.adapter.compile_window(**options):
+            logger.info("the %s adapter has no window pass to compile; compiled the transformer", self.adapter.name)
 
     # --- training -------------------------------------------------------------------------------------------
     def forward(
@@ -413,7 +429,8 @@ class _ReferenceHooks:
     """The hook-point behaviour of a RefDecoder (what the adapter's decode loop calls)."""
 
     def __init__(self, model: RefDecoder) -> None:
-        self._model = weakref.proxy(model)
+        # Made per decode, so no lasting cycle; a strong reference, because torch.compile cannot guard a proxy.
+        self._model = model
 
     def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         for component in self._model.latent_components.values():

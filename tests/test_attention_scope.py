@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 
 import pytest
@@ -17,6 +19,7 @@ from refdecoder.blocks import (
     per_position_attention,
     scoped_attention,
 )
+from refdecoder.blocks.attention import kernels_used, sdpa_kernel_name
 from refdecoder.blocks.attention_scope import flex_available
 from refdecoder.errors import ConfigError
 from refdecoder.profiling import LiveTensorMeter
@@ -189,6 +192,41 @@ def test_flex_attention_is_the_cuda_default_and_trains():
     torch.testing.assert_close(out, scoped_attention(q, k, v, scope, bias, backend="gather"), atol=1e-4, rtol=1e-4)
     out.sum().backward()
     assert bias.table.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def fresh_kernel_log(monkeypatch):
+    # The module, not the function of the same name that refdecoder.blocks exports.
+    module = importlib.import_module("refdecoder.blocks.attention")
+    monkeypatch.setattr(module, "_KERNELS", {})
+    monkeypatch.setattr(module, "_SDPA_SEEN", set())
+
+
+def test_the_kernel_is_logged_once_per_kind(fresh_kernel_log, caplog):
+    scope = AttentionScope((2, 2, 3), 1, 0)
+    q, k, v = qkv(scope.grid)
+    with caplog.at_level(logging.INFO, logger="refdecoder"):
+        for _ in range(3):
+            attention(q, k, v)
+            scoped_attention(q, k, v, scope)  # per position: SDPA without a mask again, nothing new to log
+    sdpa = f"sdpa:{sdpa_kernel_name(q, k, v)} (cpu, float32, head_dim {HEAD_DIM})"
+    expected = [sdpa, f"scope:per-position (cpu, float32, head_dim {HEAD_DIM})"]
+    assert [r.getMessage() for r in caplog.records] == [f"attention kernel: {line}" for line in expected]
+    assert kernels_used() == expected
+
+
+@pytest.mark.gpu
+def test_cuda_runs_fused_kernels_or_flex_never_the_math_path(fresh_kernel_log):
+    scope = AttentionScope((3, 8, 8), 1, 1)
+    q, k, v = (torch.randn(1, HEADS, 3 * 8 * 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    attention(q, k, v)
+    scoped_attention(q, k, v, scope)
+    scoped_attention(q, k, v, AttentionScope(scope.grid, 1, 0))
+    scoped_attention(q, k, v, AttentionScope(scope.grid, 1), random_bias(2).cuda())
+    used = kernels_used()
+    assert used[0].startswith(("sdpa:flash_attention", "sdpa:cudnn_attention", "sdpa:efficient_attention")), used
+    assert [line.split(" ")[0] for line in used[1:]] == ["scope:flex"], used
+    assert not any("math" in line for line in used)
 
 
 # --- memory -----------------------------------------------------------------------------------------------------

@@ -225,6 +225,14 @@ class BackboneAdapter(abc.ABC):
             The window's unclamped pixel frames ``B, 3, t, H, W``.
         """
 
+    def compile_window(self, **options: Any) -> bool:
+        """``torch.compile(**options)`` :meth:`decode_window` in place; False when this adapter does not.
+
+        The hooks are traced into the compiled pass. It must see inputs and state of the same shapes and strides in
+        every window of one size, so that such windows reuse one graph.
+        """
+        return False
+
     def iter_decode_windows(
         self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
     ) -> Iterator[torch.Tensor]:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from refdecoder.blocks.attention import attention
+from refdecoder.blocks.attention import attention, note_kernel
 
 if TYPE_CHECKING:
     from refdecoder.blocks.locality_bias import LocalityBias
@@ -352,15 +352,28 @@ def scoped_attention(
         raise ValueError(f"scope grid {scope.grid} has {t * h * w} tokens, got q {tuple(q.shape)} k {tuple(k.shape)}")
     if bias is not None and bias.num_heads != q.shape[1]:
         raise ValueError(f"the locality bias has {bias.num_heads} heads, the queries {q.shape[1]}")
-    if backend == "dense":
-        return _dense_attention(q, k, v, scope, bias)
-    if scope.is_global and bias is None:
+    if scope.is_global and bias is None and backend != "dense":
         return attention(q, k, v)
-    if backend == "flex" or (backend == "auto" and q.device.type == "cuda" and flex_available()):
+    path = _scope_path(q, scope, backend)
+    note_kernel(f"scope:{path}", q)
+    if path == "dense":
+        return _dense_attention(q, k, v, scope, bias)
+    if path == "flex":
         return flex_neighbourhood_attention(q, k, v, scope, bias)
-    if scope.is_global:
+    if path == "chunked-bias":
         return _global_biased_attention(q, k, v, scope, bias, CHUNK_BYTES)
+    return neighbourhood_attention(q, k, v, scope, bias)
+
+
+def _scope_path(q: torch.Tensor, scope: AttentionScope, backend: Backend) -> str:
+    """Which computation :func:`scoped_attention` runs for a scope with a mask or a bias."""
+    if backend in ("dense", "flex"):
+        return backend
+    if backend == "auto" and q.device.type == "cuda" and flex_available():
+        return "flex"
+    if scope.is_global:
+        return "chunked-bias"
     both_zero = scope.reference_radius == 0 and scope.video_frame_radius == 0
     if backend == "auto" and not both_zero and 8 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= DENSE_BYTES:
-        return _dense_attention(q, k, v, scope, bias)
-    return neighbourhood_attention(q, k, v, scope, bias)
+        return "dense"  # see DENSE_BYTES
+    return "per-position" if both_zero else "gather"

@@ -2,8 +2,12 @@
 
 Each head vector is split into a time, a row and a column part (``rope_axis_dims``); adjacent channel pairs
 ``(x[2j], x[2j+1])`` of a part are rotated by an angle proportional to the token's position on that axis, so the
-attention logit between two tokens depends on their position difference only. Tables are computed in float64 and
-stored in float32, the rotation itself runs in float32.
+attention logit between two tokens depends on their position difference only.
+
+Precision, whatever the activations' dtype: angles are computed in float64, because their absolute error grows with
+the position (at position 100 a bf16 angle can be a quarter radian off, a float32 one 4e-6); the tables are kept in
+float32 (they are neither parameters nor buffers, so ``model.to(torch.bfloat16)`` leaves them); the rotation runs
+in float32 and rounds once, to the input's dtype, at the end.
 """
 
 from __future__ import annotations
@@ -110,6 +114,10 @@ class RotaryEmbedding3D(nn.Module):
         time_positions: torch.Tensor | None = None,
         device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled graph computes its own tables: reading the cache would guard the graph on the grid of
+            # the previous call, and each window would trace again.
+            return rope_tables(grid, self.head_dim, self.theta, time_positions, device)
         positions = None if time_positions is None else tuple(int(p) for p in time_positions.reshape(-1).tolist())
         key = (tuple(int(v) for v in grid), positions, torch.device(device) if device is not None else None)
         if self._cache is None or self._cache[0] != key:

@@ -162,6 +162,9 @@ class WanFamilyAdapter(BackboneAdapter):
     def begin_decode(self, x: torch.Tensor) -> list[Any]:
         return [None] * self._num_cache_slots
 
+    def window_input(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return _settled(x[:, :, start:stop])
+
     def decode_window(self, x: torch.Tensor, cache: list[Any], hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder, cursor = self.vae.decoder, [0]
         h = _cached_conv(decoder.conv_in, x, cache, cursor)
@@ -172,7 +175,12 @@ class WanFamilyAdapter(BackboneAdapter):
             h = self._run_up_block(block, h, cache, cursor, ctx.first_window)
         h = decoder.nonlinearity(decoder.norm_out(h))
         h = _cached_conv(decoder.conv_out, h, cache, cursor)
+        cache[:] = [_settled(entry) if isinstance(entry, torch.Tensor) else entry for entry in cache]
         return depth_to_space(h, self.output_patch, order="unpatchify")
+
+    def compile_window(self, **options: Any) -> bool:
+        self.decode_window = torch.compile(self.decode_window, **options)
+        return True
 
     def _run_up_block(
         self, block: nn.Module, h: torch.Tensor, cache: list[Any], cursor: list[int], first_window: bool
@@ -248,3 +256,17 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: list[Any], cursor: lis
     cache[idx] = keep
     cursor[0] += 1
     return out
+
+
+def _settled(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a new contiguous tensor, size-1 dimensions included (copied only if it differs).
+
+    A window slice keeps the batch stride of the whole video, and a cache slot after the mid-block's attention
+    the layout of the window it was cut from. A compiled window pass guards on strides, so without this it would
+    trace again for each video length and for the second window of each size.
+    """
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.insert(0, step)
+        step *= size
+    return x if list(x.stride()) == strides else x.clone(memory_format=torch.contiguous_format)
