@@ -29,6 +29,7 @@ from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
+from refdecoder.stages import ReferenceHooks, stage_indices, stage_patches
 from refdecoder.validation import (
     check_latent_statistics,
     check_latents,
@@ -83,7 +84,7 @@ class RefDecoder(nn.Module):
         self.adapter = adapter
         self.vae = vae
         specs = adapter.stages()
-        self.stage_indices = _stage_indices(config, len(specs))
+        self.stage_indices = stage_indices(config, len(specs))
         tf, up = config.transformer, config.upscale
         self.tokenizer = ReferenceTokenizer(
             out_channels=adapter.reference_channels,
@@ -106,7 +107,7 @@ class RefDecoder(nn.Module):
             locality_bias_extent=tf.locality_bias_extent,
         )
         self.transformer.gradient_checkpointing = tf.gradient_checkpointing
-        patches = _stage_patches(config, [specs[i] for i in self.stage_indices])
+        patches = stage_patches(config, [specs[i] for i in self.stage_indices])
         self.projectors = nn.ModuleDict(
             {
                 specs[i].name: StageProjector(
@@ -160,7 +161,7 @@ class RefDecoder(nn.Module):
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
         latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        return self._finish(self.adapter.decode_windows(latents, _ReferenceHooks(self), ctx, windows), clamp)
+        return self._finish(self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows), clamp)
 
     def iter_decode(
         self,
@@ -181,7 +182,7 @@ class RefDecoder(nn.Module):
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
         latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
-        for part in self.adapter.iter_decode_windows(latents, _ReferenceHooks(self), ctx, windows):
+        for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
             yield self._finish(part, clamp, depth_to_space)
 
     def _prepare_decode(
@@ -423,59 +424,6 @@ class RefDecoder(nn.Module):
     def extra_repr(self) -> str:
         added = sum(p.numel() for _, p in self.added_parameters())
         return f"backbone={self.adapter.name!r}, stages={list(self.stage_indices)}, added_params={added:,}"
-
-
-class _ReferenceHooks:
-    """The hook-point behaviour of a RefDecoder (what the adapter's decode loop calls)."""
-
-    def __init__(self, model: RefDecoder) -> None:
-        # Made per decode, so no lasting cycle; a strong reference, because torch.compile cannot guard a proxy.
-        self._model = model
-
-    def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        for component in self._model.latent_components.values():
-            x = component(x, ctx)
-        return x
-
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        model = self._model
-        if not ctx.has_reference or index > max(model.stage_indices):
-            return x
-        reference = ctx.reference_tokens if index == 0 else ctx.stage_reference
-        name, r = f"stage{index}", ctx.num_reference
-        if name in model.projectors:
-            # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
-            joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)
-            reference, x = joint[:, :, :r], joint[:, :, r:]
-        if index < max(model.stage_indices):
-            ctx.stage_reference = model.adapter.run_stage_on_reference(index, reference)
-        return x
-
-
-def _stage_indices(config: RefDecoderConfig, num_stages: int) -> tuple[int, ...]:
-    indices = config.stages.indices if config.stages.indices is not None else tuple(range(num_stages))
-    if any(not 0 <= i < num_stages for i in indices):
-        raise ConfigError(f"stages.indices {indices} out of range: this backbone has stages 0..{num_stages - 1}")
-    if config.stages.patch_sizes is not None and len(config.stages.patch_sizes) != len(indices):
-        raise ConfigError(
-            f"stages.patch_sizes needs one patch per conditioned stage ({len(indices)}), "
-            f"got {len(config.stages.patch_sizes)}"
-        )
-    return tuple(sorted(indices))
-
-
-def _stage_patches(config: RefDecoderConfig, specs: list) -> list[tuple[int, int, int]]:
-    stages = config.stages
-    if stages.patch_sizes is not None:
-        return list(stages.patch_sizes)
-    if stages.patch_multipliers is None:
-        return [spec.patch_size for spec in specs]
-    if len(stages.patch_multipliers) != len(specs):
-        raise ConfigError(
-            f"stages.patch_multipliers needs one value per conditioned stage ({len(specs)}), "
-            f"got {stages.patch_multipliers}"
-        )
-    return [(p[0], p[1] * m, p[2] * m) for p, m in zip((s.patch_size for s in specs), stages.patch_multipliers)]
 
 
 def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tuple[dict[str, bool], bool]:
