@@ -16,6 +16,7 @@ from benchmarks import _quality_small_data as qd
 from benchmarks import _quality_small_eval as qe
 from benchmarks import _quality_small_settings as qset
 from benchmarks import quality_small as qs
+from benchmarks import quality_small_table as qtable
 from refdecoder.data import bundled_clips, read_clip, write_image
 from refdecoder.errors import ConfigError
 from tests.helpers import randomize_, tiny_wan
@@ -245,6 +246,23 @@ def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
             assert gain[group][metric] == pytest.approx(expected)
     target = doc["targets"]["motion_psnr_4+_gain"]
     assert target["value"] == pytest.approx(gain["motion"]["psnr_4+"]) and target["met"] == (target["value"] >= 0.3)
+
+
+def test_table_rows_are_the_evaluation_numbers_with_the_gains(micro: tuple[Path, Path, dict]) -> None:
+    _, _, doc = micro
+    doc = json.loads(json.dumps(doc))
+    headline, models = doc["headline"], doc["eval"]["models"]
+    row = qtable.rows(doc, "motion", [headline])[0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == headline
+    gain = doc["gains"][f"{headline} - baseline"]["motion"]
+    for cell, key in zip(cells[1:5], qtable.COLUMNS):
+        value, delta = cell.split(" (")
+        assert float(value) == pytest.approx(models[headline]["motion"][key], abs=0.005)
+        assert float(delta.rstrip(")")) == pytest.approx(gain[key], abs=0.005)
+    assert "(" not in qtable.rows(doc, "static", ["baseline"])[0]  # a plain decoder has no gain column
+    part = qtable.rows(doc, "motion/camera", [headline])[0]
+    assert f"{models[headline]['motion']['by_part']['camera']['psnr']:.2f}" in part
 
 
 def test_saved_models_reproduce_the_reported_psnr(micro: tuple[Path, Path, dict]) -> None:

@@ -1,0 +1,62 @@
+"""The README's quality tables, from the JSON that ``benchmarks/quality_small.py`` writes.
+
+    python benchmarks/quality_small_table.py benchmarks/results/quality_small.json [--group motion] [--variants a,b]
+
+One markdown row per model: PSNR overall and by distance from the reference frame (0, 1-3, 4+), each RefDecoder
+with its difference to the plain decoder trained on the same clips (the ``gains`` of the JSON), and SSIM. Nothing
+is computed here beyond those differences: the rows are the evaluation's own numbers, rounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("psnr", "psnr_0", "psnr_1-3", "psnr_4+")
+
+
+def rows(doc: dict[str, Any], group: str, names: list[str] | None = None) -> list[str]:
+    """Markdown rows of ``group`` (``static``, ``motion``, ``photos``, or ``motion/camera`` for one part)."""
+    group, _, part = group.partition("/")
+    models = doc["eval"]["models"]
+    base_of = {key.split(" - ")[0]: key.split(" - ")[1] for key in doc.get("gains", {})}
+    out = []
+    for name in names or list(models):
+        stats = models[name][group]
+        stats = stats["by_part"][part] if part else stats
+        base = base_of.get(name)
+        base_stats = None
+        if base is not None:
+            base_stats = models[base][group]
+            base_stats = base_stats["by_part"][part] if part else base_stats
+        cells = []
+        for key in COLUMNS:
+            cell = f"{stats[key]:.2f}"
+            if base_stats is not None:
+                cell += f" ({stats[key] - base_stats[key]:+.2f})"
+            cells.append(cell)
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {stats['ssim']:.3f} |")
+    return out
+
+
+def table(doc: dict[str, Any], group: str, names: list[str] | None = None) -> str:
+    head = f"| model ({group}) | PSNR all | frame 0 (reference) | frames 1-3 | frames 4+ | SSIM |"
+    return "\n".join([head, "|---|---|---|---|---|---|", *rows(doc, group, names)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a quality_small.json")
+    parser.add_argument("--group", action="append", help="static, motion, photos, motion/camera, ... (repeatable)")
+    parser.add_argument("--variants", help="comma-separated models, in order (default: all)")
+    args = parser.parse_args(argv)
+    doc = json.loads(args.results.read_text())
+    names = args.variants.split(",") if args.variants else None
+    for group in args.group or ["static", "motion"]:
+        print(table(doc, group, names), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
