@@ -49,6 +49,9 @@ BUILTINS: dict[str, str] = {
     "wan2.2": "refdecoder.backbones.wan.wan22:Wan22Adapter",
     "qwen-image": "refdecoder.backbones.wan.qwen_image:QwenImageAdapter",
     "videovae+": "refdecoder.backbones.videovaeplus.adapter:VideoVAEPlusAdapter",
+    "hunyuan-video-1.5": "refdecoder.backbones.hunyuan_video15:HunyuanVideo15Adapter",
+    "ltx-video": "refdecoder.backbones.ltx_video:LTXVideoAdapter",
+    "cogvideox": "refdecoder.backbones.cogvideox:CogVideoXAdapter",
 }
 
 # name -> adapter class, or its "module:Class" path until first use. Insertion order (built-ins, entry points,
