@@ -135,7 +135,7 @@ class LTXVideoAdapter(BackboneAdapter):
         return {"temb": temb.flatten().expand(batch).contiguous()}
 
     def decode_window(self, x: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
-        decoder, temb = self.vae.decoder, self._block_temb(ctx.decode_inputs["temb"])
+        decoder, temb = self.vae.decoder, self._block_temb(self._temb(x, ctx))
         # LTXVideoDecoder3d.forward, with the stage hooks before the up-sampling blocks.
         h = decoder.mid_block(decoder.conv_in(x), temb)
         stage = 0
@@ -155,6 +155,13 @@ class LTXVideoAdapter(BackboneAdapter):
         # diffusers' unpatchify: channel c * p**2 + w_i * p + h_i holds sub-pixel row h_i, column w_i (p_t = 1).
         p = decoder.patch_size
         return rearrange(h, "b (c pt pw ph) t h w -> b c (t pt) (h ph) (w pw)", pt=decoder.patch_size_t, pw=p, ph=p)
+
+    def _temb(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor | None:
+        """The decode's ``(B,)`` timestep; the default when the context was made without decode inputs (a plain
+        decode driven directly through the window loop)."""
+        if "temb" not in ctx.decode_inputs:
+            ctx.decode_inputs.update(self.decode_inputs(x))
+        return ctx.decode_inputs["temb"]
 
     def _block_temb(self, temb: torch.Tensor | None) -> torch.Tensor | None:
         """The ``temb`` the decoder hands its blocks (scaled by its learnt multiplier)."""
@@ -177,7 +184,7 @@ class LTXVideoAdapter(BackboneAdapter):
         return rearrange(out, "(b r) c 1 h w -> b c r h w", b=b)
 
     def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return self.run_stage_on_reference(index, reference, ctx.decode_inputs["temb"])
+        return self.run_stage_on_reference(index, reference, self._temb(reference, ctx))
 
     def _stage_blocks(self) -> list[nn.Module]:
         return [block for block in self.vae.decoder.up_blocks if block.upsamplers is not None]
