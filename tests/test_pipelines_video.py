@@ -1,8 +1,9 @@
-"""reference_decoding on the LTX-Video and CogVideoX image-to-video pipelines, built tiny from configs (no downloads).
+"""reference_decoding on the HunyuanVideo 1.5, LTX-Video and CogVideoX image-to-video pipelines, built tiny from
+configs (no downloads).
 
-Prompt embeddings are passed in directly, so the pipelines get no T5 text encoder (only the prompt -> embedding
-step is skipped). HunyuanVideo 1.5's image-to-video pipeline is not covered here: it needs a Qwen2.5-VL text
-encoder, a ByT5 glyph encoder and a SigLIP image encoder.
+Prompt embeddings are passed in directly, so the pipelines get no text encoders (T5 for LTX and CogVideoX;
+Qwen2.5-VL and ByT5 for HunyuanVideo 1.5): only the prompt -> embedding step is skipped. HunyuanVideo 1.5's SigLIP
+image encoder is built tiny, since the pipeline always embeds the conditioning image.
 """
 
 from __future__ import annotations
@@ -57,8 +58,37 @@ def cogvideox_i2v() -> Any:
     )
 
 
+def hunyuan_video15_i2v() -> Any:
+    """``HunyuanVideo15ImageToVideoPipeline`` with the tiny HunyuanVideo 1.5 VAE (4 latent channels, 16x spatial)."""
+    import transformers
+    from diffusers import (
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15ImageToVideoPipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video-1.5").build_tiny().eval()
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_refiner_layers=1, text_embed_dim=TEXT_DIM, text_embed_2_dim=8, image_embed_dim=16, rope_axes_dim=(4, 6, 6),
+        target_size=32,
+    ).eval()  # fmt: skip
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(), guider=ClassifierFreeGuidance(guidance_scale=3.0),
+        image_encoder=transformers.SiglipVisionModel(vision).eval(),
+        feature_extractor=transformers.SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )  # fmt: skip
+
+
 # (builder, output size, call arguments)
 PIPELINES = {
+    "hunyuan-video-1.5-i2v": (hunyuan_video15_i2v, (32, 32), {}),
     "ltx-i2v": (ltx_i2v, (32, 32), dict(decode_timestep=0.05, decode_noise_scale=0.0)),
     "cogvideox-i2v": (cogvideox_i2v, (16, 16), {}),
 }
@@ -66,14 +96,23 @@ PIPELINES = {
 
 def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    embeds = torch.randn(1, 8, TEXT_DIM, generator=g), torch.randn(1, 8, TEXT_DIM, generator=g)
+    embeds = [torch.randn(1, 8, TEXT_DIM, generator=g) for _ in range(2)]
+    mask = torch.ones(1, 8, dtype=torch.long)
     kwargs = dict(
-        image=image, height=size[0], width=size[1], num_frames=9, num_inference_steps=2, output_type="pt",
-        generator=torch.Generator().manual_seed(0), prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
-        max_sequence_length=8, **extra,
+        image=image, num_frames=9, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], **extra,
     )  # fmt: skip
-    if "LTX" in type(pipe).__name__:
-        mask = torch.ones(1, 8, dtype=torch.long)
+    name = type(pipe).__name__
+    if "Hunyuan" in name:  # sized by the pipeline from the image; a second (glyph) text embedding
+        second = [torch.randn(1, 4, 8, generator=g) for _ in range(2)]
+        mask_2 = torch.ones(1, 4, dtype=torch.long)
+        kwargs.update(prompt_embeds_mask=mask, negative_prompt_embeds_mask=mask, prompt_embeds_2=second[0])
+        kwargs.update(
+            negative_prompt_embeds_2=second[1], prompt_embeds_mask_2=mask_2, negative_prompt_embeds_mask_2=mask_2
+        )
+        return pipe(**kwargs).frames
+    kwargs.update(height=size[0], width=size[1], max_sequence_length=8)
+    if "LTX" in name:
         kwargs.update(prompt_attention_mask=mask, negative_prompt_attention_mask=mask)
     return pipe(**kwargs).frames
 
