@@ -147,3 +147,21 @@ def test_normalize_matches_the_pipelines(name):
         expected = z / vae.config.scaling_factor
     torch.testing.assert_close(model.denormalize(z), expected)
     torch.testing.assert_close(model.normalize(model.denormalize(z)), z)
+
+
+@pytest.mark.parametrize(
+    "cls, name",
+    [
+        ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
+        ("AutoencoderKLLTXVideo", "ltx-video"),
+        ("AutoencoderKLCogVideoX", "cogvideox"),
+    ],
+)
+@pytest.mark.parametrize("preset", ["small", "paper"])
+def test_released_configs_wrap_with_every_preset(cls, name, preset):
+    import diffusers
+
+    with torch.device("meta"):  # the class defaults are the released layouts; nothing is allocated
+        vae = getattr(diffusers, cls)()
+    model = refdecoder.wrap(vae, preset)
+    assert model.adapter.name == name and len(model.adapter.stages()) == 3

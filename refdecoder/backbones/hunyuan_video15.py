@@ -9,9 +9,12 @@ equals ``vae.decode``. Memory grows linearly with the length (the mid-block atte
 ``t * h * w`` at the latent resolution, with a dense ``(t h w)^2`` mask built by diffusers).
 
 Stage layout (block_out_channels 128, 256, 512, 1024, 1024; 16x spatial, 4x temporal; 32 latent channels): hook
-points before the four up-sampling ``decoder.up_blocks[0..3]`` with 1024 / 1024 / 512 / 256 channels at H/16, H/8,
-H/4, H/2; blocks 0 and 1 double the frame count (frame 0 stays one frame, diffusers' DC-AE first-frame rule).
-Default token patches (1,2,2), (1,4,4), (1,8,8), (1,16,16) put every stage on one H/32 grid (2x2 latent positions).
+points before the first three up-sampling ``decoder.up_blocks[0..2]`` with 1024 / 1024 / 512 channels at H/16, H/8,
+H/4; blocks 0 and 1 double the frame count (frame 0 stays one frame, diffusers' DC-AE first-frame rule). Default
+token patches (1,2,2), (1,4,4), (1,8,8) put every stage on one H/32 grid (2x2 latent positions). The fourth
+up-sampler (``up_blocks[3]``, 256 channels at H/2) is not a stage: the paper conditions three stages, the presets'
+per-stage settings are written for three, and on the H/32 grid it would need a (1,16,16) patch of 65,536 inputs
+per token.
 diffusers leaves the output unclamped; ``plain_decode`` clamps, as ``RefDecoder.decode`` does by default. Latents
 are normalised with ``config.scaling_factor`` (the pipeline decodes ``z / scaling_factor``).
 """
@@ -31,6 +34,9 @@ from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 
 __all__ = ["HunyuanVideo15Adapter"]
+
+# Up-sampling blocks that are stages (the paper's three).
+_STAGES = 3
 
 
 class HunyuanVideo15Adapter(BackboneAdapter):
@@ -64,9 +70,16 @@ class HunyuanVideo15Adapter(BackboneAdapter):
     def spatial_factor(self) -> int:
         return int(self.vae.config.spatial_compression_ratio)
 
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__(vae)
+        self._stages = self._build_stages()
+
     def stages(self) -> list[StageSpec]:
+        return list(self._stages)
+
+    def _build_stages(self) -> list[StageSpec]:
         specs, scale = [], self.spatial_factor
-        for i, block in enumerate(self.vae.decoder.up_blocks):
+        for i, block in enumerate(self.vae.decoder.up_blocks[:_STAGES]):
             if block.upsamplers is None:
                 break  # refinement at the output resolution only
             patch = 2 * self.spatial_factor // scale
@@ -96,7 +109,7 @@ class HunyuanVideo15Adapter(BackboneAdapter):
         h = decoder.conv_in(x) + x.repeat_interleave(repeats=decoder.repeat, dim=1)
         h = decoder.mid_block(h)
         for i, block in enumerate(decoder.up_blocks):
-            if block.upsamplers is not None:
+            if i < len(self._stages):
                 h = hooks.stage(i, h, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.norm_out(h)))
