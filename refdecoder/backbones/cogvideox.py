@@ -24,7 +24,6 @@ count. Default token patches (1,2,2), (1,4,4), (1,8,8) (one H/16 grid, as for Wa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.base import Fit, StageSpec
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
 from refdecoder.backbones.wan._diffusers import class_reason, config_reasons
 from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
@@ -59,7 +59,7 @@ class OddLatentRule(FrameRule):
         return 1 + self.step * (latent_frames - 1) // 2
 
 
-class CogVideoXAdapter(BackboneAdapter):
+class CogVideoXAdapter(DiffusersVideoAdapter):
     """Adapter for diffusers ``AutoencoderKLCogVideoX``: its own frame batches, caches carried; ``zq`` for the
     reference from the frozen encoder."""
 
@@ -88,10 +88,6 @@ class CogVideoXAdapter(BackboneAdapter):
 
     # --- geometry -------------------------------------------------------------------------------------------
     @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -100,16 +96,12 @@ class CogVideoXAdapter(BackboneAdapter):
         return int(self.vae.config.temporal_compression_ratio)
 
     def stages(self) -> list[StageSpec]:
-        specs, scale = [], self.spatial_factor
-        for i, block in enumerate(self.vae.decoder.up_blocks):
-            if block.upsamplers is None:
-                break  # the last block refines at the output resolution
-            patch = 2 * self.spatial_factor // scale
-            time_factor = 2 if block.upsamplers[0].compress_time else 1
-            channels = block.resnets[0].conv1.conv.in_channels
-            specs.append(StageSpec(f"stage{i}", channels, scale, (1, patch, patch), time_factor))
-            scale //= 2
-        return specs
+        # The last block refines at the output resolution; the others up-sample (blocks 0 and 1 in time too).
+        blocks = [(i, b) for i, b in enumerate(self.vae.decoder.up_blocks) if b.upsamplers is not None]
+        points = [
+            (i, b.resnets[0].conv1.conv.in_channels, 2 if b.upsamplers[0].compress_time else 1) for i, b in blocks
+        ]
+        return halving_stages(points, self.spatial_factor, grid=2 * self.spatial_factor)
 
     def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
         """diffusers' frame batches (``AutoencoderKLCogVideoX._decode``), whatever ``window`` is asked."""
@@ -120,16 +112,6 @@ class CogVideoXAdapter(BackboneAdapter):
             (size * i + (0 if i == 0 else extra), min(size * (i + 1) + extra, num_latent_frames))
             for i in range(max(num_latent_frames // size, 1))
         ]
-
-    # --- encode / latent conventions ------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video).latent_dist.mode()
-
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents * self.vae.config.scaling_factor
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.vae.config.scaling_factor
 
     # --- decoding -------------------------------------------------------------------------------------------
     def decoder_input(self, latents: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
@@ -193,10 +175,3 @@ class CogVideoXAdapter(BackboneAdapter):
             size = (reference.shape[-2] * scale, reference.shape[-1] * scale)
             ctx.adapter_state["zq"] = self.reference_latent(ctx.reference, size)
         return self.run_stage_on_reference(index, reference, ctx.adapter_state["zq"].to(reference.dtype))
-
-    # --- parameters -----------------------------------------------------------------------------------------
-    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for prefix in ("post_quant_conv", "decoder"):
-            module = getattr(self.vae, prefix)
-            for name, param in module.named_parameters() if module is not None else ():
-                yield f"{prefix}.{name}", param

@@ -21,14 +21,14 @@ are normalised with ``config.scaling_factor`` (the pipeline decodes ``z / scalin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.base import Fit, StageSpec
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
 from refdecoder.backbones.wan._diffusers import class_reason
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -39,13 +39,17 @@ __all__ = ["HunyuanVideo15Adapter"]
 _STAGES = 3
 
 
-class HunyuanVideo15Adapter(BackboneAdapter):
+class HunyuanVideo15Adapter(DiffusersVideoAdapter):
     """Adapter for diffusers ``AutoencoderKLHunyuanVideo15``: one window per decode, the backbone's own layout."""
 
     frame_rule: FrameRule = CAUSAL_1_PLUS_4K
     causal_first_frame = True
     exact_streaming = False
-    default_window = 1 << 30  # never split: plan_windows returns one window whatever is asked
+    one_window = True
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__(vae)
+        self._stages = self._build_stages()
 
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
@@ -63,44 +67,19 @@ class HunyuanVideo15Adapter(BackboneAdapter):
 
     # --- geometry -------------------------------------------------------------------------------------------
     @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
     def spatial_factor(self) -> int:
         return int(self.vae.config.spatial_compression_ratio)
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__(vae)
-        self._stages = self._build_stages()
 
     def stages(self) -> list[StageSpec]:
         return list(self._stages)
 
     def _build_stages(self) -> list[StageSpec]:
-        specs, scale = [], self.spatial_factor
-        for i, block in enumerate(self.vae.decoder.up_blocks[:_STAGES]):
-            if block.upsamplers is None:
-                break  # refinement at the output resolution only
-            patch = 2 * self.spatial_factor // scale
-            time_factor = 2 if block.upsamplers[0].add_temporal_upsample else 1
-            channels = block.resnets[0].conv1.conv.in_channels
-            specs.append(StageSpec(f"stage{i}", channels, scale, (1, patch, patch), time_factor))
-            scale //= 2
-        return specs
-
-    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
-        return [(0, num_latent_frames)]  # no cache to carry: the backbone's own whole-sequence layout
-
-    # --- encode / latent conventions ------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video).latent_dist.mode()
-
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents * self.vae.config.scaling_factor
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents / self.vae.config.scaling_factor
+        blocks = [(i, b) for i, b in enumerate(self.vae.decoder.up_blocks[:_STAGES]) if b.upsamplers is not None]
+        points = [
+            (i, b.resnets[0].conv1.conv.in_channels, 2 if b.upsamplers[0].add_temporal_upsample else 1)
+            for i, b in blocks
+        ]
+        return halving_stages(points, self.spatial_factor, grid=2 * self.spatial_factor)  # 2x2 latent positions
 
     # --- decoding -------------------------------------------------------------------------------------------
     def decode_window(self, x: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
@@ -120,11 +99,6 @@ class HunyuanVideo15Adapter(BackboneAdapter):
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
         out = self.vae.decoder.up_blocks[index](frames)
         return rearrange(out, "(b r) c 1 h w -> b c r h w", b=reference.shape[0])
-
-    # --- parameters -----------------------------------------------------------------------------------------
-    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, param in self.vae.decoder.named_parameters():
-            yield f"decoder.{name}", param
 
 
 def _time_reason(vae: nn.Module) -> str | None:

@@ -25,14 +25,14 @@ H/8. Default token patches (1,1,1), (1,2,2), (1,4,4) put every stage on the late
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
+from refdecoder.backbones.base import Fit, StageSpec
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
 from refdecoder.backbones.wan._diffusers import class_reason, config_reasons
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
@@ -44,13 +44,13 @@ __all__ = ["LTXVideoAdapter"]
 DEFAULT_TEMB = 0.0
 
 
-class LTXVideoAdapter(BackboneAdapter):
+class LTXVideoAdapter(DiffusersVideoAdapter):
     """Adapter for diffusers ``AutoencoderKLLTXVideo``: one window per decode; ``temb`` as an extra decode input."""
 
     frame_rule: FrameRule = FrameRule(first=1, step=8)
     causal_first_frame = True
     exact_streaming = False
-    default_window = 1 << 30  # never split: plan_windows returns one window whatever is asked
+    one_window = True
     decode_arguments = ("temb",)
 
     # --- identification -------------------------------------------------------------------------------------
@@ -79,10 +79,6 @@ class LTXVideoAdapter(BackboneAdapter):
 
     # --- geometry -------------------------------------------------------------------------------------------
     @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
     def spatial_factor(self) -> int:
         return int(self.vae.spatial_compression_ratio)
 
@@ -91,23 +87,14 @@ class LTXVideoAdapter(BackboneAdapter):
         return int(self.vae.config.patch_size)
 
     def stages(self) -> list[StageSpec]:
-        specs, scale = [], self.spatial_factor
-        for block in self.vae.decoder.up_blocks:
-            if block.upsamplers is None:
-                continue  # no up-sampling: not a stage boundary (LTX's first block refines at the latent grid)
-            first = block.conv_in.conv1 if block.conv_in is not None else block.upsamplers[0].conv
-            patch = self.spatial_factor // scale  # every stage on the latent grid
-            specs.append(StageSpec(f"stage{len(specs)}", first.in_channels, scale, (1, patch, patch), time_factor=2))
-            scale //= 2
-        return specs
+        # Blocks without an up-sampler refine (LTX's first, at the latent grid): not stage boundaries.
+        points = [
+            (k, (b.conv_in.conv1 if b.conv_in is not None else b.upsamplers[0].conv).in_channels, 2)
+            for k, b in enumerate(self._stage_blocks())
+        ]
+        return halving_stages(points, self.spatial_factor, grid=self.spatial_factor)  # the latent grid
 
-    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
-        return [(0, num_latent_frames)]  # no cache to carry: the backbone's own whole-sequence layout
-
-    # --- encode / latent conventions ------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video).latent_dist.mode()
-
+    # --- latent conventions ---------------------------------------------------------------------------------
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         mean, std = self._stats(latents)
         return (latents - mean) * self.vae.config.scaling_factor / std
@@ -192,11 +179,6 @@ class LTXVideoAdapter(BackboneAdapter):
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
         """``vae.decode(latents, temb)`` with :meth:`decode_inputs`' default ``temb``, clamped: ``B, 3, T, H, W``."""
         return super().plain_decode(latents, window, **self.decode_inputs(latents, **inputs))
-
-    # --- parameters -----------------------------------------------------------------------------------------
-    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, param in self.vae.decoder.named_parameters():
-            yield f"decoder.{name}", param
 
 
 def _time_reason(vae: nn.Module, step: int) -> str | None:
