@@ -165,3 +165,14 @@ def test_released_configs_wrap_with_every_preset(cls, name, preset):
         vae = getattr(diffusers, cls)()
     model = refdecoder.wrap(vae, preset)
     assert model.adapter.name == name and len(model.adapter.stages()) == 3
+
+
+def test_decode_overhead_counts_every_video_backbone_on_the_meta_device():
+    from benchmarks.decode_overhead import VIDEO_BACKBONES, flops_row
+
+    assert {name.split("-0.9")[0] for name in VIDEO_BACKBONES} == set(VIDEO)
+    for name in VIDEO:
+        with torch.device("meta"):
+            vae = get_backbone(name).build_tiny()
+        row = flops_row(vae, get_backbone(name).frame_rule.pixel_frames(3), (64, 64), {"tiny": "tiny"})
+        assert row["plain_decoder_tflop"] > 0 and row["tiny"]["ratio_to_plain"] > 1, (name, row)
