@@ -206,7 +206,7 @@ class RefDecoder(nn.Module):
         """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
-        self.adapter.check_latent_frames(latents.shape[2])
+        self.adapter.check_latents(latents)
         # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
         # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
         base = next(self.vae.parameters()).dtype

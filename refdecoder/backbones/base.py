@@ -195,6 +195,11 @@ class BackboneAdapter(abc.ABC):
         """Raise :class:`~refdecoder.errors.InputError` unless the backbone decodes ``latent_frames`` frames."""
         self.frame_rule.pixel_frames(latent_frames)
 
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """Raise :class:`~refdecoder.errors.InputError` for ``B, C, t, h, w`` latents the backbone cannot decode
+        (channels and rank are checked before); the default checks the frame count."""
+        self.check_latent_frames(latents.shape[2])
+
     def decode_inputs(self, latents: torch.Tensor, **inputs: Any) -> dict[str, Any]:
         """Check the backbone's extra decode inputs (named in :attr:`decode_arguments`) for ``latents``.
 

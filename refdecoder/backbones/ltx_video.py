@@ -25,20 +25,20 @@ H/8. Default token patches (1,1,1), (1,2,2), (1,4,4) put every stage on the late
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones.base import Fit, StageSpec
-from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter
 from refdecoder.backbones.wan._diffusers import class_reason, config_reasons
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 
-__all__ = ["LTXVideoAdapter"]
+__all__ = ["LTXVideoAdapter", "LTX2VideoAdapter"]
 
 # The LTX pipelines' default decode_timestep.
 DEFAULT_TEMB = 0.0
@@ -52,14 +52,15 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
     exact_streaming = False
     one_window = True
     decode_arguments = ("temb",)
+    vae_class: ClassVar[str] = "AutoencoderKLLTXVideo"
 
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, "AutoencoderKLLTXVideo"),
+            lambda: class_reason(vae, cls.vae_class),
             lambda: config_reasons(vae, {"patch_size_t": 1}, cls.name),
-            lambda: _time_reason(vae, cls.frame_rule.step),
+            lambda: _geometry_reason(vae, cls.frame_rule.step, cls.name),
         )
 
     @classmethod
@@ -87,12 +88,16 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         return int(self.vae.config.patch_size)
 
     def stages(self) -> list[StageSpec]:
-        # Blocks without an up-sampler refine (LTX's first, at the latent grid): not stage boundaries.
-        points = [
-            (k, (b.conv_in.conv1 if b.conv_in is not None else b.upsamplers[0].conv).in_channels, 2)
-            for k, b in enumerate(self._stage_blocks())
-        ]
-        return halving_stages(points, self.spatial_factor, grid=self.spatial_factor)  # the latent grid
+        # Blocks without an up-sampler refine (LTX's first, at the latent grid): not stage boundaries. Up-samplers
+        # scale time and space by their stride (2, 2, 2 in the released configs; LTX-2 may scale one alone).
+        specs, scale = [], self.spatial_factor
+        for k, block in enumerate(self._stage_blocks()):
+            first = block.conv_in.conv1 if block.conv_in is not None else block.upsamplers[0].conv
+            stride_t, stride_s = block.upsamplers[0].stride[:2]
+            patch = self.spatial_factor // scale  # every stage on the latent grid
+            specs.append(StageSpec(f"stage{k}", first.in_channels, scale, (1, patch, patch), time_factor=stride_t))
+            scale //= stride_s
+        return specs
 
     # --- latent conventions ---------------------------------------------------------------------------------
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -124,13 +129,14 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
     def decode_window(self, x: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder, temb = self.vae.decoder, self._block_temb(self._temb(x, ctx))
         # LTXVideoDecoder3d.forward, with the stage hooks before the up-sampling blocks.
-        h = decoder.mid_block(decoder.conv_in(x), temb)
+        causal = self._causal()
+        h = decoder.mid_block(decoder.conv_in(x, **causal), temb, **causal)
         stage = 0
         for block in decoder.up_blocks:
             if block.upsamplers is not None:
                 h, stage = hooks.stage(stage, h, ctx), stage + 1
-            h = block(h, temb)
-        h = decoder.norm_out(h.movedim(1, -1)).movedim(-1, 1)
+            h = block(h, temb, **causal)
+        h = self._norm_out(h)
         if decoder.time_embedder is not None:
             emb = decoder.time_embedder(
                 timestep=temb.flatten(), resolution=None, aspect_ratio=None, batch_size=h.size(0), hidden_dtype=h.dtype
@@ -138,10 +144,17 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
             emb = emb.view(h.size(0), 2, -1, 1, 1, 1) + decoder.scale_shift_table[..., None, None, None]
             shift, scale = emb.unbind(dim=1)
             h = h * (1 + scale) + shift
-        h = decoder.conv_out(decoder.conv_act(h))
+        h = decoder.conv_out(decoder.conv_act(h), **causal)
         # diffusers' unpatchify: channel c * p**2 + w_i * p + h_i holds sub-pixel row h_i, column w_i (p_t = 1).
         p = decoder.patch_size
         return rearrange(h, "b (c pt pw ph) t h w -> b c (t pt) (h ph) (w pw)", pt=decoder.patch_size_t, pw=p, ph=p)
+
+    def _causal(self) -> dict[str, bool]:
+        """Extra keyword of every decoder module call (LTX-2 passes its causality down; LTX modules fix it)."""
+        return {}
+
+    def _norm_out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.vae.decoder.norm_out(h.movedim(1, -1)).movedim(-1, 1)  # an RMSNorm over the last dimension
 
     def _temb(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor | None:
         """The decode's ``(B,)`` timestep; the default when the context was made without decode inputs (a plain
@@ -167,7 +180,7 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
         temb = self._block_temb(temb)
         temb = None if temb is None else temb.repeat_interleave(r)
-        out = self._stage_blocks()[index](frames, temb)
+        out = self._stage_blocks()[index](frames, temb, **self._causal())
         return rearrange(out, "(b r) c 1 h w -> b c r h w", b=b)
 
     def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
@@ -181,7 +194,61 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         return super().plain_decode(latents, window, **self.decode_inputs(latents, **inputs))
 
 
-def _time_reason(vae: nn.Module, step: int) -> str | None:
-    """None when the decoder up-samples time ``step``x, else why not."""
-    time = 2 ** sum(block.upsamplers is not None for block in vae.decoder.up_blocks)
-    return None if time == step else f"the decoder up-samples time {time}x (ltx-video needs {step}x)"
+class LTX2VideoAdapter(LTXVideoAdapter):
+    """Adapter for diffusers ``AutoencoderKLLTX2Video`` (the LTX-2 video VAE): the LTX decode with LTX-2's modules.
+
+    The decoder is the LTX layout with other modules: every call takes the decoder's causality (``causal``, the
+    config's ``decoder_causal``, True by default), the output norm is a per-position RMS norm over channels, and
+    up-samplers may scale space or time alone (``upsample_type``). Decoded as one window, like LTX. Only the
+    adapter is provided: the LTX-2 pipelines (audio + video, Gemma text encoder) are not tested with
+    ``reference_decoding``.
+    """
+
+    vae_class = "AutoencoderKLLTX2Video"
+
+    @classmethod
+    def build_tiny(cls, **overrides: Any) -> nn.Module:
+        """A narrow LTX-2 video VAE (widths 8..64, patch 2: 16x spatial, 8x temporal, 8 latent channels).
+
+        The ratios are given: diffusers derives them from the encoder's scaling flags alone, which over-counts
+        LTX-2's space-only and time-only down-samplers.
+        """
+        from diffusers import AutoencoderKLLTX2Video
+
+        kwargs: dict[str, Any] = dict(
+            latent_channels=8, block_out_channels=(8, 16, 32, 64), layers_per_block=(1, 1, 1, 1, 1), patch_size=2,
+            decoder_block_out_channels=(8, 16, 32), decoder_layers_per_block=(1, 1, 1, 1),
+            timestep_conditioning=True, spatial_compression_ratio=16, temporal_compression_ratio=8,
+        )  # fmt: skip
+        kwargs.update(overrides)
+        return AutoencoderKLLTX2Video(**kwargs)
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        super().check_latents(latents)
+        if self.vae.config.decoder_spatial_padding_mode == "reflect" and min(latents.shape[-2:]) < 2:
+            raise InputError(
+                f"latents of {latents.shape[-2]}x{latents.shape[-1]} positions are too small for the LTX-2 decoder's "
+                f"reflect padding: need at least 2x2 ({2 * self.spatial_factor}x{2 * self.spatial_factor} pixels)"
+            )
+
+    def _causal(self) -> dict[str, bool]:
+        return {"causal": bool(self.vae.decoder.is_causal)}
+
+    def _norm_out(self, h: torch.Tensor) -> torch.Tensor:
+        return self.vae.decoder.norm_out(h)  # PerChannelRMSNorm: channels-first
+
+
+def _geometry_reason(vae: nn.Module, step: int, name: str) -> str | None:
+    """None when the decoder up-samples time ``step``x and space as the VAE declares, else why not."""
+    time, space = 1, int(vae.config.patch_size)
+    for block in vae.decoder.up_blocks:
+        if block.upsamplers is not None:
+            time, space = time * block.upsamplers[0].stride[0], space * block.upsamplers[0].stride[1]
+    if time != step:
+        return f"the decoder up-samples time {time}x ({name} needs {step}x)"
+    if space != vae.spatial_compression_ratio:
+        return (
+            f"the decoder up-samples space {space}x but the VAE declares {vae.spatial_compression_ratio}x "
+            f"(set spatial_compression_ratio={space})"
+        )
+    return None

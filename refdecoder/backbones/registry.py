@@ -51,6 +51,7 @@ BUILTINS: dict[str, str] = {
     "videovae+": "refdecoder.backbones.videovaeplus.adapter:VideoVAEPlusAdapter",
     "hunyuan-video-1.5": "refdecoder.backbones.hunyuan_video15:HunyuanVideo15Adapter",
     "ltx-video": "refdecoder.backbones.ltx_video:LTXVideoAdapter",
+    "ltx-2-video": "refdecoder.backbones.ltx_video:LTX2VideoAdapter",
     "cogvideox": "refdecoder.backbones.cogvideox:CogVideoXAdapter",
 }
 
