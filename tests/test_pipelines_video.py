@@ -146,3 +146,13 @@ def test_trained_weights_decode_with_the_conditioning_image(video_pipeline) -> N
             fixed = _call(pipe, image, size, extra)
     torch.testing.assert_close(own, fixed, atol=1e-6, rtol=0)  # the call's own image is the one it was given
     assert (own - swapped).abs().max() > 0.02
+
+
+def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> None:
+    from refdecoder.errors import ConfigError
+
+    pipe = cogvideox_i2v()
+    pipe.vae.enable_tiling()
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
+        with pytest.raises(ConfigError, match="the cogvideox adapter has no tiled decode .* vae.disable_tiling()"):
+            _call(pipe, tiny_pipelines.image(size=(16, 16)), (16, 16), {})
