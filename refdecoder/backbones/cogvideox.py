@@ -71,7 +71,7 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, "AutoencoderKLCogVideoX"),
+            lambda: class_reason(vae, "AutoencoderKLCogVideoX", explain_cache=False),
             lambda: config_reasons(vae, {"temporal_compression_ratio": 4}, cls.name),
         )
 

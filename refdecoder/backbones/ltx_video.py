@@ -58,7 +58,7 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, cls.vae_class),
+            lambda: class_reason(vae, cls.vae_class, explain_cache=False),
             lambda: config_reasons(vae, {"patch_size_t": 1}, cls.name),
             lambda: _geometry_reason(vae, cls.frame_rule.step, cls.name),
         )
