@@ -1,4 +1,4 @@
-"""Cost of reference conditioning on the Wan decoders: wall time, FLOPs at the real size, memory vs length.
+"""Cost of reference conditioning on the video VAE decoders: wall time, FLOPs at the real size, memory vs length.
 
     python benchmarks/decode_overhead.py [--skip-time] [--out results.json]
 
@@ -7,8 +7,12 @@
 2. FLOPs, counted with ``FlopCounterMode`` on the meta device (nothing runs): Wan2.1 at 480x832 for 17 and 81
    frames; Wan2.2 (the TI2V-5B VAE config) at its default 17 frames, 704x1280, also with ``small``'s last stage on
    the same token grid as the others (``stages.patch_multipliers = (1, 1, 1)``). Added parameters per preset.
+   HunyuanVideo 1.5, LTX-Video (0.9.0 and the 0.9.1 decoder) and CogVideoX at their released configs (the diffusers
+   class defaults; LTX 0.9.1's decoder from its published config) at 480x832 with the frame counts their
+   image-to-video pipelines default to (121, 121, 49): plain vs ``small`` (and ``paper``).
 3. Peak live-tensor memory of decoding 21 vs 5 latent frames with the same window (meta device at 480x832, and
-   real tensors at a small size): the window bounds memory, not the video length.
+   real tensors at a small size): the window bounds memory, not the video length. The same for the video backbones
+   above (meta device, 480x832), which decode in their own temporal layout.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks._common import LiveTensorMeter, median_time, write_json  # noqa: E402
+from refdecoder.backbones.registry import find_backbone  # noqa: E402
 
 PRESETS = ("small", "paper")
 
@@ -54,11 +59,16 @@ def count_flops(fn) -> int:
 
 
 def flops_row(vae, frames: int, size: tuple[int, int], configs: dict) -> dict:
-    """Plain decoder FLOPs and, per config, RefDecoder FLOPs (ratio to plain) and added parameters."""
-    factor, channels = vae.spatial_compression_ratio, vae.config.z_dim
-    z = torch.empty(1, channels, 1 + (frames - 1) // 4, size[0] // factor, size[1] // factor, device="meta")
+    """Plain decoder FLOPs and, per config, RefDecoder FLOPs (ratio to plain) and added parameters.
+
+    Latent shape and the plain decode (``vae.decode``, with the adapter's default extra inputs such as LTX's
+    ``temb``) come from the VAE's adapter.
+    """
+    adapter = find_backbone(vae)(vae)
+    factor, latent_frames = adapter.spatial_factor, adapter.frame_rule.latent_frames(frames)
+    z = torch.empty(1, adapter.latent_channels, latent_frames, size[0] // factor, size[1] // factor, device="meta")
     ref = torch.empty(1, 3, 1, *size, device="meta")
-    base = count_flops(lambda: vae.decode(z))
+    base = count_flops(lambda: adapter.plain_decode(z))
     row = {"plain_decoder_tflop": base / 1e12}
     for name, config in configs.items():
         model = refdecoder.wrap(vae, config)
@@ -79,6 +89,65 @@ def wan22_flops(frames: int = 17, size: tuple[int, int] = (704, 1280)) -> dict:
     even.stages.patch_multipliers = (1, 1, 1)  # stage 2 on the same H/32 grid as stages 0 and 1
     configs = {"small": "small", "small_even_grid": even, "paper": "paper"}
     return {f"{frames}f_{size[0]}x{size[1]}": flops_row(build_wan22(), frames, size, configs)}
+
+
+# Released layouts: the diffusers class defaults are HunyuanVideo 1.5, LTX-Video 0.9.0 and CogVideoX (2b/5b), as the
+# reference notes measured (decoder 871.3 M, 238.8 M, 123.4 M parameters); LTX 0.9.1's decoder (754.6 M) is its
+# published config.
+LTX_091_DECODER = dict(
+    decoder_block_out_channels=(256, 512, 1024), decoder_layers_per_block=(5, 6, 7, 8),
+    decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(True, True, True, False),
+    upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
+)  # fmt: skip
+VIDEO_BACKBONES = {  # name -> (diffusers class, config overrides, pipeline default frames)
+    "hunyuan-video-1.5": ("AutoencoderKLHunyuanVideo15", {}, 121),
+    "ltx-video-0.9.0": ("AutoencoderKLLTXVideo", {}, 121),
+    "ltx-video-0.9.1": ("AutoencoderKLLTXVideo", LTX_091_DECODER, 121),
+    "cogvideox": ("AutoencoderKLCogVideoX", {}, 49),
+}
+
+
+def video_backbone_flops(size: tuple[int, int] = (480, 832)) -> dict:
+    """Plain vs ``small`` / ``paper`` at each video backbone's released config (meta device)."""
+    import diffusers
+
+    rows = {}
+    for name, (cls, overrides, frames) in VIDEO_BACKBONES.items():
+        with torch.device("meta"):
+            vae = getattr(diffusers, cls)(**overrides).eval()
+        row = flops_row(vae, frames, size, {preset: preset for preset in PRESETS})
+        rows[name] = {"frames": frames, "size": list(size), **row}
+        print(name, row, flush=True)
+    return rows
+
+
+def video_backbone_memory(size: tuple[int, int] = (480, 832), preset: str = "small") -> dict:
+    """Peak live-tensor bytes (meta device) decoding 5 vs 21 latent frames at each video backbone's released config.
+
+    These backbones decode in their own temporal layout (one window, or CogVideoX's frame batches), so the ratio
+    shows what that costs in length.
+    """
+    import diffusers
+
+    rows = {}
+    for name, (cls, overrides, _) in VIDEO_BACKBONES.items():
+        with torch.device("meta"):
+            vae = getattr(diffusers, cls)(**overrides).eval()
+        model = refdecoder.wrap(vae, preset)
+        adapter, peaks = model.adapter, {}
+        ref = torch.empty(1, 3, 1, *size, device="meta")
+        for latent_frames in (5, 21):
+            shape = (1, adapter.latent_channels, latent_frames, *(s // adapter.spatial_factor for s in size))
+            with torch.inference_mode(), LiveTensorMeter() as meter:
+                model.decode(torch.empty(shape, device="meta"), reference=ref)
+            peaks[latent_frames] = meter.peak
+        rows[name] = {
+            "peak_bytes_5_latent": peaks[5],
+            "peak_bytes_21_latent": peaks[21],
+            "ratio_21_over_5": peaks[21] / peaks[5],
+        }
+        print(name, rows[name], flush=True)
+    return {"size": list(size), "preset": preset, "backbones": rows}
 
 
 def wall_times(latent_shape=(1, 16, 2, 8, 8), repeats: int = 3) -> dict:
@@ -139,7 +208,9 @@ def main() -> None:
     result = {"flops": flops_table(), "wan22_flops": wan22_flops()}
     print("FLOPs:", result["flops"])
     print("Wan2.2 FLOPs:", result["wan22_flops"])
+    result["video_backbone_flops"] = video_backbone_flops()
     result["memory"] = [peak_memory("meta", (480, 832)), peak_memory("cpu", (64, 64))]
+    result["video_backbone_memory"] = video_backbone_memory()
     print("memory:", result["memory"])
     if not args.skip_time:
         result["wall_time"] = wall_times(repeats=args.repeats)

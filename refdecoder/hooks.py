@@ -37,6 +37,11 @@ class DecodeContext:
         first_window: True while decoding the window that holds latent frame 0.
         generator: optional RNG for training-time components, for reproducible draws.
         extras: free slot for components that need more per-decode inputs (e.g. a degradation timestep).
+        reference: the ``B, 3, R, H, W`` pixel reference the tokens were made from, or None; adapters whose stages
+            need more than features derive their extra reference inputs from it (CogVideoX encodes it to a ``zq``).
+        decode_inputs: the backbone's own extra decode inputs (LTX's ``temb``), as the adapter's
+            :meth:`~refdecoder.backbones.base.BackboneAdapter.decode_inputs` checked them.
+        adapter_state: the adapter's scratch space for this decode (e.g. a reference input derived once).
     """
 
     reference_tokens: torch.Tensor | None = None
@@ -46,6 +51,9 @@ class DecodeContext:
     first_window: bool = True
     generator: torch.Generator | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    reference: torch.Tensor | None = None
+    decode_inputs: dict[str, Any] = field(default_factory=dict)
+    adapter_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_reference(self) -> bool:

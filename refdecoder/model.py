@@ -126,6 +126,7 @@ class RefDecoder(nn.Module):
         )
         if config.dropout.p_max > 0:
             self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
+        adapter.check_upscale(up.factor)
         # Last, so that no error above leaves the VAE modified. A plain attribute, not a submodule: the head conv
         # lives inside the VAE, where diffusers expects it.
         self.upscale_head = attach_upscale_head(vae, up.factor, up.order) if up.factor > 1 else None
@@ -144,6 +145,7 @@ class RefDecoder(nn.Module):
         clamp: bool = True,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
+        **decode_inputs: Any,
     ) -> torch.Tensor:
         """Decode raw latents into video, conditioned on reference frames when given.
 
@@ -156,11 +158,15 @@ class RefDecoder(nn.Module):
             clamp: clamp the output to [-1, 1] like the backbone's decode.
             resize_reference: resize a reference of another size instead of raising :class:`InputError`.
             generator: RNG for training-time components (token dropout), for reproducible draws.
+            decode_inputs: the backbone's own extra decode inputs (``adapter.decode_arguments``, e.g. LTX's
+                ``temb``), as ``vae.decode`` takes them.
 
         Returns:
             Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
         """
-        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        latents, ctx, windows = self._prepare_decode(
+            latents, reference, window, resize_reference, generator, decode_inputs
+        )
         return self._finish(self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows), clamp)
 
     def iter_decode(
@@ -172,6 +178,7 @@ class RefDecoder(nn.Module):
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
         depth_to_space: bool = True,
+        **decode_inputs: Any,
     ) -> Iterator[torch.Tensor]:
         """:meth:`decode`, yielding each window's frames ``B, 3, t, H, W`` as soon as they exist.
 
@@ -181,7 +188,9 @@ class RefDecoder(nn.Module):
         With an upscale head, ``depth_to_space=False`` yields the head's raw ``B, 3 * s**2, t, H/s, W/s`` output
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
-        latents, ctx, windows = self._prepare_decode(latents, reference, window, resize_reference, generator)
+        latents, ctx, windows = self._prepare_decode(
+            latents, reference, window, resize_reference, generator, decode_inputs
+        )
         for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
             yield self._finish(part, clamp, depth_to_space)
 
@@ -192,18 +201,22 @@ class RefDecoder(nn.Module):
         window: int | None,
         resize_reference: bool,
         generator: torch.Generator | None,
+        decode_inputs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, DecodeContext, list[tuple[int, int]]]:
         """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
+        self.adapter.check_latents(latents)
         # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
         # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
         base = next(self.vae.parameters()).dtype
         latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
-        ctx = DecodeContext(generator=generator)
+        inputs = self.adapter.decode_inputs(latents, **(decode_inputs or {}))
+        ctx = DecodeContext(generator=generator, decode_inputs=inputs)
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
+            ctx.reference = reference
             ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
@@ -249,10 +262,10 @@ class RefDecoder(nn.Module):
         """Largest token count any conditioned stage attends over for a window of ``window`` latent frames."""
         specs, counts = self.adapter.stages(), []
         for i in self.stage_indices:
-            first, later = self.adapter.plan_windows(2 * window + 1, window)[:2]
+            # The first window and a later one (a backbone decoding in its own layout may plan just one).
+            planned = self.adapter.plan_windows(2 * window + 1, window)[:2]
             frames = num_reference + max(
-                self.adapter.stage_frames(i, first[1] - first[0], True),
-                self.adapter.stage_frames(i, later[1] - later[0], False),
+                self.adapter.stage_frames(i, stop - start, k == 0) for k, (start, stop) in enumerate(planned)
             )
             h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
             counts.append(self.projectors[specs[i].name].token_count(frames, h, w))

@@ -6,8 +6,9 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   de-normalises them (``z * std + mean`` with the VAE config's statistics) and decodes with the reference;
 - in place: inside ``with reference_decoding(pipe, model):`` a diffusers pipeline whose VAE a registered adapter
   drives decodes through RefDecoder with the image it was called with, and returns its output as usual. Tested
-  with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline`` and the Qwen-Image
-  edit and image-to-image pipelines.
+  with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
+  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its
+  decode timestep goes on as the adapter's ``temb``) and ``CogVideoXImageToVideoPipeline``.
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``, and its CPU offload moves ``vae`` as a unit; assigning a foreign
@@ -98,6 +99,11 @@ def vae_tiles(vae: nn.Module, model: nn.Module, latent_size: tuple[int, int]) ->
     if not getattr(vae, "use_tiling", False):
         return None
     adapter = model.adapter
+    if not adapter.tiling:
+        raise ConfigError(
+            f"vae.enable_tiling() is on, but the {adapter.name} adapter has no tiled decode that RefDecoder "
+            "reproduces; call vae.disable_tiling()"
+        )
     tile = (vae.tile_sample_min_height, vae.tile_sample_min_width)
     stride = (vae.tile_sample_stride_height, vae.tile_sample_stride_width)
     if latent_size[0] * adapter.spatial_factor <= tile[0] and latent_size[1] * adapter.spatial_factor <= tile[1]:
@@ -116,11 +122,18 @@ def vae_tiles(vae: nn.Module, model: nn.Module, latent_size: tuple[int, int]) ->
 
 
 def _decode(
-    model: nn.Module, latents: torch.Tensor, reference: torch.Tensor, window: int | None, resize: bool
+    model: nn.Module,
+    latents: torch.Tensor,
+    reference: torch.Tensor,
+    window: int | None,
+    resize: bool,
+    inputs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     tiles = vae_tiles(model.vae, model, tuple(latents.shape[-2:]))
     if tiles is None:
-        return model.decode(latents, reference=reference, window=window, resize_reference=resize)
+        return model.decode(latents, reference=reference, window=window, resize_reference=resize, **(inputs or {}))
+    if inputs:
+        raise ConfigError(f"tiled decoding takes no extra decode inputs ({sorted(inputs)}); vae.disable_tiling()")
     return decode_video(model, latents, reference=reference, window=window, resize_reference=resize, tiles=tiles)
 
 
@@ -207,7 +220,9 @@ def reference_decoding(
         seen.append(type(processor).preprocess(processor, *args, **kwargs))
         return seen[-1]
 
-    def decode(z: torch.Tensor, return_dict: bool = True) -> Any:
+    def decode(z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        # Extra inputs the pipeline hands vae.decode (LTX: the decode timestep) go on by the adapter's names.
+        inputs = {**dict(zip(model.adapter.decode_arguments, args)), **kwargs}
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         hook = getattr(vae, "_hf_hook", None)
@@ -217,7 +232,7 @@ def reference_decoding(
             raise InputError("the pipeline call decoded without preprocessing a conditioning image; pass image=")
         size = model.output_size(z.shape[-2:])
         reference = reference_tensor(image, size, processor) if image is not None else seen[0]
-        video = _decode(model.to(z.device), z, reference.to(z.device), window, resize_reference)
+        video = _decode(model.to(z.device), z, reference.to(z.device), window, resize_reference, inputs)
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     with _each_call(pipe, seen.clear):

@@ -53,7 +53,8 @@ class Conformance:
         backbone: the registered name.
         make_vae: builds a VAE of the family (default: the adapter's ``build_tiny``); called under a fixed seed, so
             two calls give the same weights.
-        latent_frames: latent frame counts the identity check decodes.
+        latent_frames: latent frame counts the identity check decodes; default the backbone's three shortest
+            (1, 2, 3 for Wan; 1, 3, 5 for CogVideoX, which decodes odd counts only).
         windows: decode windows (latent frames per pass) the identity and streaming checks use.
         pixel_size: (H, W) of the decoded frames; must be a multiple of the adapter's spatial factor.
         preset: the RefDecoder preset to wrap with.
@@ -61,14 +62,24 @@ class Conformance:
 
     backbone: str
     make_vae: Callable[[], nn.Module] | None = None
-    latent_frames: tuple[int, ...] = (1, 2, 3)
+    latent_frames: tuple[int, ...] | None = None
     windows: tuple[int, ...] = (1, 2)
     pixel_size: tuple[int, int] = (32, 32)
     preset: str = "tiny"
 
+    def __post_init__(self) -> None:
+        if self.latent_frames is None:
+            rule = self.adapter_cls.frame_rule
+            self.latent_frames = tuple(rule.latent_frames(rule.first + rule.step * k) for k in range(3))
+
     @property
     def adapter_cls(self) -> type[BackboneAdapter]:
         return get_backbone(self.backbone)
+
+    @property
+    def short(self) -> int:
+        """The second-shortest latent count: more than one latent frame, cheap to decode."""
+        return self.latent_frames[1]
 
     def vae(self) -> nn.Module:
         """A fresh VAE in eval mode, the same weights every call (the global RNG is seeded for it)."""
@@ -95,8 +106,8 @@ class Conformance:
         size = model.output_size(latents.shape[-2:])
         return torch.rand(latents.shape[0], 3, 1, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
-    def video(self, model: nn.Module, latent_frames: int = 2, seed: int = 2) -> torch.Tensor:
-        frames = model.adapter.frame_rule.pixel_frames(latent_frames)
+    def video(self, model: nn.Module, latent_frames: int | None = None, seed: int = 2) -> torch.Tensor:
+        frames = model.adapter.frame_rule.pixel_frames(latent_frames or self.short)
         return torch.rand(1, 3, frames, *self.pixel_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
@@ -158,7 +169,7 @@ def check_streaming(c: Conformance) -> None:
 def check_reference_matters(c: Conformance) -> None:
     """Once the added weights move, the reference changes the output, and which reference matters."""
     model = c.wrap(perturb=True)
-    z = c.latents(model, 2)
+    z = c.latents(model, c.short)
     a = model.decode(z, reference=c.reference(model, z, seed=1))
     b = model.decode(z, reference=c.reference(model, z, seed=2))
     plain = model.decode(z)
@@ -193,7 +204,7 @@ def check_save_load_unwrap(c: Conformance) -> None:
     """Saved weights (decoder deltas included) restore the same decode; ``unwrap`` gives the VAE back unchanged."""
     model = c.wrap(perturb=True, train_decoder=True)
     randomize_([p for _, p in model.adapter.decoder_parameters()], scale=0.01, seed=3)
-    z = c.latents(model, 2)
+    z = c.latents(model, c.short)
     ref = c.reference(model, z)
     expected = model.decode(z, reference=ref)
     with tempfile.TemporaryDirectory() as folder:
@@ -240,7 +251,7 @@ def check_tiling(c: Conformance) -> None:
 def check_bf16(c: Conformance) -> None:
     """The whole model in bf16 decodes, in bf16, close to the fp32 decode (mean abs diff <= 0.02, max <= 0.15)."""
     model = c.wrap(perturb=True)
-    z = c.latents(model, 2)
+    z = c.latents(model, c.short)
     ref = c.reference(model, z)
     fp32 = model.decode(z, reference=ref)
     out = model.to(torch.bfloat16).decode(z.bfloat16(), reference=ref.bfloat16())
@@ -266,6 +277,9 @@ def check_bad_inputs(c: Conformance) -> None:
     invalid = [n for n in range(1, rule.first + rule.step) if not rule.is_valid(n)]  # none when every count is valid
     if invalid:
         bad["video frames"] = lambda: model.encode(video[:, :, :1].expand(-1, -1, invalid[0], -1, -1))
+    refused = [n for n in range(1, 5) if not _accepts(model.adapter, n)]  # latent counts the backbone cannot decode
+    if refused:
+        bad["latent frames"] = lambda: model.decode(z[:, :, :1].expand(-1, -1, refused[0], -1, -1))
     for what, call in bad.items():
         try:
             call()
@@ -274,6 +288,14 @@ def check_bad_inputs(c: Conformance) -> None:
         except Exception as err:  # noqa: BLE001 - the point is to name what else was raised
             raise AssertionError(f"{c.backbone}: bad {what} raised {type(err).__name__}, not InputError") from err
         raise AssertionError(f"{c.backbone}: bad {what} was accepted")
+
+
+def _accepts(adapter: BackboneAdapter, latent_frames: int) -> bool:
+    try:
+        adapter.check_latent_frames(latent_frames)
+    except InputError:
+        return False
+    return True
 
 
 _CHECKS = (

@@ -129,8 +129,9 @@ def test_reconstruct_options_reject_bad_reference_index(model: torch.nn.Module, 
 def test_reconstruct_any_backbone(backbone: str, tmp_path: Path) -> None:
     # 11 frames fit neither 1 + 4k nor 4k: padded for the VAE, trimmed back in the output and the metrics.
     model = _random_model(backbone)
-    options = ReconstructOptions(size=(16, 16), max_frames=11, compare_base=True)
+    side = max(16, 2 * model.adapter.spatial_factor)  # at least 2x2 latent positions (LTX-2's reflect padding)
+    options = ReconstructOptions(size=(side, side), max_frames=11, compare_base=True)
     with torch.inference_mode():
         row = reconstruct_video(Decoder(model.adapter, model), bundled_clips()[0], tmp_path, "clip", options)
     assert row["frames"] == 11 and math.isfinite(row["psnr"]) and math.isfinite(row["delta_psnr"])
-    assert read_clip(tmp_path / "clip.mp4", range(11)).shape == (3, 11, 16, 16)
+    assert read_clip(tmp_path / "clip.mp4", range(11)).shape == (3, 11, side, side)

@@ -41,7 +41,17 @@ def test_import_and_listing_load_no_adapter_and_no_diffusers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "['refdecoder.backbones.base', 'refdecoder.backbones.registry']"
-    assert out[1] == "['qwen-image', 'videovae+', 'wan2.1', 'wan2.2']"
+    names = [
+        "cogvideox",
+        "hunyuan-video-1.5",
+        "ltx-2-video",
+        "ltx-video",
+        "qwen-image",
+        "videovae+",
+        "wan2.1",
+        "wan2.2",
+    ]
+    assert out[1] == str(names)
 
 
 def test_register_forms_and_override(clean_registry):
@@ -152,15 +162,7 @@ def _refused_vaes() -> dict[str, nn.Module]:
     import diffusers
 
     with torch.device("meta"):  # only the class and config are inspected: nothing is allocated
-        return {
-            name: getattr(diffusers, name)()
-            for name in (
-                "AutoencoderKLHunyuanVideo",
-                "AutoencoderKLCogVideoX",
-                "AutoencoderKLLTXVideo",
-                "AutoencoderKLQwenImage21",
-            )
-        }
+        return {name: getattr(diffusers, name)() for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLQwenImage21")}
 
 
 @pytest.mark.parametrize("name", sorted(_refused_vaes()))
@@ -172,9 +174,25 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
     assert "\n" not in message
     nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
     assert message.startswith(nearest)
-    # The video VAEs decode whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
+    # HunyuanVideo (v1) decodes whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
     # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
     assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
+
+
+@pytest.mark.parametrize(
+    "name, backbone",
+    [
+        ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
+        ("AutoencoderKLLTXVideo", "ltx-video"),
+        ("AutoencoderKLCogVideoX", "cogvideox"),
+    ],
+)
+def test_released_default_configs_are_detected(name, backbone):
+    import diffusers
+
+    with torch.device("meta"):  # the class defaults are the released layouts (docs/backbones.md)
+        vae = getattr(diffusers, name)()
+    assert registry.find_backbone(vae).name == backbone
 
 
 def test_a_non_vae_is_refused_with_the_nearest_adapter():

@@ -12,6 +12,13 @@ here, so an adapter writes only what is specific to its decoder:
   :meth:`~BackboneAdapter.begin_decode` when the decoder has a stem to run once or caches to carry);
 - :meth:`~BackboneAdapter.run_stage_on_reference` and :meth:`~BackboneAdapter.decoder_parameters`.
 
+Backbones differ in what the contract must absorb, each through a class attribute or an overridable method here
+rather than a special case in the generic code: :attr:`~BackboneAdapter.exact_streaming` and
+:meth:`~BackboneAdapter.plan_windows` (decoders with no cross-window cache decode in their own temporal layout),
+:attr:`~BackboneAdapter.decode_arguments` / :meth:`~BackboneAdapter.decode_inputs` (extra ``vae.decode`` inputs such
+as LTX's ``temb``), :meth:`~BackboneAdapter.reference_stage` (stage inputs beyond the hidden state, derived for the
+reference branch) and :meth:`~BackboneAdapter.check_upscale` (patchified output heads).
+
 ``docs/backbones.md`` walks through writing one; :mod:`refdecoder.testing` checks it.
 """
 
@@ -101,6 +108,13 @@ class BackboneAdapter(abc.ABC):
     # True when the backbone has its own spatially tiled decode (plain_tiled_decode) that refdecoder.tiling
     # reproduces; RefDecoder's tiled decode then equals it at initialisation.
     tiling: ClassVar[bool] = False
+    # True when any window split decodes like the backbone's own decode (causal caches carry across windows). False
+    # when the output depends on how frames are grouped (norms over time, attention over all frames, no cache): the
+    # adapter then decodes in the backbone's own temporal layout (its plan_windows ignores the requested window), or,
+    # for VideoVAE+, plain_decode uses the same independent windows; docs/backbones.md gives the memory it costs.
+    exact_streaming: ClassVar[bool] = True
+    # Names of the backbone's extra vae.decode inputs after the latents, in order (LTX: ("temb",)).
+    decode_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, vae: nn.Module) -> None:
         self.vae = vae
@@ -176,6 +190,43 @@ class BackboneAdapter(abc.ABC):
         """
         later = max(1, window - 1) if self.causal_first_frame else window
         return plan_windows(num_latent_frames, window, later)
+
+    def check_latent_frames(self, latent_frames: int) -> None:
+        """Raise :class:`~refdecoder.errors.InputError` unless the backbone decodes ``latent_frames`` frames."""
+        self.frame_rule.pixel_frames(latent_frames)
+
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """Raise :class:`~refdecoder.errors.InputError` for ``B, C, t, h, w`` latents the backbone cannot decode
+        (channels and rank are checked before); the default checks the frame count."""
+        self.check_latent_frames(latents.shape[2])
+
+    def decode_inputs(self, latents: torch.Tensor, **inputs: Any) -> dict[str, Any]:
+        """Check the backbone's extra decode inputs (named in :attr:`decode_arguments`) for ``latents``.
+
+        Returns what :meth:`decode_window` and :meth:`reference_stage` read from ``ctx.decode_inputs`` (defaults
+        filled in). The default accepts none.
+        """
+        unknown = sorted(set(inputs) - set(self.decode_arguments))
+        if unknown:
+            from refdecoder.errors import InputError
+
+            accepted = ", ".join(self.decode_arguments) or "none"
+            raise InputError(f"the {self.name} decode takes no input {unknown[0]!r} (extra decode inputs: {accepted})")
+        return dict(inputs)
+
+    def check_upscale(self, factor: int) -> None:
+        """Raise :class:`~refdecoder.errors.ConfigError` when an upscale head of ``factor`` cannot sit on this decoder.
+
+        The head replaces an RGB output conv (``decoder.conv_out`` with 3 channels); adapters whose decoder writes
+        patchified channels refuse here with a reason instead of failing inside the head.
+        """
+        if factor > 1 and self.output_patch > 1:
+            from refdecoder.errors import ConfigError
+
+            raise ConfigError(
+                f"upscale.factor={factor}: the {self.name} decoder writes {self.output_patch}x{self.output_patch} "
+                "patchified output channels, which the upscale head (an RGB output conv) cannot replace; use factor 1"
+            )
 
     # --- encode / latent conventions ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -266,12 +317,20 @@ class BackboneAdapter(abc.ABC):
     def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
         """Push ``B, C_i, R, h_i, w_i`` reference features through stage ``index`` spatially only."""
 
-    def plain_decode(self, latents: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """:meth:`run_stage_on_reference` within a decode; stages that take more than the hidden state (LTX's
+        ``temb``, CogVideoX's ``zq``) override it to derive those inputs for the reference from ``ctx``."""
+        return self.run_stage_on_reference(index, reference)
+
+    def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
         """The backbone's own decode of raw latents (what RefDecoder must equal at initialisation).
 
-        ``window`` matters only to backbones whose output depends on how frames are grouped (VideoVAE+).
+        ``window`` matters only to backbones whose output depends on how frames are grouped (VideoVAE+);
+        ``inputs`` are the extra decode inputs (:attr:`decode_arguments`). Clamped to [-1, 1] like
+        ``RefDecoder.decode``'s default: a no-op for VAEs that clamp (Wan), needed for those that do not
+        (HunyuanVideo 1.5, LTX, CogVideoX).
         """
-        return self.vae.decode(latents).sample
+        return self.vae.decode(latents, **inputs).sample.clamp(-1.0, 1.0)
 
     def plain_tiled_decode(self, latents: torch.Tensor, plan: TilePlan) -> torch.Tensor:
         """The backbone's own spatially tiled decode with ``plan``'s tiles (adapters with :attr:`tiling`)."""

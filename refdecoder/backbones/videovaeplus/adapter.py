@@ -59,6 +59,7 @@ class VideoVAEPlusAdapter(BackboneAdapter):
     frame_rule: FrameRule = GROUPS_OF_4
     causal_first_frame = False
     default_window = 4  # 4 latent frames = 16 pixel frames, the paper's chunk
+    exact_streaming = False  # independent chunks: the output depends on the window (plain_decode uses the same)
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__(vae)

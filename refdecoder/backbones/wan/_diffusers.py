@@ -22,8 +22,9 @@ __all__ = ["SUPPORTED_DIFFUSERS", "class_reason", "config_reasons", "check_inter
 SUPPORTED_DIFFUSERS = ">=0.35,<0.43"
 
 
-def class_reason(vae: nn.Module, class_name: str) -> str | None:
-    """None when ``vae`` is an instance of ``diffusers.<class_name>``, else why not."""
+def class_reason(vae: nn.Module, class_name: str, explain_cache: bool = True) -> str | None:
+    """None when ``vae`` is an instance of ``diffusers.<class_name>``, else why not (with ``explain_cache``, also
+    that its decoder lacks the Wan family's per-conv cache, when it does)."""
     try:
         import diffusers
     except ImportError:
@@ -32,7 +33,11 @@ def class_reason(vae: nn.Module, class_name: str) -> str | None:
         return None
     reason = f"it drives diffusers {class_name} only, not {type(vae).__name__}"
     decoder = getattr(vae, "decoder", None)
-    if isinstance(decoder, nn.Module) and "feat_cache" not in inspect.signature(decoder.forward).parameters:
+    if (
+        explain_cache
+        and isinstance(decoder, nn.Module)
+        and "feat_cache" not in inspect.signature(decoder.forward).parameters
+    ):
         reason += ", whose decoder has no per-conv causal cache (feat_cache) to decode window by window with"
     return reason
 

@@ -1,0 +1,67 @@
+"""What the HunyuanVideo 1.5, LTX-Video and CogVideoX adapters share: diffusers ``AutoencoderKL*`` conventions.
+
+Their VAEs name the latent width ``config.latent_channels``, encode to a ``DiagonalGaussianDistribution`` whose mode
+is the latent, keep the decoder under ``decoder`` (plus an optional ``post_quant_conv``), and their pipelines scale
+latents by ``config.scaling_factor``. Stages are up-sampling blocks whose spatial scale halves from block to block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from refdecoder.backbones.base import BackboneAdapter, StageSpec
+
+__all__ = ["DiffusersVideoAdapter", "halving_stages"]
+
+
+class DiffusersVideoAdapter(BackboneAdapter):
+    """Base of the adapters for diffusers video VAEs that are not Wan-family (no per-conv cache list).
+
+    ``one_window``: the decoder has no cache to carry, so every decode is one window over all latent frames (the
+    backbone's own layout), whatever window is asked.
+    """
+
+    one_window: ClassVar[bool] = False
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
+        if self.one_window:
+            return [(0, num_latent_frames)]
+        return super().plan_windows(num_latent_frames, window)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video).latent_dist.mode()
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw -> pipeline latents: ``z * scaling_factor`` (the pipelines decode ``z / scaling_factor``)."""
+        return latents * self.vae.config.scaling_factor
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.vae.config.scaling_factor
+
+    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for prefix in ("post_quant_conv", "decoder"):
+            module = getattr(self.vae, prefix, None)
+            for name, param in module.named_parameters() if module is not None else ():
+                yield f"{prefix}.{name}", param
+
+
+def halving_stages(points: Iterable[tuple[int, int, int]], scale: int, grid: int) -> list[StageSpec]:
+    """``StageSpec`` s for up-sampling blocks ``(index, channels, time_factor)`` in call order.
+
+    The first sits at ``scale`` (pixels per feature position) and each following one at half the previous;
+    token patches put every stage on one grid of ``grid`` pixels per token.
+    """
+    specs = []
+    for index, channels, time_factor in points:
+        patch = grid // scale
+        specs.append(StageSpec(f"stage{index}", channels, scale, (1, patch, patch), time_factor))
+        scale //= 2
+    return specs

@@ -1,0 +1,158 @@
+"""reference_decoding on the HunyuanVideo 1.5, LTX-Video and CogVideoX image-to-video pipelines, built tiny from
+configs (no downloads).
+
+Prompt embeddings are passed in directly, so the pipelines get no text encoders (T5 for LTX and CogVideoX;
+Qwen2.5-VL and ByT5 for HunyuanVideo 1.5): only the prompt -> embedding step is skipped. HunyuanVideo 1.5's SigLIP
+image encoder is built tiny, since the pipeline always embeds the conditioning image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from refdecoder.backbones.registry import get_backbone
+from refdecoder.pipelines import reference_decoding
+from tests import tiny_pipelines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT_DIM = 16
+
+
+def ltx_i2v() -> Any:
+    """``LTXImageToVideoPipeline`` with the tiny timestep-conditioned LTX VAE (8 latent channels, 16x spatial)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline, LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = get_backbone("ltx-video").build_tiny().eval()
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=1, caption_channels=TEXT_DIM,
+    ).eval()  # fmt: skip
+    return LTXImageToVideoPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
+
+
+def cogvideox_i2v() -> Any:
+    """``CogVideoXImageToVideoPipeline`` with the tiny CogVideoX VAE (4 latent channels, 8x spatial)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = get_backbone("cogvideox").build_tiny().eval()
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=2,
+        text_embed_dim=TEXT_DIM, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=True,
+    ).eval()  # fmt: skip
+    return CogVideoXImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=CogVideoXDDIMScheduler()
+    )
+
+
+def hunyuan_video15_i2v() -> Any:
+    """``HunyuanVideo15ImageToVideoPipeline`` with the tiny HunyuanVideo 1.5 VAE (4 latent channels, 16x spatial)."""
+    import transformers
+    from diffusers import (
+        ClassifierFreeGuidance,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15ImageToVideoPipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video-1.5").build_tiny().eval()
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_refiner_layers=1, text_embed_dim=TEXT_DIM, text_embed_2_dim=8, image_embed_dim=16, rope_axes_dim=(4, 6, 6),
+        target_size=32,
+    ).eval()  # fmt: skip
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(), guider=ClassifierFreeGuidance(guidance_scale=3.0),
+        image_encoder=transformers.SiglipVisionModel(vision).eval(),
+        feature_extractor=transformers.SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )  # fmt: skip
+
+
+# (builder, output size, call arguments)
+PIPELINES = {
+    "hunyuan-video-1.5-i2v": (hunyuan_video15_i2v, (32, 32), {}),
+    "ltx-i2v": (ltx_i2v, (32, 32), dict(decode_timestep=0.05, decode_noise_scale=0.0)),
+    "cogvideox-i2v": (cogvideox_i2v, (16, 16), {}),
+}
+
+
+def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    embeds = [torch.randn(1, 8, TEXT_DIM, generator=g) for _ in range(2)]
+    mask = torch.ones(1, 8, dtype=torch.long)
+    kwargs = dict(
+        image=image, num_frames=9, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], **extra,
+    )  # fmt: skip
+    name = type(pipe).__name__
+    if "Hunyuan" in name:  # sized by the pipeline from the image; a second (glyph) text embedding
+        second = [torch.randn(1, 4, 8, generator=g) for _ in range(2)]
+        mask_2 = torch.ones(1, 4, dtype=torch.long)
+        kwargs.update(prompt_embeds_mask=mask, negative_prompt_embeds_mask=mask, prompt_embeds_2=second[0])
+        kwargs.update(
+            negative_prompt_embeds_2=second[1], prompt_embeds_mask_2=mask_2, negative_prompt_embeds_mask_2=mask_2
+        )
+        return pipe(**kwargs).frames
+    kwargs.update(height=size[0], width=size[1], max_sequence_length=8)
+    if "LTX" in name:
+        kwargs.update(prompt_attention_mask=mask, negative_prompt_attention_mask=mask)
+    return pipe(**kwargs).frames
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def video_pipeline(request) -> tuple[Any, tuple[int, int], dict[str, Any]]:
+    build, size, extra = PIPELINES[request.param]
+    return build(), size, extra
+
+
+def test_frames_at_init_equal_the_stock_pipeline(video_pipeline) -> None:
+    pipe, size, extra = video_pipeline
+    image = tiny_pipelines.image(size=size)
+    stock = _call(pipe, image, size, extra)
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
+        inside = _call(pipe, image, size, extra)
+    assert inside.shape == stock.shape == (1, 9, 3, *size)
+    assert (inside - stock).abs().max() <= 1e-5
+
+
+def test_trained_weights_decode_with_the_conditioning_image(video_pipeline) -> None:
+    """Same generation, two references: once the added weights move, the frames follow the reference."""
+    pipe, size, extra = video_pipeline
+    image, other = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
+        with reference_decoding(pipe, model):
+            own = _call(pipe, image, size, extra)
+        with reference_decoding(pipe, model, image=other):
+            swapped = _call(pipe, image, size, extra)
+        with reference_decoding(pipe, model, image=image):
+            fixed = _call(pipe, image, size, extra)
+    torch.testing.assert_close(own, fixed, atol=1e-6, rtol=0)  # the call's own image is the one it was given
+    assert (own - swapped).abs().max() > 0.02
+
+
+def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> None:
+    from refdecoder.errors import ConfigError
+
+    pipe = cogvideox_i2v()
+    pipe.vae.enable_tiling()
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
+        with pytest.raises(ConfigError, match="the cogvideox adapter has no tiled decode .* vae.disable_tiling()"):
+            _call(pipe, tiny_pipelines.image(size=(16, 16)), (16, 16), {})
