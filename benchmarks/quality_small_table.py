@@ -17,26 +17,24 @@ from typing import Any
 COLUMNS = ("psnr", "psnr_0", "psnr_1-3", "psnr_4+")
 
 
+def _stats(models: dict[str, Any], name: str, group: str, part: str) -> dict[str, Any]:
+    """A model's metrics in ``group``, or in one ``part`` of it (``camera``, ``natural``)."""
+    stats = models[name][group]
+    return stats["by_part"][part] if part else stats
+
+
 def rows(doc: dict[str, Any], group: str, names: list[str] | None = None) -> list[str]:
     """Markdown rows of ``group`` (``static``, ``motion``, ``photos``, or ``motion/camera`` for one part)."""
     group, _, part = group.partition("/")
     models = doc["eval"]["models"]
-    base_of = {key.split(" - ")[0]: key.split(" - ")[1] for key in doc.get("gains", {})}
+    base_of = dict(key.split(" - ") for key in doc.get("gains", {}))
     out = []
     for name in names or list(models):
-        stats = models[name][group]
-        stats = stats["by_part"][part] if part else stats
-        base = base_of.get(name)
-        base_stats = None
-        if base is not None:
-            base_stats = models[base][group]
-            base_stats = base_stats["by_part"][part] if part else base_stats
-        cells = []
-        for key in COLUMNS:
-            cell = f"{stats[key]:.2f}"
-            if base_stats is not None:
-                cell += f" ({stats[key] - base_stats[key]:+.2f})"
-            cells.append(cell)
+        stats = _stats(models, name, group, part)
+        base = _stats(models, base_of[name], group, part) if name in base_of else None
+        cells = [
+            f"{stats[key]:.2f}" + (f" ({stats[key] - base[key]:+.2f})" if base is not None else "") for key in COLUMNS
+        ]
         out.append(f"| {name} | " + " | ".join(cells) + f" | {stats['ssim']:.3f} |")
     return out
 
