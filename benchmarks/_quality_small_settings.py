@@ -127,8 +127,9 @@ class PretrainSettings:
 class FinetuneSettings:
     """Equal-budget fine-tuning shared by every variant, the variants, and which of them the README recommends.
 
-    A variant may set ``motion`` (camera moves on its training clips) and ``reference`` (``first``: the clip's
-    frame 0; ``random``: a random clip frame, the paper; ``far``: a frame ``reference_distance`` clip frames
+    A variant may set ``added_lr`` (the added modules' lr instead of ``lr``; the decoder keeps
+    ``lr * decoder_lr_ratio``), ``motion`` (camera moves on its training clips) and ``reference`` (``first``: the
+    clip's frame 0; ``random``: a random clip frame, the paper; ``far``: a frame ``reference_distance`` clip frames
     outside the clip) to override the defaults here. Variants with the same ``motion`` see the same clips.
     """
 
@@ -156,6 +157,8 @@ class FinetuneSettings:
                 raise ConfigError(f"a variant needs a name and kind plain|refdecoder, got {v}")
             if v["kind"] == "refdecoder" and not {"preset", "dropout"} <= set(v):
                 raise ConfigError(f"refdecoder variant {v['name']!r} needs preset and dropout")
+            if "added_lr" in v and not (isinstance(v["added_lr"], float) and v["added_lr"] > 0):
+                raise ConfigError(f"variant {v['name']!r}: added_lr must be a positive float, got {v['added_lr']!r}")
             if self.reference_of(v) not in REFERENCES:
                 raise ConfigError(f"variant {v['name']!r}: reference must be one of {REFERENCES}")
         unknown = sorted(set(self.default_variants + [self.headline]) - set(names))

@@ -109,6 +109,16 @@ def load_vae(folder: Path) -> nn.Module:
     return AutoencoderKLWan.from_pretrained(folder, low_cpu_mem_usage=False).float()
 
 
+def refdecoder_param_groups(model: nn.Module, variant: dict, ft: FinetuneSettings) -> list[dict]:
+    """The added modules at the variant's ``added_lr`` (default ``lr``), the decoder at ``lr * decoder_lr_ratio``
+    in every variant, as in the baselines."""
+    groups = model.param_groups(ft.lr, ft.decoder_lr_ratio)
+    for group in groups:
+        if group["name"] == "refdecoder":
+            group["lr"] = variant.get("added_lr", ft.lr)
+    return groups
+
+
 def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Unclamped plain decode (the stock decode's values to float rounding, but trainable outside [-1, 1])."""
     adapter = WanAdapter(vae)
@@ -243,7 +253,7 @@ def finetune_variant(settings: Settings, media: Media, out: Path, variant: dict,
         params = [{"params": [p.requires_grad_(True) for p in decoder], "lr": ft.lr * ft.decoder_lr_ratio}]
     else:
         model = refdecoder.wrap(vae, refdecoder_config(variant))
-        params = model.param_groups(ft.lr, ft.decoder_lr_ratio)
+        params = refdecoder_param_groups(model, variant, ft)
     model.train()
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 

@@ -49,6 +49,10 @@ class TokenizerConfig:
     kind: Literal["patch_conv", "space_to_depth"] = "patch_conv"  # space_to_depth = the paper's encoder
     norm: Literal["rms", "group", "none"] = "rms"
     kernel_size: int = 3  # conv kernel of the space_to_depth variant (ignored by patch_conv)
+    # Also tokenize the pixel reference at every later conditioned stage (a tokenizer of that stage's scale and
+    # width) and add it to the reference features that come through the stages: the reference's pixel detail then
+    # reaches each stage directly rather than only through the first stage's channels. Off in every preset.
+    per_stage: bool = False
 
     def __post_init__(self) -> None:
         _check(

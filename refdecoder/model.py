@@ -71,7 +71,8 @@ class RefDecoder(nn.Module):
 
     Build it with :func:`refdecoder.wrap` rather than directly. Attributes: ``vae`` (the backbone, frozen except
     for decoder parameters when ``config.train_decoder``), ``adapter`` (its :class:`BackboneAdapter`),
-    ``tokenizer``, ``transformer`` (shared by all stages), ``projectors`` (one per conditioned stage, keyed
+    ``tokenizer``, ``stage_tokenizers`` (``tokenizer.per_stage``: one per later conditioned stage, keyed
+    ``stage{i}``), ``transformer`` (shared by all stages), ``projectors`` (one per conditioned stage, keyed
     ``stage{i}``) and ``latent_components`` (training-time modules at the ``latents`` hook point).
     """
 
@@ -86,13 +87,18 @@ class RefDecoder(nn.Module):
         specs = adapter.stages()
         self.stage_indices = stage_indices(config, len(specs))
         tf, up = config.transformer, config.upscale
-        self.tokenizer = ReferenceTokenizer(
-            out_channels=adapter.reference_channels,
-            # The reference comes at the output size; a larger patch lands it on the same stage-0 grid.
-            patch_size=adapter.reference_scale * up.factor,
-            kind=config.tokenizer.kind,
-            kernel_size=config.tokenizer.kernel_size,
-            norm=config.tokenizer.norm,
+        tok = config.tokenizer
+
+        def tokenizer(channels: int, scale: int) -> ReferenceTokenizer:
+            # The reference comes at the output size; a larger patch lands it on the stage's grid.
+            return ReferenceTokenizer(channels, scale * up.factor, tok.kind, tok.kernel_size, tok.norm)
+
+        self.tokenizer = tokenizer(adapter.reference_channels, adapter.reference_scale)
+        # tokenizer.per_stage: the pixel reference tokenized again for every later conditioned stage.
+        self.stage_tokenizers = nn.ModuleDict(
+            {specs[i].name: tokenizer(specs[i].channels, specs[i].scale) for i in self.stage_indices if i > 0}
+            if tok.per_stage
+            else {}
         )
         self.transformer = SharedTransformer(
             dim=tf.width,

@@ -41,6 +41,9 @@ class ReferenceHooks:
             return x
         reference = ctx.reference_tokens if index == 0 else ctx.stage_reference
         name, r = f"stage{index}", ctx.num_reference
+        if name in model.stage_tokenizers:
+            tokenizer = model.stage_tokenizers[name]
+            reference = reference + tokenizer(ctx.reference.to(tokenizer.proj.weight.dtype)).to(reference.dtype)
         if name in model.projectors:
             # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
             joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)

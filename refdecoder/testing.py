@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -150,6 +150,11 @@ def check_identity_at_init(c: Conformance) -> None:
                 assert out.shape == stock.shape, f"{c.backbone}: shape {tuple(out.shape)} != {tuple(stock.shape)}"
                 diff = _max_diff(out, stock)
                 assert diff <= TOLERANCE, f"{c.backbone}: {frames} latent frames, window {window}: max diff {diff}"
+    # Per-stage tokenizers only change the reference features, which the zero-init stage updates do not pass on.
+    model = c.wrap(tokenizer=replace(refdecoder.preset(c.preset).tokenizer, per_stage=True))
+    z = c.latents(model, c.short)
+    diff = _max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
+    assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
 
 
 @torch.no_grad()
@@ -180,8 +185,10 @@ def check_reference_matters(c: Conformance) -> None:
 
 def check_training_step(c: Conformance) -> None:
     """A training step reaches every added module, and the decoder (only) when ``train_decoder`` is set."""
+    # With per-stage tokenizers on (their parameters must be reached too); the preset's tokenizer otherwise.
+    tokenizer = replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
     for train_decoder in (False, True):
-        model = c.wrap(perturb=True, train_decoder=train_decoder).train()
+        model = c.wrap(perturb=True, train_decoder=train_decoder, tokenizer=tokenizer).train()
         video = c.video(model)
         (model(video, reference_index=0).sample - video).abs().mean().backward()
         for name, module in _added_modules(model):

@@ -378,3 +378,35 @@ def test_forward_with_an_explicit_reference(vae):
         assert _max_diff(model(video, reference_index=0).sample, out.sample) > 1e-4  # the reference is used
     with pytest.raises(InputError, match="not both"):
         model(video, reference_index=0, reference=outside)
+
+
+def test_per_stage_tokenizers_keep_identity_matter_and_save(vae, tmp_path):
+    config = refdecoder.preset("tiny")
+    config.tokenizer.per_stage = True
+    model = refdecoder.wrap(vae, config)
+    specs = model.adapter.stages()
+    # One tokenizer per later conditioned stage, at that stage's width and scale.
+    assert sorted(model.stage_tokenizers) == [f"stage{i}" for i in model.stage_indices if i > 0]
+    for i in model.stage_indices[1:]:
+        tokenizer = model.stage_tokenizers[f"stage{i}"]
+        assert (tokenizer.out_channels, tokenizer.patch_size) == (specs[i].channels, specs[i].scale)
+    z = latents_for(vae, 3, h=6, w=8)
+    ref = reference_for(z)
+    with torch.no_grad():
+        assert _max_diff(model.decode(z, reference=ref), vae.decode(z).sample) <= 1e-5
+    randomize_(model.projectors)
+    with torch.no_grad():
+        expected = model.decode(z, reference=ref)
+        # The later stages read the pixel reference through their own tokenizers: zeroing one changes the decode.
+        last = model.stage_tokenizers[f"stage{model.stage_indices[-1]}"]
+        saved = last.proj.weight.clone()
+        last.proj.weight.zero_()
+        assert _max_diff(model.decode(z, reference=ref), expected) > 1e-5
+        last.proj.weight.copy_(saved)
+    assert any(k.startswith("stage_tokenizers.") for k in model.refdecoder_state_dict())
+    model.save_pretrained(tmp_path)
+    model.unwrap()
+    loaded = refdecoder.load(vae, tmp_path)
+    assert loaded.config.tokenizer.per_stage
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z, reference=ref), expected)

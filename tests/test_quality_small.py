@@ -120,6 +120,24 @@ def test_config_rejects_overlapping_or_reserved_material(tmp_path: Path) -> None
     raw["finetune"]["variants"][2]["reference"] = "last"
     with pytest.raises(ConfigError, match="reference"):
         _load(tmp_path, raw)
+    raw = _raw()
+    raw["finetune"]["variants"][2]["added_lr"] = "fast"
+    with pytest.raises(ConfigError, match="added_lr"):
+        _load(tmp_path, raw)
+
+
+def test_added_lr_moves_only_the_added_modules() -> None:
+    ft = qset.load_settings().finetune
+    model = refdecoder.wrap(
+        tiny_wan(),
+        refdecoder.RefDecoderConfig.from_dict({**refdecoder.preset("tiny").to_dict(), "train_decoder": True}),
+    )
+    for variant, added in (({}, ft.lr), ({"added_lr": 2.5e-3}, 2.5e-3)):
+        groups = {g["name"]: g for g in qs.refdecoder_param_groups(model, variant, ft)}
+        assert groups["refdecoder"]["lr"] == added
+        # The decoder trains at the baseline's lr whatever the added modules' lr.
+        assert groups["decoder"]["lr"] == ft.lr * ft.decoder_lr_ratio
+        assert {id(p) for p in groups["refdecoder"]["params"]} == {id(p) for _, p in model.added_parameters()}
 
 
 def test_find_cuts_and_shots() -> None:

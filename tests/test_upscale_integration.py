@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import refdecoder
@@ -50,15 +51,22 @@ def test_upscale_config(tmp_path):
     loaded.unwrap()
 
 
-def test_training_forward_with_upscale():
+@pytest.mark.parametrize("per_stage", [False, True])
+def test_training_forward_with_upscale(per_stage):
     vae = tiny_wan()
     config = refdecoder.preset("tiny")
     config.upscale = UpscaleConfig(factor=2)
+    config.tokenizer.per_stage = per_stage
     model = refdecoder.wrap(vae, config)
     video = torch.rand(1, 3, 5, 64, 64) * 2 - 1
     out = model(video, generator=torch.Generator().manual_seed(0))
     assert out.sample.shape == video.shape
     out.sample.mean().backward()
+    # The reference comes at the output size: every tokenizer's patch is twice its stage's scale.
+    for name, tokenizer in model.stage_tokenizers.items():
+        assert tokenizer.patch_size == 2 * model.adapter.stages()[int(name[-1])].scale
+        assert tokenizer.proj.weight.grad is not None
+    assert len(model.stage_tokenizers) == (2 if per_stage else 0)
 
 
 def test_proxy_in_config_not_needed_at_load(tmp_path):
