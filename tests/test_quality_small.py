@@ -247,7 +247,8 @@ def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
     config, out, doc = micro
     settings = qset.load_settings(config)
     assert doc["headline"] == settings.finetune.headline
-    assert (out / "vae_pretrained" / "config.json").is_file() and (out / "baseline" / "config.json").is_file()
+    baseline = settings.finetune.default_variants[0]  # the plain decoder trained on the headline's clips
+    assert (out / "vae_pretrained" / "config.json").is_file() and (out / baseline / "config.json").is_file()
     for name in settings.finetune.default_variants[1:]:
         saved = json.loads((out / name / "refdecoder_config.json").read_text())
         assert saved["train_decoder"] is True and saved["dropout"]["p_max"] == 0.0
@@ -257,13 +258,18 @@ def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
     assert json.loads((out / qs.RESULTS).read_text())["eval"] == json.loads(json.dumps(doc["eval"]))
     assert len({log["data_order"] for log in doc["finetune"].values()}) == 1  # same clips, same order
     models = doc["eval"]["models"]
-    gain = doc["gains"][f"{doc['headline']} - baseline"]
+    gain = doc["gains"][f"{doc['headline']} - {baseline}"]
     for group in ("static", "motion", "photos"):
         for metric in ("psnr", "psnr_0", "psnr_1-3", "psnr_4+", "ssim_4+"):
-            expected = models[doc["headline"]][group][metric] - models["baseline"][group][metric]
+            expected = models[doc["headline"]][group][metric] - models[baseline][group][metric]
             assert gain[group][metric] == pytest.approx(expected)
     target = doc["targets"]["motion_psnr_4+_gain"]
     assert target["value"] == pytest.approx(gain["motion"]["psnr_4+"]) and target["met"] == (target["value"] >= 0.3)
+
+
+def _baseline_of(doc: dict, name: str) -> str:
+    """The plain variant a RefDecoder variant's gains are measured against (``"<name> - <baseline>"``)."""
+    return next(key.split(" - ")[1] for key in doc["gains"] if key.split(" - ")[0] == name)
 
 
 def test_table_rows_are_the_evaluation_numbers_with_the_gains(micro: tuple[Path, Path, dict]) -> None:
@@ -273,12 +279,13 @@ def test_table_rows_are_the_evaluation_numbers_with_the_gains(micro: tuple[Path,
     row = qtable.rows(doc, "motion", [headline])[0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0] == headline
-    gain = doc["gains"][f"{headline} - baseline"]["motion"]
+    baseline = _baseline_of(doc, headline)
+    gain = doc["gains"][f"{headline} - {baseline}"]["motion"]
     for cell, key in zip(cells[1:5], qtable.COLUMNS):
         value, delta = cell.split(" (")
         assert float(value) == pytest.approx(models[headline]["motion"][key], abs=0.005)
         assert float(delta.rstrip(")")) == pytest.approx(gain[key], abs=0.005)
-    assert "(" not in qtable.rows(doc, "static", ["baseline"])[0]  # a plain decoder has no gain column
+    assert "(" not in qtable.rows(doc, "static", [baseline])[0]  # a plain decoder has no gain column
     part = qtable.rows(doc, "motion/camera", [headline])[0]
     assert f"{models[headline]['motion']['by_part']['camera']['psnr']:.2f}" in part
 
@@ -292,12 +299,13 @@ def test_saved_models_reproduce_the_reported_psnr(micro: tuple[Path, Path, dict]
     bikes = next(p for p in bundled_clips() if p.stem == "bikes")
     clip = read_clip(bikes, range(16, 16 + EVAL_FRAMES), (48, 72), "resize")[None, :, :, :CROP, :CROP]
     vae = AutoencoderKLWan.from_pretrained(out / "vae_pretrained").eval()
-    baseline = AutoencoderKLWan.from_pretrained(out / "baseline").eval()
+    base_name = _baseline_of(doc, doc["headline"])
+    baseline = AutoencoderKLWan.from_pretrained(out / base_name).eval()
     with torch.no_grad():
         latents = vae.encode(clip).latent_dist.mode()
         plain = baseline.decode(latents).sample
         headline = refdecoder.load(vae, out / doc["headline"]).eval().decode(latents, reference=clip[:, :, :1])
-    for name, pred in (("baseline", plain), (doc["headline"], headline)):
+    for name, pred in ((base_name, plain), (doc["headline"], headline)):
         per_frame = psnr_np(pred[0].numpy(), clip[0].numpy())
         assert doc["eval"]["models"][name]["per_clip_psnr"][0] == pytest.approx(per_frame.mean(), abs=2e-3)
 
