@@ -1,6 +1,7 @@
 """Cost of the attention scopes: CPU time of the shared transformer and attention memory at paper-size grids.
 
     python benchmarks/attention_scope.py [--repeats 3] [--threads 1] [--out benchmarks/results/attention_scope.json]
+    python benchmarks/attention_scope.py --flops-only --out benchmarks/results/attention_scope_flops.json
 
 1. Time: a 2-layer, 256-wide (4 heads x 64) shared transformer, forward only, on the stage-0 token grid of 17
    frames at 480x832 plus one reference frame (6 x 30 x 52 = 9,360 tokens), for every scope: global, per position
@@ -9,8 +10,8 @@
 2. Memory: peak live tensor bytes of one attention call (its output included) at the stage-2 grid of the same
    clip (18 x 30 x 52 = 28,080 tokens), on the meta device, for 4 x 64 and 8 x 128 heads, against the ``N^2``
    bytes of the dense boolean mask the neighbourhood computation replaces.
-3. FLOPs of the ``small`` preset decoding 17 frames at 480x832 with a reference (Wan2.1, meta device), per scope,
-   against the plain decoder.
+3. FLOPs of the ``small`` preset decoding 17 frames at 480x832 with a reference (Wan2.1, meta device), per scope
+   and for the recommended configuration, against the plain decoder (``--flops-only``: this part alone).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def scope_memory(grid: tuple[int, int, int], heads: int, head_dim: int) -> dict[
 
 
 def small_flops() -> dict:
-    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies)."""
+    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies), and the README's
+    recommended configuration (radius 2, the bias, per-stage space-to-depth tokenizers)."""
     configs = {}
     for name, (r, rv) in SCOPES.items():
         for bias in (False, True):
@@ -84,7 +86,20 @@ def small_flops() -> dict:
             tf = config.transformer
             tf.attention_radius, tf.video_attention_radius, tf.locality_bias = r, rv, bias
             configs[f"{name}{' + bias' if bias else ''}"] = config
+    config = refdecoder.preset("small")
+    config.transformer.attention_radius, config.transformer.locality_bias = 2, True
+    config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
+    configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
     return flops_row(build_wan("meta"), 17, (480, 832), configs)
+
+
+def print_flops(flops: dict) -> None:
+    for name, row in flops.items():
+        if isinstance(row, dict):
+            print(
+                f"small, {name:24s} {row['tflop']:7.1f} TFLOP ({row['ratio_to_plain']:.3f}x the plain decoder), "
+                f"{row['added_params_m']:.1f} M added parameters"
+            )
 
 
 def main() -> None:
@@ -92,7 +107,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--flops-only", action="store_true", help="only the FLOPs part (meta device, seconds)")
     args = parser.parse_args()
+    if args.flops_only:
+        flops = small_flops()
+        print_flops(flops)
+        print(f"wrote {write_json('attention_scope_flops', {'small_flops_17f_480x832': flops}, args.out)}")
+        return
     torch.set_num_threads(args.threads)
     time_grid, memory_grid = (6, 30, 52), (18, 30, 52)
     timings = scope_timings(time_grid, args.repeats)
@@ -110,9 +131,7 @@ def main() -> None:
                 f"{peak / n**2:.3f}x the {n**2 / 2**20:.0f} MiB dense mask"
             )
     flops = small_flops()
-    for name, row in flops.items():
-        if isinstance(row, dict):
-            print(f"small, {name:24s} {row['tflop']:7.1f} TFLOP ({row['ratio_to_plain']:.3f}x the plain decoder)")
+    print_flops(flops)
     payload = {
         "time_grid": time_grid,
         "time_model": "SharedTransformer(256, depth 2, 4 heads), forward, batch 1, reference frames 1",
