@@ -31,6 +31,8 @@ class DecodeContext:
     Attributes:
         reference_tokens: ``B, C0, R, h0, w0`` reference features at the first stage's resolution, or None.
         num_reference: R, the number of reference frames.
+        stage_reference_tokens: ``tokenizer.per_stage``: each later conditioned stage's own tokens of the pixel
+            reference (``B, Ci, R, hi, wi``), keyed ``stage{i}``, made once per decode like ``reference_tokens``.
         stage_reference: the reference features entering the current stage in the current window (the stage hook
             updates it after its joint attention and the adapter's spatial-only stage run).
         window_index: index of the window being decoded (0 holds latent frame 0).
@@ -46,6 +48,7 @@ class DecodeContext:
 
     reference_tokens: torch.Tensor | None = None
     num_reference: int = 0
+    stage_reference_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
     stage_reference: torch.Tensor | None = None
     window_index: int = 0
     first_window: bool = True

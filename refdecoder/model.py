@@ -224,6 +224,10 @@ class RefDecoder(nn.Module):
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
             ctx.reference = reference
             ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
+            ctx.stage_reference_tokens = {
+                name: tokenizer(reference.to(tokenizer.proj.weight.dtype))
+                for name, tokenizer in self.stage_tokenizers.items()
+            }
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
         return latents, ctx, self.adapter.plan_windows(latents.shape[2], size)

@@ -41,9 +41,8 @@ class ReferenceHooks:
             return x
         reference = ctx.reference_tokens if index == 0 else ctx.stage_reference
         name, r = f"stage{index}", ctx.num_reference
-        if name in model.stage_tokenizers:
-            tokenizer = model.stage_tokenizers[name]
-            reference = reference + tokenizer(ctx.reference.to(tokenizer.proj.weight.dtype)).to(reference.dtype)
+        if name in ctx.stage_reference_tokens:  # tokenizer.per_stage: the pixel reference's own tokens at this stage
+            reference = reference + ctx.stage_reference_tokens[name].to(reference.dtype)
         if name in model.projectors:
             # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
             joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)

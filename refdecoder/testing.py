@@ -30,6 +30,7 @@ from torch import nn
 import refdecoder
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import find_backbone, get_backbone
+from refdecoder.config import TokenizerConfig
 from refdecoder.errors import InputError
 
 __all__ = ["Conformance", "checks_for", "check_backbone", "randomize_"]
@@ -124,6 +125,11 @@ def _added_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, module in _added_modules(model) for p in module.parameters()]
 
 
+def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
+    """The preset's tokenizer settings with ``per_stage`` on."""
+    return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -151,7 +157,7 @@ def check_identity_at_init(c: Conformance) -> None:
                 diff = _max_diff(out, stock)
                 assert diff <= TOLERANCE, f"{c.backbone}: {frames} latent frames, window {window}: max diff {diff}"
     # Per-stage tokenizers only change the reference features, which the zero-init stage updates do not pass on.
-    model = c.wrap(tokenizer=replace(refdecoder.preset(c.preset).tokenizer, per_stage=True))
+    model = c.wrap(tokenizer=_per_stage_tokenizer(c))
     z = c.latents(model, c.short)
     diff = _max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
     assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
@@ -186,7 +192,7 @@ def check_reference_matters(c: Conformance) -> None:
 def check_training_step(c: Conformance) -> None:
     """A training step reaches every added module, and the decoder (only) when ``train_decoder`` is set."""
     # With per-stage tokenizers on (their parameters must be reached too); the preset's tokenizer otherwise.
-    tokenizer = replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
+    tokenizer = _per_stage_tokenizer(c)
     for train_decoder in (False, True):
         model = c.wrap(perturb=True, train_decoder=train_decoder, tokenizer=tokenizer).train()
         video = c.video(model)
