@@ -199,12 +199,17 @@ class Settings:
 
     seed: int
     threads: int
+    workers: int  # variants fine-tuned side by side, one process of ``threads`` threads each
     budget_minutes: float
     data: DataSettings
     vae: VaeSettings
     pretrain: PretrainSettings
     finetune: FinetuneSettings
     eval: EvalSettings
+
+    def __post_init__(self) -> None:
+        if min(self.threads, self.workers) < 1:
+            raise ConfigError(f"threads and workers must be >= 1, got {self.threads} and {self.workers}")
 
 
 _SECTIONS = {

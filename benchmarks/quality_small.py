@@ -221,26 +221,62 @@ def run_pretrain(settings: Settings, media: Media, out: Path) -> dict:
 
 
 def run_finetune(settings: Settings, media: Media, out: Path, variants: list[dict]) -> dict:
-    """Fine-tune every variant from the pretrained VAE on the same clips, in the same order."""
+    """Fine-tune every variant from the pretrained VAE on the same clips, in the same order.
+
+    With ``workers`` > 1 the variants train side by side in worker processes of ``threads`` threads each; every
+    variant seeds itself, so its weights are the same bit for bit as when the variants train one after another.
+    """
     ft, frames = settings.finetune, settings.data.train_frames
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, frames, ft.reference_distance)
     encoder = load_vae(out / PRETRAINED).eval()
     latents: dict[bool, list[torch.Tensor]] = {}
-    logs = {}
-    for variant in variants:
-        motion = ft.motion_of(variant)
-        if motion not in latents:  # the encoder is frozen: one encoding per set of clips serves every variant
-            with torch.no_grad():
-                latents[motion] = [
-                    encoder.encode(
-                        render_training(media, settings, step, frames, motion, "first")[0]
-                    ).latent_dist.mode()
-                    for step in plan
-                ]
-        logs[variant["name"]] = finetune_variant(settings, media, out, variant, plan, latents[motion])
-        logs[variant["name"]]["data_order"] = plan_digest(plan)
-    return logs
+    for motion in dict.fromkeys(ft.motion_of(v) for v in variants):
+        # The encoder is frozen: one encoding per set of clips serves every variant.
+        with torch.no_grad():
+            latents[motion] = [
+                encoder.encode(render_training(media, settings, step, frames, motion, "first")[0]).latent_dist.mode()
+                for step in plan
+            ]
+    if settings.workers == 1 or len(variants) == 1:
+        logs = {v["name"]: finetune_variant(settings, media, out, v, plan, latents[ft.motion_of(v)]) for v in variants}
+    else:
+        logs = finetune_side_by_side(settings, out, variants, latents)
+    for log in logs.values():
+        log["data_order"] = plan_digest(plan)
+    return {v["name"]: logs[v["name"]] for v in variants}
+
+
+def finetune_side_by_side(settings: Settings, out: Path, variants: list[dict], latents: dict) -> dict[str, dict]:
+    """``finetune_variant`` of every variant in ``settings.workers`` spawned processes (each loads the media itself:
+    cheaper than sending it). RefDecoder variants go first: they take longest, so the plain ones fill the gaps."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(variants, key=lambda v: v["kind"] == "plain")
+    logger.info("fine-tuning %s, %d at a time", ", ".join(v["name"] for v in order), settings.workers)
+    pool = ProcessPoolExecutor(
+        max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
+    )
+    with pool:
+        futures = {
+            v["name"]: pool.submit(_finetune_in_worker, settings, out, v, latents[settings.finetune.motion_of(v)])
+            for v in order
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _worker_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _finetune_in_worker(settings: Settings, out: Path, variant: dict, latents: list[torch.Tensor]) -> dict:
+    ft = settings.finetune
+    with deterministic(settings.threads):
+        media = load_media(settings.data)
+        plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, settings.data.train_frames,
+                          ft.reference_distance)  # fmt: skip
+        return finetune_variant(settings, media, out, variant, plan, latents)
 
 
 def finetune_variant(settings: Settings, media: Media, out: Path, variant: dict, plan: list, latents: list) -> dict:

@@ -326,6 +326,25 @@ def test_cached_phases_are_reused_and_deterministic(micro: tuple[Path, Path, dic
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_side_by_side_fine_tuning_saves_the_same_weights_as_one_by_one(
+    micro: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config, out, doc = micro
+    assert qset.load_settings(config).workers == 2  # the micro run trained its variants in two worker processes
+    shutil.copytree(out / "vae_pretrained", tmp_path / "vae_pretrained")
+    qs.main(["--config", str(config), "--out", str(tmp_path), "--phase", "finetune", "--set", "workers=1"])
+    for name in doc["finetune"]:
+        (file,) = (out / name).glob("*.safetensors")
+        side, alone = load_file(file), load_file(tmp_path / name / file.name)
+        assert side.keys() == alone.keys() and all(torch.equal(side[k], alone[k]) for k in side), name
+    with pytest.raises(ConfigError, match="workers"):
+        qset.load_settings(config, overrides=("workers=0",))
+
+
 # --- the correspondence probe (benchmarks/reference_probe.py) -----------------------------------------------------
 def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
     from benchmarks import reference_probe as rp
