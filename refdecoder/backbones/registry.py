@@ -13,6 +13,9 @@ Three sources, looked up by name; an adapter module is imported only when its ad
 
     register_backbone("my-vae", MyAdapter, override=True)  # call form, replacing an existing entry
 
+Registering the class a name already holds is a no-op, whichever way it came (an import-time decorator, an entry
+point naming the same ``module:Class``, or both), so a package may declare its entry point and register at import.
+
 When no adapter drives a VAE, :func:`find_backbone` names the nearest one (the adapter whose checks the VAE gets
 furthest through, see :class:`~refdecoder.backbones.base.Fit`) and why it refuses.
 """
@@ -70,7 +73,7 @@ def register_backbone(
     def _register(cls: A) -> A:
         _check_adapter(name, cls)
         _read_entry_points()
-        if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
+        if name in _REGISTRY and not _same_adapter(_REGISTRY[name], cls) and not override:
             raise BackboneError(
                 f"backbone {name!r} is already registered ({_describe(_REGISTRY[name])}); "
                 "pass override=True to replace it"
@@ -154,6 +157,8 @@ def _read_entry_points() -> None:
     _entry_points_read = True
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name in _REGISTRY:
+            if _same_adapter(_REGISTRY[point.name], point.value):
+                continue
             logger.warning("ignoring entry point %s = %s: backbone name already registered", point.name, point.value)
             continue
         _REGISTRY[point.name] = point.value
@@ -162,6 +167,15 @@ def _read_entry_points() -> None:
 def _check_adapter(name: str, cls: object) -> None:
     if not (isinstance(cls, type) and issubclass(cls, BackboneAdapter)):
         raise BackboneError(f"backbone {name!r} must be a BackboneAdapter subclass, got {cls!r}")
+
+
+def _same_adapter(entry: type[BackboneAdapter] | str, other: type[BackboneAdapter] | str) -> bool:
+    """True when two registry entries (classes or ``"module:Class"`` paths) name the same adapter class."""
+    return entry is other or _path(entry) == _path(other)
+
+
+def _path(entry: type[BackboneAdapter] | str) -> str:
+    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
 
 
 def _describe(entry: type[BackboneAdapter] | str) -> str:
