@@ -120,6 +120,7 @@ def check_latent_conventions(c: Conformance) -> None:
 def check_hook_shapes(c: Conformance) -> None:
     """What reaches each stage hook agrees with ``stages()`` and ``stage_frames()``; windows follow ``frame_rule``."""
     adapter = _fresh(c)
+    _check_first_frame(c.backbone, adapter)
     plans = {
         (frames, tuple(adapter.plan_windows(frames, window)))
         for frames in c.latent_frames
@@ -139,6 +140,19 @@ def check_hook_shapes(c: Conformance) -> None:
             )
             seen = [(index, x) for window, index, x in hooks.seen if window == k]
             _check_window_stages(c.backbone, adapter, seen, (k, start, stop), z.shape[-2:])
+
+
+def _check_first_frame(name: str, adapter: BackboneAdapter) -> None:
+    """``causal_first_frame`` agrees with ``frame_rule``: with temporal up-sampling (``step > 1``), latent frame 0
+    makes one pixel frame exactly when it skips that up-sampling."""
+    rule = adapter.frame_rule
+    if rule.step > 1 and adapter.causal_first_frame != (rule.first == 1):
+        made = f"latent frame 0 makes {rule.first} pixel frame{'s' if rule.first > 1 else ''}"
+        raise AssertionError(
+            f"{name}: causal_first_frame={adapter.causal_first_frame}, but frame_rule ({rule.describe()}) says {made}: "
+            f"frame 0 {'is' if rule.first > 1 else 'is not'} up-sampled in time like the others; set "
+            f"causal_first_frame = {rule.first == 1}"
+        )
 
 
 def _check_window_stages(
