@@ -233,7 +233,7 @@ def check_save_load_unwrap(c: Conformance) -> None:
     vae = c.vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     flags, stock = {n: p.requires_grad for n, p in vae.named_parameters()}, c.adapter_cls(vae).plain_decode(z)
-    model = refdecoder.wrap(vae, c.preset)
+    model = refdecoder.wrap(vae, c.preset, backbone=c.backbone)
     randomize_(_added_parameters(model), scale=0.1)
     model.train()
     model.decode(z, reference=ref)
