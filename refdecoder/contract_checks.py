@@ -149,8 +149,8 @@ def _check_first_frame(name: str, adapter: BackboneAdapter) -> None:
     if rule.step > 1 and adapter.causal_first_frame != (rule.first == 1):
         made = f"latent frame 0 makes {rule.first} pixel frame{'s' if rule.first > 1 else ''}"
         raise AssertionError(
-            f"{name}: causal_first_frame={adapter.causal_first_frame}, but frame_rule ({rule.describe()}) says {made}: "
-            f"frame 0 {'is' if rule.first > 1 else 'is not'} up-sampled in time like the others; set "
+            f"{name}: causal_first_frame={adapter.causal_first_frame}, but frame_rule ({rule.describe()}) says "
+            f"{made}: frame 0 {'is' if rule.first > 1 else 'is not'} up-sampled in time like the others; set "
             f"causal_first_frame = {rule.first == 1}"
         )
 
@@ -173,7 +173,9 @@ def _check_window_stages(
     previous: tuple[StageSpec, int] | None = None
     for (index, x), spec in zip(seen, specs):
         _, channels, frames, h, w = x.shape
-        assert channels == spec.channels, f"{name}: {spec.name} receives {channels} channels, StageSpec says {spec.channels}"
+        assert channels == spec.channels, (
+            f"{name}: {spec.name} receives {channels} channels, StageSpec says {spec.channels}"
+        )
         assert (h * spec.scale, w * spec.scale) == (height, width), (
             f"{name}: {spec.name} receives {h}x{w} features of a {height}x{width} decode, but StageSpec says "
             f"scale={spec.scale} ({height // spec.scale}x{width // spec.scale})"
@@ -196,12 +198,14 @@ def _check_window_stages(
 
 # --- decoder parameters -------------------------------------------------------------------------------------------
 def check_decoder_parameters(c: Conformance) -> None:
-    """Every VAE parameter the decode uses is in ``decoder_parameters()`` (named as in the VAE) or excluded on purpose."""
+    """Every VAE parameter the decode uses is in ``decoder_parameters()`` (named as in the VAE) or excluded."""
     adapter = _fresh(c)
     own = dict(adapter.vae.named_parameters())
     declared = dict(adapter.decoder_parameters())
     strangers = [name for name, param in declared.items() if own.get(name) is not param]
-    assert not strangers, f"{c.backbone}: decoder_parameters() yields {strangers[0]!r}, not the VAE's parameter of that name"
+    assert not strangers, (
+        f"{c.backbone}: decoder_parameters() yields {strangers[0]!r}, not the VAE's parameter of that name"
+    )
     adapter.vae.requires_grad_(True)
     out = _plain(adapter, _latents(c, adapter, c.short))
     (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()

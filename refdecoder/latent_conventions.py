@@ -76,7 +76,7 @@ _CONVENTIONS: dict[str, PipelineConvention] = {
     "AutoencoderKLTemporalDecoder": PipelineConvention("StableVideoDiffusionPipeline", _SCALED, _scaled),
     "AutoencoderDC": PipelineConvention("SanaPipeline", _SCALED, _scaled),
     "AutoencoderKL": PipelineConvention(
-        "StableDiffusionPipeline, FluxPipeline", "latents / scaling_factor + shift_factor (0 when None)", _scaled_shifted
+        "StableDiffusionPipeline, FluxPipeline", "latents / scaling_factor + shift_factor (0 if None)", _scaled_shifted
     ),
 }
 

@@ -121,7 +121,9 @@ def test_an_adapter_of_the_older_contract_keeps_working_or_says_what_to_rename()
     adapter = TwoArguments(WanAdapter.build_tiny())
     features = torch.randn(1, adapter.stages()[0].channels, 1, 4, 4)
     with torch.no_grad():
-        torch.testing.assert_close(adapter.run_stage_on_reference(0, features, None), adapter.run_stage_on_reference(0, features))
+        torch.testing.assert_close(
+            adapter.run_stage_on_reference(0, features, None), adapter.run_stage_on_reference(0, features)
+        )
 
     with pytest.raises(BackboneError, match="rename it") as err:
 

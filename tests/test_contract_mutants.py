@@ -36,7 +36,11 @@ def _no_time_factor(base: type[BackboneAdapter]) -> dict[str, Any]:
 
 def _up_blocks_only(base: type[BackboneAdapter]) -> dict[str, Any]:
     keep = (".up_blocks.", ".up.")  # diffusers' up-blocks; VideoVAE+'s decoder levels
-    return {"decoder_parameters": lambda self: ((n, p) for n, p in base.decoder_parameters(self) if any(k in n for k in keep))}
+    return {
+        "decoder_parameters": lambda self: (
+            (n, p) for n, p in base.decoder_parameters(self) if any(k in n for k in keep)
+        )
+    }
 
 
 def _zero_reference_branch(base: type[BackboneAdapter]) -> dict[str, Any]:
@@ -67,13 +71,23 @@ def _flipped_output_clamp(base: type[BackboneAdapter]) -> dict[str, Any]:
 # (mutation, the built-in adapters it is applied to, the check that must fail, what its message says)
 MUTANTS: list[tuple[Callable[[type[BackboneAdapter]], dict[str, Any]], tuple[str, ...], str, str]] = [
     (_bad_conventions, (*DIFFUSERS_VIDEO, "videovae+"), "check_latent_conventions", "must be inverse"),
-    (_consistent_but_foreign_convention, DIFFUSERS_VIDEO, "check_latent_conventions", r"the convention of \w+Pipeline"),
+    (
+        _consistent_but_foreign_convention,
+        DIFFUSERS_VIDEO,
+        "check_latent_conventions",
+        r"the convention of \w+Pipeline",
+    ),
     (_no_time_factor, DIFFUSERS_VIDEO, "check_hook_shapes", r"receives \d+ frames .* but stage_frames\(\) plans"),
     (_up_blocks_only, (*DIFFUSERS_VIDEO, "videovae+"), "check_decoder_parameters", "decoder_parameters.. leaves out"),
     (_zero_reference_branch, (*DIFFUSERS_VIDEO, "videovae+"), "check_reference_branch", "one-frame image decode"),
     (_flipped_causal_first_frame, (*DIFFUSERS_VIDEO, "videovae+"), "check_hook_shapes", "set causal_first_frame ="),
     (_forgotten_frame_drop, ("wan2.1", "hunyuan-video-1.5", "ltx-video"), "check_hook_shapes", "frame_rule"),
-    (_flipped_output_clamp, ("wan2.1", "hunyuan-video-1.5", "cogvideox", "videovae+"), "check_output_clamp", "set output_clamp ="),
+    (
+        _flipped_output_clamp,
+        ("wan2.1", "hunyuan-video-1.5", "cogvideox", "videovae+"),
+        "check_output_clamp",
+        "set output_clamp =",
+    ),
 ]
 
 
@@ -110,7 +124,9 @@ def test_each_mutant_is_caught(register, mutation, backbone, check, reason):
 
 @pytest.mark.parametrize("backbone", ("wan2.1", "hunyuan-video-1.5", "ltx-video"))
 def test_a_wrong_window_frame_count_is_one_line_naming_frame_rule(register, backbone):
-    model = refdecoder.wrap(refdecoder.get_backbone(backbone).build_tiny(), "tiny", backbone=register(backbone, _forgotten_frame_drop))
+    model = refdecoder.wrap(
+        refdecoder.get_backbone(backbone).build_tiny(), "tiny", backbone=register(backbone, _forgotten_frame_drop)
+    )
     z = torch.randn(1, model.adapter.latent_channels, 2, 2, 2)
     with torch.no_grad(), pytest.raises(BackboneError, match="frame_rule") as err:
         model.decode(z)

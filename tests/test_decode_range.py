@@ -76,7 +76,9 @@ def _ltx2_video() -> nn.Module:
 def _cogvideox() -> nn.Module:
     from diffusers import AutoencoderKLCogVideoX
 
-    return AutoencoderKLCogVideoX(block_out_channels=(16, 16, 32, 32), latent_channels=8, layers_per_block=2, norm_num_groups=8)
+    return AutoencoderKLCogVideoX(
+        block_out_channels=(16, 16, 32, 32), latent_channels=8, layers_per_block=2, norm_num_groups=8
+    )
 
 
 def _videovaeplus() -> nn.Module:
@@ -124,7 +126,9 @@ def test_decode_equals_the_unclamped_vae_decode_beyond_unit_range(name):
     lengths = [rule.latent_frames(rule.first + rule.step * k) for k in range(3)]
     worst, peak = 0.0, 0.0
     for frames in lengths:
-        z = torch.randn(1, adapter.latent_channels, frames, size, size, generator=torch.Generator().manual_seed(frames))
+        z = torch.randn(
+            1, adapter.latent_channels, frames, size, size, generator=torch.Generator().manual_seed(frames)
+        )
         stock = _vae_decode(model, z)
         context = DecodeContext(decode_inputs=adapter.decode_inputs(z))
         raw = adapter.decode_windows(z, IdentityHooks(), context, adapter.plan_windows(frames, 4))  # never clamped
@@ -137,4 +141,3 @@ def test_decode_equals_the_unclamped_vae_decode_beyond_unit_range(name):
     print(f"{name}: decoder output peak {peak:.3f}, vae.decode clamps: {adapter.output_clamp}, max diff {worst:.2e}")
     assert peak > 1.0, f"{name}: the config's decoded values stay inside [-1, 1] ({peak})"
     assert worst <= 1e-5, f"{name}: max |model.decode - vae.decode| = {worst}"
-

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
-from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks

@@ -27,9 +27,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
-from refdecoder.backbones._diffusers import class_reason
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 

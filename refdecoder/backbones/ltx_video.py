@@ -31,9 +31,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter
-from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks

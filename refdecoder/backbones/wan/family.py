@@ -24,8 +24,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones._diffusers import class_reason, config_reasons
+from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.wan._diffusers import check_internals
 from refdecoder.blocks.upscale_head import depth_to_space
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
