@@ -132,6 +132,11 @@ def test_an_adapter_of_the_older_contract_keeps_working_or_says_what_to_rename()
                 return reference
 
     assert "run_stage_on_reference(index, reference, ctx=None)" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(BackboneError, match="replaced by exact_streaming = False"):
+
+        class OneWindow(_WanVariant):
+            one_window = True
+
     with pytest.raises(BackboneError, match="instead of adding parameters"):
 
         class Widened(_WanVariant):

@@ -404,17 +404,24 @@ class BackboneAdapter(abc.ABC):
         """Named parameters of the decoder side (what ``train_decoder`` unfreezes); names as in ``vae``."""
 
 
+# Members of earlier versions of the contract, and what replaced them.
+_RETIRED = {
+    "reference_stage": "merged into run_stage_on_reference(index, reference, ctx=None): rename it, and derive stage "
+    "inputs from ctx",
+    "one_window": "replaced by exact_streaming = False, with which the base plan_windows decodes one window",
+}
+
+
 def _check_reference_branch(cls: type[BackboneAdapter]) -> None:
     """Keep one signature for the reference branch: ``run_stage_on_reference(index, reference, ctx=None)``.
 
     A subclass written against the older contract keeps working when its method takes ``(index, reference)``; one
-    that overrides the retired ``reference_stage`` or adds parameters is refused with what to rename.
+    that defines a retired member (``reference_stage``, ``one_window``) or adds parameters is refused with what to
+    rename.
     """
-    if "reference_stage" in vars(cls):
-        raise BackboneError(
-            f"{cls.__qualname__} overrides reference_stage, which the adapter contract merged into "
-            "run_stage_on_reference(index, reference, ctx=None): rename it, and derive stage inputs from ctx"
-        )
+    for retired, replacement in _RETIRED.items():
+        if retired in vars(cls):
+            raise BackboneError(f"{cls.__qualname__} defines {retired}, which the adapter contract {replacement}")
     method = vars(cls).get("run_stage_on_reference")
     if method is None or getattr(method, "__isabstractmethod__", False):
         return
