@@ -47,6 +47,8 @@ def _mean_std(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_mean_std(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    if not dict(vae.named_buffers(recurse=False)) and vae.config.get("latents_mean") is None:
+        return _scaled(vae, z)  # MochiPipeline without statistics in the config
     mean, std = _statistics(vae, z)
     return z * std / vae.config.scaling_factor + mean
 
@@ -65,11 +67,14 @@ _SCALED = "latents / scaling_factor"
 _CONVENTIONS: dict[str, PipelineConvention] = {
     "AutoencoderKLWan": PipelineConvention("WanPipeline, WanImageToVideoPipeline", _MEAN_STD, _mean_std),
     "AutoencoderKLQwenImage": PipelineConvention("QwenImagePipeline", _MEAN_STD, _mean_std),
+    "AutoencoderKLQwenImage21": PipelineConvention("QwenImage21Pipeline", _MEAN_STD, _mean_std),
     "AutoencoderKLLTXVideo": PipelineConvention("LTXPipeline", _SCALED_MEAN_STD, _scaled_mean_std),
     "AutoencoderKLLTX2Video": PipelineConvention("LTX2Pipeline", _SCALED_MEAN_STD, _scaled_mean_std),
     "AutoencoderKLMochi": PipelineConvention("MochiPipeline", _SCALED_MEAN_STD, _scaled_mean_std),
     "AutoencoderKLHunyuanVideo15": PipelineConvention("HunyuanVideo15Pipeline", _SCALED, _scaled),
     "AutoencoderKLHunyuanVideo": PipelineConvention("HunyuanVideoPipeline", _SCALED, _scaled),
+    "AutoencoderKLHunyuanImage": PipelineConvention("HunyuanImagePipeline", _SCALED, _scaled),
+    "AutoencoderKLHunyuanImageRefiner": PipelineConvention("HunyuanImageRefinerPipeline", _SCALED, _scaled),
     "AutoencoderKLCogVideoX": PipelineConvention("CogVideoXPipeline", _SCALED, _scaled),
     "AutoencoderKLAllegro": PipelineConvention("AllegroPipeline", _SCALED, _scaled),
     "AutoencoderKLMagvit": PipelineConvention("EasyAnimatePipeline", _SCALED, _scaled),
@@ -82,8 +87,12 @@ _CONVENTIONS: dict[str, PipelineConvention] = {
 
 
 def pipeline_convention(vae: nn.Module) -> PipelineConvention | None:
-    """The convention of the diffusers pipelines for ``vae``'s class (or the nearest base class), or None."""
+    """The convention of the diffusers pipelines for ``vae``'s diffusers class, or None when it has none here.
+
+    The class is the nearest diffusers class in ``vae``'s MRO (a user's subclass counts as its diffusers base; a
+    diffusers class that subclasses another is looked up under its own name only).
+    """
     for cls in type(vae).__mro__:
-        if cls.__name__ in _CONVENTIONS and cls.__module__.startswith("diffusers"):
-            return _CONVENTIONS[cls.__name__]
+        if cls.__module__.startswith("diffusers."):
+            return _CONVENTIONS.get(cls.__name__)
     return None
