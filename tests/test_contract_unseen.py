@@ -5,7 +5,6 @@ The correct adapter passes every check; each mutated copy fails the check that h
 from __future__ import annotations
 
 import pytest
-import torch
 from einops import rearrange
 
 import refdecoder
