@@ -53,9 +53,7 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
-        return Fit.run(
-            lambda: class_reason(vae, "AutoencoderKLHunyuanVideo15"), lambda: _time_reason(vae)
-        )
+        return Fit.run(lambda: class_reason(vae, "AutoencoderKLHunyuanVideo15"), lambda: _time_reason(vae))
 
     @classmethod
     def build_tiny(cls, **overrides: Any) -> nn.Module:
