@@ -110,8 +110,8 @@ def check_latent_conventions(c: Conformance) -> None:
         expected = convention.denormalize(adapter.vae, z)
         diff = max_diff(adapter.denormalize(z), expected)
         assert diff <= TOLERANCE * (1 + expected.abs().max().item()), (
-            f"{c.backbone}: denormalize differs by {diff:.3g} from the convention of {convention.pipelines} for a "
-            f"{type(adapter.vae).__name__}: raw = {convention.formula}"
+            f"{c.backbone}: denormalize differs by {diff:.3g} from the convention of {convention.pipelines} "
+            f"({type(adapter.vae).__name__}): raw = {convention.formula}"
         )
 
 

@@ -353,7 +353,7 @@ class BackboneAdapter(abc.ABC):
             raise BackboneError(
                 f"the {self.name or type(self).__name__} adapter's decode_window returned {tuple(part.shape)} for "
                 f"latent frames [{start}, {stop}), but its frame_rule ({self.frame_rule.describe()}) makes "
-                f"{expected} frames of them: decode_window must return B, 3, {expected}, H, W (a frame drop or "
+                f"{expected} frame(s) of them: decode_window must return B, 3, {expected}, H, W (a frame drop or "
                 "the causal first frame forgotten?)"
             )
 
