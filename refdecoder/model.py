@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter
-from refdecoder.backbones.registry import ENTRY_POINT_GROUP, list_backbones, resolve_backbone
+from refdecoder.backbones.registry import ENTRY_POINT_GROUP, get_backbone, list_backbones, resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
@@ -420,7 +420,8 @@ class RefDecoder(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = RefDecoderConfig.load(config_path)
-        config.backbone, backbone = None, _saved_backbone(config.backbone, backbone)
+        backbone = _saved_backbone(config.backbone, backbone, vae)
+        config.backbone = config.backbone if backbone is None else None  # the adapter named here wins
         model = wrap(vae, config, backbone=backbone, include_proxy=False)
         try:
             model.load_refdecoder_state_dict(load_file(weights_path, device="cpu"))
@@ -455,8 +456,9 @@ class RefDecoder(nn.Module):
         return f"backbone={self.adapter.name!r}, stages={list(self.stage_indices)}, added_params={added:,}"
 
 
-def _saved_backbone(saved: str | None, explicit: str | None) -> str | None:
-    """The adapter to load with: ``explicit``, else the registered ``saved`` name (None: auto-detect)."""
+def _saved_backbone(saved: str | None, explicit: str | None, vae: nn.Module) -> str | None:
+    """The adapter to load with: ``explicit``, else the registered ``saved`` name when it fits ``vae`` (None:
+    auto-detect, and :func:`wrap` says that the weights were made for another backbone)."""
     if explicit is not None or saved is None:
         return explicit
     if saved not in list_backbones():
@@ -465,7 +467,7 @@ def _saved_backbone(saved: str | None, explicit: str | None) -> str | None:
             f"that registers it (entry point group {ENTRY_POINT_GROUP!r}) or import its adapter module first, or "
             "pass backbone='<name>'"
         )
-    return saved
+    return saved if get_backbone(saved).fit(vae).ok else None
 
 
 def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tuple[dict[str, bool], bool]:

@@ -91,6 +91,12 @@ def test_load_uses_the_saved_backbone_when_two_adapters_fit(tmp_path, clean_regi
     check_save_load_unwrap(Conformance("wan2.1-variant"))  # the suite's save/load check on the variant
 
 
+def test_weights_of_another_family_still_say_so(tmp_path):
+    folder = _saved(tmp_path, "wan2.1")
+    with pytest.raises(refdecoder.ConfigError, match="config was made for backbone 'wan2.1'"):
+        refdecoder.load(refdecoder.get_backbone("qwen-image").build_tiny(), folder)
+
+
 def test_a_saved_backbone_that_is_not_registered_names_what_to_install(tmp_path):
     folder = _saved(tmp_path, "wan2.1")
     config = json.loads((folder / CONFIG_NAME).read_text())
