@@ -31,7 +31,7 @@ from torch import nn
 
 import refdecoder
 from refdecoder.backbones.base import BackboneAdapter
-from refdecoder.backbones.registry import find_backbone, get_backbone
+from refdecoder.backbones.registry import find_backbone, get_backbone, list_backbones
 from refdecoder.config import TokenizerConfig
 from refdecoder.contract_checks import (
     TOLERANCE,
@@ -141,8 +141,15 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
 
 # --- the checks ---------------------------------------------------------------------------------------------------
 def check_detection(c: Conformance) -> None:
-    """``wrap()`` finds the adapter on its own VAEs."""
+    """``wrap()`` finds the adapter on its own VAEs (a variant that another registered adapter's VAEs also fit is
+    chosen with ``backbone=``, and by the saved name when loading)."""
     vae = c.vae()
+    fit = c.adapter_cls.fit(vae)
+    assert fit.ok, f"{c.backbone}: the adapter does not fit its own VAE: {'; '.join(fit.reasons)}"
+    others = [name for name in list_backbones() if name != c.backbone and get_backbone(name).fit(vae).ok]
+    if others:
+        assert refdecoder.wrap(vae, c.preset, backbone=c.backbone).adapter.name == c.backbone
+        return
     assert find_backbone(vae) is c.adapter_cls, f"{c.backbone}: find_backbone picked {find_backbone(vae).name}"
     assert refdecoder.wrap(vae, c.preset).adapter.name == c.backbone
 

@@ -20,7 +20,7 @@ from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.wan.wan21 import WanAdapter
 from refdecoder.errors import BackboneError
 from refdecoder.model import CONFIG_NAME
-from refdecoder.testing import Conformance, check_save_load_unwrap
+from refdecoder.testing import Conformance, check_detection, check_save_load_unwrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +88,8 @@ def test_load_uses_the_saved_backbone_when_two_adapters_fit(tmp_path, clean_regi
     assert type(loaded.adapter) is _WanVariant and loaded.config.backbone == "wan2.1-variant"
     explicit = refdecoder.RefDecoder.from_pretrained(WanAdapter.build_tiny(), folder, backbone="wan2.1")
     assert type(explicit.adapter) is WanAdapter and explicit.config.backbone == "wan2.1"  # an explicit name wins
-    check_save_load_unwrap(Conformance("wan2.1-variant"))  # the suite's save/load check on the variant
+    check_detection(Conformance("wan2.1-variant"))  # the suite's checks on the variant
+    check_save_load_unwrap(Conformance("wan2.1-variant"))
 
 
 def test_weights_of_another_family_still_say_so(tmp_path):
