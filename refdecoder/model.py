@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter
-from refdecoder.backbones.registry import ENTRY_POINT_GROUP, get_backbone, list_backbones, resolve_backbone
+from refdecoder.backbones.registry import backbone_to_load, resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
@@ -420,7 +420,7 @@ class RefDecoder(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = RefDecoderConfig.load(config_path)
-        backbone = _saved_backbone(config.backbone, backbone, vae)
+        backbone = backbone_to_load(vae, config.backbone, backbone)
         config.backbone = config.backbone if backbone is None else None  # the adapter named here wins
         model = wrap(vae, config, backbone=backbone, include_proxy=False)
         try:
@@ -454,20 +454,6 @@ class RefDecoder(nn.Module):
     def extra_repr(self) -> str:
         added = sum(p.numel() for _, p in self.added_parameters())
         return f"backbone={self.adapter.name!r}, stages={list(self.stage_indices)}, added_params={added:,}"
-
-
-def _saved_backbone(saved: str | None, explicit: str | None, vae: nn.Module) -> str | None:
-    """The adapter to load with: ``explicit``, else the registered ``saved`` name when it fits ``vae`` (None:
-    auto-detect, and :func:`wrap` says that the weights were made for another backbone)."""
-    if explicit is not None or saved is None:
-        return explicit
-    if saved not in list_backbones():
-        raise BackboneError(
-            f"these weights were saved with backbone {saved!r}, which is not registered here: install the package "
-            f"that registers it (entry point group {ENTRY_POINT_GROUP!r}) or import its adapter module first, or "
-            "pass backbone='<name>'"
-        )
-    return saved if get_backbone(saved).fit(vae).ok else None
 
 
 def _freeze(vae: nn.Module, adapter: BackboneAdapter, train_decoder: bool) -> tuple[dict[str, bool], bool]:

@@ -42,6 +42,7 @@ __all__ = [
     "list_backbones",
     "find_backbone",
     "resolve_backbone",
+    "backbone_to_load",
 ]
 
 logger = logging.getLogger("refdecoder")
@@ -128,6 +129,24 @@ def resolve_backbone(vae: nn.Module, name: str | None = None) -> type[BackboneAd
     others = [other for other in _ordered_names() if other != name and get_backbone(other).fit(vae).ok]
     hint = f"backbone={others[0]!r} fits it" if others else "no registered backbone fits it"
     raise BackboneError(f"backbone {name!r} does not fit this {type(vae).__name__}: {'; '.join(fit.reasons)}; {hint}")
+
+
+def backbone_to_load(vae: nn.Module, saved: str | None, explicit: str | None = None) -> str | None:
+    """The adapter name to load saved weights with: ``explicit``, else the ``saved`` name when it fits ``vae``.
+
+    None means auto-detection (no saved name, or one that does not fit: ``wrap`` then says which backbone the weights
+    were made for). A saved name that is not registered here is a one-line :class:`BackboneError` naming what to
+    install.
+    """
+    if explicit is not None or saved is None:
+        return explicit
+    if saved not in list_backbones():
+        raise BackboneError(
+            f"these weights were saved with backbone {saved!r}, which is not registered here: install the package "
+            f"that registers it (entry point group {ENTRY_POINT_GROUP!r}) or import its adapter module first, or "
+            "pass backbone='<name>'"
+        )
+    return saved if get_backbone(saved).fit(vae).ok else None
 
 
 def _ordered_names() -> list[str]:
