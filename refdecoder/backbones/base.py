@@ -430,7 +430,7 @@ def _check_reference_branch(cls: type[BackboneAdapter]) -> None:
         return
     params = list(inspect.signature(method).parameters.values())[1:]
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) == 3 and len(positional) == 3:
+    if (len(params) == 3 and len(positional) == 3) or any(p.kind is p.VAR_POSITIONAL for p in params):
         return
     if len(params) == 2 and len(positional) == 2:  # (index, reference): the contract before ctx was passed
 
