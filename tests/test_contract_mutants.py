@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import refdecoder
-from refdecoder.backbones import registry
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.errors import BackboneError
 from refdecoder.testing import Conformance, checks_for
@@ -92,14 +91,12 @@ MUTANTS: list[tuple[Callable[[type[BackboneAdapter]], dict[str, Any]], tuple[str
 
 
 @pytest.fixture
-def register(monkeypatch):
+def register(registered):
     """Register a mutant of a built-in adapter for one test (the registry is restored afterwards)."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     def _register(base_name: str, mutation: Callable[[type[BackboneAdapter]], dict[str, Any]]) -> str:
         base = refdecoder.get_backbone(base_name)
-        mutant = type(f"{base.__name__}Mutant", (base,), mutation(base))
-        refdecoder.register_backbone(f"{base_name}-mutant", mutant)
+        registered(f"{base_name}-mutant", type(f"{base.__name__}Mutant", (base,), mutation(base)))
         return f"{base_name}-mutant"
 
     return _register

@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 from einops import rearrange
 
-import refdecoder
 from refdecoder import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones import registry
 from refdecoder.frames import FrameRule
 from refdecoder.testing import Conformance, check_backbone, checks_for
 from tests.test_contract_mutants import MUTANTS
@@ -85,12 +83,6 @@ class HunyuanVideoV1Adapter(BackboneAdapter):
         for prefix in ("post_quant_conv", "decoder"):
             for name, param in getattr(self.vae, prefix).named_parameters():
                 yield f"{prefix}.{name}", param
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    return refdecoder.register_backbone
 
 
 def test_the_unseen_adapter_passes_the_whole_suite(registered):
