@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter
-from refdecoder.backbones.registry import resolve_backbone
+from refdecoder.backbones.registry import backbone_to_load, resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
@@ -148,7 +148,7 @@ class RefDecoder(nn.Module):
         latents: torch.Tensor,
         reference: torch.Tensor | None = None,
         window: int | None = None,
-        clamp: bool = True,
+        clamp: bool | None = None,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
         **decode_inputs: Any,
@@ -161,14 +161,15 @@ class RefDecoder(nn.Module):
             reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, or None for the plain
                 backbone decode.
             window: latent frames per decoder pass (joint attention span); default ``config.window``.
-            clamp: clamp the output to [-1, 1] like the backbone's decode.
+            clamp: clamp the output to [-1, 1]; default (None) exactly when the backbone's own decode clamps
+                (``adapter.output_clamp``: Wan yes; HunyuanVideo 1.5, LTX, CogVideoX, VideoVAE+ no).
             resize_reference: resize a reference of another size instead of raising :class:`InputError`.
             generator: RNG for training-time components (token dropout), for reproducible draws.
             decode_inputs: the backbone's own extra decode inputs (``adapter.decode_arguments``, e.g. LTX's
                 ``temb``), as ``vae.decode`` takes them.
 
         Returns:
-            Video ``B, 3, T, H, W`` in [-1, 1] (when clamped), ``T`` by the backbone's frame rule.
+            Video ``B, 3, T, H, W``, nominally in [-1, 1] (exactly so when clamped), ``T`` by the frame rule.
         """
         latents, ctx, windows = self._prepare_decode(
             latents, reference, window, resize_reference, generator, decode_inputs
@@ -180,7 +181,7 @@ class RefDecoder(nn.Module):
         latents: torch.Tensor,
         reference: torch.Tensor | None = None,
         window: int | None = None,
-        clamp: bool = True,
+        clamp: bool | None = None,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
         depth_to_space: bool = True,
@@ -237,9 +238,10 @@ class RefDecoder(nn.Module):
         scale = self.adapter.spatial_factor * self.config.upscale.factor
         return latent_size[0] * scale, latent_size[1] * scale
 
-    def _finish(self, video: torch.Tensor, clamp: bool, depth_to_space: bool = True) -> torch.Tensor:
+    def _finish(self, video: torch.Tensor, clamp: bool | None, depth_to_space: bool = True) -> torch.Tensor:
         if self.upscale_head is not None and depth_to_space:
             video = self.upscale_head.apply(video)
+        clamp = self.adapter.output_clamp if clamp is None else clamp  # decode like the backbone by default
         return video.clamp(-1.0, 1.0) if clamp else video
 
     @torch.no_grad()
@@ -401,6 +403,9 @@ class RefDecoder(nn.Module):
     ) -> RefDecoder:
         """Wrap ``vae`` with the config saved in ``directory`` and load its weights strictly.
 
+        The adapter is the one the config was saved with (its ``backbone``), so a VAE that several registered
+        adapters fit loads without ``backbone=``; an explicit ``backbone`` wins over the saved one.
+
         ``directory`` is a local folder or a Hugging Face repo id (``org/name``, ``org/name@rev/subfolder``; see
         :mod:`refdecoder.hub`), read from the Hub cache first and downloaded when online; ``revision`` and
         ``subfolder`` work as in diffusers' ``from_pretrained``.
@@ -415,6 +420,8 @@ class RefDecoder(nn.Module):
         if not config_path.is_file() or not weights_path.is_file():
             raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
         config = RefDecoderConfig.load(config_path)
+        backbone = backbone_to_load(vae, config.backbone, backbone)
+        config.backbone = config.backbone if backbone is None else None  # the adapter named here wins
         model = wrap(vae, config, backbone=backbone, include_proxy=False)
         try:
             model.load_refdecoder_state_dict(load_file(weights_path, device="cpu"))

@@ -48,7 +48,7 @@ class ReferenceHooks:
             joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)
             reference, x = joint[:, :, :r], joint[:, :, r:]
         if index < max(model.stage_indices):
-            ctx.stage_reference = model.adapter.reference_stage(index, reference, ctx)
+            ctx.stage_reference = model.adapter.run_stage_on_reference(index, reference, ctx)
         return x
 
 

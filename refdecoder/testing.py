@@ -13,9 +13,11 @@ or one pytest case per check, so each failure shows on its own::
         check(Conformance("my-vae"))
 
 The checks compare against independent computations: the backbone's own decode (``adapter.plain_decode``, which
-for diffusers VAEs is ``vae.decode``), its own tiled decode, a snapshot of the VAE taken before wrapping, and the
-fp32 decode for bf16. Tolerances: 1e-5 (max abs) against the backbone's own decodes; streamed and whole decodes
-must be bit-equal.
+for diffusers VAEs is ``vae.decode``, unclamped where the backbone does not clamp), its own tiled decode, a snapshot
+of the VAE taken before wrapping, the fp32 decode for bf16, and what the backbone actually does against what the
+adapter declares (:mod:`refdecoder.contract_checks`: latent conventions, the shapes reaching the hooks, the decoder's
+parameters, the reference branch against an image decode, clamping). Tolerances: 1e-5 (max abs) against the
+backbone's own decodes; streamed and whole decodes must be bit-equal.
 """
 
 from __future__ import annotations
@@ -29,13 +31,20 @@ from torch import nn
 
 import refdecoder
 from refdecoder.backbones.base import BackboneAdapter
-from refdecoder.backbones.registry import find_backbone, get_backbone
+from refdecoder.backbones.registry import find_backbone, get_backbone, list_backbones
 from refdecoder.config import TokenizerConfig
+from refdecoder.contract_checks import (
+    TOLERANCE,
+    check_decoder_parameters,
+    check_hook_shapes,
+    check_latent_conventions,
+    check_output_clamp,
+    check_reference_branch,
+    max_diff,
+)
 from refdecoder.errors import InputError
 
 __all__ = ["Conformance", "checks_for", "check_backbone", "randomize_"]
-
-TOLERANCE = 1e-5
 
 
 def randomize_(params: nn.Module | Iterable[nn.Parameter], scale: float = 0.05, seed: int = 1) -> None:
@@ -130,14 +139,17 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
     return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
 # --- the checks ---------------------------------------------------------------------------------------------------
 def check_detection(c: Conformance) -> None:
-    """``wrap()`` finds the adapter on its own VAEs."""
+    """``wrap()`` finds the adapter on its own VAEs (a variant that another registered adapter's VAEs also fit is
+    chosen with ``backbone=``, and by the saved name when loading)."""
     vae = c.vae()
+    fit = c.adapter_cls.fit(vae)
+    assert fit.ok, f"{c.backbone}: the adapter does not fit its own VAE: {'; '.join(fit.reasons)}"
+    others = [name for name in list_backbones() if name != c.backbone and get_backbone(name).fit(vae).ok]
+    if others:
+        assert refdecoder.wrap(vae, c.preset, backbone=c.backbone).adapter.name == c.backbone
+        return
     assert find_backbone(vae) is c.adapter_cls, f"{c.backbone}: find_backbone picked {find_backbone(vae).name}"
     assert refdecoder.wrap(vae, c.preset).adapter.name == c.backbone
 
@@ -154,12 +166,12 @@ def check_identity_at_init(c: Conformance) -> None:
             for reference in (ref, None):
                 out = model.decode(z, reference=reference, window=window)
                 assert out.shape == stock.shape, f"{c.backbone}: shape {tuple(out.shape)} != {tuple(stock.shape)}"
-                diff = _max_diff(out, stock)
+                diff = max_diff(out, stock)
                 assert diff <= TOLERANCE, f"{c.backbone}: {frames} latent frames, window {window}: max diff {diff}"
     # Per-stage tokenizers only change the reference features, which the zero-init stage updates do not pass on.
     model = c.wrap(tokenizer=_per_stage_tokenizer(c))
     z = c.latents(model, c.short)
-    diff = _max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
+    diff = max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
     assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
 
 
@@ -184,9 +196,9 @@ def check_reference_matters(c: Conformance) -> None:
     a = model.decode(z, reference=c.reference(model, z, seed=1))
     b = model.decode(z, reference=c.reference(model, z, seed=2))
     plain = model.decode(z)
-    assert _max_diff(a, plain) > 1e-3, f"{c.backbone}: the reference does not change the output"
-    assert _max_diff(a, b) > 1e-4, f"{c.backbone}: two references give the same output"
-    assert _max_diff(plain, model.adapter.plain_decode(z)) <= TOLERANCE, f"{c.backbone}: no reference != plain"
+    assert max_diff(a, plain) > 1e-3, f"{c.backbone}: the reference does not change the output"
+    assert max_diff(a, b) > 1e-4, f"{c.backbone}: two references give the same output"
+    assert max_diff(plain, model.adapter.plain_decode(z)) <= TOLERANCE, f"{c.backbone}: no reference != plain"
 
 
 def check_training_step(c: Conformance) -> None:
@@ -223,12 +235,12 @@ def check_save_load_unwrap(c: Conformance) -> None:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         loaded = refdecoder.load(c.vae(), folder)  # a fresh VAE: the decoder deltas must come from the file
-    assert _max_diff(loaded.decode(z, reference=ref), expected) <= TOLERANCE, f"{c.backbone}: load != saved model"
+    assert max_diff(loaded.decode(z, reference=ref), expected) <= TOLERANCE, f"{c.backbone}: load != saved model"
 
     vae = c.vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     flags, stock = {n: p.requires_grad for n, p in vae.named_parameters()}, c.adapter_cls(vae).plain_decode(z)
-    model = refdecoder.wrap(vae, c.preset)
+    model = refdecoder.wrap(vae, c.preset, backbone=c.backbone)
     randomize_(_added_parameters(model), scale=0.1)
     model.train()
     model.decode(z, reference=ref)
@@ -238,7 +250,7 @@ def check_save_load_unwrap(c: Conformance) -> None:
     assert same, f"{c.backbone}: the VAE's state_dict changed"
     assert {n: p.requires_grad for n, p in vae.named_parameters()} == flags, f"{c.backbone}: requires_grad changed"
     unwrapped = c.adapter_cls(vae).plain_decode(z)
-    assert _max_diff(unwrapped, stock) == 0, f"{c.backbone}: the unwrapped VAE decodes differently"
+    assert max_diff(unwrapped, stock) == 0, f"{c.backbone}: the unwrapped VAE decodes differently"
 
 
 @torch.no_grad()
@@ -255,9 +267,11 @@ def check_tiling(c: Conformance) -> None:
     tile = (stride + overlap,) * 2
     plan = plan_tiles(latent, adapter.spatial_factor, tile, (overlap,) * 2, align, adapter.output_patch)
     tiled = decode_video(model, z, reference=c.reference(model, z), tiles=plan)
-    # Clamped like RefDecoder's decode: diffusers' Qwen-Image tiled decode, unlike its untiled one, does not clamp.
-    stock = adapter.plain_tiled_decode(z, plan).clamp(-1.0, 1.0)
-    assert plan.num_tiles == 4 and _max_diff(tiled, stock) <= TOLERANCE, f"{c.backbone}: tiled != backbone's tiled"
+    # Clamped like RefDecoder's decode (and the backbone's untiled one): diffusers' Qwen-Image tiled decode, unlike
+    # its untiled one, does not clamp.
+    stock = adapter.plain_tiled_decode(z, plan)
+    stock = stock.clamp(-1.0, 1.0) if adapter.output_clamp else stock
+    assert plan.num_tiles == 4 and max_diff(tiled, stock) <= TOLERANCE, f"{c.backbone}: tiled != backbone's tiled"
 
 
 @torch.no_grad()
@@ -313,7 +327,12 @@ def _accepts(adapter: BackboneAdapter, latent_frames: int) -> bool:
 
 _CHECKS = (
     check_detection,
+    check_latent_conventions,
+    check_hook_shapes,
+    check_decoder_parameters,
+    check_reference_branch,
     check_identity_at_init,
+    check_output_clamp,
     check_streaming,
     check_reference_matters,
     check_training_step,

@@ -54,3 +54,13 @@ def official_fixtures() -> Path:
     if not OFFICIAL_FIXTURES.is_dir():
         pytest.skip(f"official fixtures not found at {OFFICIAL_FIXTURES} (set REFDECODER_SHARED)")
     return OFFICIAL_FIXTURES
+
+
+@pytest.fixture
+def registered(monkeypatch: pytest.MonkeyPatch):
+    """``refdecoder.register_backbone`` on a copy of the registry, restored after the test."""
+    import refdecoder
+    from refdecoder.backbones import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return refdecoder.register_backbone

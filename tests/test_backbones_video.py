@@ -64,7 +64,7 @@ def test_ltx_temb_is_a_decode_input_equal_to_vae_decode(name):
     model = _wrap(name)
     z, temb = _latents(model, 2), torch.tensor([0.05])
     with torch.no_grad():
-        stock = model.vae.decode(z, temb).sample.clamp(-1, 1)
+        stock = model.vae.decode(z, temb).sample  # unclamped, like the LTX decode (output_clamp False)
         assert (model.decode(z, reference=_reference(), temb=temb) - stock).abs().max() <= 1e-5
         assert (model.decode(z, temb=0.05) - stock).abs().max() <= 1e-5
         assert (model.decode(z) - stock).abs().max() > 1e-4  # the default temb (0.0) is another decode
@@ -80,7 +80,7 @@ def test_ltx_reference_branch_uses_the_decode_timestep(name):
         mock.patch.object(cls, "run_stage_on_reference", autospec=True, side_effect=cls.run_stage_on_reference) as run,
     ):
         model.decode(z, reference=_reference(), temb=0.3)
-    tembs = [call.args[3] for call in run.call_args_list]
+    tembs = [call.args[3].decode_inputs["temb"] for call in run.call_args_list]  # the ctx each call received
     assert len(tembs) == 2 and all(torch.allclose(temb, torch.tensor([0.3])) for temb in tembs)
 
 

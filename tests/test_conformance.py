@@ -11,7 +11,6 @@ from einops import rearrange
 from torch import nn
 
 import refdecoder
-from refdecoder.backbones import registry
 from refdecoder.frames import FrameRule
 from refdecoder.testing import Conformance, check_backbone, checks_for
 
@@ -106,13 +105,6 @@ class ToyAdapter(refdecoder.BackboneAdapter):
         for prefix in ("conv_in", "ups", "conv_out"):
             for name, param in getattr(self.vae, prefix).named_parameters():
                 yield f"{prefix}.{name}", param
-
-
-@pytest.fixture
-def registered(monkeypatch):
-    """Register adapters through the public API for one test; the registry is restored afterwards."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    return refdecoder.register_backbone
 
 
 def test_an_adapter_written_in_a_test_file_conforms(registered):

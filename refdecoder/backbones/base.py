@@ -7,17 +7,19 @@ here, so an adapter writes only what is specific to its decoder:
 
 - :meth:`BackboneAdapter.fit` (does it drive this VAE, and if not, why), :meth:`~BackboneAdapter.build_tiny`;
 - the geometry (:attr:`~BackboneAdapter.latent_channels`, :attr:`~BackboneAdapter.spatial_factor`,
-  :meth:`~BackboneAdapter.stages`) and :meth:`~BackboneAdapter.encode`;
+  :meth:`~BackboneAdapter.stages`); :meth:`~BackboneAdapter.encode` only when the VAE's posterior mode is not
+  ``vae.encode(video).latent_dist.mode()`` (the diffusers convention, the default here);
 - :meth:`~BackboneAdapter.decode_window` (plus :meth:`~BackboneAdapter.decoder_input` and
   :meth:`~BackboneAdapter.begin_decode` when the decoder has a stem to run once or caches to carry);
 - :meth:`~BackboneAdapter.run_stage_on_reference` and :meth:`~BackboneAdapter.decoder_parameters`.
 
 Backbones differ in what the contract must absorb, each through a class attribute or an overridable method here
-rather than a special case in the generic code: :attr:`~BackboneAdapter.exact_streaming` and
-:meth:`~BackboneAdapter.plan_windows` (decoders with no cross-window cache decode in their own temporal layout),
+rather than a special case in the generic code: :attr:`~BackboneAdapter.exact_streaming` (False: the base
+:meth:`~BackboneAdapter.plan_windows` decodes the whole latent as one window, the backbone's own layout),
+:attr:`~BackboneAdapter.output_clamp` (whether the backbone's decode clamps to [-1, 1]),
 :attr:`~BackboneAdapter.decode_arguments` / :meth:`~BackboneAdapter.decode_inputs` (extra ``vae.decode`` inputs such
-as LTX's ``temb``), :meth:`~BackboneAdapter.reference_stage` (stage inputs beyond the hidden state, derived for the
-reference branch) and :meth:`~BackboneAdapter.check_upscale` (patchified output heads).
+as LTX's ``temb``), the ``ctx`` of :meth:`~BackboneAdapter.run_stage_on_reference` (stage inputs beyond the hidden
+state, derived for the reference branch) and :meth:`~BackboneAdapter.check_upscale` (patchified output heads).
 
 ``docs/backbones.md`` walks through writing one; :mod:`refdecoder.testing` checks it.
 """
@@ -25,6 +27,8 @@ reference branch) and :meth:`~BackboneAdapter.check_upscale` (patchified output 
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks, plan_windows
 
@@ -100,8 +105,9 @@ class BackboneAdapter(abc.ABC):
 
     name: ClassVar[str] = ""
     frame_rule: ClassVar[FrameRule]
-    # True when latent frame 0 is decoded like an image and later frames are up-sampled in time (Wan); False for
-    # backbones that up-sample every frame alike.
+    # True when latent frame 0 skips the temporal up-sampling inside the decoder (it stays one frame through every
+    # stage that expands time, as an image does: Wan, HunyuanVideo 1.5, LTX, CogVideoX); False when every latent
+    # frame is expanded alike (VideoVAE+, frame-by-frame image VAEs). stage_frames and plan_windows follow it.
     causal_first_frame: ClassVar[bool] = True
     # Latent frames in the first decode window when the config does not say (the paper's chunk length).
     default_window: ClassVar[int] = 4
@@ -110,11 +116,23 @@ class BackboneAdapter(abc.ABC):
     tiling: ClassVar[bool] = False
     # True when any window split decodes like the backbone's own decode (causal caches carry across windows). False
     # when the output depends on how frames are grouped (norms over time, attention over all frames, no cache): the
-    # adapter then decodes in the backbone's own temporal layout (its plan_windows ignores the requested window), or,
-    # for VideoVAE+, plain_decode uses the same independent windows; docs/backbones.md gives the memory it costs.
+    # base plan_windows then decodes the whole latent as one window, the backbone's own layout; an adapter whose
+    # backbone decodes in fixed groups of its own (CogVideoX's frame batches, VideoVAE+'s chunks) overrides
+    # plan_windows with them. docs/backbones.md gives the memory it costs.
     exact_streaming: ClassVar[bool] = True
+    # True when the backbone's own decode clamps its output to [-1, 1] (diffusers' Wan and Qwen-Image VAEs); False
+    # when it does not (HunyuanVideo 1.5, LTX, CogVideoX, VideoVAE+). RefDecoder.decode clamps exactly when this is
+    # True unless told otherwise, so that it equals vae.decode at initialisation.
+    output_clamp: ClassVar[bool] = True
     # Names of the backbone's extra vae.decode inputs after the latents, in order (LTX: ("temb",)).
     decode_arguments: ClassVar[tuple[str, ...]] = ()
+    # Name prefixes of parameters the decode uses that decoder_parameters() leaves out on purpose (VideoVAE+:
+    # "decoder_temporal.", which its recipe keeps frozen); the conformance suite accepts exactly these gaps.
+    decoder_exclusions: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_reference_branch(cls)
 
     def __init__(self, vae: nn.Module) -> None:
         self.vae = vae
@@ -171,7 +189,13 @@ class BackboneAdapter(abc.ABC):
         return self.stages()[0].scale
 
     def stage_frames(self, index: int, latent_frames: int, first_window: bool) -> int:
-        """Frames entering stage ``index`` when a window of ``latent_frames`` latent frames is decoded."""
+        """Frames entering stage ``index`` when a window of ``latent_frames`` latent frames is decoded.
+
+        The model plans its token counts (``max_tokens_per_stage``) from it, and the conformance suite checks it
+        against the tensors that reach the hooks. The default follows :attr:`StageSpec.time_factor` of the earlier
+        stages and :attr:`causal_first_frame` (frame 0 of the first window stays one frame); a decoder that changes
+        time before its first stage overrides it (VideoVAE+'s temporal decoder).
+        """
         frames = latent_frames
         for spec in self.stages()[:index]:
             if self.causal_first_frame and first_window:
@@ -186,8 +210,11 @@ class BackboneAdapter(abc.ABC):
         With a causal first frame, latent frame 0 yields one pixel frame and every later one ``step`` frames, so a
         first window of W latent frames spans ``1 + step*(W-1)`` pixel frames and later windows of ``W - 1``
         latent frames span ``step*(W-1)``: every decoder pass (and so its memory and attention span) is the same
-        size, e.g. 17 then 16 pixel frames for Wan with W = 5.
+        size, e.g. 17 then 16 pixel frames for Wan with W = 5. Without :attr:`exact_streaming`, one window over all
+        ``num_latent_frames``, whatever ``window`` is asked.
         """
+        if not self.exact_streaming:
+            return [(0, num_latent_frames)]
         later = max(1, window - 1) if self.causal_first_frame else window
         return plan_windows(num_latent_frames, window, later)
 
@@ -203,7 +230,7 @@ class BackboneAdapter(abc.ABC):
     def decode_inputs(self, latents: torch.Tensor, **inputs: Any) -> dict[str, Any]:
         """Check the backbone's extra decode inputs (named in :attr:`decode_arguments`) for ``latents``.
 
-        Returns what :meth:`decode_window` and :meth:`reference_stage` read from ``ctx.decode_inputs`` (defaults
+        Returns what :meth:`decode_window` and :meth:`run_stage_on_reference` read from ``ctx.decode_inputs`` (defaults
         filled in). The default accepts none.
         """
         unknown = sorted(set(inputs) - set(self.decode_arguments))
@@ -229,9 +256,20 @@ class BackboneAdapter(abc.ABC):
             )
 
     # --- encode / latent conventions ------------------------------------------------------------------------
-    @abc.abstractmethod
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode) ``B, C, t, h, w``."""
+        """``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode) ``B, C, t, h, w``.
+
+        The default is diffusers' convention, ``vae.encode(video).latent_dist.mode()``; override it for VAEs that
+        encode otherwise.
+        """
+        posterior = getattr(self.vae.encode(video), "latent_dist", None)
+        if posterior is None:
+            raise BackboneError(
+                f"the {self.name or type(self).__name__} adapter uses the default encode, which needs "
+                f"vae.encode(video).latent_dist (diffusers' convention); {type(self.vae).__name__} has none: "
+                "override encode()"
+            )
+        return posterior.mode()
 
     def encode_chunks(self, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
         """Encode consecutive pixel pieces of one video (frame 0 alone, then groups; see ``RuleChunks``).
@@ -297,7 +335,27 @@ class BackboneAdapter(abc.ABC):
         state = self.begin_decode(x)
         for index, (start, stop) in enumerate(windows):
             ctx.window_index, ctx.first_window = index, index == 0
-            yield self.decode_window(self.window_input(x, start, stop), state, hooks, ctx)
+            part = self.decode_window(self.window_input(x, start, stop), state, hooks, ctx)
+            self._check_window_frames(part, start, stop)
+            yield part
+
+    def window_frames(self, start: int, stop: int) -> int:
+        """Pixel frames :meth:`decode_window` returns for latent frames ``[start, stop)``, by :attr:`frame_rule`."""
+        rule = self.frame_rule
+        return rule.pixel_frames(stop) - (rule.pixel_frames(start) if start else 0)
+
+    def _check_window_frames(self, part: torch.Tensor, start: int, stop: int) -> None:
+        try:
+            expected = self.window_frames(start, stop)
+        except InputError:  # a window edge the frame rule has no pixel count for (an odd-count rule): not checked
+            return
+        if part.ndim != 5 or part.shape[2] != expected:
+            raise BackboneError(
+                f"the {self.name or type(self).__name__} adapter's decode_window returned {tuple(part.shape)} for "
+                f"latent frames [{start}, {stop}), but its frame_rule ({self.frame_rule.describe()}) makes "
+                f"{expected} frame(s) of them: decode_window must return B, 3, {expected}, H, W (a frame drop or "
+                "the causal first frame forgotten?)"
+            )
 
     def decode_windows(
         self, latents: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext, windows: list[tuple[int, int]]
@@ -314,23 +372,30 @@ class BackboneAdapter(abc.ABC):
         return video
 
     @abc.abstractmethod
-    def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
-        """Push ``B, C_i, R, h_i, w_i`` reference features through stage ``index`` spatially only."""
+    def run_stage_on_reference(
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
+    ) -> torch.Tensor:
+        """The reference branch: ``B, C_i, R, h_i, w_i`` reference features through stage ``index``, spatially only.
 
-    def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        """:meth:`run_stage_on_reference` within a decode; stages that take more than the hidden state (LTX's
-        ``temb``, CogVideoX's ``zq``) override it to derive those inputs for the reference from ``ctx``."""
-        return self.run_stage_on_reference(index, reference)
+        Returns the next stage's reference input ``B, C_(i+1), R, h_(i+1), w_(i+1)``: each of the R frames passes the
+        stage's pretrained modules on its own, as a one-frame image decode would pass it. At a stage that expands
+        time, the result is the one frame the image path keeps (frame 0 with :attr:`causal_first_frame`, else the
+        first of the frames the stage makes of it). The conformance suite checks this against an image decode.
+
+        ``ctx`` is the decode's :class:`~refdecoder.hooks.DecodeContext` (None outside a decode). Stages that take
+        more than the hidden state derive those inputs for the reference from it (LTX's ``temb`` from
+        ``ctx.decode_inputs``, CogVideoX's ``zq`` from ``ctx.reference``), caching what is made once per decode in
+        ``ctx.adapter_state``.
+        """
 
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
         """The backbone's own decode of raw latents (what RefDecoder must equal at initialisation).
 
         ``window`` matters only to backbones whose output depends on how frames are grouped (VideoVAE+);
-        ``inputs`` are the extra decode inputs (:attr:`decode_arguments`). Clamped to [-1, 1] like
-        ``RefDecoder.decode``'s default: a no-op for VAEs that clamp (Wan), needed for those that do not
-        (HunyuanVideo 1.5, LTX, CogVideoX).
+        ``inputs`` are the extra decode inputs (:attr:`decode_arguments`). Returned as the backbone makes it:
+        clamped to [-1, 1] only by backbones that clamp (:attr:`output_clamp`), as ``RefDecoder.decode`` is.
         """
-        return self.vae.decode(latents, **inputs).sample.clamp(-1.0, 1.0)
+        return self.vae.decode(latents, **inputs).sample
 
     def plain_tiled_decode(self, latents: torch.Tensor, plan: TilePlan) -> torch.Tensor:
         """The backbone's own spatially tiled decode with ``plan``'s tiles (adapters with :attr:`tiling`)."""
@@ -340,3 +405,43 @@ class BackboneAdapter(abc.ABC):
     @abc.abstractmethod
     def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Named parameters of the decoder side (what ``train_decoder`` unfreezes); names as in ``vae``."""
+
+
+# Members of earlier versions of the contract, and what replaced them.
+_RETIRED = {
+    "reference_stage": "merged into run_stage_on_reference(index, reference, ctx=None): rename it, and derive stage "
+    "inputs from ctx",
+    "one_window": "replaced by exact_streaming = False, with which the base plan_windows decodes one window",
+}
+
+
+def _check_reference_branch(cls: type[BackboneAdapter]) -> None:
+    """Keep one signature for the reference branch: ``run_stage_on_reference(index, reference, ctx=None)``.
+
+    A subclass written against the older contract keeps working when its method takes ``(index, reference)``; one
+    that defines a retired member (``reference_stage``, ``one_window``) or adds parameters is refused with what to
+    rename.
+    """
+    for retired, replacement in _RETIRED.items():
+        if retired in vars(cls):
+            raise BackboneError(f"{cls.__qualname__} defines {retired}, which the adapter contract {replacement}")
+    method = vars(cls).get("run_stage_on_reference")
+    if method is None or getattr(method, "__isabstractmethod__", False):
+        return
+    params = list(inspect.signature(method).parameters.values())[1:]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if (len(params) == 3 and len(positional) == 3) or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    if len(params) == 2 and len(positional) == 2:  # (index, reference): the contract before ctx was passed
+
+        @functools.wraps(method)
+        def with_context(self: BackboneAdapter, index: int, reference: torch.Tensor, ctx: Any = None) -> Any:
+            return method(self, index, reference)
+
+        cls.run_stage_on_reference = with_context
+        return
+    raise BackboneError(
+        f"{cls.__qualname__}.run_stage_on_reference takes ({', '.join(p.name for p in params)}); the contract is "
+        "run_stage_on_reference(index, reference, ctx=None): derive extra stage inputs from ctx "
+        "(ctx.decode_inputs, ctx.reference, ctx.adapter_state) instead of adding parameters"
+    )

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
-from refdecoder.backbones.wan._diffusers import class_reason, config_reasons
 from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -71,7 +71,7 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, "AutoencoderKLCogVideoX", explain_cache=False),
+            lambda: class_reason(vae, "AutoencoderKLCogVideoX"),
             lambda: config_reasons(vae, {"temporal_compression_ratio": 4}, cls.name),
         )
 
@@ -140,15 +140,22 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         return h
 
     def run_stage_on_reference(
-        self, index: int, reference: torch.Tensor, zq: torch.Tensor | None = None
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
     ) -> torch.Tensor:
         """Stage ``index``'s block on ``B, C_i, R, h_i, w_i`` reference features, each frame alone, no cache.
 
-        ``zq``: the reference's own latent ``B, C, R, h, w`` (see :meth:`reference_latent`), which the block's
-        SpatialNorms need.
+        The block's SpatialNorms need the reference's own latent ``zq`` (``B, C, R, h, w``, see
+        :meth:`reference_latent`): encoded from ``ctx.reference`` once per decode and kept in ``ctx.adapter_state``.
         """
-        if zq is None:
-            raise BackboneError("the cogvideox up-blocks need the reference's latent: pass zq=reference_latent(...)")
+        if ctx is None or ctx.reference is None:
+            raise BackboneError(
+                "the cogvideox up-blocks need the reference's latent: pass the decode's ctx, with ctx.reference set"
+            )
+        if "zq" not in ctx.adapter_state:  # once per decode, shared by every window and stage
+            scale = self.stages()[index].scale
+            size = (reference.shape[-2] * scale, reference.shape[-1] * scale)
+            ctx.adapter_state["zq"] = self.reference_latent(ctx.reference, size)
+        zq = ctx.adapter_state["zq"].to(reference.dtype)
         b = reference.shape[0]
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
         out, _ = self.vae.decoder.up_blocks[index](frames, None, rearrange(zq, "b c r h w -> (b r) c 1 h w"))
@@ -168,10 +175,3 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         weight = next(self.vae.encoder.parameters())
         latent = self.encode(frames[:, :, None].to(weight.dtype))
         return rearrange(latent, "(b r) c 1 h w -> b c r h w", b=b)
-
-    def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        if "zq" not in ctx.adapter_state:  # once per decode, shared by every window and stage
-            scale = self.stages()[index].scale
-            size = (reference.shape[-2] * scale, reference.shape[-1] * scale)
-            ctx.adapter_state["zq"] = self.reference_latent(ctx.reference, size)
-        return self.run_stage_on_reference(index, reference, ctx.adapter_state["zq"].to(reference.dtype))

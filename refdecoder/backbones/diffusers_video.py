@@ -1,14 +1,14 @@
 """What the HunyuanVideo 1.5, LTX-Video and CogVideoX adapters share: diffusers ``AutoencoderKL*`` conventions.
 
 Their VAEs name the latent width ``config.latent_channels``, encode to a ``DiagonalGaussianDistribution`` whose mode
-is the latent, keep the decoder under ``decoder`` (plus an optional ``post_quant_conv``), and their pipelines scale
-latents by ``config.scaling_factor``. Stages are up-sampling blocks whose spatial scale halves from block to block.
+is the latent (the base adapter's default encode), keep the decoder under ``decoder`` (plus an optional
+``post_quant_conv``), leave their decoded output unclamped, and their pipelines scale latents by
+``config.scaling_factor``. Stages are up-sampling blocks whose spatial scale halves from block to block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,25 +19,13 @@ __all__ = ["DiffusersVideoAdapter", "halving_stages"]
 
 
 class DiffusersVideoAdapter(BackboneAdapter):
-    """Base of the adapters for diffusers video VAEs that are not Wan-family (no per-conv cache list).
+    """Base of the adapters for diffusers video VAEs that are not Wan-family (no per-conv cache list)."""
 
-    ``one_window``: the decoder has no cache to carry, so every decode is one window over all latent frames (the
-    backbone's own layout), whatever window is asked.
-    """
-
-    one_window: ClassVar[bool] = False
+    output_clamp = False  # their vae.decode returns the decoder's output as it is
 
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
-
-    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
-        if self.one_window:
-            return [(0, num_latent_frames)]
-        return super().plan_windows(num_latent_frames, window)
-
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video).latent_dist.mode()
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw -> pipeline latents: ``z * scaling_factor`` (the pipelines decode ``z / scaling_factor``)."""

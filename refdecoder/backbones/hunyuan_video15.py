@@ -15,7 +15,7 @@ token patches (1,2,2), (1,4,4), (1,8,8) put every stage on one H/32 grid (2x2 la
 up-sampler (``up_blocks[3]``, 256 channels at H/2) is not a stage: the paper conditions three stages, the presets'
 per-stage settings are written for three, and on the H/32 grid it would need a (1,16,16) patch of 65,536 inputs
 per token.
-diffusers leaves the output unclamped; ``plain_decode`` clamps, as ``RefDecoder.decode`` does by default. Latents
+diffusers leaves the output unclamped, and so do ``plain_decode`` and ``RefDecoder.decode`` (``output_clamp``). Latents
 are normalised with ``config.scaling_factor`` (the pipeline decodes ``z / scaling_factor``).
 """
 
@@ -27,9 +27,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
-from refdecoder.backbones.wan._diffusers import class_reason
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 
@@ -44,8 +44,7 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
 
     frame_rule: FrameRule = CAUSAL_1_PLUS_4K
     causal_first_frame = True
-    exact_streaming = False
-    one_window = True
+    exact_streaming = False  # one window over all latent frames (the base plan_windows)
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__(vae)
@@ -54,9 +53,7 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
-        return Fit.run(
-            lambda: class_reason(vae, "AutoencoderKLHunyuanVideo15", explain_cache=False), lambda: _time_reason(vae)
-        )
+        return Fit.run(lambda: class_reason(vae, "AutoencoderKLHunyuanVideo15"), lambda: _time_reason(vae))
 
     @classmethod
     def build_tiny(cls, **overrides: Any) -> nn.Module:
@@ -95,7 +92,9 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.norm_out(h)))
 
-    def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
+    def run_stage_on_reference(
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
+    ) -> torch.Tensor:
         # One frame through the block is the image path: causal replicate padding sees only itself, and the DC-AE
         # up-sampler keeps frame 0 one frame. Reference frames are folded into the batch so they never mix in time.
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")

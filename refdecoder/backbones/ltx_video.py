@@ -31,9 +31,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.backbones.base import Fit, StageSpec
 from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter
-from refdecoder.backbones.wan._diffusers import class_reason, config_reasons
 from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -49,8 +49,7 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
 
     frame_rule: FrameRule = FrameRule(first=1, step=8)
     causal_first_frame = True
-    exact_streaming = False
-    one_window = True
+    exact_streaming = False  # one window over all latent frames (the base plan_windows)
     decode_arguments = ("temb",)
     vae_class: ClassVar[str] = "AutoencoderKLLTXVideo"
 
@@ -58,7 +57,7 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, cls.vae_class, explain_cache=False),
+            lambda: class_reason(vae, cls.vae_class),
             lambda: config_reasons(vae, {"patch_size_t": 1}, cls.name),
             lambda: _geometry_reason(vae, cls.frame_rule.step, cls.name),
         )
@@ -169,28 +168,26 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         return temb if multiplier is None or temb is None else temb * multiplier
 
     def run_stage_on_reference(
-        self, index: int, reference: torch.Tensor, temb: torch.Tensor | None = None
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
     ) -> torch.Tensor:
         """Stage ``index``'s block on ``B, C_i, R, h_i, w_i`` reference features, each frame alone.
 
         A lone frame is decoded as a one-frame video: replicate padding in time sees only itself, and the up-sampler
-        keeps one frame. ``temb`` is the decode's ``(B,)`` timestep (as :meth:`decode_inputs` returns it).
+        keeps one frame. The block's ``temb`` is the decode's (``ctx.decode_inputs``; :meth:`decode_inputs`' default
+        outside a decode).
         """
         b, r = reference.shape[0], reference.shape[2]
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
-        temb = self._block_temb(temb)
+        temb = self._block_temb(self._temb(reference, ctx if ctx is not None else DecodeContext()))
         temb = None if temb is None else temb.repeat_interleave(r)
         out = self._stage_blocks()[index](frames, temb, **self._causal())
         return rearrange(out, "(b r) c 1 h w -> b c r h w", b=b)
-
-    def reference_stage(self, index: int, reference: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return self.run_stage_on_reference(index, reference, self._temb(reference, ctx))
 
     def _stage_blocks(self) -> list[nn.Module]:
         return [block for block in self.vae.decoder.up_blocks if block.upsamplers is not None]
 
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
-        """``vae.decode(latents, temb)`` with :meth:`decode_inputs`' default ``temb``, clamped: ``B, 3, T, H, W``."""
+        """``vae.decode(latents, temb)`` with :meth:`decode_inputs`' default ``temb``: ``B, 3, T, H, W``, unclamped."""
         return super().plain_decode(latents, window, **self.decode_inputs(latents, **inputs))
 
 

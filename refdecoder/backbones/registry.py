@@ -13,6 +13,9 @@ Three sources, looked up by name; an adapter module is imported only when its ad
 
     register_backbone("my-vae", MyAdapter, override=True)  # call form, replacing an existing entry
 
+Registering the class a name already holds is a no-op, whichever way it came (an import-time decorator, an entry
+point naming the same ``module:Class``, or both), so a package may declare its entry point and register at import.
+
 When no adapter drives a VAE, :func:`find_backbone` names the nearest one (the adapter whose checks the VAE gets
 furthest through, see :class:`~refdecoder.backbones.base.Fit`) and why it refuses.
 """
@@ -39,6 +42,7 @@ __all__ = [
     "list_backbones",
     "find_backbone",
     "resolve_backbone",
+    "backbone_to_load",
 ]
 
 logger = logging.getLogger("refdecoder")
@@ -70,7 +74,7 @@ def register_backbone(
     def _register(cls: A) -> A:
         _check_adapter(name, cls)
         _read_entry_points()
-        if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
+        if name in _REGISTRY and not _same_adapter(_REGISTRY[name], cls) and not override:
             raise BackboneError(
                 f"backbone {name!r} is already registered ({_describe(_REGISTRY[name])}); "
                 "pass override=True to replace it"
@@ -127,6 +131,24 @@ def resolve_backbone(vae: nn.Module, name: str | None = None) -> type[BackboneAd
     raise BackboneError(f"backbone {name!r} does not fit this {type(vae).__name__}: {'; '.join(fit.reasons)}; {hint}")
 
 
+def backbone_to_load(vae: nn.Module, saved: str | None, explicit: str | None = None) -> str | None:
+    """The adapter name to load saved weights with: ``explicit``, else the ``saved`` name when it fits ``vae``.
+
+    None means auto-detection (no saved name, or one that does not fit: ``wrap`` then says which backbone the weights
+    were made for). A saved name that is not registered here is a one-line :class:`BackboneError` naming what to
+    install.
+    """
+    if explicit is not None or saved is None:
+        return explicit
+    if saved not in list_backbones():
+        raise BackboneError(
+            f"these weights were saved with backbone {saved!r}, which is not registered here: install the package "
+            f"that registers it (entry point group {ENTRY_POINT_GROUP!r}) or import its adapter module first, or "
+            "pass backbone='<name>'"
+        )
+    return saved if get_backbone(saved).fit(vae).ok else None
+
+
 def _ordered_names() -> list[str]:
     _read_entry_points()
     return list(_REGISTRY)
@@ -154,6 +176,8 @@ def _read_entry_points() -> None:
     _entry_points_read = True
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name in _REGISTRY:
+            if _same_adapter(_REGISTRY[point.name], point.value):
+                continue
             logger.warning("ignoring entry point %s = %s: backbone name already registered", point.name, point.value)
             continue
         _REGISTRY[point.name] = point.value
@@ -162,6 +186,15 @@ def _read_entry_points() -> None:
 def _check_adapter(name: str, cls: object) -> None:
     if not (isinstance(cls, type) and issubclass(cls, BackboneAdapter)):
         raise BackboneError(f"backbone {name!r} must be a BackboneAdapter subclass, got {cls!r}")
+
+
+def _same_adapter(entry: type[BackboneAdapter] | str, other: type[BackboneAdapter] | str) -> bool:
+    """True when two registry entries (classes or ``"module:Class"`` paths) name the same adapter class."""
+    return entry is other or _path(entry) == _path(other)
+
+
+def _path(entry: type[BackboneAdapter] | str) -> str:
+    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
 
 
 def _describe(entry: type[BackboneAdapter] | str) -> str:

@@ -453,7 +453,8 @@ def decode_to_files(
         refuse_upscale_head(decoder, "compare_base")
     if options.compare_base and not compare:
         logger.warning("--compare-base needs --weights (without them the output already is the base decode)")
-    settings = dict(window=options.window, tiles=_tile_plan(decoder, tuple(latents.shape[-2:]), options))
+    # Clamped whatever the backbone's own decode does (output_clamp): video files and metrics take [-1, 1].
+    settings = dict(window=options.window, tiles=_tile_plan(decoder, tuple(latents.shape[-2:]), options), clamp=True)
     use_reference = reference if decoder.conditioned else None
     main = iter_decode(decoder.main, latents, use_reference, resize_reference=options.resize_reference, **settings)
     base = iter_decode(decoder.base_adapter, latents, **settings) if compare else None

@@ -124,7 +124,7 @@ def iter_decode(
     *,
     window: int | None = None,
     resize_reference: bool = False,
-    clamp: bool = True,
+    clamp: bool | None = None,
     tiles: TilePlan | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode raw latents window by window, yielding each window's frames as soon as they exist.
@@ -138,7 +138,7 @@ def iter_decode(
         reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, or None.
         window: latent frames per decoder pass (default: the model's / backbone's).
         resize_reference: resize a reference of another size instead of raising :class:`InputError`.
-        clamp: clamp to [-1, 1] like the backbone's decode.
+        clamp: clamp to [-1, 1]; default (None) exactly where the backbone's own decode does (``output_clamp``).
         tiles: decode in spatial tiles with this plan (:func:`refdecoder.tiling.plan_tiles`).
 
     Yields:
@@ -162,7 +162,7 @@ def iter_decode(
             chunk = next(chunks, None)
         if chunk is None:
             return
-        yield chunk.clamp(-1.0, 1.0) if clamp else chunk
+        yield chunk.clamp(-1.0, 1.0) if (adapter.output_clamp if clamp is None else clamp) else chunk
 
 
 def _iter_tiles(

@@ -20,9 +20,8 @@ temporal decoder *and* the 2+1D decoder per window. Consequences: the plain outp
 windows (``vae.decode(..., chunk_frames=4 * window)``) so that "RefDecoder at initialisation equals the backbone"
 compares like with like. Peak memory depends on the window, not on the video length.
 
-Clamping: VideoVAE+ does not clamp its output (nor does the official RefDecoder), while ``RefDecoder.decode``
-clamps by default; :meth:`VideoVAEPlusAdapter.plain_decode` therefore clamps by default too, and the official
-outputs are reproduced with ``decode(..., clamp=False)``.
+Clamping: VideoVAE+ does not clamp its output (nor does the official RefDecoder), so neither do
+:meth:`VideoVAEPlusAdapter.plain_decode` and ``RefDecoder.decode`` by default (``output_clamp = False``).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.videovaeplus.autoencoder import VideoVAEPlus, VideoVAEPlusConfig
 from refdecoder.errors import BackboneError
 from refdecoder.frames import GROUPS_OF_4, FrameRule
-from refdecoder.hooks import DecodeContext, DecodeHooks
+from refdecoder.hooks import DecodeContext, DecodeHooks, plan_windows
 
 __all__ = ["VideoVAEPlusAdapter"]
 
@@ -60,6 +59,9 @@ class VideoVAEPlusAdapter(BackboneAdapter):
     causal_first_frame = False
     default_window = 4  # 4 latent frames = 16 pixel frames, the paper's chunk
     exact_streaming = False  # independent chunks: the output depends on the window (plain_decode uses the same)
+    output_clamp = False
+    # The temporal decoder runs in every decode, but the official recipe fine-tunes the 2+1D decoder only.
+    decoder_exclusions = ("decoder_temporal.",)
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__(vae)
@@ -126,6 +128,10 @@ class VideoVAEPlusAdapter(BackboneAdapter):
         return self.vae.encode(video, chunk_frames=self.temporal_factor * self.default_window)
 
     # --- decoding -------------------------------------------------------------------------------------------
+    def plan_windows(self, num_latent_frames: int, window: int) -> list[tuple[int, int]]:
+        """Independent chunks of ``window`` latent frames (the output depends on them; plain_decode uses the same)."""
+        return plan_windows(num_latent_frames, window)
+
     def decoder_input(self, latents: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
         # Independent chunks, as the official inference decodes them (replicate padding at every window edge).
         # The latents hook sees the whole full-rate latent at once, so per-decode draws (token dropout masks)
@@ -145,7 +151,9 @@ class VideoVAEPlusAdapter(BackboneAdapter):
         h = hooks.stage(_HEAD_STAGE, h, ctx)
         return decoder.forward_head(h)
 
-    def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
+    def run_stage_on_reference(
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
+    ) -> torch.Tensor:
         """Push ``B, C_i, R, h_i, w_i`` reference features through the decoder level after stage ``index``.
 
         Stage 0 -> level 1 (res-blocks and 2x upsample), stage 1 -> level 0 (res-blocks). Reference frames are
@@ -161,15 +169,14 @@ class VideoVAEPlusAdapter(BackboneAdapter):
         out = self.vae.decoder.forward_level(_STAGE_LEVELS[index], frames)
         return rearrange(out, "(b r) c 1 h w -> b c r h w", b=reference.shape[0])
 
-    def plain_decode(self, latents: torch.Tensor, window: int | None = None, clamp: bool = True) -> torch.Tensor:
+    def plain_decode(self, latents: torch.Tensor, window: int | None = None, clamp: bool = False) -> torch.Tensor:
         """The backbone's own decode with the windows RefDecoder uses (independent chunks of ``window`` latents).
 
         Args:
             latents: raw latents ``B, 16, t, h, w``.
             window: latent frames per chunk; default :attr:`default_window` (the window ``decode`` uses when the
                 config does not set one).
-            clamp: clamp to [-1, 1], as ``RefDecoder.decode`` does by default. VideoVAE+ itself never clamps, so
-                compare ``clamp=False`` with ``RefDecoder.decode(..., clamp=False)`` for the raw output.
+            clamp: clamp to [-1, 1]; VideoVAE+ itself never clamps (nor does ``RefDecoder.decode`` by default).
 
         Returns:
             Video ``B, 3, 4t, 8h, 8w``.

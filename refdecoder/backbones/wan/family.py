@@ -24,8 +24,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from refdecoder.backbones._diffusers import class_reason, config_reasons
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones.wan._diffusers import check_internals, class_reason, config_reasons
+from refdecoder.backbones.wan._diffusers import check_internals
 from refdecoder.blocks.upscale_head import depth_to_space
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -69,7 +70,7 @@ class WanFamilyAdapter(BackboneAdapter):
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
         return Fit.run(
-            lambda: class_reason(vae, cls.vae_class),
+            lambda: class_reason(vae, cls.vae_class, explain_cache=True),
             lambda: config_reasons(vae, cls.expected_config, cls.name),
             lambda: cls._geometry_reasons(vae),
         )
@@ -129,9 +130,6 @@ class WanFamilyAdapter(BackboneAdapter):
         return specs
 
     # --- encode / latent conventions ------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(video).latent_dist.mode()
-
     def encode_chunks(self, chunks: Iterable[torch.Tensor]) -> torch.Tensor:
         # The encoder's causal caches carry from piece to piece, as in diffusers' own per-chunk encode loop.
         vae, p = self.vae, self.output_patch
@@ -203,7 +201,9 @@ class WanFamilyAdapter(BackboneAdapter):
     def _first_chunk(self, value: bool) -> dict[str, bool]:
         return {"first_chunk": value} if self.passes_first_chunk else {}
 
-    def run_stage_on_reference(self, index: int, reference: torch.Tensor) -> torch.Tensor:
+    def run_stage_on_reference(
+        self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
+    ) -> torch.Tensor:
         # Without a cache the block treats each input as an image: causal zero padding in time and no temporal
         # up-sampling. Reference frames are folded into the batch so several of them never mix in time.
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")

@@ -1,0 +1,42 @@
+"""Fit checks every adapter of a diffusers VAE shares: is the VAE that diffusers class, do its config fields hold.
+
+Shared by the families (Wan, HunyuanVideo 1.5, LTX, CogVideoX), so none imports another family's private module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+__all__ = ["class_reason", "config_reasons"]
+
+
+def class_reason(vae: nn.Module, class_name: str, explain_cache: bool = False) -> str | None:
+    """None when ``vae`` is an instance of ``diffusers.<class_name>``, else why not (with ``explain_cache``, also
+    that its decoder lacks the Wan family's per-conv cache, when it does)."""
+    try:
+        import diffusers
+    except ImportError:
+        return f"it drives diffusers {class_name}, and diffusers is not installed (pip install 'diffusers')"
+    if isinstance(vae, getattr(diffusers, class_name)):
+        return None
+    reason = f"it drives diffusers {class_name} only, not {type(vae).__name__}"
+    decoder = getattr(vae, "decoder", None)
+    if (
+        explain_cache
+        and isinstance(decoder, nn.Module)
+        and "feat_cache" not in inspect.signature(decoder.forward).parameters
+    ):
+        reason += ", whose decoder has no per-conv causal cache (feat_cache) to decode window by window with"
+    return reason
+
+
+def config_reasons(vae: nn.Module, expected: dict[str, Any], adapter: str) -> list[str]:
+    """One ``field=value (adapter needs X)`` entry per config field of ``vae`` that differs from ``expected``."""
+    return [
+        f"{key}={vae.config.get(key)!r} ({adapter} needs {value!r})"
+        for key, value in expected.items()
+        if vae.config.get(key) != value
+    ]
