@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from refdecoder.data.latents import load_latents
+from refdecoder.data.latents import load_latents, metadata_reference
 from refdecoder.data.video import IMAGE_EXTENSIONS, read_image
 from refdecoder.errors import DataError, InputError
 from refdecoder.inference.loading import Decoder
@@ -32,16 +32,19 @@ def find_reference(
     latents_path: str | os.PathLike, meta: dict[str, str], reference_dir: str | os.PathLike | None
 ) -> Path:
     """The reference image of a latents file: ``<stem>.<image ext>`` in ``reference_dir``, else the file's
-    ``reference`` metadata entry (relative to the file), else ``<stem>.<ext>`` beside it.
+    ``reference`` metadata entry, else ``<stem>.<ext>`` beside it.
+
+    The metadata entry is checked by :func:`refdecoder.data.latents.metadata_reference`: it must stay inside the
+    latents file's folder or ``reference_dir``, so a latents file cannot make the command read an arbitrary image.
 
     Raises:
-        DataError: none of them exists.
+        DataError: none of them exists, or the metadata names a path outside the allowed folders.
     """
     path = Path(latents_path)
     folders = [Path(reference_dir)] if reference_dir is not None else []
     candidates = [folder / f"{path.stem}.{ext}" for folder in folders for ext in IMAGE_EXTENSIONS]
     if "reference" in meta:
-        candidates.append(path.parent / meta["reference"])
+        candidates.append(metadata_reference(path, meta["reference"], folders))
     candidates += [path.parent / f"{path.stem}.{ext}" for ext in IMAGE_EXTENSIONS]
     for candidate in candidates:
         if candidate.is_file():
