@@ -18,6 +18,7 @@ from refdecoder.data.latents import load_latents, metadata_reference
 from refdecoder.data.video import IMAGE_EXTENSIONS, read_image
 from refdecoder.errors import DataError, InputError
 from refdecoder.inference.loading import Decoder
+from refdecoder.inference.outfolder import OutputFolder
 from refdecoder.inference.reconstruct import DecodeOptions, decode_to_files
 from refdecoder.validation import check_latents
 
@@ -135,16 +136,16 @@ def decode_latents_file(
                 f"{size[0]}x{size[1]}; pass --resize-reference or resize the image"
             )
     rate = float(meta.get("fps", fps))
-    stem = Path(out_dir) / path.stem
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    decode_to_files(decoder, latents, reference, stem, rate, options)
-    return {
-        "name": path.stem,
-        "frames": decoder.adapter.frame_rule.pixel_frames(latents.shape[2]),
-        "height": size[0],
-        "width": size[1],
-        "normalized": meta["normalized"],
-        "reference": "" if reference_path is None else str(reference_path),
-        "output": f"{stem}.mp4",
-        "seconds": time.perf_counter() - started,
-    }
+    with OutputFolder(out_dir).stage(path.stem) as stage:  # the file's outputs appear whole, or not at all
+        decode_to_files(decoder, latents, reference, stage.stem, rate, options)
+        stage.result = {
+            "name": path.stem,
+            "frames": decoder.adapter.frame_rule.pixel_frames(latents.shape[2]),
+            "height": size[0],
+            "width": size[1],
+            "normalized": meta["normalized"],
+            "reference": "" if reference_path is None else str(reference_path),
+            "output": str(Path(out_dir) / f"{path.stem}.mp4"),
+            "seconds": time.perf_counter() - started,
+        }
+    return stage.result
