@@ -111,22 +111,20 @@ def test_a_clip_claimed_by_another_run_is_refused_or_waited_for(
     assert time.monotonic() - started >= 0.9 and float(_rows(out)[clip.stem]["psnr"]) > 0
 
 
-def test_a_clip_finished_by_another_run_meanwhile_is_refused(vae_dir: Path, tmp_path: Path, capsys) -> None:
+def test_a_clip_finished_by_another_run_meanwhile_is_refused(vae_dir, tmp_path, monkeypatch, capsys) -> None:
     """The start-of-run check passed, but another run finished the clip before this run reached it."""
+    import json
+
     clip, out = bundled_clips()[0], tmp_path / "out"
-    outputs = OutputFolder(out)
     original = OutputFolder.claim
 
     def finished_meanwhile(self, name, overwrite=False):
-        outputs.clips.mkdir(parents=True, exist_ok=True)
-        (outputs.clips / f"{name}.json").write_text('{"name": "%s", "psnr": 30.0}' % name)
+        self.clips.mkdir(parents=True, exist_ok=True)
+        (self.clips / f"{name}.json").write_text(json.dumps({"name": name, "psnr": 30.0}))
         return original(self, name, overwrite)
 
-    pytest.MonkeyPatch.setattr(pytest.MonkeyPatch(), OutputFolder, "claim", finished_meanwhile)
-    try:
-        assert main(_args(vae_dir, out, clip)) == 1
-    finally:
-        OutputFolder.claim = original
+    monkeypatch.setattr(OutputFolder, "claim", finished_meanwhile)
+    assert main(_args(vae_dir, out, clip)) == 1
     assert "meanwhile" in _stderr_line(capsys) and _rows(out)[clip.stem]["psnr"] == "30"
 
 
