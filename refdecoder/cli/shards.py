@@ -83,7 +83,8 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Print samples per shard and keys without a meta record; returns 1 if a shard cannot be read."""
+    """Print samples per shard and keys without a meta record; returns 1 if a shard, or part of one, cannot be
+    read (a damaged member header, member data cut off by the end of the file)."""
     import tarfile
 
     from refdecoder.data import expand_shards, read_meta
@@ -91,19 +92,48 @@ def run_inspect(args: argparse.Namespace) -> int:
     status = 0
     for url in expand_shards(args.shards):
         try:
-            with tarfile.open(url) as tar:
-                keys = {_key(m.name) for m in tar.getmembers() if m.isfile()}
-        except (OSError, tarfile.TarError) as err:
-            print(f"{url}: unreadable ({err})")
+            keys, damage = _scan_tar(url)
+            meta = read_meta(url)
+        except (OSError, tarfile.TarError, ValueError) as err:
+            print(f"{url}: unreadable ({' '.join(str(err).split())})")
             status = 1
             continue
-        meta = read_meta(url)
         no_meta = sorted(keys - meta.keys())
         print(
             f"{url}: {len(keys)} samples, {len(meta)} meta records"
             + (f", {len(no_meta)} without meta: {no_meta[:5]}" if no_meta else "")
+            + (f"; DAMAGED: {damage}" if damage else "")
         )
+        status = 1 if damage else status
     return status
+
+
+def _scan_tar(url: str) -> tuple[set[str], str | None]:
+    """Sample keys of a shard and what of it could not be read, if anything.
+
+    Python's tarfile stops silently at a damaged member header past the first one, as if the archive ended there;
+    in a plain ``.tar`` anything but zero padding after that point is data that was not read.
+    """
+    import os
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        stopped = tar.offset
+    size = os.path.getsize(url)
+    cut = [m.name for m in members if m.offset_data + m.size > size]
+    if cut:
+        return {_key(m.name) for m in members}, f"{len(cut)} member(s) cut off by the end of the file: {cut[:3]}"
+    if url.endswith(".tar"):
+        with open(url, "rb") as handle:
+            handle.seek(stopped)
+            while block := handle.read(1 << 20):
+                if block.strip(b"\0"):
+                    return {_key(m.name) for m in members}, (
+                        f"unreadable member header at byte {stopped}; the {size - stopped} bytes from there on were "
+                        "not read (rebuild the shard)"
+                    )
+    return {_key(m.name) for m in members}, None
 
 
 def run_make_clips(args: argparse.Namespace) -> int:
