@@ -55,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; give the HTML file to write (e.g. {out / REPORT_NAME})")
     ensure_writable(out.parent, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_report(folder, runs=runs or None, frame=args.frame, out=out)}")
     return 0
