@@ -85,27 +85,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _decode_one(args: argparse.Namespace, outputs: Any, decoder: Any, path: Path, options: Any) -> dict[str, Any]:
     """One latents file under its claim: its row, with ``error`` when it failed or another run holds it."""
-    import torch
-
-    from refdecoder.cli.reconstruct import failure_row
-    from refdecoder.errors import InputError
+    from refdecoder.cli.reconstruct import run_claimed
     from refdecoder.inference.generated import decode_latents_file
 
-    try:
-        with outputs.claim(path.stem, args.overwrite):
-            try:
-                with torch.inference_mode():
-                    row = decode_latents_file(
-                        decoder, path, args.out, options, args.reference_dir, args.latents, args.fps
-                    )
-            except Exception as err:  # one broken file must not stop the others; --debug shows the traceback
-                row = failure_row(path.stem, path, err)
-                outputs.record_failure(row)
-                return row
-    except InputError as err:  # claimed by another run: its outputs are not ours to touch
-        return failure_row(path.stem, path, err)
-    print(
-        f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
-        f"(normalized={row['normalized']}) -> {row['output']}"
-    )
+    def work() -> dict[str, Any]:
+        return decode_latents_file(decoder, path, args.out, options, args.reference_dir, args.latents, args.fps)
+
+    row = run_claimed(outputs, path.stem, path, args.overwrite, work)
+    if "error" not in row:
+        print(
+            f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
+            f"(normalized={row['normalized']}) -> {row['output']}"
+        )
     return row

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "print_summary",
     "one_line",
     "failure_row",
+    "run_claimed",
     "interruptible",
     "progress_bar",
 ]
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     those files after every clip, so an interrupted run loses nothing already done and concurrent runs into one
     ``--out`` keep each other's rows (:mod:`refdecoder.inference.outfolder`).
     """
-    from refdecoder.inference import build_lpips
+    from refdecoder.inference import build_lpips, reconstruct_video
     from refdecoder.inference.loading import resolve_device
     from refdecoder.inference.outfolder import OutputFolder
     from refdecoder.inference.reconstruct import refuse_upscale_head
@@ -230,7 +231,12 @@ def run(args: argparse.Namespace) -> int:
     table = outputs.folder / "metrics.csv"
     with interruptible(videos, rows, "videos"):
         for name, path, csv_reference in progress_bar(videos, args.no_progress, "videos"):
-            rows.append(_reconstruct_one(args, outputs, decoder, lpips, name, path, csv_reference))
+            options, bar = _options(args, csv_reference), _bar(name, args.no_progress)
+
+            def work(name: str = name, path: Path = path, options: Any = options, bar: Any = bar) -> dict:
+                return reconstruct_video(decoder, path, outputs.folder, name, options, lpips, bar)
+
+            rows.append(run_claimed(outputs, name, path, args.overwrite, work))
             table = _update_metrics(outputs)
     failures = sum("error" in row for row in rows)
     print_summary(rows)
@@ -244,33 +250,26 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _reconstruct_one(
-    args: argparse.Namespace, outputs: Any, decoder: Any, lpips: Any, name: str, path: Path, csv_reference: Any
-) -> dict[str, Any]:
-    """One clip under its claim: its row, with ``error`` when it failed or another run holds it."""
+def run_claimed(outputs: Any, name: str, path: Path, overwrite: bool, work: Callable[[], dict]) -> dict[str, Any]:
+    """Run ``work`` (which writes clip ``name`` and returns its row) under the clip's claim in ``outputs``.
+
+    Returns the row, or an error row (reported on one line) when ``work`` failed, recorded unless an earlier
+    success is there, or when another run holds the clip (not recorded: that row is the other run's).
+    """
     import torch
 
     from refdecoder.errors import InputError
-    from refdecoder.inference import reconstruct_video
 
     try:
-        with outputs.claim(name, args.overwrite):
+        with outputs.claim(name, overwrite):
             try:
                 with torch.inference_mode():
-                    return reconstruct_video(
-                        decoder,
-                        path,
-                        outputs.folder,
-                        name,
-                        _options(args, csv_reference),
-                        lpips,
-                        _bar(name, args.no_progress),
-                    )
+                    return work()
             except Exception as err:  # one broken file must not stop the others; --debug shows the traceback
                 row = failure_row(name, path, err)
                 outputs.record_failure(row)
                 return row
-    except InputError as err:  # claimed by another run: its row is not ours to touch
+    except InputError as err:  # the claim was refused
         return failure_row(name, path, err)
 
 
