@@ -179,9 +179,9 @@ class RefDecoder(nn.Module):
         )
         finite = FiniteOutput(enabled=not self.training)  # one reduction per decode; training has its own guard
         video = self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows)
-        video = finite.add(self._finish(video, clamp=False))
+        video = finite.add(self._upscale(video))
         finite.check(latents, self.named_parameters())
-        return video.clamp(-1.0, 1.0) if clamp else video
+        return self._clamp(video, clamp)
 
     def iter_decode(
         self,
@@ -207,8 +207,8 @@ class RefDecoder(nn.Module):
         )
         finite = FiniteOutput(enabled=not self.training)  # flags stay on the device; one host check at the end
         for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
-            part = finite.add(self._finish(part, False, depth_to_space))
-            yield part.clamp(-1.0, 1.0) if clamp else part
+            part = finite.add(self._upscale(part, depth_to_space))
+            yield self._clamp(part, clamp)
         finite.check(latents, self.named_parameters())
 
     def _prepare_decode(
@@ -248,9 +248,12 @@ class RefDecoder(nn.Module):
         scale = self.adapter.spatial_factor * self.config.upscale.factor
         return latent_size[0] * scale, latent_size[1] * scale
 
-    def _finish(self, video: torch.Tensor, clamp: bool | None, depth_to_space: bool = True) -> torch.Tensor:
+    def _upscale(self, video: torch.Tensor, depth_to_space: bool = True) -> torch.Tensor:
         if self.upscale_head is not None and depth_to_space:
             video = self.upscale_head.apply(video)
+        return video
+
+    def _clamp(self, video: torch.Tensor, clamp: bool | None) -> torch.Tensor:
         clamp = self.adapter.output_clamp if clamp is None else clamp  # decode like the backbone by default
         return video.clamp(-1.0, 1.0) if clamp else video
 
