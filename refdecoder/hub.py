@@ -10,7 +10,10 @@ form ``org/name`` is a Hub repository, spelled as ``huggingface_hub``'s file sys
     org/name@v1.0/vae            both
 
 The files are taken from the local Hub cache when they are there, and downloaded otherwise (not with
-``HF_HUB_OFFLINE=1``). A missing id fails with one line that names the id and the cache folder.
+``HF_HUB_OFFLINE=1``). A missing id fails with one line that names the id and the cache folder. An id (repository,
+revision or subfolder) with a ``.`` or ``..`` part, an empty part or an absolute part is refused, and so is a
+resolved path that would lie outside the snapshot (or outside the local folder a ``subfolder`` is added to): a name
+never reads from elsewhere on the machine.
 """
 
 from __future__ import annotations
@@ -65,16 +68,48 @@ def resolve_path(
         CheckpointError: a missing local path that is no repo id, or a repo id that is neither cached nor
             downloadable; the message names the id and the cache folder.
     """
+    shown = os.fspath(path)
+    _refuse_unsafe(subfolder, "subfolder", shown, what)
+    _refuse_unsafe(revision, "revision", shown, what)
     local = Path(path).expanduser()
     if local.exists():
-        return local / subfolder if subfolder else local
-    spec = parse_hub_spec(os.fspath(path))
+        return _inside(local, subfolder, shown, what) if subfolder else local
+    spec = parse_hub_spec(shown)
     if spec is None:
-        raise CheckpointError(f"{what} not found: {os.fspath(path)} does not exist")
+        raise CheckpointError(f"{what} not found: {shown} does not exist")
+    _refuse_unsafe(spec.revision, "revision", shown, what)
+    _refuse_unsafe(spec.subfolder, "subfolder", shown, what)
     inner = "/".join(p for p in (spec.subfolder, subfolder) if p)
     patterns = [inner, f"{inner}/*"] if inner else None  # a subfolder (or file) alone, not the whole repository
-    folder = _snapshot(spec.repo_id, revision or spec.revision, patterns, os.fspath(path), what)
-    return folder / inner if inner else folder
+    folder = _snapshot(spec.repo_id, revision or spec.revision, patterns, shown, what)
+    return _inside(folder, inner, shown, what) if inner else folder
+
+
+def _refuse_unsafe(part: str | None, kind: str, shown: str, what: str) -> None:
+    """Refuse a revision or subfolder that could leave the snapshot: absolute, or with an empty, ``.`` or ``..``
+    part (``org/name/../../x``, ``org/name@..``)."""
+    if part is None:
+        return
+    pieces = part.replace("\\", "/").split("/")
+    if part.startswith(("/", "~")) or re.match(r"^[A-Za-z]:", part) or any(p in ("", ".", "..") for p in pieces):
+        raise CheckpointError(
+            f"{what} {shown!r}: refused {kind} {part!r} (a Hub id names folders inside its repository: no '..', '.', "
+            "empty or absolute parts); give a plain id such as org/name@revision/subfolder, or a local path"
+        )
+
+
+def _inside(folder: Path, inner: str, shown: str, what: str) -> Path:
+    """``folder / inner``, refused when it resolves outside ``folder`` (a symlinked folder pointing elsewhere).
+
+    Only folders are resolved: a Hub snapshot's files are symlinks into the cache's ``blobs`` folder by design."""
+    target = folder / inner
+    check = target if target.is_dir() else target.parent
+    if not check.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{what} {shown!r}: {inner!r} resolves to {check.resolve()}, outside {folder}; refused (a subfolder must "
+            "stay inside its repository or folder)"
+        )
+    return target
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, shown: str, what: str) -> Path:

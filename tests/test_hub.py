@@ -112,3 +112,43 @@ def test_offline_with_nothing_cached_names_the_id_and_the_cache(hub: Path, tmp_p
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "org/absent at revision v2" in err and str(hub) in err
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "org/tiny/../../../../outside",
+        "org/tiny@main/../../../outside",
+        "org/tiny@main/vae/../../../../outside",
+        "org/tiny@../vae",
+        "org/tiny@main/./vae",
+    ],
+)
+def test_hub_ids_that_could_leave_the_snapshot_are_refused(hub: Path, tmp_path: Path, spec: str, capsys) -> None:
+    """A weights folder outside the cache, reachable with '..' from the snapshot, is never loaded."""
+    outside = hub.parent / "outside"  # what '../../../..' from a snapshot subfolder would reach
+    refdecoder.wrap(tiny_wan(), "tiny").save_pretrained(outside)
+    with pytest.raises(CheckpointError, match="refused") as err:
+        refdecoder.load(tiny_wan(), spec)
+    assert "\n" not in str(err.value)
+    code = main(["reconstruct", str(bundled_clips()[0]), "--out", str(tmp_path / "o"), "--vae", "org/tiny/vae",
+                 "--weights", spec, "--no-progress"])
+    err_text = capsys.readouterr().err.strip()
+    assert code == 1 and len(err_text.splitlines()) == 1 and "refused" in err_text
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_subfolder_argument_is_checked_for_local_folders_and_hub_ids(hub: Path, tmp_path: Path) -> None:
+    from refdecoder.hub import resolve_path
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "local" / "link").symlink_to(tmp_path / "elsewhere")
+    for path, subfolder in [(tmp_path / "local", "../elsewhere"), (tmp_path / "local", "/etc"), ("org/tiny", "..")]:
+        with pytest.raises(CheckpointError, match="refused"):
+            resolve_path(path, subfolder=subfolder)
+    with pytest.raises(CheckpointError, match="outside"):  # a symlinked folder leading out
+        resolve_path(tmp_path / "local", subfolder="link")
+    with pytest.raises(CheckpointError, match="refused"):
+        resolve_path("org/tiny", revision="../main")
+    assert resolve_path("org/tiny", subfolder="vae").name == "vae"  # the plain forms still work

@@ -220,3 +220,32 @@ def test_decode_latents_bad_files(
     assert (tmp_path / "out" / "gen.mp4").is_file() and (tmp_path / "out" / "raw.mp4").is_file()
     assert main([*args, *_args(folders, tmp_path / "out2", "--resize-reference")]) == 1  # only `wide` fails now
     assert (tmp_path / "out2" / "small.mp4").is_file()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlink"])
+def test_decode_latents_refuses_a_reference_outside_its_folders(
+    folders: dict[str, Path], generated: dict, tmp_path: Path, capsys: pytest.CaptureFixture, how: str
+) -> None:
+    """A latents file's metadata cannot make decode-latents read an image elsewhere on the machine."""
+    secret = tmp_path / "private" / "secret.png"
+    secret.parent.mkdir()
+    write_image(secret, torch.zeros(3, 32, 48))
+    latents = tmp_path / "inbox" / "latents"
+    latents.mkdir(parents=True)
+    z = torch.zeros(4, 2, 4, 6)
+    if how == "symlink":
+        (latents / "link.png").symlink_to(secret)
+    named = {"absolute": secret, "dotdot": latents / ".." / ".." / "private" / "secret.png", "symlink": None}[how]
+    save_latents(latents / "evil.safetensors", z, named, height=32, width=48, normalized=False)
+    if how == "symlink":  # save_latents resolves links itself; write the raw name like a hostile file would
+        from safetensors.torch import save_file
+
+        meta = {"height": "32", "width": "48", "normalized": "false", "reference": "link.png"}
+        save_file({"latents": z}, str(latents / "evil.safetensors"), metadata=meta)
+    out = tmp_path / "out"
+    assert main(["decode-latents", str(latents), *_args(folders, out, "--compare-base")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused" in err and "evil" in err
+    assert not (out / "evil.mp4").exists() and not (out / "index.html").exists()
+    # The same image inside --reference-dir is allowed (the documented latents/ + refs/ layout).
+    assert main(["decode-latents", str(latents), "--reference-dir", str(secret.parent), *_args(folders, out)]) == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import re
 import sys
@@ -19,7 +20,20 @@ import sys
 from refdecoder import __version__
 from refdecoder.errors import RefDecoderError
 
-__all__ = ["main", "build_parser", "HelpFormatter", "plain", "add_command"]
+__all__ = ["main", "build_parser", "HelpFormatter", "plain", "add_command", "Interrupted", "debug_enabled"]
+
+DEBUG_ENV = "REFDECODER_DEBUG"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a line saying what finished and what did not."""
+
+
+def debug_enabled() -> bool:
+    """True with ``--debug`` or ``REFDECODER_DEBUG=1``: errors show their traceback."""
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+
 
 _ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`~?([^`]+)`")
 
@@ -56,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"refdecoder {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of errors (also {DEBUG_ENV}=1); implies -v"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
@@ -64,19 +81,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
+    """Run the command line; returns the process exit code: 0 done, 1 an error (one line on stderr), 2 a usage
+    error, 130 interrupted (Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"  # also for the commands' per-file errors and any subprocess
+    debug = debug_enabled()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose or debug else logging.INFO, format="%(levelname)s %(message)s"
+    )
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        _show(err, debug, f"interrupted: {err}" if str(err) else "interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
     except RefDecoderError as err:
         # Library errors already explain themselves; a traceback would only bury the message.
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        _show(err, debug, f"error: {_one_line(err)}")
+        return EXIT_ERROR
+    except OSError as err:  # the environment: a full disk, a read-only or vanished folder, permissions
+        where = f": {err.filename}" if err.filename else ""
+        _show(err, debug, f"error: {err.strerror or _one_line(err)}{where}")
+        return EXIT_ERROR
+    except Exception as err:  # a bug or an input nothing checked: still one line, the traceback on request
+        _show(
+            err,
+            debug,
+            f"error: {type(err).__name__}: {_one_line(err)} (unexpected; rerun with --debug for the traceback)",
+        )
+        return EXIT_ERROR
+
+
+def _show(err: BaseException, debug: bool, line: str) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exception(err)
+    print(line, file=sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

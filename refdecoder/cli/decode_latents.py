@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,13 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Decode every latents file of LATENT_DIR; returns 1 if any failed, else 0."""
-    import torch
-
-    from refdecoder.cli.reconstruct import check_out, load_from_args, one_line, progress_bar
+    from refdecoder.cli.reconstruct import check_out, interruptible, load_from_args, progress_bar
     from refdecoder.errors import DataError
-    from refdecoder.inference.generated import decode_latents_file
+    from refdecoder.inference.loading import resolve_device
+    from refdecoder.inference.outfolder import OutputFolder
     from refdecoder.inference.reconstruct import DecodeOptions
 
+    resolve_device(args.device)
     folder = Path(args.latent_dir)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
@@ -71,22 +70,42 @@ def run(args: argparse.Namespace) -> int:
         tile_overlap=args.tile_overlap,
         crf=args.crf,
     )
-    failures = 0
-    for path in progress_bar(files, args.no_progress, "files"):
-        try:
-            with torch.inference_mode():
-                row = decode_latents_file(decoder, path, args.out, options, args.reference_dir, args.latents, args.fps)
-            print(
-                f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
-                f"(normalized={row['normalized']}) -> {row['output']}"
-            )
-        except Exception as err:  # one broken file must not stop the others; -v shows the traceback
-            failures += 1
-            logger.debug("%s failed", path, exc_info=True)
-            print(f"error: {path}: {one_line(err)}", file=sys.stderr)
+    outputs, rows = OutputFolder(args.out), []
+    with interruptible(files, rows, "files"):
+        for path in progress_bar(files, args.no_progress, "files"):
+            rows.append(_decode_one(args, outputs, decoder, path, options))
+    failures = sum("error" in row for row in rows)
     print(f"decoded {len(files) - failures} of {len(files)} files into {args.out}")
     if args.compare_base and decoder.conditioned and failures < len(files):
         from refdecoder.report import write_report
 
         print(f"report: {write_report(args.out)}")
     return 1 if failures else 0
+
+
+def _decode_one(args: argparse.Namespace, outputs: Any, decoder: Any, path: Path, options: Any) -> dict[str, Any]:
+    """One latents file under its claim: its row, with ``error`` when it failed or another run holds it."""
+    import torch
+
+    from refdecoder.cli.reconstruct import failure_row
+    from refdecoder.errors import InputError
+    from refdecoder.inference.generated import decode_latents_file
+
+    try:
+        with outputs.claim(path.stem, args.overwrite):
+            try:
+                with torch.inference_mode():
+                    row = decode_latents_file(
+                        decoder, path, args.out, options, args.reference_dir, args.latents, args.fps
+                    )
+            except Exception as err:  # one broken file must not stop the others; --debug shows the traceback
+                row = failure_row(path.stem, path, err)
+                outputs.record_failure(row)
+                return row
+    except InputError as err:  # claimed by another run: its outputs are not ours to touch
+        return failure_row(path.stem, path, err)
+    print(
+        f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
+        f"(normalized={row['normalized']}) -> {row['output']}"
+    )
+    return row

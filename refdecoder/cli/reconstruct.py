@@ -22,9 +22,11 @@ from what decodes, with a warning, and counted as truncated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ __all__ = [
     "check_out",
     "print_summary",
     "one_line",
+    "failure_row",
+    "interruptible",
     "progress_bar",
 ]
 
@@ -157,11 +161,10 @@ def _unique(items: list[tuple[str, Path, Path | None]]) -> list[tuple[str, Path,
 
 def load_from_args(args: argparse.Namespace) -> Any:
     """The :class:`refdecoder.inference.Decoder` the shared flags describe (tile geometry checked)."""
-    import torch
-
     from refdecoder.inference import DTYPES, load_decoder
+    from refdecoder.inference.loading import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     decoder = load_decoder(args.vae, args.weights, args.backbone, device, DTYPES[args.dtype], args.compare_base)
     if decoder.model is None:
         logger.info("no --weights: decoding with the plain %s decoder (references are not used)", decoder.adapter.name)
@@ -174,21 +177,24 @@ def load_from_args(args: argparse.Namespace) -> Any:
 
 
 def check_out(out: str, names: list[str], overwrite: bool, suffix: str = ".mp4") -> list[dict[str, Any]]:
-    """Check ``--out`` before any work and return the rows of its ``metrics.csv`` (``[]`` when it has none).
+    """Check ``--out`` before any work (writable, clips not done yet) and return its ``metrics.csv`` rows
+    (``[]`` when it has none).
 
     Raises:
-        InputError: ``out`` is an existing file, or it already holds outputs of clips in ``names`` and
-            ``overwrite`` is not set.
+        InputError: ``out`` is an existing file or not writable, or it already holds results of clips in ``names``
+            and ``overwrite`` is not set (a failed clip's error row does not count: a rerun retries it).
+        DataError: its ``metrics.csv`` is not a metrics table.
     """
     from refdecoder.errors import InputError
-    from refdecoder.inference.results import METRICS_CSV, read_metrics_csv
+    from refdecoder.inference.outfolder import OutputFolder, ensure_writable
+    from refdecoder.inference.results import METRICS_CSV, merge_rows, read_clip_metrics
 
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {out} is an existing file; give a folder (it is created if missing)")
-    rows = read_metrics_csv(folder / METRICS_CSV) if (folder / METRICS_CSV).is_file() else []
-    done = {str(row.get("name")) for row in rows} | {n for n in names if (folder / f"{n}{suffix}").exists()}
-    clash = sorted(done & set(names))
+    folder = ensure_writable(out)
+    outputs = OutputFolder(folder)
+    rows = read_clip_metrics(folder / METRICS_CSV) if (folder / METRICS_CSV).is_file() else []
+    failed = {str(row["name"]) for row in merge_rows(rows, outputs.results()) if "error" in row}
+    written = {n for n in names if (folder / f"{n}{suffix}").exists() and n not in failed}
+    clash = sorted((outputs.finished() | written) & set(names))
     if clash and not overwrite:
         shown = ", ".join(clash[:5]) + (f" and {len(clash) - 5} more" if len(clash) > 5 else "")
         raise InputError(
@@ -200,42 +206,113 @@ def check_out(out: str, names: list[str], overwrite: bool, suffix: str = ".mp4")
 def run(args: argparse.Namespace) -> int:
     """Reconstruct every input; returns 1 if any failed, else 0.
 
-    ``metrics.csv`` keeps the rows of clips reconstructed into ``--out`` before and is rewritten after every clip,
-    so an interrupted run loses nothing already done.
+    Each clip is claimed, written whole, and recorded as ``.clips/<name>.json``; ``metrics.csv`` is rebuilt from
+    those files after every clip, so an interrupted run loses nothing already done and concurrent runs into one
+    ``--out`` keep each other's rows (:mod:`refdecoder.inference.outfolder`).
     """
-    import torch
-
-    from refdecoder.inference import build_lpips, reconstruct_video
+    from refdecoder.inference import build_lpips
+    from refdecoder.inference.loading import resolve_device
+    from refdecoder.inference.outfolder import OutputFolder
     from refdecoder.inference.reconstruct import refuse_upscale_head
-    from refdecoder.inference.results import METRICS_CSV, merge_rows, write_metrics_csv
 
+    resolve_device(args.device)
     videos = collect_videos(args.inputs)
+    if not videos:
+        from refdecoder.errors import DataError
+
+        raise DataError(f"no video files in {' '.join(args.inputs)}")
     earlier = check_out(args.out, [name for name, _, _ in videos], args.overwrite)
     decoder = load_from_args(args)
     refuse_upscale_head(decoder, "reconstruct")  # once, rather than for every file
     lpips = build_lpips(args.lpips, args.lpips_weights)
-    out = Path(args.out)
-    rows, failures = [], 0
-    for name, path, csv_reference in progress_bar(videos, args.no_progress, "videos"):
-        options = _options(args, csv_reference)
-        try:
-            with torch.inference_mode():
-                rows.append(reconstruct_video(decoder, path, out, name, options, lpips, _bar(name, args.no_progress)))
-        except Exception as err:  # one broken file must not stop the others; -v shows the traceback
-            failures += 1
-            logger.debug("%s failed", path, exc_info=True)
-            print(f"error: {path}: {one_line(err)}", file=sys.stderr)
-            rows.append({"name": name, "input": str(path), "error": one_line(err)})
-        write_metrics_csv(merge_rows(earlier, rows), out / METRICS_CSV)
+    outputs = OutputFolder(args.out)
+    rows: list[dict[str, Any]] = []
+    table = outputs.folder / "metrics.csv"
+    with interruptible(videos, rows, "videos"):
+        for name, path, csv_reference in progress_bar(videos, args.no_progress, "videos"):
+            rows.append(_reconstruct_one(args, outputs, decoder, lpips, name, path, csv_reference))
+            table = _update_metrics(outputs)
+    failures = sum("error" in row for row in rows)
     print_summary(rows)
     truncated = sum(bool(row.get("truncated")) for row in rows)
     kept = f", {len(earlier)} earlier rows kept" if earlier else ""
-    print(f"wrote {out / METRICS_CSV} ({len(rows) - failures} ok, {failures} failed, {truncated} truncated{kept})")
+    print(f"wrote {table} ({len(rows) - failures} ok, {failures} failed, {truncated} truncated{kept})")
     if args.compare_base and decoder.conditioned and len(rows) > failures:
         from refdecoder.report import write_report
 
-        print(f"report: {write_report(out)}")
+        print(f"report: {write_report(args.out)}")
     return 1 if failures else 0
+
+
+def _reconstruct_one(
+    args: argparse.Namespace, outputs: Any, decoder: Any, lpips: Any, name: str, path: Path, csv_reference: Any
+) -> dict[str, Any]:
+    """One clip under its claim: its row, with ``error`` when it failed or another run holds it."""
+    import torch
+
+    from refdecoder.errors import InputError
+    from refdecoder.inference import reconstruct_video
+
+    try:
+        with outputs.claim(name, args.overwrite):
+            try:
+                with torch.inference_mode():
+                    return reconstruct_video(
+                        decoder,
+                        path,
+                        outputs.folder,
+                        name,
+                        _options(args, csv_reference),
+                        lpips,
+                        _bar(name, args.no_progress),
+                    )
+            except Exception as err:  # one broken file must not stop the others; --debug shows the traceback
+                row = failure_row(name, path, err)
+                outputs.record_failure(row)
+                return row
+    except InputError as err:  # claimed by another run: its row is not ours to touch
+        return failure_row(name, path, err)
+
+
+def failure_row(name: str, path: Path, err: BaseException) -> dict[str, Any]:
+    """Report a failed file on one line (its traceback with ``--debug``) and return its error row."""
+    from refdecoder.cli import debug_enabled
+
+    if debug_enabled():
+        import traceback
+
+        traceback.print_exception(err)
+    print(f"error: {path}: {one_line(err)}", file=sys.stderr)
+    return {"name": name, "input": str(path), "error": one_line(err)}
+
+
+def _update_metrics(outputs: Any) -> Path:
+    """Rebuild metrics.csv; a full disk leaves the per-clip results in place for the next run to merge."""
+    try:
+        return outputs.update_metrics()
+    except OSError as err:
+        print(
+            f"warning: {outputs.folder / 'metrics.csv'} not updated ({err.strerror or err}); the per-clip "
+            "results are in .clips/ and the next run rebuilds it",
+            file=sys.stderr,
+        )
+        return outputs.folder / "metrics.csv"
+
+
+@contextlib.contextmanager
+def interruptible(items: list, rows: list[dict[str, Any]], unit: str) -> Iterator[None]:
+    """Turn Ctrl-C into one line saying which items finished, failed and were not done (the CLI exits 130)."""
+    from refdecoder.cli import Interrupted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        ok = [row["name"] for row in rows if "error" not in row]
+        left = len(items) - len(rows)
+        raise Interrupted(
+            f"{len(ok)} of {len(items)} {unit} finished, {len(rows) - len(ok)} failed, {left} not done (the one in "
+            "progress left nothing behind); rerun the same command to do the rest"
+        ) from None
 
 
 def _options(args: argparse.Namespace, csv_reference: Path | None) -> Any:

@@ -23,7 +23,7 @@ from refdecoder.data.transforms import ResizeMode
 from refdecoder.data.video import IMAGE_EXTENSIONS, read_image
 from refdecoder.errors import DataError, InputError
 
-__all__ = ["save_latents", "load_latents", "LatentDataset"]
+__all__ = ["save_latents", "load_latents", "metadata_reference", "LatentDataset"]
 
 _TRUE = {"1", "true", "yes"}
 
@@ -158,7 +158,7 @@ class LatentDataset(RetryingDataset):
 
     def _reference_path(self, path: Path, meta: dict[str, str]) -> Path:
         if "reference" in meta:
-            return path.parent / meta["reference"]
+            return metadata_reference(path, meta["reference"], [self.reference_dir])
         for ext in IMAGE_EXTENSIONS:
             candidate = self.reference_dir / f"{path.stem}.{ext}"
             if candidate.is_file():
@@ -167,6 +167,26 @@ class LatentDataset(RetryingDataset):
             f"no reference image for {path.name}: no 'reference' metadata entry and no "
             f"{path.stem}.<{'|'.join(IMAGE_EXTENSIONS)}> in {self.reference_dir}"
         )
+
+
+def metadata_reference(path: Path, name: str, folders: list[Path]) -> Path:
+    """The image a latents file's ``reference`` metadata names: ``name`` relative to the file's folder.
+
+    The name was written by whoever made the file, so it must resolve (links followed) inside the file's folder or
+    one of ``folders`` (``--reference-dir``): an absolute path, ``..`` or a link leading elsewhere is refused, and a
+    latents file cannot make refdecoder read an arbitrary file of the machine.
+
+    Raises:
+        DataError: ``name`` resolves outside every allowed folder.
+    """
+    target = (path.parent / name).resolve()
+    allowed = [path.parent, *folders]
+    if any(target.is_relative_to(folder.resolve()) for folder in allowed):
+        return target
+    raise DataError(
+        f"{path.name}: its 'reference' metadata {name!r} points outside {' and '.join(map(str, allowed))}; refused "
+        "(a latents file may only name an image in its own folder or the reference folder); move the image there"
+    )
 
 
 def _check_latents(latents: torch.Tensor, where: str, error: type[Exception] = InputError) -> torch.Tensor:

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from refdecoder.data.latents import load_latents
+from refdecoder.data.latents import load_latents, metadata_reference
 from refdecoder.data.video import IMAGE_EXTENSIONS, read_image
 from refdecoder.errors import DataError, InputError
 from refdecoder.inference.loading import Decoder
+from refdecoder.inference.outfolder import OutputFolder
 from refdecoder.inference.reconstruct import DecodeOptions, decode_to_files
 from refdecoder.validation import check_latents
 
@@ -32,16 +33,19 @@ def find_reference(
     latents_path: str | os.PathLike, meta: dict[str, str], reference_dir: str | os.PathLike | None
 ) -> Path:
     """The reference image of a latents file: ``<stem>.<image ext>`` in ``reference_dir``, else the file's
-    ``reference`` metadata entry (relative to the file), else ``<stem>.<ext>`` beside it.
+    ``reference`` metadata entry, else ``<stem>.<ext>`` beside it.
+
+    The metadata entry is checked by :func:`refdecoder.data.latents.metadata_reference`: it must stay inside the
+    latents file's folder or ``reference_dir``, so a latents file cannot make the command read an arbitrary image.
 
     Raises:
-        DataError: none of them exists.
+        DataError: none of them exists, or the metadata names a path outside the allowed folders.
     """
     path = Path(latents_path)
     folders = [Path(reference_dir)] if reference_dir is not None else []
     candidates = [folder / f"{path.stem}.{ext}" for folder in folders for ext in IMAGE_EXTENSIONS]
     if "reference" in meta:
-        candidates.append(path.parent / meta["reference"])
+        candidates.append(metadata_reference(path, meta["reference"], folders))
     candidates += [path.parent / f"{path.stem}.{ext}" for ext in IMAGE_EXTENSIONS]
     for candidate in candidates:
         if candidate.is_file():
@@ -132,16 +136,16 @@ def decode_latents_file(
                 f"{size[0]}x{size[1]}; pass --resize-reference or resize the image"
             )
     rate = float(meta.get("fps", fps))
-    stem = Path(out_dir) / path.stem
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    decode_to_files(decoder, latents, reference, stem, rate, options)
-    return {
-        "name": path.stem,
-        "frames": decoder.adapter.frame_rule.pixel_frames(latents.shape[2]),
-        "height": size[0],
-        "width": size[1],
-        "normalized": meta["normalized"],
-        "reference": "" if reference_path is None else str(reference_path),
-        "output": f"{stem}.mp4",
-        "seconds": time.perf_counter() - started,
-    }
+    with OutputFolder(out_dir).stage(path.stem) as stage:  # the file's outputs appear whole, or not at all
+        decode_to_files(decoder, latents, reference, stage.stem, rate, options)
+        stage.result = {
+            "name": path.stem,
+            "frames": decoder.adapter.frame_rule.pixel_frames(latents.shape[2]),
+            "height": size[0],
+            "width": size[1],
+            "normalized": meta["normalized"],
+            "reference": "" if reference_path is None else str(reference_path),
+            "output": str(Path(out_dir) / f"{path.stem}.mp4"),
+            "seconds": time.perf_counter() - started,
+        }
+    return stage.result

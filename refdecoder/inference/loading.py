@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
-from refdecoder.errors import CheckpointError
+from refdecoder.errors import CheckpointError, InputError
 from refdecoder.hub import resolve_path
 
 __all__ = [
@@ -359,3 +359,27 @@ def _replaces_decoder(folder: Path) -> bool:
             return any(key.startswith("vae.") for key in handle.keys())
     except (OSError, ValueError, RuntimeError):
         return False  # refdecoder.load reports the unreadable file
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The torch device ``name`` names (None: cuda when available, else cpu), checked before any work is done.
+
+    Raises:
+        InputError: not a device name (``banana``), or a device this machine does not have (``cuda`` without a
+            GPU, ``cuda:3`` with one GPU, ``mps`` off Apple silicon).
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:  # mps off Apple silicon, a backend torch was built without
+        raise InputError(f"--device {name} cannot be used here ({' '.join(str(err).split())[:120]})") from None
+    return device

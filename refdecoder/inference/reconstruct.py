@@ -23,6 +23,7 @@ from refdecoder.data.transforms import ResizePlan, plan_resize
 from refdecoder.data.video import TAIL_TOLERANCE, probe, read_image
 from refdecoder.errors import CheckpointError, ConfigError, DataError, InputError, MissingDependencyError
 from refdecoder.inference.loading import Decoder
+from refdecoder.inference.outfolder import OutputFolder
 from refdecoder.inference.streaming import RuleChunks, encode_chunks, iter_decode
 from refdecoder.media import VideoWriter, comparison_grid, iter_frames, side_by_side, write_grid
 from refdecoder.metrics import lpips_distance, psnr, split_reference, ssim
@@ -229,7 +230,9 @@ def reconstruct_video(
     """Encode, decode (with the reference when the decoder is a RefDecoder) and score one video; write its mp4s.
 
     Writes ``<name>.mp4`` at the source frame rate and, with ``compare_base``, ``<name>.base.mp4``,
-    ``<name>.compare.mp4`` (reference | base | RefDecoder | ground truth) and ``<name>.grid.png``.
+    ``<name>.compare.mp4`` (reference | base | RefDecoder | ground truth) and ``<name>.grid.png``, plus the row as
+    ``.clips/<name>.json``: all of them appear together when the clip succeeded, none of them when it failed
+    (:class:`refdecoder.inference.outfolder.OutputFolder`).
 
     Args:
         decoder: from :func:`refdecoder.inference.load_decoder`.
@@ -271,39 +274,40 @@ def reconstruct_video(
             promised,
             frames,
         )
-    stem = Path(out_dir) / name
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    truth = iter_frames(path, chunk=16, max_frames=frames, plan=plan)
-    scores = decode_to_files(
-        decoder,
-        latents,
-        reference,
-        stem,
-        info.fps,
-        options,
-        frames=frames,
-        truth=truth,
-        reference_index=options.reference_index if options.reference_image is None else None,
-        lpips=lpips,
-        progress=progress,
-    )
-    device = next(decoder.vae.parameters()).device
-    return {
-        "name": name,
-        "input": str(path),
-        "output": f"{stem}.mp4",
-        "decoder": "refdecoder" if decoder.conditioned else "base",
-        "frames": frames,
-        "frames_header": info.frames,
-        "truncated": truncated,
-        "fps": info.fps,
-        "height": plan.size[0],
-        "width": plan.size[1],
-        "reference": options.reference_index if options.reference_image is None else str(options.reference_image),
-        **scores,
-        "psnr_written": _written_psnr(Path(f"{stem}.mp4"), path, plan, frames, device),
-        "seconds": time.perf_counter() - started,
-    }
+    with OutputFolder(out_dir).stage(name) as stage:  # the clip's files appear whole, or not at all
+        stem = stage.stem
+        truth = iter_frames(path, chunk=16, max_frames=frames, plan=plan)
+        scores = decode_to_files(
+            decoder,
+            latents,
+            reference,
+            stem,
+            info.fps,
+            options,
+            frames=frames,
+            truth=truth,
+            reference_index=options.reference_index if options.reference_image is None else None,
+            lpips=lpips,
+            progress=progress,
+        )
+        device = next(decoder.vae.parameters()).device
+        stage.result = {
+            "name": name,
+            "input": str(path),
+            "output": str(Path(out_dir) / f"{name}.mp4"),
+            "decoder": "refdecoder" if decoder.conditioned else "base",
+            "frames": frames,
+            "frames_header": info.frames,
+            "truncated": truncated,
+            "fps": info.fps,
+            "height": plan.size[0],
+            "width": plan.size[1],
+            "reference": options.reference_index if options.reference_image is None else str(options.reference_image),
+            **scores,
+            "psnr_written": _written_psnr(Path(f"{stem}.mp4"), path, plan, frames, device),
+            "seconds": time.perf_counter() - started,
+        }
+    return stage.result
 
 
 def _encode(
