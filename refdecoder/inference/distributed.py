@@ -107,12 +107,12 @@ def init_distributed(ctx: RankContext, device: str | torch.device | None = None)
     gloo for the CPU, with the launcher's ``MASTER_ADDR`` / ``MASTER_PORT`` rendezvous.
 
     Raises:
-        ConfigError: several processes but no rendezvous address in the environment, or an unknown device.
+        ConfigError: several processes but no rendezvous address in the environment.
+        InputError: a device name torch does not know or this machine does not have.
     """
-    try:
-        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as err:
-        raise ConfigError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps): {err}") from None
+    from refdecoder.inference.loading import resolve_device
+
+    chosen = resolve_device(None if device is None else str(device))
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", ctx.local_rank)
     if chosen.type == "cuda":

@@ -76,13 +76,15 @@ class RankProgress:
             return
         mine = _describe(self.done, self.total, now - self.started, self.unit)
         if not self.ctx.distributed:
-            print(f"{self.unit}: {mine}", file=self.stream, flush=True)
+            print(f"done: {mine}", file=self.stream, flush=True)
             return
         done, total, started = self._totals()
         every = _describe(done, total, now - started, self.unit)
         print(f"{self.ctx.label}: {mine} | all ranks: {every}", file=self.stream, flush=True)
 
     def _write(self) -> None:
+        if not self.ctx.distributed:
+            return  # one process: its own count is the total
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / f"rank-{self.ctx.rank}.json"
         tmp = path.with_name(f".{path.name}.tmp")
