@@ -42,6 +42,7 @@ R = TypeVar("R")
 # item, so the tests can kill one rank in the middle of a run without relying on timing.
 _EXIT_AFTER = "REFDECODER_TEST_EXIT_AFTER"
 _TIMEOUT = timedelta(minutes=60)  # a barrier may wait for the slowest rank's whole share
+_OWNED = {"group": False}  # whether init_distributed created the process group (then close_distributed ends it)
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,16 @@ def init_distributed(ctx: RankContext, device: str | torch.device | None = None)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"device_id": chosen} if backend == "nccl" else {}
     torch.distributed.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size, timeout=_TIMEOUT, **kwargs)
+    _OWNED["group"] = True
     return chosen
 
 
 def close_distributed() -> None:
-    """Tear down the process group if one exists (idempotent)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Tear down the process group :func:`init_distributed` created (idempotent); a group the caller made
+    itself (e.g. a script running several commands in one launch) is left to the caller."""
+    if _OWNED["group"] and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _OWNED["group"] = False
 
 
 def barrier(ctx: RankContext) -> None:
