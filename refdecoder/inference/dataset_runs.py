@@ -25,12 +25,12 @@ from refdecoder.errors import InputError
 from refdecoder.inference.distributed import (
     RankContext,
     barrier,
+    exit_if_told,
     gather_objects,
     init_distributed,
     map_shared,
     rank_context,
     share,
-    test_exit_hook,
 )
 from refdecoder.inference.loading import Decoder
 from refdecoder.inference.outfolder import OutputFolder
@@ -96,7 +96,7 @@ def run_shared(
         if table and not ctx.distributed:
             outputs.update_metrics()  # one writer: the table stays current after every clip
         bar.update()
-        test_exit_hook(ctx, count)
+        exit_if_told(ctx, count)
     barrier(ctx)
     if table and ctx.distributed and ctx.is_main:
         outputs.update_metrics()  # once, from every rank's per-clip results

@@ -32,7 +32,7 @@ __all__ = [
     "gather_objects",
     "share",
     "map_shared",
-    "test_exit_hook",
+    "exit_if_told",
 ]
 
 T = TypeVar("T")
@@ -187,7 +187,7 @@ def map_shared(ctx: RankContext, items: Sequence[T], fn: Callable[[T], R]) -> li
     return out
 
 
-def test_exit_hook(ctx: RankContext, finished: int) -> None:
+def exit_if_told(ctx: RankContext, finished: int) -> None:
     """Exit (status 17, as a crash would) when ``REFDECODER_TEST_EXIT_AFTER=RANK:N`` names this rank and
     ``finished`` reached N. For the tests of killed ranks; does nothing otherwise."""
     spec = os.environ.get(_EXIT_AFTER, "")

@@ -33,12 +33,12 @@ from refdecoder.errors import ConfigError, InputError
 from refdecoder.inference.distributed import (
     RankContext,
     barrier,
+    exit_if_told,
     gather_objects,
     init_distributed,
     map_shared,
     rank_context,
     share,
-    test_exit_hook,
 )
 from refdecoder.inference.encode_sources import VideoSource, collect_sources, probe_source
 from refdecoder.inference.loading import Decoder
@@ -248,7 +248,7 @@ def _encode_video(
                 writer.write(key, latents, _png(video[:, options.reference_index]), meta, source.caption)
                 report.encoded += 1
                 bar.update()
-                test_exit_hook(ctx, report.encoded)
+                exit_if_told(ctx, report.encoded)
     except Exception as err:  # one broken video must not stop the others; its clips stay missing, a rerun retries
         logger.debug("%s failed", source.locator, exc_info=True)
         message = " ".join(str(err).split()) or type(err).__name__

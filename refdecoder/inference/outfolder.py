@@ -55,7 +55,9 @@ def ensure_writable(folder: str | os.PathLike, flag: str = "--out") -> Path:
         os.close(handle)
         os.unlink(probe)
     except OSError as err:
-        raise InputError(f"{flag} {folder} is not writable ({err.strerror or err}); choose a writable folder") from None
+        raise InputError(
+            f"{flag} {folder} is not writable ({err.strerror or err}); choose a writable folder"
+        ) from None
     finally:
         for path in created:
             with contextlib.suppress(OSError):
