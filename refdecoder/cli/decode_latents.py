@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Decode every latents file of LATENT_DIR (this rank's share under torchrun); returns 1 if any failed."""
     from refdecoder.cli._ranks import main_first, start_ranks, unfinished
-    from refdecoder.cli.reconstruct import check_out, failure_row, interruptible, load_from_args
+    from refdecoder.cli.reconstruct import check_out, collect_rows, interruptible, load_from_args
     from refdecoder.errors import DataError
     from refdecoder.inference.dataset_runs import decode_latents_dataset
     from refdecoder.inference.distributed import close_distributed
@@ -73,13 +73,9 @@ def run(args: argparse.Namespace) -> int:
         crf=args.crf,
     )
     rows: list[dict[str, Any]] = []
-    loud = ctx.is_main or args.all_ranks
 
-    def on_row(row: dict[str, Any], error: BaseException | None) -> None:
-        rows.append(row)
-        if error is not None:
-            failure_row(row["name"], row["input"], error)
-        elif loud:
+    def say(row: dict[str, Any]) -> None:
+        if ctx.is_main or args.all_ranks:
             print(
                 f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
                 f"(normalized={row['normalized']}) -> {row['output']}"
@@ -97,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             ctx,
             args.resume,
             args.overwrite,
-            on_row,
+            collect_rows(rows, say),
             args.no_progress or None,
         )
     close_distributed()

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,12 +236,7 @@ def run(args: argparse.Namespace) -> int:
     outputs = OutputFolder(args.out)
     rows: list[dict[str, Any]] = []
     loud = ctx.is_main or args.all_ranks
-
-    def on_row(row: dict[str, Any], error: BaseException | None) -> None:
-        rows.append(row)
-        if error is not None:
-            failure_row(row["name"], row["input"], error)
-
+    on_row = collect_rows(rows)
     with interruptible(videos, rows, "videos"):
         reconstruct_dataset(
             decoder,
@@ -274,6 +269,20 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"report: {write_report(args.out)}")
     return 1 if failures else 0
+
+
+def collect_rows(rows: list[dict[str, Any]], say: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    """A row callback for :mod:`refdecoder.inference.dataset_runs`: keeps every row in ``rows`` (for the summary
+    and the Ctrl-C line), reports a failure on one line, and hands a successful row to ``say``."""
+
+    def on_row(row: dict[str, Any], error: BaseException | None) -> None:
+        rows.append(row)
+        if error is not None:
+            failure_row(row["name"], row["input"], error)
+        elif say is not None:
+            say(row)
+
+    return on_row
 
 
 def failure_row(name: str, path: Path, err: BaseException) -> dict[str, Any]:

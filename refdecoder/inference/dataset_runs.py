@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from refdecoder.inference.outfolder import OutputFolder
 from refdecoder.inference.rank_progress import RankProgress
 from refdecoder.inference.reconstruct import DecodeOptions, Progress, ReconstructOptions, reconstruct_video
 
-__all__ = ["RowCallback", "reconstruct_dataset", "decode_latents_dataset", "run_shared"]
+__all__ = ["RowCallback", "reconstruct_dataset", "decode_latents_dataset", "run_shared", "one_line"]
 
 # Called with every row this rank produces, and the exception when the row is a failure (None otherwise).
 RowCallback = Callable[[dict[str, Any], "BaseException | None"], None]
@@ -94,13 +95,25 @@ def run_shared(
         if on_row is not None:
             on_row(row, error)
         if table and not ctx.distributed:
-            outputs.update_metrics()  # one writer: the table stays current after every clip
+            _update_table(outputs)  # one writer: the table stays current after every clip
         bar.update()
         exit_if_told(ctx, count)
     barrier(ctx)
     if table and ctx.distributed and ctx.is_main:
-        outputs.update_metrics()  # once, from every rank's per-clip results
+        _update_table(outputs)  # once, from every rank's per-clip results
     return rows
+
+
+def _update_table(outputs: OutputFolder) -> None:
+    """Rebuild metrics.csv; a full disk leaves the per-clip results in place for the next run to merge."""
+    try:
+        outputs.update_metrics()
+    except OSError as err:
+        print(
+            f"warning: {outputs.folder / 'metrics.csv'} not updated ({err.strerror or err}); the per-clip "
+            "results are in .clips/ and the next run rebuilds it",
+            file=sys.stderr,
+        )
 
 
 def _claimed(
@@ -113,14 +126,15 @@ def _claimed(
                 with torch.inference_mode():
                     return work(index), None
             except Exception as err:  # one broken file must not stop the others
-                row = {"name": name, "error": _one_line(err)}
+                row = {"name": name, "error": one_line(err)}
                 outputs.record_failure(row)
                 return row, err
     except InputError as err:  # held or finished by another run: its outputs are not ours to touch
-        return {"name": name, "error": _one_line(err)}, err
+        return {"name": name, "error": one_line(err)}, err
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An exception as one line: its message with whitespace collapsed, or its type name."""
     return " ".join(str(err).split()) or type(err).__name__
 
 

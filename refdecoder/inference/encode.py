@@ -30,6 +30,7 @@ from refdecoder.data.latent_shards import LatentShardWriter, finished_shards, wr
 from refdecoder.data.sampling import derive_seed
 from refdecoder.data.video import VideoReader, write_image
 from refdecoder.errors import ConfigError, InputError
+from refdecoder.inference.dataset_runs import one_line
 from refdecoder.inference.distributed import (
     RankContext,
     barrier,
@@ -251,7 +252,7 @@ def _encode_video(
                 exit_if_told(ctx, report.encoded)
     except Exception as err:  # one broken video must not stop the others; its clips stay missing, a rerun retries
         logger.debug("%s failed", source.locator, exc_info=True)
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = one_line(err)
         print(f"error: {source.locator}: {message}", file=sys.stderr)
         report.failed.append(f"{source.locator}: {message}")
 
