@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,10 @@ Patch = tuple[int, int, int]
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -194,11 +199,12 @@ class WindowConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.latent_frames is None or self.latent_frames >= 1,
+            self.latent_frames is None or (_is_int(self.latent_frames) and self.latent_frames >= 1),
             f"window.latent_frames must be >= 1, got {self.latent_frames}",
         )
         _check(
-            self.max_tokens_per_stage is None or self.max_tokens_per_stage > 0,
+            self.max_tokens_per_stage is None
+            or (_is_int(self.max_tokens_per_stage) and self.max_tokens_per_stage > 0),
             f"window.max_tokens_per_stage must be positive, got {self.max_tokens_per_stage}",
         )
 
@@ -240,7 +246,10 @@ class RefDecoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefDecoderConfig:
-        """Build from a dict; unknown keys are logged and ignored, wrong types raise :class:`ConfigError`."""
+        """Build from a dict; unknown keys are logged and ignored, wrong types raise :class:`ConfigError` naming the
+        key (``transformer.depth``)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a RefDecoder config is a JSON object of keys to values, got {type(data).__name__}")
         data = dict(data)
         data.pop("refdecoder_version", None)
         return _from_dict(cls, data, path="")
@@ -264,7 +273,9 @@ class RefDecoderConfig:
 
 
 def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    from refdecoder.training._typed import coerce  # here: refdecoder.training imports this module
+
+    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         logger.warning("ignoring unknown config keys %s", [path + k for k in unknown])
@@ -277,6 +288,8 @@ def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path + name!r} must be a mapping, got {type(value).__name__}")
             value = _from_dict(nested, value, path=f"{path}{name}.")
+        else:
+            value = coerce(hints[name], value, path + name)  # a value of the wrong type names its key
         kwargs[name] = value
     try:
         return cls(**kwargs)

@@ -31,11 +31,14 @@ from refdecoder.errors import BackboneError, CheckpointError, ConfigError, Input
 from refdecoder.hooks import DecodeContext
 from refdecoder.stages import ReferenceHooks, stage_indices, stage_patches
 from refdecoder.validation import (
+    FiniteOutput,
+    check_finite_weights,
     check_latent_statistics,
     check_latents,
     check_reference,
     check_reference_index,
     check_video,
+    check_window,
 )
 
 __all__ = ["RefDecoder", "RefDecoderOutput", "wrap", "load", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -173,7 +176,11 @@ class RefDecoder(nn.Module):
         latents, ctx, windows = self._prepare_decode(
             latents, reference, window, resize_reference, generator, decode_inputs
         )
-        return self._finish(self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows), clamp)
+        finite = FiniteOutput(enabled=not self.training)  # one reduction per decode; training has its own guard
+        video = self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows)
+        video = finite.add(self._finish(video, clamp=False))
+        finite.check(latents, self.named_parameters())
+        return video.clamp(-1.0, 1.0) if clamp else video
 
     def iter_decode(
         self,
@@ -197,8 +204,11 @@ class RefDecoder(nn.Module):
         latents, ctx, windows = self._prepare_decode(
             latents, reference, window, resize_reference, generator, decode_inputs
         )
+        finite = FiniteOutput(enabled=not self.training)  # flags stay on the device; one host check at the end
         for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
-            yield self._finish(part, clamp, depth_to_space)
+            part = finite.add(self._finish(part, False, depth_to_space))
+            yield part.clamp(-1.0, 1.0) if clamp else part
+        finite.check(latents, self.named_parameters())
 
     def _prepare_decode(
         self,
@@ -260,9 +270,7 @@ class RefDecoder(nn.Module):
     def window_size(self, latents: torch.Tensor, num_reference: int = 1, window: int | None = None) -> int:
         """Latent frames per decoder pass: ``window`` or the config's, shrunk to fit ``max_tokens_per_stage``."""
         default = self.config.window.latent_frames or self.adapter.default_window
-        size = default if window is None else window
-        if size < 1:
-            raise ConfigError(f"window must be >= 1 latent frame, got {size}")
+        size = default if window is None else check_window(window)
         budget = self.config.window.max_tokens_per_stage
         while budget is not None and size > 1 and self.stage_tokens(latents.shape[-2:], size, num_reference) > budget:
             size -= 1
@@ -372,6 +380,7 @@ class RefDecoder(nn.Module):
                 f"RefDecoder weights do not match the model: {len(missing)} missing {missing[:10]}, "
                 f"{len(unexpected)} unexpected {unexpected[:10]}, {len(wrong)} with wrong shapes {wrong[:10]}"
             )
+        check_finite_weights(state, "RefDecoder weights")
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(state[key])
@@ -380,11 +389,14 @@ class RefDecoder(nn.Module):
         """Write ``refdecoder_config.json`` and ``refdecoder.safetensors`` (no frozen base weights) atomically."""
         from safetensors.torch import save_file
 
+        from refdecoder._files import use_default_mode
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.refdecoder_state_dict().items()}
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             save_file(tensors, Path(tmp) / WEIGHTS_NAME, metadata={"format": "pt"})
+            use_default_mode(Path(tmp) / WEIGHTS_NAME)  # safetensors writes 0600; the config gets the umask's mode
             self.config.save(Path(tmp) / CONFIG_NAME)
             for name in (WEIGHTS_NAME, CONFIG_NAME):
                 os.replace(Path(tmp) / name, directory / name)

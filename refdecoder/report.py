@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from refdecoder.errors import DataError
-from refdecoder.inference.results import METRICS_CSV, read_metrics_csv
+from refdecoder.inference.results import METRICS_CSV, read_clip_metrics, read_metrics_csv
 
 __all__ = ["REPORT_NAME", "ROLES", "find_clips", "write_report"]
 
@@ -54,7 +54,7 @@ def find_clips(folder: str | os.PathLike) -> list[str]:
     """Clip names of a report folder: the rows of ``metrics.csv``, else every ``<name>.base.mp4`` / ``<name>.mp4``."""
     folder = Path(folder)
     if (folder / METRICS_CSV).is_file():
-        return [str(r["name"]) for r in read_metrics_csv(folder / METRICS_CSV) if "error" not in r]
+        return [str(r["name"]) for r in read_clip_metrics(folder / METRICS_CSV) if "error" not in r]
     names = {p.name[: -len(".base.mp4")] for p in folder.glob("*.base.mp4")}
     return sorted(names or {p.stem for p in folder.glob("*.mp4") if "." not in p.stem})
 
@@ -80,9 +80,8 @@ def write_report(
     names = find_clips(folder)
     if not names:
         raise DataError(f"{folder} holds no decoded videos (<name>.mp4, <name>.base.mp4) to report on")
-    rows = (
-        {str(r["name"]): r for r in read_metrics_csv(folder / METRICS_CSV)} if (folder / METRICS_CSV).is_file() else {}
-    )
+    table = folder / METRICS_CSV
+    rows = {str(r["name"]): r for r in read_clip_metrics(table)} if table.is_file() else {}
     title = html.escape("/".join(folder.resolve().parts[-2:]))
     body = [f"<h1>refdecoder report: {title}</h1>", _metrics_table(names, rows)]
     if runs:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
-from refdecoder.errors import ConfigError, InputError
+from refdecoder.errors import CheckpointError, ConfigError, InputError, RefDecoderError
 from refdecoder.frames import FrameRule
 
 __all__ = [
@@ -15,11 +18,20 @@ __all__ = [
     "check_reference_index",
     "check_range",
     "check_latent_statistics",
+    "check_window",
+    "check_finite_weights",
+    "FiniteOutput",
 ]
 
 # References a little outside [-1, 1] come from resampling overshoot; anything beyond this margin is almost
 # certainly the wrong range (e.g. [0, 255] pixels).
 _RANGE_MARGIN = 0.25
+logger = logging.getLogger("refdecoder")
+_warned: set[bool] = set()  # the [0, 1] reference warning was given
+
+# Raw latents of the supported VAEs are of order 1-10; a decode that overflows with latents beyond this was
+# almost certainly given latents at the wrong scale.
+_LATENT_SCALE_LIMIT = 1e3
 
 
 def _has_values(x: torch.Tensor) -> bool:
@@ -36,13 +48,14 @@ def _check_tensor(x: object, what: str, layout: str) -> torch.Tensor:
 
 
 def check_latents(latents: torch.Tensor, channels: int) -> None:
-    """Raw VAE latents ``B, C, T, h, w`` with ``C == channels`` and finite values."""
+    """Raw VAE latents ``B, C, T, h, w`` with ``C == channels``, no empty axis and finite values."""
     _check_tensor(latents, "latents", "B, C, T, h, w")
     if latents.ndim != 5 or latents.shape[1] != channels:
         raise InputError(
             f"latents must have shape (B, {channels}, T, h, w), got {tuple(latents.shape)}; "
             "pass raw latents as vae.decode takes them"
         )
+    _check_not_empty(latents, "latents", "B, C, T, h, w")
     if _has_values(latents) and not torch.isfinite(latents).all():
         raise InputError("latents contain NaN or inf values; check the diffusion sampler or the de-normalisation")
 
@@ -66,6 +79,7 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int)
     _check_tensor(video, "video", "B, 3, T, H, W")
     if video.ndim != 5 or video.shape[1] != 3:
         raise InputError(f"video must have shape (B, 3, T, H, W), got {tuple(video.shape)}")
+    _check_not_empty(video, "video", "B, 3, T, H, W")
     frame_rule.check(video.shape[2])
     h, w = video.shape[-2:]
     if h % spatial_factor or w % spatial_factor:
@@ -73,11 +87,15 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int)
     check_range(video, "video")
 
 
-def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+def check_reference(
+    reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False, warn_range: bool = True
+) -> torch.Tensor:
     """Return the reference as ``B, 3, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
 
     Accepts ``B, 3, H, W`` (one frame) or ``B, 3, R, H, W``; a batch of 1 is broadcast to ``batch``. A size
-    mismatch is an error unless ``resize`` is set, in which case frames are resized (bilinear, antialiased).
+    mismatch is an error unless ``resize`` is set, in which case frames are resized (bilinear, antialiased). A
+    reference without any negative value is legal but suspicious (a [0, 1] image passed as is): logged once per
+    process as a warning, unless ``warn_range`` is False (for a reference the decode checks again).
     """
     _check_tensor(reference, "reference", "B, 3, R, H, W")
     given = tuple(reference.shape)
@@ -86,6 +104,7 @@ def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], 
     if reference.ndim != 5 or reference.shape[1] != 3:
         hint = "; channels must come second (channels-last images: x.permute(0, 3, 1, 2))" if given[-1] == 3 else ""
         raise InputError(f"reference must have shape (B, 3, H, W) or (B, 3, R, H, W), got {given}{hint}")
+    _check_not_empty(reference, "reference", "B, 3, R, H, W")
     if reference.shape[0] not in (1, batch):
         raise InputError(f"reference batch {reference.shape[0]} does not match the latents' batch {batch} (or 1)")
     if tuple(reference.shape[-2:]) != tuple(size):
@@ -96,7 +115,73 @@ def check_reference(reference: torch.Tensor, batch: int, size: tuple[int, int], 
             )
         reference = _resize_frames(reference, size)
     check_range(reference, "reference")
+    if warn_range and _has_values(reference) and reference.amin().item() >= 0 and not _warned:
+        _warned.add(True)  # once per process: a training run must not repeat it every step
+        logger.warning(
+            "the reference has no negative values: is it in [0, 1] instead of [-1, 1]? (convert with x * 2 - 1); "
+            "a very bright image is the other explanation"
+        )
     return reference.expand(batch, *reference.shape[1:])
+
+
+def _check_not_empty(x: torch.Tensor, what: str, layout: str) -> None:
+    """An axis of size 0 (an empty batch, no frames, no pixels) is refused before any module sees it."""
+    if 0 in x.shape:
+        axes = [name for name, size in zip(layout.split(", "), x.shape) if size == 0]
+        raise InputError(f"{what} of shape {tuple(x.shape)} ({layout}) is empty along {', '.join(axes)}")
+
+
+def check_window(window: object) -> int:
+    """A window of latent frames: an integer >= 1 (``ConfigError`` for ``1.5``, ``0``, ``True``, ``"4"``)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"window must be an integer >= 1 (latent frames per decoder pass), got {window!r}")
+    return window
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor of ``state`` that holds NaN or inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and _has_values(tensor) and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{where}: tensor {name} holds NaN or inf values; the checkpoint is damaged or was saved after a "
+                "diverged step: use an earlier checkpoint"
+            )
+
+
+class FiniteOutput:
+    """Whether every chunk of one decode was finite: accumulated on the device (no host sync per window) and
+    checked once, when the decode ends, by :meth:`check`. Disabled (``enabled=False``) in training mode, where the
+    recipe's non-finite guard skips such steps instead of stopping the run."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.finite: torch.Tensor | None = None
+
+    def add(self, video: torch.Tensor) -> torch.Tensor:
+        """Note ``video`` (before any clamp: a clamp turns inf into 1) and return it."""
+        if self.enabled and _has_values(video):
+            flag = torch.isfinite(video).all()
+            self.finite = flag if self.finite is None else self.finite & flag
+        return video
+
+    def check(self, latents: torch.Tensor, parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Raise, naming the likely cause, when a chunk held NaN or inf: the latents' scale
+        (:class:`InputError`), a weight (:class:`CheckpointError`) or the model itself."""
+        if self.finite is None or bool(self.finite):
+            return
+        peak = latents.abs().amax().item()
+        if peak > _LATENT_SCALE_LIMIT:
+            raise InputError(
+                f"the decoded video holds NaN or inf values: the latents reach {peak:.3g} in magnitude, raw VAE "
+                "latents are of order 1-10; check their scale (de-normalised twice, or a scaling factor applied?)"
+            )
+        bad = next((name for name, p in parameters if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"the decoded video holds NaN or inf values because weight {bad} does; reload it")
+        raise RefDecoderError(
+            "the decoded video holds NaN or inf values although the latents and weights are finite: the model "
+            "overflowed (fp16? decode in bf16 or fp32)"
+        )
 
 
 def _resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

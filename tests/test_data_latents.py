@@ -85,7 +85,10 @@ def test_broken_files_and_missing_references_are_skipped(tmp_path, reference_png
     save_latents(tmp_path / "lat" / "a.safetensors", torch.randn(4, 1, 2, 2), reference_png, height=16, width=16)
     (tmp_path / "lat" / "b.safetensors").write_bytes(b"not a safetensors file")
     save_latents(tmp_path / "lat" / "c.safetensors", torch.randn(4, 1, 2, 2), height=16, width=16)  # no reference
-    ds = LatentDataset(tmp_path / "lat", seed=0)
+    # a.safetensors names ../refs/gen0.png: readable only with that folder given as the reference folder
+    with pytest.raises(DataError, match=r"'reference' metadata '\.\./refs/gen0\.png' points outside"):
+        LatentDataset(tmp_path / "lat", seed=0, max_failures=1)[0]
+    ds = LatentDataset(tmp_path / "lat", reference_dir=reference_png.parent, seed=0)
     with caplog.at_level(logging.WARNING, logger="refdecoder"):
         items = [ds[i] for i in range(3)]
     assert [i["key"] for i in items] == ["a", "a", "a"]

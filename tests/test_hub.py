@@ -131,8 +131,19 @@ def test_hub_ids_that_could_leave_the_snapshot_are_refused(hub: Path, tmp_path: 
     with pytest.raises(CheckpointError, match="refused") as err:
         refdecoder.load(tiny_wan(), spec)
     assert "\n" not in str(err.value)
-    code = main(["reconstruct", str(bundled_clips()[0]), "--out", str(tmp_path / "o"), "--vae", "org/tiny/vae",
-                 "--weights", spec, "--no-progress"])
+    code = main(
+        [
+            "reconstruct",
+            str(bundled_clips()[0]),
+            "--out",
+            str(tmp_path / "o"),
+            "--vae",
+            "org/tiny/vae",
+            "--weights",
+            spec,
+            "--no-progress",
+        ]
+    )
     err_text = capsys.readouterr().err.strip()
     assert code == 1 and len(err_text.splitlines()) == 1 and "refused" in err_text
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -73,6 +73,23 @@ def test_resolve(tmp_path):
         ckpts.resolve(str(tmp_path / "missing.ckpt"))
 
 
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    ckpts = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        ckpts.save(step, _writer(float(step)))
+    newest = ckpts.path_for(2)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut after its rename
+    with caplog.at_level("WARNING", logger="refdecoder.training"):
+        assert ckpts.resolve("auto") == ckpts.path_for(1)
+    assert any("damaged" in r.getMessage() and str(newest) in r.getMessage() for r in caplog.records)
+    assert torch.load(ckpts.resolve("auto"))["value"] == 1.0
+    ckpts.save(2, _writer(2.5))  # the resumed run reaches step 2 again: the damaged copy is replaced
+    assert ckpts.resolve("auto") == newest and torch.load(newest)["value"] == 2.5
+    ckpts.path_for(1).write_bytes(b"")
+    newest.write_bytes(b"not a zip")
+    assert ckpts.resolve("auto") is None  # nothing loadable: a fresh start, with the warnings saying why
+
+
 _KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})

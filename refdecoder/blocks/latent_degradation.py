@@ -212,10 +212,13 @@ class DegradationProxy(nn.Module):
         """Write weights and architecture into one ``.safetensors`` file (works before and after freezing)."""
         from safetensors.torch import save_file
 
+        from refdecoder._files import use_default_mode
+
         tensors = {n: t.detach().contiguous().cpu() for n, t in (*self.named_parameters(), *self.named_buffers())}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"refdecoder_proxy": json.dumps(self.config)})
+        use_default_mode(path)
         return path
 
     @classmethod

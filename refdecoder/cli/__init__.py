@@ -30,9 +30,12 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with a line saying what finished and what did not."""
 
 
+_debug_flag = False  # --debug of the running command
+
+
 def debug_enabled() -> bool:
     """True with ``--debug`` or ``REFDECODER_DEBUG=1``: errors show their traceback."""
-    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    return _debug_flag or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
 
 _ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`~?([^`]+)`")
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     error, 130 interrupted (Ctrl-C)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.debug:
-        os.environ[DEBUG_ENV] = "1"  # also for the commands' per-file errors and any subprocess
+    global _debug_flag
+    _debug_flag = args.debug  # also read by the commands, for their per-file errors
     debug = debug_enabled()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose or debug else logging.INFO, format="%(levelname)s %(message)s"

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from refdecoder.analysis import channel_eigenspectrum, power_spectrum
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     files = _collect(args.latents, videos=args.vae is not None)
     encode = _encoder(args.vae) if args.vae is not None else None
     latents = [encode(path) if _is_video(path) else _load(path) for path in files]
@@ -169,6 +171,10 @@ def _load(path: Path) -> Any:
     if not isinstance(latents, torch.Tensor) or latents.ndim not in (4, 5):
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise DataError(f"{path}: latents must be C, T, H, W or B, C, T, H, W, got {shape}")
+    if not latents.is_floating_point() or 0 in latents.shape:
+        raise DataError(f"{path}: latents must be non-empty floats, got {latents.dtype} {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise DataError(f"{path}: the latents hold NaN or inf values; check the sampler that made them")
     return (latents[None] if latents.ndim == 4 else latents).float()
 
 

@@ -42,7 +42,11 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert ``args.checkpoint`` into ``args.out`` (and the base VAE into ``args.base_out``); returns 0."""
     from refdecoder.convert import load_official
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
+    if args.base_out:
+        ensure_writable(args.base_out, "--base-out")
     model = load_official(args.checkpoint, backbone=args.backbone, allow_pickle=args.allow_pickle)
     out = model.save_pretrained(args.out)
     added = sum(p.numel() for _, p in model.added_parameters())

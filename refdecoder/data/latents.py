@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from refdecoder._files import use_default_mode
 from refdecoder.data.base import RetryingDataset
 from refdecoder.data.latent_shards import LatentMember, index_latent_shards, is_latent_shard_folder, read_latent_sample
 from refdecoder.data.transforms import ResizeMode
@@ -69,6 +70,7 @@ def save_latents(
         meta["reference"] = _relative(Path(reference_image_path), path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"latents": latents.detach().cpu().contiguous()}, str(path), metadata=meta)
+    use_default_mode(path)
     return path
 
 
@@ -180,7 +182,7 @@ def metadata_reference(path: Path, name: str, folders: list[Path]) -> Path:
         DataError: ``name`` resolves outside every allowed folder.
     """
     target = (path.parent / name).resolve()
-    allowed = [path.parent, *folders]
+    allowed = list(dict.fromkeys([path.parent, *folders]))
     if any(target.is_relative_to(folder.resolve()) for folder in allowed):
         return target
     raise DataError(

@@ -285,9 +285,12 @@ def save_vae(vae: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | 
     elif dataclasses.is_dataclass(getattr(source, "config", None)):
         from safetensors.torch import save_file
 
+        from refdecoder._files import use_default_mode
+
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in source.state_dict().items()}
         save_file(tensors, tmp / VIDEOVAEPLUS_WEIGHTS, metadata={"format": "pt"})
+        use_default_mode(tmp / VIDEOVAEPLUS_WEIGHTS)
         config = dataclasses.asdict(source.config)
         (tmp / VIDEOVAEPLUS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:

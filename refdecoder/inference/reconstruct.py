@@ -490,7 +490,7 @@ def refuse_upscale_head(decoder: Decoder, what: str) -> None:
 def _display_reference(reference: torch.Tensor, adapter: BackboneAdapter, latents: torch.Tensor) -> torch.Tensor:
     """The (first) reference frame as ``3, 1, H, W`` at the output size, for side-by-side views."""
     size = tuple(s * adapter.spatial_factor for s in latents.shape[-2:])
-    return check_reference(reference.float(), 1, size, resize=True)[0, :, :1]
+    return check_reference(reference.float(), 1, size, resize=True, warn_range=False)[0, :, :1]
 
 
 def _written_psnr(written: Path, source: Path, plan: ResizePlan, frames: int, device: torch.device) -> float:

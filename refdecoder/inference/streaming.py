@@ -23,7 +23,7 @@ from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.tiling import TilePlan, iter_tiled
-from refdecoder.validation import check_latents, check_reference
+from refdecoder.validation import FiniteOutput, check_latents, check_reference, check_window
 
 __all__ = ["RuleChunks", "encode_chunks", "iter_decode", "decode_video", "window_pixel_ranges"]
 
@@ -146,23 +146,27 @@ def iter_decode(
     """
     adapter = source if isinstance(source, BackboneAdapter) else source.adapter
     check_latents(latents, adapter.latent_channels)
+    if window is not None:
+        check_window(window)
     if reference is not None:
         if isinstance(source, BackboneAdapter):
             raise InputError("a reference needs RefDecoder weights; the plain backbone decode takes none")
-        reference = check_reference(
-            reference, latents.shape[0], source.output_size(latents.shape[-2:]), resize_reference
-        )
+        size = source.output_size(latents.shape[-2:])
+        reference = check_reference(reference, latents.shape[0], size, resize_reference, warn_range=False)
     if tiles is not None:
         chunks = _iter_tiles(source, latents, reference, window, tiles)
     else:
         chunks = _stream_windows(source, latents, reference, window)
+    # A RefDecoder checks its own output; the plain backbone decode is checked here, once at the end.
+    finite = FiniteOutput(enabled=isinstance(source, BackboneAdapter))
     while True:
         # no_grad only around each step: a `with` spanning the yield would leak into the caller's code.
         with torch.no_grad():
             chunk = next(chunks, None)
         if chunk is None:
+            finite.check(latents, adapter.decoder_parameters())
             return
-        yield chunk.clamp(-1.0, 1.0) if clamp else chunk
+        yield finite.add(chunk).clamp(-1.0, 1.0) if clamp else finite.add(chunk)
 
 
 def _iter_tiles(

@@ -2,8 +2,10 @@
 
 A checkpoint is written under a temporary name (``step-000000100.tmp``) and renamed to ``step-000000100.ckpt``
 only once it is complete and flushed to disk; a process killed mid-write leaves a temporary entry that is ignored
-(and removed by the next save), so the previous checkpoint stays the latest loadable one. The write itself is a
-callable (in the recipe: ``fabric.save``), so sharded checkpoints (folders, FSDP/DeepSpeed) work the same way.
+(and removed by the next save), so the previous checkpoint stays the latest loadable one. A checkpoint file damaged
+after its rename (a truncated copy, a full disk during a sync) is skipped by ``--resume auto`` with a warning, which
+falls back to the one before, and is rewritten when its step comes again. The write itself is a callable (in the
+recipe: ``fabric.save``), so sharded checkpoints (folders, FSDP/DeepSpeed) work the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -57,6 +60,16 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1][1] if found else None
 
+    def latest_readable(self) -> Path | None:
+        """The newest checkpoint that is not visibly damaged (see :func:`damage`), or None; damaged newer ones are
+        skipped with a warning."""
+        for _, path in reversed(self.checkpoints()):
+            problem = damage(path)
+            if problem is None:
+                return path
+            logger.warning("skipping the damaged checkpoint %s (%s); trying the one before", path, problem)
+        return None
+
     def resolve(self, resume: str | None) -> Path | None:
         """What ``--resume`` means: ``"auto"`` (newest here, or None), ``"none"``/None (fresh start), or a path.
 
@@ -66,7 +79,7 @@ class CheckpointManager:
         if resume in (None, "none", ""):
             return None
         if resume == "auto":
-            return self.latest()
+            return self.latest_readable()
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"--resume {resume}: no such checkpoint (use --resume auto to take the newest one)")
@@ -91,12 +104,13 @@ class CheckpointManager:
             The final path.
         """
         final = self.path_for(step)
-        if final.exists():  # this step was saved before a restart: its state is the same
+        if final.exists() and damage(final) is None:  # this step was saved before a restart: its state is the same
             return final
         tmp = self.directory / f"{final.stem}{_TMP_SUFFIX}"
         if is_global_zero:
             self.directory.mkdir(parents=True, exist_ok=True)
             _remove(tmp)
+            _remove(final)  # a damaged copy of this step, skipped by the resume
         barrier()
         write(tmp)
         barrier()
@@ -115,6 +129,19 @@ class CheckpointManager:
         for path in self.directory.glob(f"*{_TMP_SUFFIX}"):
             logger.info("removing the incomplete checkpoint %s (a write was interrupted)", path)
             _remove(path)
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint file cannot be loaded, or None: ``torch.save`` writes a zip archive whose directory is at
+    its end, so a truncated file has none. Reading the directory is cheap (no tensor is read); a folder (sharded
+    checkpoint) is not checked."""
+    if path.is_dir():
+        return None
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def _remove(path: Path) -> None:
