@@ -19,7 +19,6 @@ settings is refused. A video that fails is reported on one line and makes the ex
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 __all__ = ["register", "run"]
@@ -52,12 +51,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Encode INPUT into --out; returns 1 if a video failed, else 0."""
+    from refdecoder.cli._ranks import main_first
     from refdecoder.inference import DTYPES, load_decoder
     from refdecoder.inference.distributed import close_distributed, init_distributed, rank_context
     from refdecoder.inference.encode import EncodeOptions, encode_dataset
+    from refdecoder.inference.outfolder import ensure_writable
 
     ctx = rank_context()
     device = init_distributed(ctx, args.device)
+    main_first(ctx, lambda: ensure_writable(args.out))
     try:
         decoder = load_decoder(args.vae, None, args.backbone, device, DTYPES[args.dtype])
         options = EncodeOptions(
@@ -75,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_distributed()
     who = f"{ctx.label}: " if ctx.distributed else ""
+    failed = f", {len(report.failed)} video(s) failed (see above; a rerun retries them)" if report.failed else ""
     if ctx.is_main or args.all_ranks:
-        print(f"{who}encoded {report.encoded} clips into {len(report.shards)} shard(s), {report.skipped} already done")
+        done = f"{report.encoded} clips into {len(report.shards)} shard(s), {report.skipped} already done"
+        print(f"{who}encoded {done}{failed}")
     if ctx.is_main:
         print(f"{args.out}: {report.clips_total} clips in all, index {report.index}")
-    for failure in report.failed:
-        print(f"{who}failed: {failure}", file=sys.stderr)
     return 1 if report.failed else 0

@@ -139,7 +139,9 @@ def encode_dataset(
     mine = share([len(starts) * options.frames for _, starts, _ in plans], ctx.world_size, ctx.rank)
     report = EncodeReport(skipped=len(done))
     if ctx.is_main:
-        report.failed += [f"{s.locator}: unreadable" for s, (frames, _) in zip(sources, probed) if not frames]
+        for source, (_, _, why) in zip(sources, probed):
+            if why:
+                _failed(report, source, why)
         if report.skipped:
             logger.info("skipping %d clips of finished shards in %s", report.skipped, out)
     run_id = gather_objects(ctx, time.time())[0]
@@ -208,12 +210,12 @@ def _check_settings(ctx: RankContext, out: Path, settings: dict[str, Any]) -> No
 
 
 def _plans(
-    sources: list[VideoSource], probed: list[tuple[int, float]], options: EncodeOptions, done: set[str]
+    sources: list[VideoSource], probed: list[tuple[int, float, str]], options: EncodeOptions, done: set[str]
 ) -> list[tuple[VideoSource, list[int], float]]:
     """Per video: the starts of the clips still to encode, and its frame rate."""
     stride = options.stride or options.frames
     plans = []
-    for source, (frames, fps) in zip(sources, probed):
+    for source, (frames, fps, _) in zip(sources, probed):
         starts = [s for s in clip_starts(frames, options.frames, stride) if clip_key(source.key, s) not in done]
         plans.append((source, starts, fps))
     return plans
@@ -252,9 +254,13 @@ def _encode_video(
                 exit_if_told(ctx, report.encoded)
     except Exception as err:  # one broken video must not stop the others; its clips stay missing, a rerun retries
         logger.debug("%s failed", source.locator, exc_info=True)
-        message = one_line(err)
-        print(f"error: {source.locator}: {message}", file=sys.stderr)
-        report.failed.append(f"{source.locator}: {message}")
+        _failed(report, source, one_line(err))
+
+
+def _failed(report: EncodeReport, source: VideoSource, why: str) -> None:
+    """Report a video that could not be encoded, on one line, as it happens."""
+    print(f"error: {source.locator}: {why}", file=sys.stderr)
+    report.failed.append(f"{source.locator}: {why}")
 
 
 def _cropped_size(height: int, width: int, factor: int) -> tuple[int, int]:

@@ -70,6 +70,8 @@ def collect_sources(source: str | os.PathLike) -> list[VideoSource]:
         return _shard_sources(text)
     elif path.is_dir():
         items = collect_inputs(path)
+    elif not path.exists() and not any(c in text for c in "{*?[,:"):
+        raise DataError(f"input {text} does not exist (a folder, a CSV, or shards: a .tar, a folder or a pattern)")
     else:
         return _shard_sources(text)
     videos = [VideoSource(i.key, i.path, None, i.caption or "") for i in items if _is_video(i.path.name)]
@@ -115,14 +117,15 @@ def _caption(url: str, member: str | None) -> str:
         return handle.read().decode("utf-8", "replace").strip() if handle else ""
 
 
-def probe_source(source: VideoSource) -> tuple[int, float]:
-    """``(frames, fps)`` of a video: a shard's ``.meta.jsonl`` record when it has one, else the container."""
+def probe_source(source: VideoSource) -> tuple[int, float, str]:
+    """``(frames, fps, "")`` of a video (a shard's ``.meta.jsonl`` record when it has one, else the container),
+    or ``(0, 0.0, why)`` when it cannot be read."""
     if source.member is not None:
         record = read_meta(str(source.path)).get(source.member.split(".", 1)[0], {})
         if record.get("frames") and record.get("fps"):
-            return int(record["frames"]), float(record["fps"])
+            return int(record["frames"]), float(record["fps"]), ""
     try:
         info = probe(source.open())
-    except DataError:
-        return 0, 0.0  # unreadable: no clips; reported as a failed video when it is read
-    return info.frames, info.fps
+    except DataError as err:
+        return 0, 0.0, " ".join(str(err).split())
+    return info.frames, info.fps, ""
