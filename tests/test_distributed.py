@@ -202,3 +202,21 @@ def test_encode_command_checks_its_settings(tmp_path: Path, capsys: pytest.Captu
     assert main([*args, "--frames", "5", "--size", "30x48", "--no-progress"]) == 1
     assert "spatial factor 8" in capsys.readouterr().err
     assert not (tmp_path / "o" / "index.json").exists()
+
+
+def test_python_api_reconstructs_a_dataset_and_resumes(tmp_path: Path) -> None:
+    from refdecoder.inference import ReconstructOptions
+    from refdecoder.inference.dataset_runs import reconstruct_dataset
+
+    folders = save_random_model(tmp_path / "models")
+    decoder = load_decoder(folders["vae"], folders["weights"], device="cpu")
+    clips = bundled_clips()[:2]
+    options = ReconstructOptions(size=(16, 16), max_frames=5)
+    rows = reconstruct_dataset(decoder, clips, tmp_path / "out", options, ctx=RankContext(), quiet=True)
+    assert [row["name"] for row in rows] == [c.stem for c in clips] and not any("error" in row for row in rows)
+    with (tmp_path / "out" / "metrics.csv").open() as handle:
+        assert [row["name"] for row in csv.DictReader(handle)] == [c.stem for c in clips]
+    again = reconstruct_dataset(decoder, clips, tmp_path / "out", options, resume=True, quiet=True)
+    assert again == []  # everything finished: nothing redone
+    refused = reconstruct_dataset(decoder, clips[:1], tmp_path / "out", options, quiet=True)
+    assert "error" in refused[0] and "another run" in refused[0]["error"]  # not resumed, not overwritten: refused
