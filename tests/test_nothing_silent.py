@@ -198,3 +198,11 @@ def test_config_json_roundtrip_keeps_types(tmp_path) -> None:
         config.save(path)
         assert RefDecoderConfig.load(path) == config, name
         assert json.loads(path.read_text())["transformer"]["depth"] == config.transformer.depth
+
+
+def test_a_saved_vae_folder_has_one_file_mode(tmp_path) -> None:
+    from refdecoder.inference.loading import save_vae
+
+    folder = save_vae(tiny_wan(), tmp_path / "vae")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refdecoder._files import use_default_mode
 from refdecoder.backbones.registry import BackboneAdapter, find_backbone, get_backbone
 from refdecoder.errors import CheckpointError, InputError
 from refdecoder.hub import resolve_path
@@ -285,16 +286,16 @@ def save_vae(vae: nn.Module, directory: str | os.PathLike, dtype: torch.dtype | 
     elif dataclasses.is_dataclass(getattr(source, "config", None)):
         from safetensors.torch import save_file
 
-        from refdecoder._files import use_default_mode
-
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in source.state_dict().items()}
         save_file(tensors, tmp / VIDEOVAEPLUS_WEIGHTS, metadata={"format": "pt"})
-        use_default_mode(tmp / VIDEOVAEPLUS_WEIGHTS)
         config = dataclasses.asdict(source.config)
         (tmp / VIDEOVAEPLUS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:
         raise CheckpointError(f"cannot save a {type(vae).__name__}: neither a diffusers model nor a VideoVAE+")
+    for path in tmp.rglob("*"):  # safetensors (also through diffusers) writes 0600, the configs get the umask's mode
+        if path.is_file():
+            use_default_mode(path)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory

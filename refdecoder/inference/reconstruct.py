@@ -230,9 +230,8 @@ def reconstruct_video(
     """Encode, decode (with the reference when the decoder is a RefDecoder) and score one video; write its mp4s.
 
     Writes ``<name>.mp4`` at the source frame rate and, with ``compare_base``, ``<name>.base.mp4``,
-    ``<name>.compare.mp4`` (reference | base | RefDecoder | ground truth) and ``<name>.grid.png``, plus the row as
-    ``.clips/<name>.json``: all of them appear together when the clip succeeded, none of them when it failed
-    (:class:`refdecoder.inference.outfolder.OutputFolder`).
+    ``<name>.compare.mp4`` (reference | base | RefDecoder | ground truth), ``<name>.grid.png`` and the row as
+    ``.clips/<name>.json``, all at once when the clip succeeded, none when it failed (``OutputFolder.stage``).
 
     Args:
         decoder: from :func:`refdecoder.inference.load_decoder`.
@@ -275,8 +274,7 @@ def reconstruct_video(
             frames,
         )
     with OutputFolder(out_dir).stage(name) as stage:  # the clip's files appear whole, or not at all
-        stem = stage.stem
-        truth = iter_frames(path, chunk=16, max_frames=frames, plan=plan)
+        stem, truth = stage.stem, iter_frames(path, chunk=16, max_frames=frames, plan=plan)
         scores = decode_to_files(
             decoder,
             latents,
@@ -291,7 +289,7 @@ def reconstruct_video(
             progress=progress,
         )
         device = next(decoder.vae.parameters()).device
-        stage.result = {
+        stage.result = {  # committed with the media
             "name": name,
             "input": str(path),
             "output": str(Path(out_dir) / f"{name}.mp4"),
