@@ -58,6 +58,7 @@ def run_shared(
     quiet: bool | None = None,
     device: torch.device | None = None,
     table: bool = True,
+    inputs: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``work(i)`` for this rank's share of the items ``names`` (output names) not finished yet.
 
@@ -75,6 +76,7 @@ def run_shared(
         quiet: no progress lines (default: on every rank but 0).
         device: the device the work runs on (picks the process group's backend: nccl for CUDA, else gloo).
         table: keep ``metrics.csv`` rebuilt from the per-item results (items without ground truth have none).
+        inputs: what each item was read from, the ``input`` cell of its error row.
 
     Returns:
         This rank's rows (an ``error`` cell for the failed and refused items).
@@ -90,7 +92,8 @@ def run_shared(
     bar = RankProgress(ctx, len(mine), out, gather_objects(ctx, time.time())[0], unit, quiet)
     rows: list[dict[str, Any]] = []
     for count, index in enumerate(mine, start=1):
-        row, error = _claimed(outputs, names[index], overwrite, work, index)
+        failed = {"name": names[index], **({"input": str(inputs[index])} if inputs is not None else {})}
+        row, error = _claimed(outputs, failed, overwrite, work, index)
         rows.append(row)
         if on_row is not None:
             on_row(row, error)
@@ -117,20 +120,24 @@ def _update_table(outputs: OutputFolder) -> None:
 
 
 def _claimed(
-    outputs: OutputFolder, name: str, overwrite: bool, work: Callable[[int], dict[str, Any]], index: int
+    outputs: OutputFolder,
+    failed: dict[str, Any],
+    overwrite: bool,
+    work: Callable[[int], dict[str, Any]],
+    index: int,
 ) -> tuple[dict[str, Any], BaseException | None]:
-    """One item under its claim: ``(row, None)``, or an error row and the exception."""
+    """One item under its claim: ``(row, None)``, or ``failed`` with the error and the exception."""
     try:
-        with outputs.claim(name, overwrite):
+        with outputs.claim(failed["name"], overwrite):
             try:
                 with torch.inference_mode():
                     return work(index), None
             except Exception as err:  # one broken file must not stop the others
-                row = {"name": name, "error": one_line(err)}
+                row = {**failed, "error": one_line(err)}
                 outputs.record_failure(row)
                 return row, err
     except InputError as err:  # held or finished by another run: its outputs are not ours to touch
-        return {"name": name, "error": one_line(err)}, err
+        return {**failed, "error": one_line(err)}, err
 
 
 def one_line(err: BaseException) -> str:
@@ -174,9 +181,10 @@ def reconstruct_dataset(
     def frames(i: int) -> float:
         return float(_frames(items[i][1], choose(items[i]).max_frames))
 
-    names, device = [n for n, _, _ in items], next(decoder.vae.parameters()).device
-    on_row = _inputs(items, on_row)
-    return run_shared(names, frames, work, out, ctx, resume, overwrite, on_row, "clips", quiet, device)
+    names, paths, device = [n for n, _, _ in items], [p for _, p, _ in items], next(decoder.vae.parameters()).device
+    return run_shared(
+        names, frames, work, out, ctx, resume, overwrite, on_row, "clips", quiet, device, inputs=list(map(str, paths))
+    )
 
 
 def _frames(path: Path, limit: int | None) -> int:
@@ -187,19 +195,6 @@ def _frames(path: Path, limit: int | None) -> int:
     except Exception:  # unreadable: it fails on its own when its turn comes
         return 1
     return min(count, limit or count)
-
-
-def _inputs(items: list[Video], on_row: RowCallback | None) -> RowCallback:
-    """Adds the ``input`` cell to the error rows (the work's own rows have it)."""
-    paths = {name: str(path) for name, path, _ in items}
-
-    def add(row: dict[str, Any], error: BaseException | None) -> None:
-        if error is not None:
-            row.setdefault("input", paths[row["name"]])
-        if on_row is not None:
-            on_row(row, error)
-
-    return add
 
 
 def decode_latents_dataset(
@@ -226,10 +221,22 @@ def decode_latents_dataset(
         return decode_latents_file(decoder, paths[i], out, options, reference_dir, space, fps)
 
     names, device = [p.stem for p in paths], next(decoder.vae.parameters()).device
-    on_row = _inputs([(p.stem, p, None) for p in paths], on_row)
     weights = [_latent_frames(p) for p in paths]  # a file header each: cheap
-    weight = weights.__getitem__
-    return run_shared(names, weight, work, out, ctx, resume, overwrite, on_row, "files", quiet, device, table=False)
+    return run_shared(
+        names,
+        weights.__getitem__,
+        work,
+        out,
+        ctx,
+        resume,
+        overwrite,
+        on_row,
+        "files",
+        quiet,
+        device,
+        False,
+        inputs=[str(p) for p in paths],
+    )
 
 
 def _latent_frames(path: Path) -> float:
