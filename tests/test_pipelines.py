@@ -249,7 +249,10 @@ def test_paired_generation_recipe(pipeline: object, tmp_path: Path, monkeypatch:
     model = refdecoder.wrap(pipeline.vae, "tiny")
     model.save_pretrained(tmp_path / "weights")
     model.unwrap()
+    # As the recipe documents it: the images sit beside the latents folder, so --reference-dir names them (a
+    # latents file's own '../images/...' metadata may not lead out of its folder).
     args = ["decode-latents", str(tmp_path / "gen" / "latents"), "--out", str(tmp_path / "videos"), "--no-progress"]
+    args += ["--reference-dir", str(tmp_path / "gen" / "images")]
     args += ["--vae", str(tmp_path / "vae"), "--weights", str(tmp_path / "weights"), "--compare-base"]
     assert main(args) == 0
     assert {p.name for p in (tmp_path / "videos").glob("cat_s5.*")} == {
