@@ -220,3 +220,21 @@ def test_python_api_reconstructs_a_dataset_and_resumes(tmp_path: Path) -> None:
     assert again == []  # everything finished: nothing redone
     refused = reconstruct_dataset(decoder, clips[:1], tmp_path / "out", options, quiet=True)
     assert "error" in refused[0] and "another run" in refused[0]["error"]  # not resumed, not overwritten: refused
+
+
+def test_latent_finetuning_reads_encoded_shards(decoder, tmp_path: Path) -> None:
+    """The training recipe's latent steps run on a folder ``encode`` wrote (latents, reference frame, metadata)."""
+    from refdecoder.training.config import DatasetConfig
+    from refdecoder.training.data import ensure_sample_shards
+    from tests.test_training_recipe import TINY, load_recipe, tiny_overrides
+
+    videos = tmp_path / "train"
+    ensure_sample_shards(DatasetConfig(kind="shards", path=str(videos), samples=["bigbuckbunny", "bikes"]))
+    latents = tmp_path / "latents"  # the recipe's tiny VAE: 4 channels, 8x spatial, 16x16 clips
+    encode_dataset(decoder, videos, latents, EncodeOptions(frames=5, stride=20, size=(16, 16)), RankContext())
+    run_dir = tmp_path / "run"
+    overrides = ["latent_finetune.enabled=true", f"latent_finetune.path={latents}", "stages=[{steps: 2, frames: 5}]"]
+    assert load_recipe().main([TINY, *tiny_overrides(run_dir, videos, *overrides)]) == 0
+    with (run_dir / "logs" / "csv" / "metrics.csv").open() as handle:
+        losses = [float(r["latent/loss"]) for r in csv.DictReader(handle) if r.get("latent/loss")]
+    assert len(losses) == 1 and losses[0] > 0  # step 2 was a latent step on the encoded clips
