@@ -52,6 +52,14 @@ def _nothing_decoded(out: Path, root: Path) -> None:
     assert not list(out.glob("*.mp4")) and not (out / "index.html").exists()
 
 
+_ENCODE = "--vae {vae} --frames 5 --stride 10 --size 32x48 --no-progress"
+
+
+def _encoded(out: Path, clips: int) -> None:
+    """The good video's clips are in the latent shards (25 frames: clips at frames 0, 10 and 20)."""
+    assert json.loads((out / "index.json").read_text())["samples"] == clips
+
+
 CASES = {
     # reconstruct: broken videos next to a good one, broken weights, hostile ids and devices
     "reconstruct-broken-videos": Case(
@@ -105,6 +113,15 @@ CASES = {
     "report-missing-run": Case("report {root}/bad_metrics_out --run {root}/absent_run --out {out}/r.html", 1, "--run"),
     "report-missing-folder": Case("report {root}/absent_dir --out {out}/r.html", 1, "does not exist"),
     "report-out-is-a-folder": Case("report {root}/in --out {root}/in", 1, "is a folder"),
+    # encode: broken videos next to a good one, a damaged shard, settings off the VAE's rules
+    "encode-broken-videos": Case(
+        f"encode {{root}}/in --out {{out}} {_ENCODE}", 1, "", lambda out, root: _encoded(out, 3), lines=2
+    ),
+    "encode-damaged-shard": Case(f"encode {{root}}/shards/bad.tar --out {{out}} {_ENCODE}", 1, "bad.tar"),
+    "encode-missing": Case(f"encode {{root}}/absent_dir --out {{out}} {_ENCODE}", 1, "does not exist"),
+    "encode-frame-rule": Case(f"encode {{root}}/in --out {{out}} {_ENCODE} --frames 8", 1, "1 + 4k"),
+    "encode-out-is-a-file": Case(f"encode {{root}}/in --out {{root}}/in/good.mp4 {_ENCODE}", 1, "existing file"),
+    "encode-device": Case(f"encode {{root}}/in --out {{out}} {_ENCODE} --device banana", 1, "--device"),
     # shards
     "shards-inspect-damaged": Case("shards inspect {root}/shards/bad.tar", 1, "DAMAGED", stdout=True),
     "shards-inspect-missing": Case("shards inspect {root}/absent.tar", 1, "unreadable", stdout=True),

@@ -48,20 +48,22 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Decode every latents file of LATENT_DIR; returns 1 if any failed, else 0."""
-    from refdecoder.cli.reconstruct import check_out, interruptible, load_from_args, progress_bar
+    """Decode every latents file of LATENT_DIR (this rank's share under torchrun); returns 1 if any failed."""
+    from refdecoder.cli._ranks import main_first, start_ranks, unfinished
+    from refdecoder.cli.reconstruct import check_out, collect_rows, interruptible, load_from_args
     from refdecoder.errors import DataError
-    from refdecoder.inference.loading import resolve_device
-    from refdecoder.inference.outfolder import OutputFolder
+    from refdecoder.inference.dataset_runs import decode_latents_dataset
+    from refdecoder.inference.distributed import close_distributed
     from refdecoder.inference.reconstruct import DecodeOptions
 
-    resolve_device(args.device)
+    ctx, device = start_ranks(args)
     folder = Path(args.latent_dir)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         raise DataError(f"no .safetensors latents files in {folder}")
-    check_out(args.out, [path.stem for path in files], args.overwrite)
-    decoder = load_from_args(args)
+    names = [path.stem for path in files]
+    main_first(ctx, lambda: check_out(args.out, unfinished(args.out, names, args.resume), args.overwrite))
+    decoder = load_from_args(args, device)
     options = DecodeOptions(
         window=args.window,
         resize_reference=args.resize_reference,
@@ -70,31 +72,42 @@ def run(args: argparse.Namespace) -> int:
         tile_overlap=args.tile_overlap,
         crf=args.crf,
     )
-    outputs, rows = OutputFolder(args.out), []
+    rows: list[dict[str, Any]] = []
+
+    def say(row: dict[str, Any]) -> None:
+        if ctx.is_main or args.all_ranks:
+            print(
+                f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
+                f"(normalized={row['normalized']}) -> {row['output']}"
+            )
+
     with interruptible(files, rows, "files"):
-        for path in progress_bar(files, args.no_progress, "files"):
-            rows.append(_decode_one(args, outputs, decoder, path, options))
+        decode_latents_dataset(
+            decoder,
+            files,
+            args.out,
+            options,
+            args.reference_dir,
+            args.latents,
+            args.fps,
+            ctx,
+            args.resume,
+            args.overwrite,
+            collect_rows(rows, say),
+            args.no_progress or None,
+        )
+    close_distributed()
     failures = sum("error" in row for row in rows)
+    if not ctx.is_main:
+        return 1 if failures else 0
+    if ctx.distributed:
+        from refdecoder.inference.outfolder import OutputFolder
+
+        results = [OutputFolder(args.out).read_result(path.stem) or {"error": "not done"} for path in files]
+        failures = sum("error" in row for row in results)
     print(f"decoded {len(files) - failures} of {len(files)} files into {args.out}")
     if args.compare_base and decoder.conditioned and failures < len(files):
         from refdecoder.report import write_report
 
         print(f"report: {write_report(args.out)}")
     return 1 if failures else 0
-
-
-def _decode_one(args: argparse.Namespace, outputs: Any, decoder: Any, path: Path, options: Any) -> dict[str, Any]:
-    """One latents file under its claim: its row, with ``error`` when it failed or another run holds it."""
-    from refdecoder.cli.reconstruct import run_claimed
-    from refdecoder.inference.generated import decode_latents_file
-
-    def work() -> dict[str, Any]:
-        return decode_latents_file(decoder, path, args.out, options, args.reference_dir, args.latents, args.fps)
-
-    row = run_claimed(outputs, path.stem, path, args.overwrite, work)
-    if "error" not in row:
-        print(
-            f"{row['name']}: {row['frames']} frames {row['height']}x{row['width']} "
-            f"(normalized={row['normalized']}) -> {row['output']}"
-        )
-    return row

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from refdecoder.cli._ranks import add_rank_arguments
+
 __all__ = [
     "register",
     "run",
@@ -42,7 +44,6 @@ __all__ = [
     "print_summary",
     "one_line",
     "failure_row",
-    "run_claimed",
     "interruptible",
     "progress_bar",
 ]
@@ -100,6 +101,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-overlap", type=parse_size, default=(64, 64), help="pixels tiles share")
     parser.add_argument("--crf", type=int, default=15, help="x264 quality of written videos (0 = lossless luma)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_rank_arguments(parser)
 
 
 def register(subparsers: Any) -> None:
@@ -160,12 +162,13 @@ def _unique(items: list[tuple[str, Path, Path | None]]) -> list[tuple[str, Path,
     return out
 
 
-def load_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`refdecoder.inference.Decoder` the shared flags describe (tile geometry checked)."""
+def load_from_args(args: argparse.Namespace, device: Any = None) -> Any:
+    """The :class:`refdecoder.inference.Decoder` the shared flags describe (tile geometry checked), on ``device``
+    (default: ``--device``)."""
     from refdecoder.inference import DTYPES, load_decoder
     from refdecoder.inference.loading import resolve_device
 
-    device = resolve_device(args.device)
+    device = device or resolve_device(args.device)
     decoder = load_decoder(args.vae, args.weights, args.backbone, device, DTYPES[args.dtype], args.compare_base)
     if decoder.model is None:
         logger.info("no --weights: decoding with the plain %s decoder (references are not used)", decoder.adapter.name)
@@ -208,41 +211,59 @@ def run(args: argparse.Namespace) -> int:
     """Reconstruct every input; returns 1 if any failed, else 0.
 
     Each clip is claimed, written whole, and recorded as ``.clips/<name>.json``; ``metrics.csv`` is rebuilt from
-    those files after every clip, so an interrupted run loses nothing already done and concurrent runs into one
-    ``--out`` keep each other's rows (:mod:`refdecoder.inference.outfolder`).
+    those files after every clip (by rank 0 at the end under torchrun), so an interrupted run loses nothing already
+    done and concurrent runs into one ``--out`` keep each other's rows (:mod:`refdecoder.inference.outfolder`).
+    Under torchrun each rank reconstructs its share (:mod:`refdecoder.inference.dataset_runs`).
     """
-    from refdecoder.inference import build_lpips, reconstruct_video
-    from refdecoder.inference.loading import resolve_device
+    from refdecoder.cli._ranks import main_first, start_ranks, unfinished
+    from refdecoder.inference import build_lpips
+    from refdecoder.inference.dataset_runs import reconstruct_dataset
+    from refdecoder.inference.distributed import close_distributed
     from refdecoder.inference.outfolder import OutputFolder
     from refdecoder.inference.reconstruct import refuse_upscale_head
 
-    resolve_device(args.device)
+    ctx, device = start_ranks(args)
     videos = collect_videos(args.inputs)
     if not videos:
         from refdecoder.errors import DataError
 
         raise DataError(f"no video files in {' '.join(args.inputs)}")
-    earlier = check_out(args.out, [name for name, _, _ in videos], args.overwrite)
-    decoder = load_from_args(args)
+    names = [name for name, _, _ in videos]
+    earlier = main_first(ctx, lambda: check_out(args.out, unfinished(args.out, names, args.resume), args.overwrite))
+    decoder = load_from_args(args, device)
     refuse_upscale_head(decoder, "reconstruct")  # once, rather than for every file
     lpips = build_lpips(args.lpips, args.lpips_weights)
     outputs = OutputFolder(args.out)
     rows: list[dict[str, Any]] = []
-    table = outputs.folder / "metrics.csv"
+    loud = ctx.is_main or args.all_ranks
+    on_row = collect_rows(rows)
     with interruptible(videos, rows, "videos"):
-        for name, path, csv_reference in progress_bar(videos, args.no_progress, "videos"):
-            options, bar = _options(args, csv_reference), _bar(name, args.no_progress)
-
-            def work(name: str = name, path: Path = path, options: Any = options, bar: Any = bar) -> dict:
-                return reconstruct_video(decoder, path, outputs.folder, name, options, lpips, bar)
-
-            rows.append(run_claimed(outputs, name, path, args.overwrite, work))
-            table = _update_metrics(outputs)
+        reconstruct_dataset(
+            decoder,
+            videos,
+            outputs.folder,
+            lambda video: _options(args, video[2]),
+            lpips,
+            ctx,
+            args.resume,
+            args.overwrite,
+            on_row,
+            lambda name: _bar(name, args.no_progress or not loud),
+            args.no_progress or None,
+        )
+    close_distributed()
+    if ctx.distributed:  # rank 0 tells about every clip of the run, from the per-clip results
+        if not ctx.is_main:
+            return 1 if any("error" in row for row in rows) else 0
+        rows = [outputs.read_result(name) or {"name": name, "error": "not done"} for name in names]
     failures = sum("error" in row for row in rows)
     print_summary(rows)
     truncated = sum(bool(row.get("truncated")) for row in rows)
     kept = f", {len(earlier)} earlier rows kept" if earlier else ""
-    print(f"wrote {table} ({len(rows) - failures} ok, {failures} failed, {truncated} truncated{kept})")
+    print(
+        f"wrote {outputs.folder / 'metrics.csv'} ({len(rows) - failures} ok, {failures} failed, {truncated} "
+        f"truncated{kept})"
+    )
     if args.compare_base and decoder.conditioned and len(rows) > failures:
         from refdecoder.report import write_report
 
@@ -250,27 +271,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def run_claimed(outputs: Any, name: str, path: Path, overwrite: bool, work: Callable[[], dict]) -> dict[str, Any]:
-    """Run ``work`` (which writes clip ``name`` and returns its row) under the clip's claim in ``outputs``.
+def collect_rows(rows: list[dict[str, Any]], say: Callable[[dict[str, Any]], None] | None = None) -> Callable:
+    """A row callback for :mod:`refdecoder.inference.dataset_runs`: keeps every row in ``rows`` (for the summary
+    and the Ctrl-C line), reports a failure on one line, and hands a successful row to ``say``."""
 
-    Returns the row, or an error row (reported on one line) when ``work`` failed, recorded unless an earlier
-    success is there, or when another run holds the clip (not recorded: that row is the other run's).
-    """
-    import torch
+    def on_row(row: dict[str, Any], error: BaseException | None) -> None:
+        rows.append(row)
+        if error is not None:
+            failure_row(row["name"], row["input"], error)
+        elif say is not None:
+            say(row)
 
-    from refdecoder.errors import InputError
-
-    try:
-        with outputs.claim(name, overwrite):
-            try:
-                with torch.inference_mode():
-                    return work()
-            except Exception as err:  # one broken file must not stop the others; --debug shows the traceback
-                row = failure_row(name, path, err)
-                outputs.record_failure(row)
-                return row
-    except InputError as err:  # the claim was refused
-        return failure_row(name, path, err)
+    return on_row
 
 
 def failure_row(name: str, path: Path, err: BaseException) -> dict[str, Any]:
@@ -283,19 +295,6 @@ def failure_row(name: str, path: Path, err: BaseException) -> dict[str, Any]:
         traceback.print_exception(err)
     print(f"error: {path}: {one_line(err)}", file=sys.stderr)
     return {"name": name, "input": str(path), "error": one_line(err)}
-
-
-def _update_metrics(outputs: Any) -> Path:
-    """Rebuild metrics.csv; a full disk leaves the per-clip results in place for the next run to merge."""
-    try:
-        return outputs.update_metrics()
-    except OSError as err:
-        print(
-            f"warning: {outputs.folder / 'metrics.csv'} not updated ({err.strerror or err}); the per-clip "
-            "results are in .clips/ and the next run rebuilds it",
-            file=sys.stderr,
-        )
-        return outputs.folder / "metrics.csv"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from refdecoder._files import use_default_mode
 from refdecoder.data.base import RetryingDataset
+from refdecoder.data.latent_shards import LatentMember, index_latent_shards, is_latent_shard_folder, read_latent_sample
 from refdecoder.data.transforms import ResizeMode
 from refdecoder.data.video import IMAGE_EXTENSIONS, read_image
 from refdecoder.errors import DataError, InputError
@@ -96,7 +97,9 @@ def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]
 
 
 class LatentDataset(RetryingDataset):
-    """Map-style dataset of saved latents (``*.safetensors`` in ``root``, sorted) with their reference images.
+    """Map-style dataset of saved latents (``*.safetensors`` in ``root``, sorted) with their reference images, or
+    of the latent shards ``refdecoder encode`` wrote into ``root`` (see :mod:`refdecoder.data.latent_shards`; the
+    reference is then the clip frame stored with each sample, and ``reference_dir`` is not used).
 
     Items: ``{"latents": (C, t, h, w), "reference": (3, 1, H, W) in [-1, 1] at (height, width), "height": int,
     "width": int, "seed": int (-1 when unknown), "prompt": str, "normalized": bool, "key": str (file stem),
@@ -121,22 +124,29 @@ class LatentDataset(RetryingDataset):
         super().__init__(seed, max_failures, name=str(root))
         self.root = Path(root)
         self.reference_dir = Path(reference_dir) if reference_dir is not None else self.root
-        self.files = sorted(self.root.glob("*.safetensors"))
+        self.files: list[Any] = sorted(self.root.glob("*.safetensors"))
+        if not self.files and is_latent_shard_folder(self.root):
+            self.files = index_latent_shards(self.root)
         self.resize_mode = resize_mode
         if not self.files:
-            raise DataError(f"no .safetensors latents files in {self.root}")
+            raise DataError(f"no .safetensors latents files (or latent shards with an index.json) in {self.root}")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def describe(self, index: int) -> str:
-        return str(self.files[index])
+        item = self.files[index]
+        return f"{item.shard}:{item.key}" if isinstance(item, LatentMember) else str(item)
 
     def load(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         path = self.files[index]
-        latents, meta = load_latents(path)
+        if isinstance(path, LatentMember):
+            latents, meta, image = read_latent_sample(path)
+        else:
+            latents, meta = load_latents(path)
+            image = self._reference_path(path, meta)
         height, width = int(meta["height"]), int(meta["width"])
-        reference = read_image(self._reference_path(path, meta), (height, width), self.resize_mode, generator)
+        reference = read_image(image, (height, width), self.resize_mode, generator)
         return {
             "latents": latents,
             "reference": reference,
@@ -145,7 +155,7 @@ class LatentDataset(RetryingDataset):
             "seed": int(meta.get("seed", -1)),
             "prompt": meta.get("prompt", ""),
             "normalized": meta.get("normalized", "false").lower() in _TRUE,
-            "key": path.stem,
+            "key": path.key if isinstance(path, LatentMember) else path.stem,
         }
 
     def _reference_path(self, path: Path, meta: dict[str, str]) -> Path:
