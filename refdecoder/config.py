@@ -11,13 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from refdecoder.blocks.latent_degradation import LatentDegradationConfig
 from refdecoder.blocks.upscale_head import UpscaleConfig
+from refdecoder.config_builder import build_dataclass
 from refdecoder.errors import ConfigError
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "resolve_config",
 ]
 
-logger = logging.getLogger("refdecoder")
 
 Patch = tuple[int, int, int]
 
@@ -240,10 +239,13 @@ class RefDecoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefDecoderConfig:
-        """Build from a dict; unknown keys are logged and ignored, wrong types raise :class:`ConfigError`."""
+        """Build from a dict; unknown keys are logged and ignored, wrong types raise :class:`ConfigError`.
+
+        The message of a wrong type names the dotted key (``transformer.depth``).
+        """
         data = dict(data)
         data.pop("refdecoder_version", None)
-        return _from_dict(cls, data, path="")
+        return build_dataclass(cls, data, unknown="warn")
 
     def save(self, path: str | Path) -> None:
         """Write the config as indented JSON."""
@@ -262,37 +264,6 @@ class RefDecoderConfig:
         """Deep copy, so presets are never mutated through a model."""
         return copy.deepcopy(self)
 
-
-def _from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        logger.warning("ignoring unknown config keys %s", [path + k for k in unknown])
-    kwargs = {}
-    for name, value in data.items():
-        if name not in fields:
-            continue
-        nested = _NESTED.get(name) if cls is RefDecoderConfig else None
-        if nested is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {path + name!r} must be a mapping, got {type(value).__name__}")
-            value = _from_dict(nested, value, path=f"{path}{name}.")
-        kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"invalid config at {path or 'top level'}: {err}") from err
-
-
-_NESTED = {
-    "tokenizer": TokenizerConfig,
-    "transformer": TransformerConfig,
-    "stages": StageConfig,
-    "dropout": DropoutConfig,
-    "window": WindowConfig,
-    "degradation": LatentDegradationConfig,
-    "upscale": UpscaleConfig,
-}
 
 PRESETS: dict[str, RefDecoderConfig] = {
     # The paper's architecture: 10 shared layers, 12 heads x 128, FFN 8960, the adapter's paper patch layout,

@@ -179,3 +179,11 @@ def test_unregistered_backbone_fails_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {"wan2.1": registry.BUILTINS["wan2.1"]})
     with pytest.raises(BackboneError, match=r"backbone 'videovae\+'.*registered backbones: \['wan2\.1'\]"):
         backbone_adapter("videovae+")
+
+
+def test_training_fine_tunes_the_decoder_unless_told_not_to(tmp_path):
+    assert load_config(_write(tmp_path, MINIMAL)).refdecoder_config().train_decoder
+    frozen = load_config(_write(tmp_path, MINIMAL), ["model.refdecoder.train_decoder=false"])
+    assert not frozen.refdecoder_config().train_decoder
+    for path in CONFIGS.glob("*.yaml"):  # the recipes rely on the default instead of restating it
+        assert "train_decoder" not in path.read_text(), path.name

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from refdecoder._deps import require
 from refdecoder.config import PRESETS, RefDecoderConfig
+from refdecoder.config_builder import build_dataclass, to_plain, yaml_load
 from refdecoder.data.camera import CameraMotion
 from refdecoder.errors import ConfigError
-from refdecoder.training._typed import build_dataclass, to_plain
 
 __all__ = [
     "VAEPretrainConfig",
@@ -262,7 +260,10 @@ class TrainConfig:
 
     def refdecoder_config(self) -> RefDecoderConfig:
         """The model architecture: ``model.preset`` with ``model.refdecoder`` overrides (checked strictly)."""
-        merged = _deep_merge(to_plain(PRESETS[self.model.preset]), self.model.refdecoder)
+        # The decoder is fine-tuned with the added modules (at optim.lr x decoder_lr_ratio), as in the paper and
+        # every shipped recipe, unless model.refdecoder.train_decoder: false says otherwise.
+        preset = {**to_plain(PRESETS[self.model.preset]), "train_decoder": True}
+        merged = _deep_merge(preset, self.model.refdecoder)
         merged.pop("backbone", None)
         try:
             config = build_dataclass(RefDecoderConfig, merged, "model.refdecoder.")
@@ -351,28 +352,6 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML text; unlike plain PyYAML, ``1e-4`` is a float (YAML 1.2), not the string ``"1e-4"``."""
-    yaml = require("yaml", extra="train", package="pyyaml")
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(
-            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-            |\.[0-9_]+(?:[eE][-+][0-9]+)?
-            |[-+]?\.(?:inf|Inf|INF)
-            |\.(?:nan|NaN|NAN))$""",
-            re.X,
-        ),
-        list("-+0123456789."),
-    )
-    return yaml.load(text, Loader=_Loader)
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
