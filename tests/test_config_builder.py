@@ -16,9 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 import refdecoder
+from refdecoder.backbones.registry import list_backbones
 from refdecoder.config import PRESETS, RefDecoderConfig
 from refdecoder.config_builder import build_dataclass, to_plain, yaml_load
 from refdecoder.errors import ConfigError
+from refdecoder.testing import Conformance, check_identity_at_init, check_reference_matters
 from tests.helpers import tiny_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the saved decode was made with one thread
@@ -118,3 +120,36 @@ def test_a_model_saved_before_the_builder_decodes_bit_identically():
     with torch.no_grad():
         decoded = model.decode(case["latents"], reference=case["reference"])
     assert torch.equal(decoded, case["decoded"])
+
+
+def test_the_default_preset_is_the_recommended_one_and_differs_from_small_only_there():
+    from refdecoder.config import DEFAULT_PRESET, resolve_config
+
+    assert DEFAULT_PRESET == "small-local" and resolve_config(None) == refdecoder.preset("small-local")
+    small, local = refdecoder.preset("small").to_dict(), refdecoder.preset("small-local").to_dict()
+    changed = {
+        (section, key)
+        for section, values in small.items()
+        if isinstance(values, dict)
+        for key in values
+        if values[key] != local[section][key]
+    }
+    assert changed == {
+        ("transformer", "attention_radius"),
+        ("transformer", "locality_bias"),
+        ("tokenizer", "kind"),
+        ("tokenizer", "per_stage"),
+        ("dropout", "p_max"),
+    }
+    assert local["dropout"]["p_max"] == 0.0 and local["tokenizer"]["kind"] == "space_to_depth"
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_the_default_preset_serves_every_backbone(backbone, monkeypatch):
+    """small-local's scope, tokenizers and stage layout at a test width: identity at init, the reference matters."""
+    local = refdecoder.preset("small-local")
+    narrow = dataclasses.replace(local.transformer, depth=1, num_heads=2, head_dim=16)
+    monkeypatch.setitem(PRESETS, "small-local-narrow", dataclasses.replace(local, transformer=narrow))
+    check = Conformance(backbone, preset="small-local-narrow")
+    check_identity_at_init(check)
+    check_reference_matters(check)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from refdecoder.config import PRESETS, RefDecoderConfig
+from refdecoder.config import DEFAULT_PRESET, PRESETS, RefDecoderConfig
 from refdecoder.config_builder import build_dataclass, to_plain, yaml_load
 from refdecoder.data.camera import CameraMotion
 from refdecoder.errors import ConfigError
@@ -91,7 +91,7 @@ class ModelConfig:
     # refdecoder: the reference-conditioned decoder; plain: the backbone's decoder fine-tuned alone (a baseline)
     kind: Literal["refdecoder", "plain"] = "refdecoder"
     backbone: str = "wan2.1"
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     refdecoder: dict[str, Any] = field(default_factory=dict)  # RefDecoderConfig overrides on top of the preset
     vae: VAEConfig = field(default_factory=VAEConfig)
     latent_components: list[ComponentConfig] = field(default_factory=list)
