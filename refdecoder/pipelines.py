@@ -256,6 +256,8 @@ class ReferenceDecodingVAE(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("__") or "vae" not in self.__dict__.get("_modules", {}):
+                raise  # dunder lookups (copy, pickle) and a half-built object answer for themselves
             return getattr(self._modules["vae"], name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
