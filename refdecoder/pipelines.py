@@ -191,9 +191,10 @@ class _ConditioningRecord:
     """The conditioning images of the current generation, in the order the pipeline preprocessed them.
 
     Calls are told apart by the VAE: every covered pipeline preprocesses its conditioning image, then encodes it
-    with ``pipe.vae.encode`` before denoising. An encode closes the record; the next preprocess (the next call's)
-    starts a new one, and a decode takes the record and empties it. So a call that returns latents, or raises
-    after encoding, leaves nothing the next call could decode with.
+    with ``pipe.vae.encode`` before denoising. An encode closes the record and drops the images preprocessed before
+    the one it encodes (those of a call that raised before encoding); the next preprocess (the next call's) starts
+    a new record, and a decode takes the record and empties it. So a call that returns latents or raises leaves
+    nothing the next call could decode with.
     """
 
     def __init__(self) -> None:
@@ -205,11 +206,29 @@ class _ConditioningRecord:
             self.images, self.encoded = [], False
         self.images.append(image)
 
+    def encoding(self, pixels: torch.Tensor) -> None:
+        """The pipeline encodes ``pixels`` (``B, 3, [T,] H, W``; the conditioning image is frame 0)."""
+        if not self.encoded:
+            first = pixels[:, :, 0] if pixels.ndim == 5 else pixels
+            encoded = [i for i, image in enumerate(self.images) if _holds(image, first)]
+            if encoded:
+                del self.images[: encoded[-1]]
+        self.encoded = True
+
     def take_first(self) -> torch.Tensor | None:
         """The call's first image (a first-last-frame call: its first frame), emptying the record."""
         first = self.images[0] if self.images else None
         self.images, self.encoded = [], False
         return first
+
+
+def _holds(image: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether ``rows`` (``b, 3, H, W``) are rows of the preprocessed ``image`` as the pipeline cast them."""
+    image = image[:, :, 0] if image.ndim == 5 else image
+    if image.shape[1:] != rows.shape[1:]:
+        return False
+    image = image.to(rows.device, rows.dtype)
+    return all(any(torch.equal(row, candidate) for candidate in image) for row in rows)
 
 
 class _RecordingProcessor:
@@ -263,9 +282,9 @@ class ReferenceDecodingVAE(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.vae(*args, **kwargs)
 
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        self._record.encoded = True
-        return self.vae.encode(*args, **kwargs)
+    def encode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._record.encoding(x)
+        return self.vae.encode(x, *args, **kwargs)
 
     def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         from diffusers.models.autoencoders.vae import DecoderOutput

@@ -181,6 +181,23 @@ def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
         assert (out - by_hand["first"]).abs().max() > 0.05
 
 
+def test_a_call_that_fails_before_encoding_leaves_no_image(wan_pipeline) -> None:
+    """Wan checks its generators after preprocessing the image and before encoding it: that image is not reused."""
+    pipe, size = wan_pipeline
+    first, second = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
+        latents = tiny_pipelines.call(pipe, "latent", second, size)
+        by_hand = pipe.video_processor.postprocess_video(
+            decode_with_reference(pipe, latents, second, model=model), "pt"
+        )
+        with reference_decoding(pipe, model):
+            two_generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+            with pytest.raises(ValueError, match="list of generators"):
+                tiny_pipelines.call(pipe, "pt", first, size, generator=two_generators)
+            after = tiny_pipelines.call(pipe, "pt", second, size)
+    torch.testing.assert_close(after, by_hand, atol=1e-5, rtol=0)
+
+
 def test_the_pipeline_is_restored_exactly(pipeline: object) -> None:
     """Nothing about the pipeline changes but pipe.vae and its pixel processor, and those only for the block."""
     before = (type(pipeline), pipeline.vae, pipeline.video_processor, dict(pipeline.config), dict(vars(pipeline)))
