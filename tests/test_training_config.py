@@ -187,3 +187,12 @@ def test_training_fine_tunes_the_decoder_unless_told_not_to(tmp_path):
     assert not frozen.refdecoder_config().train_decoder
     for path in CONFIGS.glob("*.yaml"):  # the recipes rely on the default instead of restating it
         assert "train_decoder" not in path.read_text(), path.name
+
+
+def test_the_backbone_has_one_owner(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    assert load_config(path, ["model.refdecoder.backbone=wan2.1"]).model.backbone == "wan2.1"  # agrees: accepted
+    with pytest.raises(
+        ConfigError, match=r"'model\.refdecoder\.backbone' is 'wan2\.2' but model\.backbone is 'wan2\.1'"
+    ):
+        load_config(path, ["model.refdecoder.backbone=wan2.2"])

@@ -264,7 +264,7 @@ class TrainConfig:
         # every shipped recipe, unless model.refdecoder.train_decoder: false says otherwise.
         preset = {**to_plain(PRESETS[self.model.preset]), "train_decoder": True}
         merged = _deep_merge(preset, self.model.refdecoder)
-        merged.pop("backbone", None)
+        merged.pop("backbone", None)  # model.backbone is the one owner; wrap() records it in the saved config
         try:
             config = build_dataclass(RefDecoderConfig, merged, "model.refdecoder.")
         except ConfigError as err:
@@ -284,6 +284,12 @@ def _validate(cfg: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     _check(cfg.model.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
     cfg.refdecoder_config()  # raises on a bad model.refdecoder entry
+    named = cfg.model.refdecoder.get("backbone", cfg.model.backbone)
+    _check(
+        named == cfg.model.backbone,
+        "model.refdecoder.backbone",
+        f"is {named!r} but model.backbone is {cfg.model.backbone!r}; the backbone is model.backbone, remove this key",
+    )
     _check(len(cfg.stages) >= 1, "stages", "needs at least one stage")
     for i, stage in enumerate(cfg.stages):
         _check(stage.steps >= 1, f"stages.{i}.steps", f"must be >= 1, got {stage.steps}")
