@@ -239,7 +239,9 @@ class _RecordingProcessor:
         self._record = record
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.processor, name)
+        if name.startswith("__") or "processor" not in self.__dict__:
+            raise AttributeError(name)  # dunder lookups (copy, pickle) and a half-built object
+        return getattr(self.__dict__["processor"], name)
 
     def preprocess(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         image = self.processor.preprocess(*args, **kwargs)
