@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refdecoder._deps import require
+from refdecoder.config_builder import build_dataclass, yaml_load
 from refdecoder.data import CameraMotion
 from refdecoder.errors import ConfigError
 
@@ -212,43 +212,6 @@ class Settings:
             raise ConfigError(f"threads and workers must be >= 1, got {self.threads} and {self.workers}")
 
 
-_SECTIONS = {
-    "data": DataSettings,
-    "vae": VaeSettings,
-    "pretrain": PretrainSettings,
-    "finetune": FinetuneSettings,
-    "eval": EvalSettings,
-}
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    if set(raw) != set(fields):
-        raise ConfigError(
-            f"{where or 'config'}: missing {sorted(set(fields) - set(raw))}, unknown {sorted(set(raw) - set(fields))}"
-        )
-    nested = {n: c for n, c in _SECTIONS.items() if n in fields and cls is Settings}
-    return cls(**{k: _build(nested[k], v, k) if k in nested else _typed(v, fields[k], k) for k, v in raw.items()})
-
-
-def _typed(value: Any, kind: str, key: str) -> Any:
-    # PyYAML reads "1e-3" (no dot) as a string, so numbers are converted here and checked.
-    try:
-        if kind == "float" and not isinstance(value, bool):
-            return float(value)
-        if kind == "int" and not isinstance(value, bool) and int(value) == float(value):
-            return int(value)
-    except (TypeError, ValueError):
-        pass
-    if kind in ("int", "float"):
-        raise ConfigError(f"setting {key!r} must be a number ({kind}), got {value!r}")
-    if kind == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"setting {key!r} must be true or false, got {value!r}")
-    return value
-
-
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set ``raw["a"]["b"] = value`` for ``key = "a.b"``; the key must already exist (typos fail loudly)."""
     *parents, leaf = key.split(".")
@@ -262,8 +225,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def load_settings(path: str | Path = CONFIG, quick: bool = False, overrides: tuple[str, ...] = ()) -> Settings:
     """Read the YAML recipe, apply its ``quick:`` section (when ``quick``) and ``KEY=VALUE`` overrides."""
-    yaml = require("yaml", extra="train", package="pyyaml")
-    raw = yaml.safe_load(Path(path).read_text())
+    raw = yaml_load(Path(path).read_text())
     quick_overrides = raw.pop("quick", {}) or {}
     for key, value in quick_overrides.items() if quick else ():
         set_dotted(raw, key, value)
@@ -271,8 +233,8 @@ def load_settings(path: str | Path = CONFIG, quick: bool = False, overrides: tup
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        set_dotted(raw, key, yaml.safe_load(value))
-    return _build(Settings, raw, "")
+        set_dotted(raw, key, yaml_load(value))
+    return build_dataclass(Settings, raw)
 
 
 def fingerprint(settings: Settings, phase: str, variant: dict[str, Any] | None = None) -> dict[str, Any]:

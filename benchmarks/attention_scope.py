@@ -77,8 +77,8 @@ def scope_memory(grid: tuple[int, int, int], heads: int, head_dim: int) -> dict[
 
 
 def small_flops() -> dict:
-    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies), and the README's
-    recommended configuration (radius 2, the bias, per-stage space-to-depth tokenizers)."""
+    """``small`` at 17 frames, 480x832, with each scope (and the locality bias where it applies), and the
+    recommended configuration (the ``small-local`` preset: radius 2, the bias, per-stage space-to-depth tokenizers)."""
     configs = {}
     for name, (r, rv) in SCOPES.items():
         for bias in (False, True):

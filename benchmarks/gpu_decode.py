@@ -15,7 +15,7 @@ On CUDA, Wan2.1 at full width with random weights, bf16, 480x832, 17 and 81 fram
 4. The issue's targets, each with its measured value.
 
 Sections run in the order above with the compiled ``paper`` rows last; each writes ``gpu_decode.json`` and the
-README table ``gpu_decode.md`` into ``--out-dir`` (default ``benchmarks/results``), so a run cut short keeps what
+table ``gpu_decode.md`` into ``--out-dir`` (default ``benchmarks/results``), so a run cut short keeps what
 it measured. A step that would start with less than its share of ``--budget-s`` left is skipped and says so.
 
 ``--dry-run``: the same code on CPU at toy sizes (tiny Wan VAE; the presets' layouts with one 64-wide layer;
@@ -292,7 +292,7 @@ def targets(results: dict, run: Run) -> list[dict]:
 
 
 def markdown(results: dict, run: Run) -> str:
-    """The README tables: decode rows, precision, the training step and the targets."""
+    """The tables of gpu_decode.md: decode rows, precision, the training step and the targets."""
     tables = [
         _decode_table(results, run),
         _precision_table(results),

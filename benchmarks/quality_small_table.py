@@ -1,4 +1,4 @@
-"""The README's quality tables, from the JSON that ``benchmarks/quality_small.py`` writes.
+"""Quality tables (benchmarks/README.md, the README) from the JSON that ``benchmarks/quality_small.py`` writes.
 
     python benchmarks/quality_small_table.py benchmarks/results/quality_small.json [--group motion] [--variants a,b]
 

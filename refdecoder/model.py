@@ -491,8 +491,9 @@ def wrap(
 
     Args:
         vae: a VAE of a registered family (e.g. diffusers ``AutoencoderKLWan``); it is frozen, not copied.
-        config: a preset name (``"paper"``, ``"small"``, ``"tiny"``, ...) or a :class:`RefDecoderConfig`;
-            default ``"small"``.
+        config: a preset name (``"paper"``, ``"small-local"``, ``"small"``, ``"tiny"``, ...) or a
+            :class:`RefDecoderConfig`; default ``"small-local"``, what the quality benchmark recommends for
+            fine-tuning (local attention with the locality prior, per-stage tokenizers, no token dropout).
         backbone: force an adapter by name instead of auto-detection.
         include_proxy: load ``config.degradation.proxy`` (a training tool; :meth:`RefDecoder.from_pretrained` skips
             it, as it stores no weights and is the identity in eval).

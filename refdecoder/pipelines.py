@@ -11,20 +11,19 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   decode timestep goes on as the adapter's ``temb``) and ``CogVideoXImageToVideoPipeline``.
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
-condition and ``.decode(z, return_dict=False)[0]``, and its CPU offload moves ``vae`` as a unit; assigning a foreign
-object also rewrites the pipeline config's (library, class) entry for ``vae``. So ``pipe.vae`` stays the VAE it
-was: the context manager only shadows its ``decode`` with an instance attribute, and records what the pipeline's
-pixel processor (``video_processor``, else a diffusers ``VaeImageProcessor`` at ``image_processor``) made of the
-conditioning image, the exact tensor the generation was conditioned on. Each pipeline call keeps its own record:
-for the duration, ``pipe``'s class is shadowed by a subclass whose ``__call__`` starts and ends every call with an
-empty record, so a call that returns latents or raises leaves no image for the next one. Everything is restored on
-exit.
+condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:
+a module that answers every attribute with the VAE's and decodes through RefDecoder. The reference is what the
+pipeline's pixel processor (``video_processor``, else a diffusers ``VaeImageProcessor`` at ``image_processor``) made
+of the conditioning image, the exact tensor the generation was conditioned on; the processor is stood in for by a
+recorder for the block. Each generation keeps its own record, told apart by the VAE encode that follows the
+preprocessing (see :class:`_ConditioningRecord`). Nothing is patched on the pipeline's class or on the VAE;
+everything is put back on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,7 +33,14 @@ from refdecoder.errors import ConfigError, InputError
 from refdecoder.inference.streaming import decode_video
 from refdecoder.tiling import TilePlan, plan_tiles, token_alignment
 
-__all__ = ["decode_with_reference", "reference_decoding", "reference_tensor", "pixel_processor", "vae_tiles"]
+__all__ = [
+    "ReferenceDecodingVAE",
+    "decode_with_reference",
+    "pixel_processor",
+    "reference_decoding",
+    "reference_tensor",
+    "vae_tiles",
+]
 
 
 def _model_and_vae(pipe_or_vae: Any, model: nn.Module | None) -> tuple[nn.Module, nn.Module]:
@@ -44,6 +50,7 @@ def _model_and_vae(pipe_or_vae: Any, model: nn.Module | None) -> tuple[nn.Module
         model, vae = model or pipe_or_vae, pipe_or_vae.vae
     else:
         vae = getattr(pipe_or_vae, "vae", pipe_or_vae)
+        vae = vae.vae if isinstance(vae, ReferenceDecodingVAE) else vae
     if not isinstance(model, RefDecoder):
         raise InputError(
             "decoding with a reference needs the RefDecoder wrapping this VAE: pass model=refdecoder.load(vae, dir) "
@@ -81,12 +88,18 @@ def pixel_processor(pipe: Any) -> Any | None:
 
     Wan pipelines keep a CLIP processor at ``image_processor`` (for image embeddings), so that one is skipped.
     """
+    name = _pixel_processor_name(pipe)
+    processor = getattr(pipe, name) if name else None
+    return processor.processor if isinstance(processor, _RecordingProcessor) else processor
+
+
+def _pixel_processor_name(pipe: Any) -> str | None:
     from diffusers.image_processor import VaeImageProcessor
 
     for name in ("video_processor", "image_processor"):
         processor = getattr(pipe, name, None)
-        if isinstance(processor, VaeImageProcessor):
-            return processor
+        if isinstance(getattr(processor, "processor", processor), VaeImageProcessor):
+            return name
     return None
 
 
@@ -174,6 +187,124 @@ def decode_with_reference(
     return _decode(model, raw, reference, window, resize_reference)
 
 
+class _ConditioningRecord:
+    """The conditioning images of the current generation, in the order the pipeline preprocessed them.
+
+    Calls are told apart by the VAE: every covered pipeline preprocesses its conditioning image, then encodes it
+    with ``pipe.vae.encode`` before denoising. An encode closes the record and drops the images preprocessed before
+    the one it encodes (those of a call that raised before encoding); the next preprocess (the next call's) starts
+    a new record, and a decode takes the record and empties it. So a call that returns latents or raises leaves
+    nothing the next call could decode with.
+    """
+
+    def __init__(self) -> None:
+        self.images: list[torch.Tensor] = []
+        self.encoded = False
+
+    def preprocessed(self, image: torch.Tensor) -> None:
+        if self.encoded:
+            self.images, self.encoded = [], False
+        self.images.append(image)
+
+    def encoding(self, pixels: torch.Tensor) -> None:
+        """The pipeline encodes ``pixels`` (``B, 3, [T,] H, W``; the conditioning image is frame 0)."""
+        if not self.encoded:
+            first = pixels[:, :, 0] if pixels.ndim == 5 else pixels
+            encoded = [i for i, image in enumerate(self.images) if _holds(image, first)]
+            if encoded:
+                del self.images[: encoded[-1]]
+        self.encoded = True
+
+    def take_first(self) -> torch.Tensor | None:
+        """The call's first image (a first-last-frame call: its first frame), emptying the record."""
+        first = self.images[0] if self.images else None
+        self.images, self.encoded = [], False
+        return first
+
+
+def _holds(image: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether ``rows`` (``b, 3, H, W``) are rows of the preprocessed ``image`` as the pipeline cast them."""
+    image = image[:, :, 0] if image.ndim == 5 else image
+    if image.shape[1:] != rows.shape[1:]:
+        return False
+    image = image.to(rows.device, rows.dtype)
+    return all(any(torch.equal(row, candidate) for candidate in image) for row in rows)
+
+
+class _RecordingProcessor:
+    """Stands in the pipeline's pixel processor: every attribute is the processor's, ``preprocess`` is recorded."""
+
+    def __init__(self, processor: Any, record: _ConditioningRecord) -> None:
+        self.processor = processor
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "processor" not in self.__dict__:
+            raise AttributeError(name)  # dunder lookups (copy, pickle) and a half-built object
+        return getattr(self.__dict__["processor"], name)
+
+    def preprocess(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        image = self.processor.preprocess(*args, **kwargs)
+        self._record.preprocessed(image)
+        return image
+
+
+class ReferenceDecodingVAE(nn.Module):
+    """Stands in ``pipe.vae``'s place inside :func:`reference_decoding`.
+
+    Every attribute the pipeline reads (``config``, ``dtype``, ``enable_tiling``, ...) is the wrapped VAE's, which
+    is a registered child, so ``pipe.to(device)`` moves it. ``encode`` is the VAE's (and marks the call's
+    conditioning as encoded); ``decode`` decodes through the RefDecoder with the call's conditioning image (or the
+    fixed ``image``) and answers like the VAE's (``DecoderOutput``, or a tuple with ``return_dict=False``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        record: _ConditioningRecord,
+        image: Any | None,
+        processor: Any | None,
+        decode_options: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.vae = model.vae
+        self.training = model.vae.training
+        # Plain attributes, not submodules: the RefDecoder is moved to the latents' device when it decodes.
+        object.__setattr__(self, "_model", model)
+        self._record, self._image, self._processor, self._options = record, image, processor, decode_options
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "vae" not in self.__dict__.get("_modules", {}):
+                raise  # dunder lookups (copy, pickle) and a half-built object answer for themselves
+            return getattr(self._modules["vae"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.vae(*args, **kwargs)
+
+    def encode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self._record.encoding(x)
+        return self.vae.encode(x, *args, **kwargs)
+
+    def decode(self, z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        model = self._model
+        # Extra inputs the pipeline hands vae.decode (LTX: the decode timestep) go on by the adapter's names.
+        inputs = {**dict(zip(model.adapter.decode_arguments, args)), **kwargs}
+        first = self._record.take_first()
+        if self._image is not None:
+            reference = reference_tensor(self._image, model.output_size(z.shape[-2:]), self._processor)
+        elif first is None:
+            raise InputError("the pipeline call decoded without preprocessing a conditioning image; pass image=")
+        else:
+            reference = first
+        video = _decode(model.to(z.device), z, reference.to(z.device), inputs=inputs, **self._options)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+
 @contextlib.contextmanager
 def reference_decoding(
     pipe: Any,
@@ -182,91 +313,60 @@ def reference_decoding(
     *,
     window: int | None = None,
     resize_reference: bool = False,
-) -> Iterator[None]:
+) -> Iterator[ReferenceDecodingVAE]:
     """Make ``pipe`` decode through RefDecoder while the block runs.
 
-    ``pipe.vae`` stays the pipeline's own VAE object; its ``decode`` is shadowed for the duration and restored on
-    exit (also on errors). The reference is ``image`` when given, else the conditioning image of each pipeline
-    call, as the pipeline preprocessed it (the first image a call preprocesses: for first-last-frame calls the
-    first frame, for Qwen-Image edit the edit source, for image-to-image its input).
+    For the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE` around the pipeline's VAE, and the pixel
+    processor records what it preprocesses; both are put back on exit (also on errors), with the pipeline's config
+    entry for ``vae``. The reference is ``image`` when given, else the conditioning image of each pipeline call, as
+    the pipeline preprocessed it (the first image a call preprocesses: for first-last-frame calls the first frame,
+    for Qwen-Image edit the edit source, for image-to-image its input).
 
     Args:
         pipe: a diffusers pipeline with a ``vae`` wrapped by ``model`` and, unless ``image`` is given, a pixel
             processor (``video_processor`` or a ``VaeImageProcessor`` at ``image_processor``) that prepares its
-            conditioning image.
+            conditioning image, which the pipeline then encodes with ``pipe.vae``.
         model: the RefDecoder wrapping ``pipe.vae``.
         image: a fixed reference (see :func:`reference_tensor`), or None to use each call's conditioning image.
         window: latent frames per decoder pass (default: the model's).
         resize_reference: resize a reference of another size instead of raising :class:`InputError`.
 
+    Yields:
+        The stand-in now at ``pipe.vae``.
+
     Raises:
         InputError: ``pipe`` has no ``vae`` or no pixel processor, ``model`` does not wrap ``pipe.vae``, the
-            pipeline is already inside this context, or a call decodes without a conditioning image.
+            pipeline is already inside this context, a call decodes without a conditioning image, or the pipeline
+            has model CPU offload on.
     """
     if getattr(pipe, "vae", None) is None:
         raise InputError(f"{type(pipe).__name__} has no .vae to decode with; pass a diffusers pipeline with a VAE")
+    if isinstance(pipe.vae, ReferenceDecodingVAE):
+        raise InputError("pipe.vae is already replaced by reference_decoding (nested on the same pipeline?)")
+    if getattr(pipe, "_all_hooks", None):  # diffusers' record of enable_model_cpu_offload()
+        raise InputError(
+            "reference_decoding does not combine with enable_model_cpu_offload(); call pipe.remove_all_hooks() and "
+            "pipe.to(device), or decode pipe(..., output_type='latent') with decode_with_reference"
+        )
     model, vae = _model_and_vae(pipe, model)
-    if "decode" in vars(vae):
-        raise InputError("pipe.vae.decode is already replaced (nested reference_decoding on the same pipeline?)")
-    processor = pixel_processor(pipe)
-    if processor is None and image is None:
+    processor_name = _pixel_processor_name(pipe)
+    if processor_name is None and image is None:
         raise InputError(
             f"{type(pipe).__name__} has no video_processor or image_processor (a diffusers VaeImageProcessor) that "
             "prepares a conditioning image; pass the reference as image="
         )
-    seen: list[torch.Tensor] = []  # what the current call preprocessed
-
-    def preprocess(*args: Any, **kwargs: Any) -> torch.Tensor:
-        seen.append(type(processor).preprocess(processor, *args, **kwargs))
-        return seen[-1]
-
-    def decode(z: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-        # Extra inputs the pipeline hands vae.decode (LTX: the decode timestep) go on by the adapter's names.
-        inputs = {**dict(zip(model.adapter.decode_arguments, args)), **kwargs}
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        hook = getattr(vae, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(vae)  # what diffusers' apply_forward_hook does for CPU offload
-        if image is None and not seen:
-            raise InputError("the pipeline call decoded without preprocessing a conditioning image; pass image=")
-        size = model.output_size(z.shape[-2:])
-        reference = reference_tensor(image, size, processor) if image is not None else seen[0]
-        video = _decode(model.to(z.device), z, reference.to(z.device), window, resize_reference, inputs)
-        return DecoderOutput(sample=video) if return_dict else (video,)
-
-    with _each_call(pipe, seen.clear):
-        vae.decode = decode
-        if image is None:
-            processor.preprocess = preprocess
-        try:
-            yield
-        finally:
-            del vae.decode
-            if processor is not None and "preprocess" in vars(processor):
-                del processor.preprocess
-
-
-@contextlib.contextmanager
-def _each_call(pipe: Any, reset: Callable[[], None]) -> Iterator[None]:
-    """Run ``reset`` before and after every ``pipe(...)`` call while the block runs.
-
-    ``pipe(...)`` looks ``__call__`` up on the class, never the instance, so the instance's class is swapped for a
-    subclass with a wrapping ``__call__`` (same name and module) and swapped back on exit.
-    """
-    base = type(pipe)
-
-    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        reset()
-        try:
-            return base.__call__(self, *args, **kwargs)
-        finally:
-            reset()
-
-    scoped = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
-    scoped.__qualname__ = base.__qualname__
-    object.__setattr__(pipe, "__class__", scoped)
+    processor = getattr(pipe, processor_name) if processor_name else None
+    record = _ConditioningRecord()
+    options = {"window": window, "resize": resize_reference}
+    stand_in = ReferenceDecodingVAE(model, record, image, processor, options)
+    config_entry = pipe.config["vae"]
+    pipe.vae = stand_in  # the pipeline's own __setattr__, which also records the stand-in's class in its config
+    if image is None:
+        setattr(pipe, processor_name, _RecordingProcessor(processor, record))
     try:
-        yield
+        yield stand_in
     finally:
-        object.__setattr__(pipe, "__class__", base)
+        pipe.vae = vae
+        pipe.register_to_config(vae=config_entry)
+        if image is None:
+            setattr(pipe, processor_name, processor)

@@ -337,9 +337,11 @@ def test_scope_config_is_checked():
         RefDecoderConfig.from_dict({"transformer": {"video_attention_radius": 0}})  # needs a local radius
     with pytest.raises(refdecoder.ConfigError, match="locality_bias"):
         RefDecoderConfig.from_dict({"transformer": {"locality_bias": "yes"}})
-    for name in refdecoder.config.PRESETS:  # the presets keep the paper's global attention without a prior
+    for name in set(refdecoder.config.PRESETS) - {"small-local"}:  # the paper's global attention without a prior
         tf = refdecoder.preset(name).transformer
         assert (tf.attention_radius, tf.video_attention_radius, tf.locality_bias) == (None, None, False)
+    tf = refdecoder.preset("small-local").transformer  # the recommended one: radius 2 with the prior
+    assert (tf.attention_radius, tf.video_attention_radius, tf.locality_bias) == (2, None, True)
 
 
 def test_config_roundtrip_and_unknown_keys(tmp_path, caplog):

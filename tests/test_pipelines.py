@@ -83,15 +83,18 @@ def test_context_manager_decodes_like_the_manual_path(pipeline: object) -> None:
         latents = tiny_pipelines.call(pipeline, "latent", image)
         manual = decode_with_reference(pipeline, latents, image, normalized=True, model=model)
         manual = pipeline.video_processor.postprocess_video(manual, output_type="pt")
-        with reference_decoding(pipeline, model):
-            assert type(pipeline.vae) is AutoencoderKLWan  # pipe.vae is never replaced
+        vae = pipeline.vae
+        with reference_decoding(pipeline, model) as stand_in:
+            assert pipeline.vae is stand_in and stand_in.vae is vae and type(vae) is AutoencoderKLWan
+            assert (stand_in.config, stand_in.dtype) == (vae.config, vae.dtype)  # the VAE's, as the pipeline reads
             inside = tiny_pipelines.call(pipeline, "pt", image)
         plain = tiny_pipelines.call(pipeline, "pt", image)
     finally:
         model.unwrap()
     torch.testing.assert_close(inside, manual, atol=1e-5, rtol=0)
     assert (inside - plain).abs().max() > 0.05  # the reference did change the frames
-    assert "decode" not in vars(pipeline.vae) and "preprocess" not in vars(pipeline.video_processor)
+    assert pipeline.vae is vae and "decode" not in vars(pipeline.vae)
+    assert "preprocess" not in vars(pipeline.video_processor)
 
 
 def test_context_manager_restores_on_errors(pipeline: object) -> None:
@@ -178,12 +181,48 @@ def test_each_call_decodes_with_its_own_image(wan_pipeline) -> None:
         assert (out - by_hand["first"]).abs().max() > 0.05
 
 
-def test_the_pipeline_class_is_restored(pipeline: object) -> None:
-    before = type(pipeline)
-    with tiny_pipelines.wrapped(pipeline) as model, reference_decoding(pipeline, model):
-        assert type(pipeline) is not before and isinstance(pipeline, before)
-        assert type(pipeline).__name__ == before.__name__
-    assert type(pipeline) is before
+def test_a_call_that_fails_before_encoding_leaves_no_image(wan_pipeline) -> None:
+    """Wan checks its generators after preprocessing the image and before encoding it: that image is not reused."""
+    pipe, size = wan_pipeline
+    first, second = tiny_pipelines.image(0, size), tiny_pipelines.image(7, size)
+    with tiny_pipelines.wrapped(pipe, perturb=True) as model:
+        latents = tiny_pipelines.call(pipe, "latent", second, size)
+        by_hand = pipe.video_processor.postprocess_video(
+            decode_with_reference(pipe, latents, second, model=model), "pt"
+        )
+        with reference_decoding(pipe, model):
+            two_generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+            with pytest.raises(ValueError, match="list of generators"):
+                tiny_pipelines.call(pipe, "pt", first, size, generator=two_generators)
+            after = tiny_pipelines.call(pipe, "pt", second, size)
+    torch.testing.assert_close(after, by_hand, atol=1e-5, rtol=0)
+
+
+def test_the_pipeline_is_restored_exactly(pipeline: object) -> None:
+    """Nothing about the pipeline changes but pipe.vae and its pixel processor, and those only for the block."""
+    before = (type(pipeline), pipeline.vae, pipeline.video_processor, dict(pipeline.config), dict(vars(pipeline)))
+    with tiny_pipelines.wrapped(pipeline) as model:
+        with reference_decoding(pipeline, model):
+            assert type(pipeline) is before[0] and "__call__" not in vars(pipeline)
+            assert pipeline.vae is not before[1] and pipeline.video_processor is not before[2]
+        with pytest.raises(RuntimeError, match="boom"), reference_decoding(pipeline, model):
+            raise RuntimeError("boom")
+    assert (type(pipeline), pipeline.vae, pipeline.video_processor) == before[:3]
+    assert dict(pipeline.config) == before[3] and dict(vars(pipeline)) == before[4]
+    assert vars(pipeline.vae).keys() == vars(before[1]).keys()
+
+
+def test_model_cpu_offload_is_refused_in_one_line(pipeline: object) -> None:
+    """enable_model_cpu_offload() needs an accelerator; diffusers records its hooks in pipe._all_hooks."""
+    with tiny_pipelines.wrapped(pipeline) as model:
+        pipeline._all_hooks = [object()]
+        try:
+            with pytest.raises(InputError, match="enable_model_cpu_offload") as err:
+                with reference_decoding(pipeline, model):
+                    pass
+        finally:
+            del pipeline._all_hooks
+    assert "\n" not in str(err.value) and pipeline.vae is model.vae
 
 
 def test_pipelines_it_cannot_serve_are_refused_by_name(pipeline: object) -> None:

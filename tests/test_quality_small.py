@@ -98,7 +98,11 @@ def _load(tmp_path: Path, raw: dict) -> qset.Settings:
 def test_config_rejects_overlapping_or_reserved_material(tmp_path: Path) -> None:
     raw = _raw()
     del raw["pretrain"]["lr"]
-    with pytest.raises(ConfigError, match="missing \\['lr'\\]"):
+    with pytest.raises(ConfigError, match="missing config key 'pretrain.lr'"):
+        _load(tmp_path, raw)
+    raw = _raw()
+    raw["pretrain"]["lrr"] = 1e-3
+    with pytest.raises(ConfigError, match="unknown config key 'pretrain.lrr'; did you mean 'pretrain.lr'"):
         _load(tmp_path, raw)
     raw = _raw()
     raw["data"]["sources"][0]["heldout"] = [[180, 242]]  # bikes trains on 0-187

@@ -179,3 +179,20 @@ def test_unregistered_backbone_fails_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {"wan2.1": registry.BUILTINS["wan2.1"]})
     with pytest.raises(BackboneError, match=r"backbone 'videovae\+'.*registered backbones: \['wan2\.1'\]"):
         backbone_adapter("videovae+")
+
+
+def test_training_fine_tunes_the_decoder_unless_told_not_to(tmp_path):
+    assert load_config(_write(tmp_path, MINIMAL)).refdecoder_config().train_decoder
+    frozen = load_config(_write(tmp_path, MINIMAL), ["model.refdecoder.train_decoder=false"])
+    assert not frozen.refdecoder_config().train_decoder
+    for path in CONFIGS.glob("*.yaml"):  # the recipes rely on the default instead of restating it
+        assert "train_decoder" not in path.read_text(), path.name
+
+
+def test_the_backbone_has_one_owner(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    assert load_config(path, ["model.refdecoder.backbone=wan2.1"]).model.backbone == "wan2.1"  # agrees: accepted
+    with pytest.raises(
+        ConfigError, match=r"'model\.refdecoder\.backbone' is 'wan2\.2' but model\.backbone is 'wan2\.1'"
+    ):
+        load_config(path, ["model.refdecoder.backbone=wan2.2"])

@@ -254,15 +254,16 @@ def test_readme_command_1_shows_a_reference_frame_gain(tmp_path) -> None:
 
 
 def test_documented_demo_figures_are_the_recorded_run() -> None:
-    """docs/training.md and the README quote recipes/results/tiny_demo.json, the output of README command 1."""
+    """docs/training.md quotes recipes/results/tiny_demo.json (README command 1's output); the README refers to it."""
     record = json.loads((ROOT / "recipes" / "results" / "tiny_demo.json").read_text())
     row = record["comparison"][0]
     docs = (ROOT / "docs" / "training.md").read_text()
     readme = (ROOT / "README.md").read_text()
     for prefix, label in (("base_", "VAE"), ("baseline_", "baseline"), ("", "RefDecoder")):
         cells = " | ".join(f"{row[prefix + k]:.2f}" for k in ("psnr", "psnr_reference", "psnr_others"))
-        assert cells in docs and cells in readme, label
+        assert cells in docs and cells not in readme, label  # one source for each figure
     gain = f"{row['gain_psnr_reference']:+.2f} dB"
-    assert gain in docs and gain in readme
+    assert gain in docs
     minutes = f"{record['seconds'] // 60:.0f} min {record['seconds'] % 60:.0f} s"
-    assert minutes in docs and minutes in readme
+    assert minutes in docs and minutes not in readme
+    assert "docs/training.md" in readme

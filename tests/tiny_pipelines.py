@@ -128,7 +128,7 @@ def call(pipe: Any, output_type: str, conditioning: Any, size: tuple[int, int] =
     embeds = torch.randn(1, 8, TEXT_DIM, generator=g), torch.randn(1, 8, TEXT_DIM, generator=g)
     common = dict(
         image=conditioning, height=size[0], width=size[1], num_inference_steps=2, output_type=output_type,
-        generator=torch.Generator().manual_seed(0), prompt_embeds=embeds[0], **kwargs,
+        prompt_embeds=embeds[0], **{"generator": torch.Generator().manual_seed(0), **kwargs},
     )  # fmt: skip
     if "Qwen" in type(pipe).__name__:
         mask = torch.ones(1, 8, dtype=torch.long)

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from refdecoder.config_builder import build_dataclass
 from refdecoder.data import ClipPlan, ClipSampler
 from refdecoder.inference.loading import Decoder, load_decoder
 from refdecoder.inference.reconstruct import DecodeOptions, decode_to_files
 from refdecoder.inference.results import METRICS_CSV, write_metrics_csv
-from refdecoder.training._typed import build_dataclass
 from refdecoder.training.config import TrainConfig, config_to_dict
 from refdecoder.training.vae import RUN_VAE_DIR, backbone_adapter
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from refdecoder._deps import require
-from refdecoder.config import PRESETS, RefDecoderConfig
+from refdecoder.config import DEFAULT_PRESET, PRESETS, RefDecoderConfig
+from refdecoder.config_builder import build_dataclass, to_plain, yaml_load
 from refdecoder.data.camera import CameraMotion
 from refdecoder.errors import ConfigError
-from refdecoder.training._typed import build_dataclass, to_plain
 
 __all__ = [
     "VAEPretrainConfig",
@@ -93,7 +91,7 @@ class ModelConfig:
     # refdecoder: the reference-conditioned decoder; plain: the backbone's decoder fine-tuned alone (a baseline)
     kind: Literal["refdecoder", "plain"] = "refdecoder"
     backbone: str = "wan2.1"
-    preset: str = "small"
+    preset: str = DEFAULT_PRESET
     refdecoder: dict[str, Any] = field(default_factory=dict)  # RefDecoderConfig overrides on top of the preset
     vae: VAEConfig = field(default_factory=VAEConfig)
     latent_components: list[ComponentConfig] = field(default_factory=list)
@@ -262,8 +260,11 @@ class TrainConfig:
 
     def refdecoder_config(self) -> RefDecoderConfig:
         """The model architecture: ``model.preset`` with ``model.refdecoder`` overrides (checked strictly)."""
-        merged = _deep_merge(to_plain(PRESETS[self.model.preset]), self.model.refdecoder)
-        merged.pop("backbone", None)
+        # The decoder is fine-tuned with the added modules (at optim.lr x decoder_lr_ratio), as in the paper and
+        # every shipped recipe, unless model.refdecoder.train_decoder: false says otherwise.
+        preset = {**to_plain(PRESETS[self.model.preset]), "train_decoder": True}
+        merged = _deep_merge(preset, self.model.refdecoder)
+        merged.pop("backbone", None)  # model.backbone is the one owner; wrap() records it in the saved config
         try:
             config = build_dataclass(RefDecoderConfig, merged, "model.refdecoder.")
         except ConfigError as err:
@@ -283,6 +284,12 @@ def _validate(cfg: TrainConfig) -> None:
     """Cross-field checks that types alone cannot express."""
     _check(cfg.model.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
     cfg.refdecoder_config()  # raises on a bad model.refdecoder entry
+    named = cfg.model.refdecoder.get("backbone", cfg.model.backbone)
+    _check(
+        named == cfg.model.backbone,
+        "model.refdecoder.backbone",
+        f"is {named!r} but model.backbone is {cfg.model.backbone!r}; the backbone is model.backbone, remove this key",
+    )
     _check(len(cfg.stages) >= 1, "stages", "needs at least one stage")
     for i, stage in enumerate(cfg.stages):
         _check(stage.steps >= 1, f"stages.{i}.steps", f"must be >= 1, got {stage.steps}")
@@ -351,28 +358,6 @@ def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, 
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def yaml_load(text: str) -> Any:
-    """Parse YAML text; unlike plain PyYAML, ``1e-4`` is a float (YAML 1.2), not the string ``"1e-4"``."""
-    yaml = require("yaml", extra="train", package="pyyaml")
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(
-            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-            |\.[0-9_]+(?:[eE][-+][0-9]+)?
-            |[-+]?\.(?:inf|Inf|INF)
-            |\.(?:nan|NaN|NAN))$""",
-            re.X,
-        ),
-        list("-+0123456789."),
-    )
-    return yaml.load(text, Loader=_Loader)
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
