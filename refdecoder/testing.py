@@ -30,7 +30,7 @@ from torch import nn
 import refdecoder
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import find_backbone, get_backbone
-from refdecoder.config import TokenizerConfig
+from refdecoder.config import CorrespondenceConfig, TokenizerConfig
 from refdecoder.errors import InputError
 
 __all__ = ["Conformance", "checks_for", "check_backbone", "randomize_"]
@@ -130,6 +130,12 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
     return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
 
 
+def _with_correspondence(c: Conformance) -> dict[str, object]:
+    """Config overrides: the preset with a radius-1 scope and correspondence-guided reference attention on."""
+    transformer = replace(refdecoder.preset(c.preset).transformer, attention_radius=1, locality_bias=True)
+    return {"transformer": transformer, "correspondence": CorrespondenceConfig(enabled=True, search_radius=2)}
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -161,6 +167,12 @@ def check_identity_at_init(c: Conformance) -> None:
     z = c.latents(model, c.short)
     diff = _max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
     assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
+    # Correspondence-guided attention only moves which reference keys are seen, which zero-init updates hide.
+    model = c.wrap(**_with_correspondence(c))
+    for window in c.windows:
+        out = model.decode(z, reference=c.reference(model, z), window=window)
+        diff = _max_diff(out, model.adapter.plain_decode(z, window))
+        assert diff <= TOLERANCE, f"{c.backbone}: correspondence, window {window}: max diff {diff} at init"
 
 
 @torch.no_grad()
@@ -174,6 +186,12 @@ def check_streaming(c: Conformance) -> None:
         streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
         # Both run the same windows through the same loop: anything but bit-equality is a bug.
         assert torch.equal(streamed, whole), f"{c.backbone}: window {window}: streamed != whole"
+    # With correspondence each window takes its own frames of the field: the same holds.
+    model = c.wrap(perturb=True, **_with_correspondence(c))
+    for window in c.windows:
+        whole = model.decode(z, reference=ref, window=window)
+        streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
+        assert torch.equal(streamed, whole), f"{c.backbone}: correspondence, window {window}: streamed != whole"
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ gather is data-dependent).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +35,23 @@ from refdecoder.blocks.rope import apply_rope, rope_at
 if TYPE_CHECKING:
     from refdecoder.blocks.locality_bias import LocalityBias
 
-__all__ = ["guided_neighbourhood_attention", "bilinear_tokens"]
+__all__ = ["ReferenceGuide", "guided_neighbourhood_attention", "bilinear_tokens"]
+
+
+@dataclass(frozen=True)
+class ReferenceGuide:
+    """What one stage's attention layers need to centre the reference neighbourhoods (made per stage call).
+
+    Attributes:
+        displacement: ``B, R, 2, T - R, H, W`` float ``(dy, dx)`` in tokens of the stage grid (see
+            :func:`guided_neighbourhood_attention`).
+        reference_times: ``(R,)`` RoPE time positions of the reference frames.
+        rope_theta: RoPE base.
+    """
+
+    displacement: torch.Tensor
+    reference_times: torch.Tensor
+    rope_theta: float
 
 
 def bilinear_tokens(frames: torch.Tensor, y: torch.Tensor, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
