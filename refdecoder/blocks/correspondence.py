@@ -46,9 +46,15 @@ def cost_volume_displacement(
         ``(y + dy, x + dx)``. Memory: one ``B, T, h, w`` correlation per candidate offset, ``(2S+1)^2`` of them.
     """
     if video.ndim != 5 or reference.ndim != 5 or video.shape[:2] != reference.shape[:2]:
-        raise InputError(f"video B, C, T, h, w and reference B, C, R, h, w disagree: {video.shape} vs {reference.shape}")
+        raise InputError(
+            f"correspondence needs video B, C, T, h, w and reference B, C, R, h, w with the same B and C, "
+            f"got {tuple(video.shape)} and {tuple(reference.shape)}"
+        )
     if video.shape[-2:] != reference.shape[-2:]:
-        raise InputError(f"video and reference grids differ: {tuple(video.shape[-2:])} vs {tuple(reference.shape[-2:])}")
+        raise InputError(
+            f"correspondence needs one grid for video and reference, got {tuple(video.shape[-2:])} and "
+            f"{tuple(reference.shape[-2:])}"
+        )
     b, _, t, h, w = video.shape
     s = search_radius
     video, reference = video.float(), reference.float()
@@ -189,7 +195,7 @@ def correspondence_field(
             encoded = adapter.encode(clip.to(latents.dtype))[:, :, 0]  # B*R, C, h, w
             encoded = encoded.unflatten(0, (latents.shape[0], r)).transpose(1, 2)  # B, C, R, h, w
             cells = cost_volume_displacement(latents, encoded, *search)
-        pixels = cells * torch.tensor(
-            [output_size[0] / h, output_size[1] / w], device=cells.device
-        ).reshape(1, 1, 2, 1, 1, 1)
+        pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
+            1, 1, 2, 1, 1, 1
+        )
     return CorrespondenceField(pixels, output_size, windows, adapter)

@@ -89,9 +89,9 @@ def rope_at(
     """
     t, y, x = torch.broadcast_tensors(t, y, x)
     dims = rope_axis_dims(head_dim)
-    angles = torch.cat(
-        [_axis_angles(p.reshape(-1), dim, theta) for p, dim in zip((t, y, x), dims)], dim=-1
-    ).reshape(*t.shape, head_dim)
+    angles = torch.cat([_axis_angles(p.reshape(-1), dim, theta) for p, dim in zip((t, y, x), dims)], dim=-1).reshape(
+        *t.shape, head_dim
+    )
     return angles.cos().float(), angles.sin().float()
 
 
