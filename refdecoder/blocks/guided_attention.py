@@ -16,9 +16,10 @@ Video keys, and everything a reference query sees, are today's neighbourhoods (r
 With zero displacement this is :func:`~refdecoder.blocks.attention_scope.neighbourhood_attention` to float rounding
 (tested for radii 1-3, square and non-square grids, several reference frames, with and without the prior).
 
-Every query token gathers its own keys (``R (2r+1)^2`` reference and ``(T-R) (2r_v+1)^2`` video slots), a chunk of
-tokens at a time, so memory stays linear in the tokens. It runs on every device (no fused kernel: the displaced
-gather is data-dependent).
+Queries are grouped by grid position, a chunk of positions at a time: the ``(T-R) (2r_v+1)^2`` video keys of a
+position are gathered once for its T queries (as in today's gather), the ``R (2r+1)^2`` reference keys are sampled
+per query; logits, a float32 softmax over both and the weighted values are computed explicitly. Memory stays linear
+in the tokens. It runs on every device (no fused kernel: the displaced gather is data-dependent).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import math
+
 import torch
 
-from refdecoder.blocks.attention import attention, note_kernel
+from refdecoder.blocks.attention import note_kernel
 from refdecoder.blocks.attention_scope import CHUNK_BYTES, AttentionScope, _neighbours
 from refdecoder.blocks.rope import apply_rope, rope_at
 
@@ -120,10 +123,10 @@ def guided_neighbourhood_attention(
     if displacement.shape != (b, r, 2, t - r, h, w):
         raise ValueError(f"displacement must be {(b, r, 2, t - r, h, w)}, got {tuple(displacement.shape)}")
     note_kernel("scope:guided", q)
-    # Per query token and reference frame: its displacement (reference queries: none).
+    # Per grid position and frame: the displacement into each reference frame (reference queries: none).
     shift = torch.zeros(b, r, 2, t, p, dtype=torch.float32, device=q.device)
     shift[:, :, :, r:] = displacement.float().flatten(-2)
-    shift = shift.flatten(3).permute(0, 3, 1, 2)  # B, N, R, 2
+    shift = shift.permute(0, 4, 3, 1, 2)  # B, P, T, R, 2
     rr = scope.reference_radius
     steps = torch.arange(-rr, rr + 1, device=q.device)
     oy, ox = steps.repeat_interleave(2 * rr + 1), steps.repeat(2 * rr + 1)  # O: row-major offsets
@@ -131,39 +134,46 @@ def guided_neighbourhood_attention(
     frames_v = torch.arange(r, t, device=q.device)
     video_tokens = (video_index[:, None, :] + frames_v[None, :, None] * p).flatten(1)  # P, (T-R)*Ov
     video_valid = video_valid[:, None, :].expand(-1, t - r, -1).flatten(1)
-    slot_bias = None
+    ref_bias = video_bias = None
     if bias is not None:
-        ref_bias = bias.slots(torch.zeros_like(oy), oy, ox).repeat(1, r)  # heads, R*O
+        ref_bias = bias.slots(torch.zeros_like(oy), oy, ox).repeat(1, r).float()  # heads, R*O
         kinds = torch.ones_like(vy).repeat(t - r)
-        slot_bias = torch.cat([ref_bias, bias.slots(kinds, vy.repeat(t - r), vx.repeat(t - r))], 1).to(q.dtype)
-    s = r * oy.numel() + video_tokens.shape[1]
-    # Per query token: gathered keys and values (S each, float32 taps while sampling), mask and logits.
-    chunk = max(1, chunk_bytes // (b * heads * (s * d * (2 * q.element_size() + 8) + 8 * s)))
-    k_tok, v_tok, kraw_tok = (x.transpose(1, 2) for x in (k, v, k_raw))  # B, N, heads, D
+        video_bias = bias.slots(kinds, vy.repeat(t - r), vx.repeat(t - r)).float()  # heads, (T-R)*Ov
+    s_ref, s_vid = r * oy.numel(), video_tokens.shape[1]
+    # Per position: T x S_ref sampled keys and values (float32 taps), S_vid gathered ones, T x S float32 logits.
+    per_position = b * heads * (t * s_ref * d * 16 + 2 * s_vid * d * q.element_size() + 12 * t * (s_ref + s_vid))
+    # On the meta device (FLOP counting) nothing is allocated: one chunk, the same operations in fewer calls.
+    chunk = p if q.device.type == "meta" else max(1, chunk_bytes // per_position)
+    kraw_tok = k_raw.transpose(1, 2)[:, : r * p]  # B, R*P, heads, D: the reference frames' keys before RoPE
+    vref_tok = v.transpose(1, 2)[:, : r * p]
     times = reference_times.to(q.device).reshape(r, 1)
-    out = q.new_empty(b, heads, n, d)
-    for n0 in range(0, n, chunk):
-        tok = torch.arange(n0, min(n0 + chunk, n), device=q.device)
-        pos = tok % p
-        ry, rx = (pos // w)[:, None] + oy, (pos % w)[:, None] + ox  # C, O: where the slot sits relative to q
-        sy = ry[None, :, None] + shift[:, tok, :, 0, None]  # B, C, R, O: where it samples
-        sx = rx[None, :, None] + shift[:, tok, :, 1, None]
-        inside = (sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)
-        frame_rows = (torch.arange(r, device=q.device) * h)[None, None, :, None]
-        keys = bilinear_tokens(kraw_tok[:, : r * p], sy + frame_rows, sx, w, r * h)  # B, C, R, O, heads, D
-        values = bilinear_tokens(v_tok[:, : r * p], sy + frame_rows, sx, w, r * h)
-        cos, sin = rope_at(times[None], ry[:, None], rx[:, None], d, rope_theta)  # C, R, O, D
-        keys = apply_rope(keys, cos[:, :, :, None], sin[:, :, :, None])
-        c = tok.numel()
-        vt = video_tokens[pos]
-        keys = torch.cat([keys.flatten(2, 3), k_tok[:, vt]], 2)  # B, C, S, heads, D
-        values = torch.cat([values.flatten(2, 3), v_tok[:, vt]], 2)
-        valid = torch.cat([inside.flatten(2), video_valid[pos][None].expand(b, -1, -1)], 2)  # B, C, S
-        mask = torch.zeros(b, 1, c, s, dtype=q.dtype, device=q.device).masked_fill(~valid[:, None], float("-inf"))
-        if slot_bias is not None:
-            mask = mask + slot_bias[None, :, None, :]
-        mask = mask.expand(b, heads, c, s).reshape(b, heads * c, 1, s)
-        keys, values = (x.permute(0, 3, 1, 2, 4).reshape(b, heads * c, s, d) for x in (keys, values))
-        part = attention(q[:, :, tok].reshape(b, heads * c, 1, d), keys, values, mask)
-        out[:, :, tok] = part.reshape(b, heads, c, d)
-    return out
+    frame_rows = (torch.arange(r, device=q.device) * h)[None, None, None, :, None]
+    grid_q = q.reshape(b, heads, t, p, d)
+    out = q.new_empty(b, heads, t, p, d)
+    for p0 in range(0, p, chunk):
+        pos = torch.arange(p0, min(p0 + chunk, p), device=q.device)
+        ry, rx = (pos // w)[:, None] + oy, (pos % w)[:, None] + ox  # Pc, O: the slot relative to the query
+        sy = ry[None, :, None, None] + shift[:, pos, :, :, 0, None]  # B, Pc, T, R, O: where it samples
+        sx = rx[None, :, None, None] + shift[:, pos, :, :, 1, None]
+        inside = ((sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)).flatten(3)  # B, Pc, T, R*O
+        keys = bilinear_tokens(kraw_tok, sy + frame_rows, sx, w, r * h)  # B, Pc, T, R, O, heads, D
+        values = bilinear_tokens(vref_tok, sy + frame_rows, sx, w, r * h)
+        cos, sin = rope_at(times[None], ry[:, None], rx[:, None], d, rope_theta)  # Pc, R, O, D
+        keys = apply_rope(keys, cos[None, :, None, :, :, None], sin[None, :, None, :, :, None])
+        queries = grid_q[:, :, :, pos].float()  # B, heads, T, Pc, D
+        queries = queries / math.sqrt(d)
+        ref_logits = torch.einsum("bhtpd,bptshd->bhtps", queries, keys.flatten(3, 4).float())
+        ref_logits = ref_logits.masked_fill(~inside.permute(0, 2, 1, 3)[:, None], float("-inf"))
+        vt = video_tokens[pos]  # Pc, S_vid
+        vid_keys, vid_values = k[:, :, vt].float(), v[:, :, vt].float()  # B, heads, Pc, S_vid, D
+        vid_logits = torch.einsum("bhtpd,bhpsd->bhtps", queries, vid_keys)
+        vid_logits = vid_logits.masked_fill(~video_valid[pos][None, None, None], float("-inf"))
+        if bias is not None:
+            ref_logits = ref_logits + ref_bias[None, :, None, None]
+            vid_logits = vid_logits + video_bias[None, :, None, None]
+        weights = torch.softmax(torch.cat([ref_logits, vid_logits], -1), dim=-1)
+        ref_w, vid_w = weights.split([s_ref, s_vid], dim=-1)
+        part = torch.einsum("bhtps,bptshd->bhtpd", ref_w, values.flatten(3, 4).float())
+        part = part + torch.einsum("bhtps,bhpsd->bhtpd", vid_w, vid_values)
+        out[:, :, :, pos] = part.to(q.dtype)
+    return out.reshape(b, heads, n, d)
