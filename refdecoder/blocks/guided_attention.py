@@ -24,10 +24,9 @@ in the tokens. It runs on every device (no fused kernel: the displaced gather is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-
-import math
 
 import torch
 
