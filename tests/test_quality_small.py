@@ -377,3 +377,15 @@ def test_correspondence_gains_are_zero_for_a_decoder_that_ignores_its_reference(
             g for key in ("gain_frame0", "gain_all", "gain_frame0_shared", "gain_all_shared") for g in rows[mode][key]
         ]
         assert len(gains) == 12 and all(abs(g) < 1e-4 for g in gains)
+
+
+# --- the shipped pretrained VAE -----------------------------------------------------------------------------------
+def test_the_shipped_vae_serves_the_default_settings_only(tmp_path) -> None:
+    settings = qset.load_settings(qset.CONFIG)
+    assert qs.use_shipped_vae(settings, tmp_path / "default")
+    copied = tmp_path / "default" / qs.PRETRAINED
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", qs.META):
+        assert (copied / name).read_bytes() == (qs.SHIPPED / name).read_bytes()
+    assert not qs.use_shipped_vae(settings, tmp_path / "default")  # already there: left alone
+    other = qset.load_settings(qset.CONFIG, overrides=("pretrain.steps=10",))
+    assert not qs.use_shipped_vae(other, tmp_path / "other") and not (tmp_path / "other").exists()
