@@ -276,6 +276,9 @@ def check_tiling(c: Conformance) -> None:
     # Clamped like RefDecoder's decode: diffusers' Qwen-Image tiled decode, unlike its untiled one, does not clamp.
     stock = adapter.plain_tiled_decode(z, plan).clamp(-1.0, 1.0)
     assert plan.num_tiles == 4 and _max_diff(tiled, stock) <= TOLERANCE, f"{c.backbone}: tiled != backbone's tiled"
+    # With correspondence each tile estimates from its own reference crop; at init the decode is still the stock one.
+    guided = decode_video(c.wrap(**_with_correspondence(c)), z, reference=c.reference(model, z), tiles=plan)
+    assert _max_diff(guided, stock) <= TOLERANCE, f"{c.backbone}: tiled with correspondence != backbone's tiled"
 
 
 @torch.no_grad()
