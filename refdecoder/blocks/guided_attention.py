@@ -37,6 +37,10 @@ from refdecoder.blocks.rope import apply_rope, rope_at
 if TYPE_CHECKING:
     from refdecoder.blocks.locality_bias import LocalityBias
 
+# Working memory of one chunk of positions: 4x the scopes' budget, because every query samples its own reference
+# keys (4 float32 taps each), which at the quality benchmark's batch left one position per chunk (many small ops).
+GUIDED_CHUNK_BYTES = 4 * CHUNK_BYTES
+
 __all__ = ["ReferenceGuide", "guided_neighbourhood_attention", "bilinear_tokens"]
 
 
@@ -95,7 +99,7 @@ def guided_neighbourhood_attention(
     reference_times: torch.Tensor,
     rope_theta: float,
     bias: LocalityBias | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = GUIDED_CHUNK_BYTES,
 ) -> torch.Tensor:
     """Neighbourhood attention whose reference neighbourhoods are centred on displaced positions.
 
