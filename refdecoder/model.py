@@ -24,6 +24,7 @@ from torch import nn
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import backbone_to_load, resolve_backbone
 from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
+from refdecoder.blocks.correspondence import CorrespondenceField, correspondence_field
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.config import RefDecoderConfig, resolve_config
@@ -130,6 +131,11 @@ class RefDecoder(nn.Module):
                 for i, patch in zip(self.stage_indices, patches)
             }
         )
+        if config.correspondence.enabled and (tf.attention_radius is None or any(p[0] != 1 for p in patches)):
+            raise ConfigError(
+                "correspondence.enabled needs a local transformer.attention_radius and temporal token patches of 1, "
+                f"got radius {tf.attention_radius} and patches {patches}"
+            )
         self.latent_components = nn.ModuleDict(
             build_latent_components(config.degradation, adapter.latent_channels, include_proxy)
         )
@@ -154,6 +160,7 @@ class RefDecoder(nn.Module):
         clamp: bool | None = None,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
+        displacements: torch.Tensor | None = None,
         **decode_inputs: Any,
     ) -> torch.Tensor:
         """Decode raw latents into video, conditioned on reference frames when given.
@@ -168,6 +175,12 @@ class RefDecoder(nn.Module):
                 (``adapter.output_clamp``: Wan yes; HunyuanVideo 1.5, LTX, CogVideoX, VideoVAE+ no).
             resize_reference: resize a reference of another size instead of raising :class:`InputError`.
             generator: RNG for training-time components (token dropout), for reproducible draws.
+            displacements: where each decoded pixel's content lies in the reference (e.g. an optical flow from
+                each frame to the reference), ``B, 2, T, H, W`` (all reference frames) or ``B, R, 2, T, H, W``:
+                ``(dy, dx)`` in output pixels, pixel ``(y, x)`` of frame ``t`` showing the reference at
+                ``(y + dy, x + dx)``. The reference neighbourhoods of the attention are centred there (needs a
+                local ``transformer.attention_radius``; replaces the ``correspondence`` estimate). Default: the
+                estimate when ``config.correspondence.enabled``, else the query's own position.
             decode_inputs: the backbone's own extra decode inputs (``adapter.decode_arguments``, e.g. LTX's
                 ``temb``), as ``vae.decode`` takes them.
 
@@ -175,7 +188,7 @@ class RefDecoder(nn.Module):
             Video ``B, 3, T, H, W``, nominally in [-1, 1] (exactly so when clamped), ``T`` by the frame rule.
         """
         latents, ctx, windows = self._prepare_decode(
-            latents, reference, window, resize_reference, generator, decode_inputs
+            latents, reference, window, resize_reference, generator, decode_inputs, displacements
         )
         finite = FiniteOutput(enabled=not self.training)  # one reduction per decode; training has its own guard
         video = self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows)
@@ -192,6 +205,7 @@ class RefDecoder(nn.Module):
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
         depth_to_space: bool = True,
+        displacements: torch.Tensor | None = None,
         **decode_inputs: Any,
     ) -> Iterator[torch.Tensor]:
         """:meth:`decode`, yielding each window's frames ``B, 3, t, H, W`` as soon as they exist.
@@ -203,7 +217,7 @@ class RefDecoder(nn.Module):
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
         latents, ctx, windows = self._prepare_decode(
-            latents, reference, window, resize_reference, generator, decode_inputs
+            latents, reference, window, resize_reference, generator, decode_inputs, displacements
         )
         finite = FiniteOutput(enabled=not self.training)  # flags stay on the device; one host check at the end
         for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
@@ -219,6 +233,7 @@ class RefDecoder(nn.Module):
         resize_reference: bool,
         generator: torch.Generator | None,
         decode_inputs: dict[str, Any] | None = None,
+        displacements: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DecodeContext, list[tuple[int, int]]]:
         """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
         self._check_alive()
@@ -241,7 +256,29 @@ class RefDecoder(nn.Module):
             }
             ctx.num_reference = reference.shape[2]
         size = self.window_size(latents, ctx.num_reference, window)
-        return latents, ctx, self.adapter.plan_windows(latents.shape[2], size)
+        windows = self.adapter.plan_windows(latents.shape[2], size)
+        if displacements is not None or (reference is not None and self.config.correspondence.enabled):
+            ctx.correspondence = self._correspondence(latents, reference, windows, displacements)
+        return latents, ctx, windows
+
+    def _correspondence(
+        self,
+        latents: torch.Tensor,
+        reference: torch.Tensor | None,
+        windows: list[tuple[int, int]],
+        displacements: torch.Tensor | None,
+    ) -> CorrespondenceField:
+        """The decode's correspondence field: the caller's ``displacements`` or the estimate (see ``decode``)."""
+        temporal = {p.patch_size[0] for p in self.projectors.values()}
+        if reference is None or self.config.transformer.attention_radius is None or temporal != {1}:
+            raise InputError(
+                "displacements need a reference, a local transformer.attention_radius and temporal token patches "
+                "of 1; pass a reference, or leave displacements out"
+            )
+        c = self.config.correspondence
+        search = (c.search_radius, c.temperature, c.match_radius)
+        size = self.output_size(latents.shape[-2:])
+        return correspondence_field(self.adapter, latents, reference, windows, size, search, displacements)
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:
         """(H, W) of the decoded video (and of the reference) for latents of spatial size ``latent_size``."""

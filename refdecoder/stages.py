@@ -45,7 +45,12 @@ class ReferenceHooks:
             reference = reference + ctx.stage_reference_tokens[name].to(reference.dtype)
         if name in model.projectors:
             # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
-            joint = model.projectors[name](torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r)
+            projector, displacement = model.projectors[name], None
+            if ctx.correspondence is not None:  # where each video token's content lies in the reference
+                displacement = ctx.correspondence.stage(
+                    index, x, projector.patch_size, ctx.window_index, ctx.first_window
+                )
+            joint = projector(torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r, displacement)
             reference, x = joint[:, :, :r], joint[:, :, r:]
         if index < max(model.stage_indices):
             ctx.stage_reference = model.adapter.run_stage_on_reference(index, reference, ctx)

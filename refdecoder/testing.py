@@ -32,7 +32,7 @@ from torch import nn
 import refdecoder
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import find_backbone, get_backbone, list_backbones
-from refdecoder.config import TokenizerConfig
+from refdecoder.config import CorrespondenceConfig, TokenizerConfig
 from refdecoder.contract_checks import (
     TOLERANCE,
     check_decoder_parameters,
@@ -139,6 +139,12 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
     return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
 
 
+def _with_correspondence(c: Conformance) -> dict[str, object]:
+    """Config overrides: the preset with a radius-1 scope and correspondence-guided reference attention on."""
+    transformer = replace(refdecoder.preset(c.preset).transformer, attention_radius=1, locality_bias=True)
+    return {"transformer": transformer, "correspondence": CorrespondenceConfig(enabled=True, search_radius=2)}
+
+
 # --- the checks ---------------------------------------------------------------------------------------------------
 def check_detection(c: Conformance) -> None:
     """``wrap()`` finds the adapter on its own VAEs (a variant that another registered adapter's VAEs also fit is
@@ -173,6 +179,12 @@ def check_identity_at_init(c: Conformance) -> None:
     z = c.latents(model, c.short)
     diff = max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
     assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
+    # Correspondence-guided attention only moves which reference keys are seen, which zero-init updates hide.
+    model = c.wrap(**_with_correspondence(c))
+    for window in c.windows:
+        out = model.decode(z, reference=c.reference(model, z), window=window)
+        diff = max_diff(out, model.adapter.plain_decode(z, window))
+        assert diff <= TOLERANCE, f"{c.backbone}: correspondence, window {window}: max diff {diff} at init"
 
 
 @torch.no_grad()
@@ -186,6 +198,12 @@ def check_streaming(c: Conformance) -> None:
         streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
         # Both run the same windows through the same loop: anything but bit-equality is a bug.
         assert torch.equal(streamed, whole), f"{c.backbone}: window {window}: streamed != whole"
+    # With correspondence each window takes its own frames of the field: the same holds.
+    model = c.wrap(perturb=True, **_with_correspondence(c))
+    for window in c.windows:
+        whole = model.decode(z, reference=ref, window=window)
+        streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
+        assert torch.equal(streamed, whole), f"{c.backbone}: correspondence, window {window}: streamed != whole"
 
 
 @torch.no_grad()
@@ -272,6 +290,9 @@ def check_tiling(c: Conformance) -> None:
     stock = adapter.plain_tiled_decode(z, plan)
     stock = stock.clamp(-1.0, 1.0) if adapter.output_clamp else stock
     assert plan.num_tiles == 4 and max_diff(tiled, stock) <= TOLERANCE, f"{c.backbone}: tiled != backbone's tiled"
+    # With correspondence each tile estimates from its own reference crop; at init the decode is still the stock one.
+    guided = decode_video(c.wrap(**_with_correspondence(c)), z, reference=c.reference(model, z), tiles=plan)
+    assert max_diff(guided, stock) <= TOLERANCE, f"{c.backbone}: tiled with correspondence != backbone's tiled"
 
 
 @torch.no_grad()

@@ -354,7 +354,7 @@ def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
     from benchmarks import reference_probe as rp
 
     settings, media = micro_media
-    clips, references = rp.shifted_clips(settings, media, shift=8, per_source=1)
+    clips, references, _ = rp.shifted_clips(settings, media, shift=8, per_source=1)
     assert clips.shape[1:] == (3, EVAL_FRAMES, CROP, CROP) and sorted(references) == list(range(-8, 9))
     torch.testing.assert_close(references[0][:, :, 0], clips[:, :, 0])
     # bikes (frames 48 x 72): the clip is cut at columns 20..52, the +8 reference at 28..60 of frame 16.
@@ -370,8 +370,26 @@ def test_correspondence_gains_are_zero_for_a_decoder_that_ignores_its_reference(
 
     config, out, _ = micro
     vae = qs.load_vae(out / qs.PRETRAINED)
-    refdecoder.wrap(vae, "tiny").save_pretrained(out / "fresh")  # zero-initialised stage updates: identity
-    doc = rp.correspondence(out, ["fresh"], config, shifts=[0, 1], token=8, per_source=1)
+    config_r1 = refdecoder.preset("tiny")
+    config_r1.transformer.attention_radius = 1  # a local scope, which displacements can steer
+    refdecoder.wrap(vae, config_r1).save_pretrained(out / "fresh")  # zero-initialised stage updates: identity
+    doc = rp.correspondence(out, ["fresh"], config, shifts=[0, 1], token=8, per_source=1, true_displacements=True)
     rows = doc["models"]["fresh"]
     assert rows["shift_tokens"] == [-1, 0, 1]
-    assert all(abs(g) < 1e-4 for g in rows["gain_frame0"] + rows["gain_all"])
+    for mode in ("default", "true_displacements"):
+        gains = [
+            g for key in ("gain_frame0", "gain_all", "gain_frame0_shared", "gain_all_shared") for g in rows[mode][key]
+        ]
+        assert len(gains) == 12 and all(abs(g) < 1e-4 for g in gains)
+
+
+# --- the shipped pretrained VAE -----------------------------------------------------------------------------------
+def test_the_shipped_vae_serves_the_default_settings_only(tmp_path) -> None:
+    settings = qset.load_settings(qset.CONFIG)
+    assert qs.use_shipped_vae(settings, tmp_path / "default")
+    copied = tmp_path / "default" / qs.PRETRAINED
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", qs.META):
+        assert (copied / name).read_bytes() == (qs.SHIPPED / name).read_bytes()
+    assert not qs.use_shipped_vae(settings, tmp_path / "default")  # already there: left alone
+    other = qset.load_settings(qset.CONFIG, overrides=("pretrain.steps=10",))
+    assert not qs.use_shipped_vae(other, tmp_path / "other") and not (tmp_path / "other").exists()

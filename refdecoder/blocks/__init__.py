@@ -11,6 +11,8 @@ from refdecoder.blocks.attention_scope import (
     per_position_attention,
     scoped_attention,
 )
+from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
+from refdecoder.blocks.guided_attention import ReferenceGuide, guided_neighbourhood_attention
 from refdecoder.blocks.latent_degradation import (
     DegradationProxy,
     LatentBlur,
@@ -22,7 +24,7 @@ from refdecoder.blocks.latent_degradation import (
 from refdecoder.blocks.locality_bias import LocalityBias
 from refdecoder.blocks.norms import ChannelRMSNorm, FP32LayerNorm, RMSNorm
 from refdecoder.blocks.reference_tokenizer import ReferenceTokenizer, space_to_depth
-from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_axis_dims, rope_tables
+from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_at, rope_axis_dims, rope_tables
 from refdecoder.blocks.stage_projector import StageProjector
 from refdecoder.blocks.token_dropout import LatentTokenDropout, latent_token_dropout
 from refdecoder.blocks.transformer import FeedForward, SelfAttention, SharedTransformer, TransformerBlock
@@ -38,6 +40,11 @@ __all__ = [
     "local_attention_mask",
     "per_position_attention",
     "LocalityBias",
+    "CorrespondenceField",
+    "cost_volume_displacement",
+    "pixel_flow_to_latent_grid",
+    "ReferenceGuide",
+    "guided_neighbourhood_attention",
     "ChannelRMSNorm",
     "FP32LayerNorm",
     "RMSNorm",
@@ -45,6 +52,7 @@ __all__ = [
     "space_to_depth",
     "RotaryEmbedding3D",
     "apply_rope",
+    "rope_at",
     "rope_axis_dims",
     "rope_tables",
     "StageProjector",

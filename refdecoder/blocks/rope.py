@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["rope_axis_dims", "rope_tables", "apply_rope", "RotaryEmbedding3D"]
+__all__ = ["rope_axis_dims", "rope_tables", "rope_at", "apply_rope", "RotaryEmbedding3D"]
 
 Grid = tuple[int, int, int]
 
@@ -71,6 +71,27 @@ def rope_tables(
         _axis_angles(torch.arange(w, device=device), dw, theta)[None, None, :].expand(t, h, w, dw),
     )
     angles = torch.cat(parts, dim=-1).reshape(t * h * w, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def rope_at(
+    t: torch.Tensor, y: torch.Tensor, x: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cos/sin rows for arbitrary integer positions (also outside any grid), equal to :func:`rope_tables`' rows.
+
+    Args:
+        t, y, x: integer time, row and column positions, broadcastable to one shape ``S...``.
+        head_dim: channels per attention head (even).
+        theta: RoPE base.
+
+    Returns:
+        ``(cos, sin)``, each float32 ``S..., head_dim``, channels laid out as in :func:`rope_tables`.
+    """
+    t, y, x = torch.broadcast_tensors(t, y, x)
+    dims = rope_axis_dims(head_dim)
+    angles = torch.cat([_axis_angles(p.reshape(-1), dim, theta) for p, dim in zip((t, y, x), dims)], dim=-1).reshape(
+        *t.shape, head_dim
+    )
     return angles.cos().float(), angles.sin().float()
 
 

@@ -85,7 +85,13 @@ class StageProjector(nn.Module):
         pt, ph, pw = self.patch_size
         return -(-t // pt) * -(-h // ph) * -(-w // pw)
 
-    def forward(self, x: torch.Tensor, transformer: SharedTransformer, num_reference: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        transformer: SharedTransformer,
+        num_reference: int,
+        displacement: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Joint attention over reference and video features of this stage.
 
         Args:
@@ -94,6 +100,8 @@ class StageProjector(nn.Module):
             transformer: the shared transformer (its width must equal ``dim``).
             num_reference: R, the number of leading reference frames (0..T); they get RoPE time positions
                 ``0..R-1`` (with ``pt = 1``), the video frames the positions after them.
+            displacement: optional ``B, R, 2, T - R, h, w`` in tokens of this stage's grid (``pt = 1``): where each
+                video token's content lies in each reference frame (correspondence-guided reference attention).
 
         Returns:
             ``B, C, T, H, W``: ``x + update`` when ``residual`` (reference frames: the bare update unless
@@ -104,7 +112,10 @@ class StageProjector(nn.Module):
         tokens, grid = self._embed(self._normalize(x, num_reference))
         # Token frames holding any reference frame count as reference frames for the attention scope.
         reference_tokens = -(-num_reference // self.patch_size[0])
-        tokens = self.out(self.out_norm(transformer(tokens, grid, num_reference=reference_tokens)))
+        # Passed only when given, so transformers written before correspondence (test stubs) keep working.
+        guide = {} if displacement is None else {"displacement": displacement}
+        tokens = transformer(tokens, grid, num_reference=reference_tokens, **guide)
+        tokens = self.out(self.out_norm(tokens))
         delta = self._unpatchify(tokens, grid)[:, :, :t, :h, :w]
         if not self.residual:
             return delta

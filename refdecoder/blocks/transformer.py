@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from refdecoder.blocks.attention import attention
 from refdecoder.blocks.attention_scope import AttentionScope, scoped_attention
+from refdecoder.blocks.guided_attention import ReferenceGuide, guided_neighbourhood_attention
 from refdecoder.blocks.locality_bias import LocalityBias
 from refdecoder.blocks.norms import FP32LayerNorm, RMSNorm
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope
@@ -45,10 +46,14 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
         self.locality_bias = locality_bias
 
-    def forward(self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None, guide: ReferenceGuide | None = None
+    ) -> torch.Tensor:
         """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``.
 
-        ``scope=None`` attends over all tokens (a layer with a locality bias needs the scope of its grid).
+        ``scope=None`` attends over all tokens (a layer with a locality bias needs the scope of its grid). With a
+        ``guide``, the video queries' reference neighbourhoods are centred on its displacements
+        (:func:`~refdecoder.blocks.guided_attention.guided_neighbourhood_attention`).
         """
         if scope is None and self.locality_bias is not None:
             raise InputError("this attention layer has a locality bias: pass the AttentionScope of the token grid")
@@ -56,8 +61,16 @@ class SelfAttention(nn.Module):
         q = self._heads(self.norm_q(self.to_q(x)))
         k = self._heads(self.norm_k(self.to_k(x)))
         v = self._heads(self.to_v(x))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v) if scope is None else scoped_attention(q, k, v, scope, self.locality_bias)
+        q, k_rotated = apply_rope(q, *rope), apply_rope(k, *rope)
+        if guide is not None:
+            out = guided_neighbourhood_attention(
+                q, k_rotated, k, v, scope, guide.displacement, guide.reference_times, guide.rope_theta,
+                self.locality_bias,
+            )  # fmt: skip
+        elif scope is None:
+            out = attention(q, k_rotated, v)
+        else:
+            out = scoped_attention(q, k_rotated, v, scope, self.locality_bias)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +110,12 @@ class TransformerBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None) -> torch.Tensor:
-        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim`` and the attention scope -> ``B, N, dim``."""
-        x = x + self.attn(self.norm1(x), rope, scope)
+    def forward(
+        self, x: torch.Tensor, rope: Rope, scope: AttentionScope | None = None, guide: ReferenceGuide | None = None
+    ) -> torch.Tensor:
+        """``B, N, dim`` tokens, ``(cos, sin)`` tables ``N, head_dim``, the attention scope and an optional
+        reference guide -> ``B, N, dim``."""
+        x = x + self.attn(self.norm1(x), rope, scope, guide)
         return x + self.ffn(self.norm2(x))
 
 
@@ -177,6 +193,7 @@ class SharedTransformer(nn.Module):
         grid: tuple[int, int, int],
         time_positions: torch.Tensor | None = None,
         num_reference: int = 0,
+        displacement: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run all blocks over one token sequence.
 
@@ -186,6 +203,8 @@ class SharedTransformer(nn.Module):
             time_positions: ``(T,)`` integer RoPE time index per grid frame; default ``arange(T)``.
             num_reference: leading grid frames that are reference frames (they may have their own attention
                 radius and locality-bias table).
+            displacement: optional ``B, R, 2, T - R, H, W`` ``(dy, dx)`` in tokens: where each video token's content
+                lies in each reference frame; the reference neighbourhoods are centred there (needs a local radius).
 
         Returns:
             ``B, N, dim``.
@@ -200,12 +219,18 @@ class SharedTransformer(nn.Module):
         scope = AttentionScope(
             tuple(int(v) for v in grid), num_reference, self.attention_radius, self.video_attention_radius
         )
+        guide = None
+        if displacement is not None:
+            if scope.is_global:
+                raise InputError("displacements need a local attention_radius (global attention has no neighbourhood)")
+            times = torch.arange(t) if time_positions is None else time_positions.reshape(-1)
+            guide = ReferenceGuide(displacement, times[:num_reference], self.rope.theta)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointed:
-                tokens = checkpoint(block, tokens, rope, scope, use_reentrant=False)
+                tokens = checkpoint(block, tokens, rope, scope, guide, use_reentrant=False)
             else:
-                tokens = block(tokens, rope, scope)
+                tokens = block(tokens, rope, scope, guide)
         return tokens
 
     def extra_repr(self) -> str:

@@ -1,0 +1,201 @@
+"""Correspondence: where each video token's content lies in the reference, estimated from content or supplied.
+
+The estimate is a local cost volume on the frozen encoder's latent grid: the raw latents being decoded against the
+encoder's latents of the reference frame(s). Both live in one feature space without any training, so the estimate
+is as good at step 0 as later, and needs no downloaded weights. Per latent cell, the normalised correlation with
+every reference cell within ``+-S`` cells (summed over a ``(2m+1)^2`` patch, which makes 16-channel latents
+discriminative) is turned into a sub-cell displacement by a soft-argmax; out-of-grid candidates never count. A flat
+cost (no structure to match) averages to about zero: the attention then looks where it looked without
+correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate offset at a time.
+
+:class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
+estimate, or a caller's ``B, 2, T, H, W`` pixel flow pooled onto that grid), and hands each conditioned stage its
+part: the window's frames, resampled onto the stage's token grid, in tokens of that grid (what
+:func:`~refdecoder.blocks.guided_attention.guided_neighbourhood_attention` takes).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from refdecoder.errors import InputError
+
+if TYPE_CHECKING:
+    from refdecoder.backbones.base import BackboneAdapter
+
+__all__ = ["cost_volume_displacement", "pixel_flow_to_latent_grid", "CorrespondenceField", "correspondence_field"]
+
+
+def cost_volume_displacement(
+    video: torch.Tensor, reference: torch.Tensor, search_radius: int, temperature: float, match_radius: int = 1
+) -> torch.Tensor:
+    """Displacement of every video cell into every reference frame, from a local cost volume and a soft-argmax.
+
+    Args:
+        video: ``B, C, T, h, w`` features of the video (e.g. raw latents).
+        reference: ``B, C, R, h, w`` features of the reference frames on the same grid.
+        search_radius: S, candidate offsets ``|dy|, |dx| <= S`` cells.
+        temperature: softmax temperature of the soft-argmax over the correlations (cosine similarity, in [-1, 1]).
+        match_radius: m, correlations are averaged over a ``(2m+1)^2`` patch around each cell before the softmax.
+
+    Returns:
+        ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
+        ``(y + dy, x + dx)``. Memory: one ``B, T, h, w`` correlation per candidate offset, ``(2S+1)^2`` of them.
+    """
+    if video.ndim != 5 or reference.ndim != 5 or video.shape[:2] != reference.shape[:2]:
+        raise InputError(
+            f"correspondence needs video B, C, T, h, w and reference B, C, R, h, w with the same B and C, "
+            f"got {tuple(video.shape)} and {tuple(reference.shape)}"
+        )
+    if video.shape[-2:] != reference.shape[-2:]:
+        raise InputError(
+            f"correspondence needs one grid for video and reference, got {tuple(video.shape[-2:])} and "
+            f"{tuple(reference.shape[-2:])}"
+        )
+    b, _, t, h, w = video.shape
+    s = search_radius
+    video, reference = video.float(), reference.float()
+    # Centre both on the reference's channel means (latents carry a large constant part), then unit length per cell.
+    centre = reference.mean(dim=(2, 3, 4), keepdim=True)
+    video = F.normalize(video - centre, dim=1)
+    reference = F.normalize(reference - centre, dim=1)
+    offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    shifts = torch.tensor(offsets, dtype=torch.float32, device=video.device)  # K, 2
+    padded = F.pad(reference, (s, s, s, s))
+    inside = F.pad(torch.ones(1, 1, h, w, device=video.device), (s, s, s, s))
+    out = torch.empty(b, reference.shape[2], 2, t, h, w, device=video.device)
+    for j in range(reference.shape[2]):
+        costs = []
+        for dy, dx in offsets:
+            candidate = padded[:, :, j : j + 1, s + dy : s + dy + h, s + dx : s + dx + w]
+            cost = (video * candidate).sum(1).flatten(0, 1)[:, None]  # B*T, 1, h, w
+            if match_radius:
+                cost = F.avg_pool2d(cost, 2 * match_radius + 1, 1, match_radius, count_include_pad=False)
+            valid = inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w] > 0
+            costs.append((cost / temperature).masked_fill(~valid, float("-inf")))
+        weights = torch.softmax(torch.cat(costs, 1), dim=1)  # B*T, K, h, w
+        out[:, j] = torch.einsum("nkhw,kc->nchw", weights, shifts).unflatten(0, (b, t)).transpose(1, 2)
+    return out
+
+
+def pixel_flow_to_latent_grid(
+    flow: torch.Tensor, num_reference: int, latent_shape: tuple[int, int, int], adapter: BackboneAdapter
+) -> torch.Tensor:
+    """A caller's pixel displacements, pooled onto the latent grid: one value per latent frame and cell.
+
+    Args:
+        flow: ``B, 2, T, H, W`` (one field for every reference frame) or ``B, R, 2, T, H, W``: ``(dy, dx)`` in output
+            pixels per decoded frame; pixel ``(y, x)`` of frame ``t`` shows the reference at ``(y + dy, x + dx)``.
+        num_reference: R.
+        latent_shape: ``(t, h, w)`` of the latents being decoded.
+        adapter: the backbone adapter (its frame rule maps pixel frames to latent frames).
+
+    Returns:
+        ``B, R, 2, t, h, w`` float32 in output pixels: per latent frame the mean over the pixel frames it decodes
+        to, per latent cell the mean over its pixels.
+    """
+    t, h, w = latent_shape
+    rule = adapter.frame_rule
+    frames = rule.pixel_frames(t)
+    if flow.ndim == 5:
+        flow = flow[:, None].expand(-1, num_reference, -1, -1, -1, -1)
+    if flow.ndim != 6 or flow.shape[1:3] != (num_reference, 2) or flow.shape[3] != frames:
+        raise InputError(
+            f"displacements must be B, 2, T={frames}, H, W or B, R={num_reference}, 2, T, H, W (dy, dx in output "
+            f"pixels per decoded frame), got shape {tuple(flow.shape)}"
+        )
+    size_h, size_w = flow.shape[-2:]
+    if size_h % h or size_w % w or size_h // h != size_w // w:
+        raise InputError(f"displacements are {size_h}x{size_w} px; expected the decoded size, a multiple of {h}x{w}")
+    bounds = [0, rule.first] + [rule.first + rule.step * k for k in range(1, t)]
+    per_latent = torch.stack([flow[:, :, :, a:b].float().mean(3) for a, b in zip(bounds[:-1], bounds[1:])], 3)
+    pooled = F.avg_pool2d(per_latent.flatten(0, 3), size_h // h)
+    return pooled.reshape(*per_latent.shape[:4], h, w)
+
+
+class CorrespondenceField:
+    """One decode's correspondence, on the latent grid, handed out per stage and window.
+
+    Args:
+        pixels: ``B, R, 2, t, h, w`` float32, ``(dy, dx)`` in output pixels per latent frame and latent cell.
+        output_size: ``(H, W)`` of the decoded frames (and of the reference).
+        windows: the decode's latent-frame windows ``(start, stop)``.
+        adapter: the backbone adapter (stage frame counts per window).
+    """
+
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        output_size: tuple[int, int],
+        windows: list[tuple[int, int]],
+        adapter: BackboneAdapter,
+    ) -> None:
+        self.pixels, self.output_size, self.windows, self.adapter = pixels, output_size, windows, adapter
+
+    def stage(
+        self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
+    ) -> torch.Tensor:
+        """The field for stage ``index``'s video features ``B, C, T_i, H_i, W_i`` of window ``window_index``.
+
+        Returns ``B, R, 2, T_i, ceil(H_i / ph), ceil(W_i / pw)`` in tokens of the stage's grid (temporal patch 1):
+        each stage frame takes the latent frame it decodes from, each token the mean over its stage cells.
+        """
+        start, stop = self.windows[window_index]
+        frames, (height, width) = video.shape[2], video.shape[-2:]
+        n = stop - start
+        counts = [0] + [self.adapter.stage_frames(index, j, first_window) for j in range(1, n + 1)]
+        if counts[-1] == frames:
+            latent = [start + next(j for j in range(n) if counts[j] <= f < counts[j + 1]) for f in range(frames)]
+        else:  # a backbone decoding in its own layout: spread the window's latent frames evenly
+            latent = [start + f * n // frames for f in range(frames)]
+        field = self.pixels[:, :, :, latent]  # B, R, 2, T_i, h, w
+        flat = F.interpolate(field.flatten(0, 3)[:, None], size=(height, width), mode="bilinear", align_corners=False)
+        _, ph, pw = patch
+        tokens = F.avg_pool2d(flat, (ph, pw), ceil_mode=True)
+        scale = torch.tensor(
+            [ph * self.output_size[0] / height, pw * self.output_size[1] / width], device=tokens.device
+        ).reshape(1, 1, 2, 1, 1, 1)
+        return tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
+
+
+def correspondence_field(
+    adapter: BackboneAdapter,
+    latents: torch.Tensor,
+    reference: torch.Tensor,
+    windows: list[tuple[int, int]],
+    output_size: tuple[int, int],
+    search: tuple[int, float, int] | None,
+    displacements: torch.Tensor | None = None,
+) -> CorrespondenceField:
+    """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
+
+    Args:
+        adapter: the backbone adapter (its frozen encoder encodes the reference for the estimate).
+        latents: ``B, C, t, h, w`` raw latents being decoded.
+        reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size ``output_size``.
+        windows: the decode's latent-frame windows.
+        output_size: ``(H, W)`` of the decoded frames.
+        search: ``(search_radius, temperature, match_radius)`` of :func:`cost_volume_displacement`; used when no
+            ``displacements`` are given.
+        displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
+    """
+    r, (t, h, w) = reference.shape[2], latents.shape[2:]
+    if displacements is not None:
+        pixels = pixel_flow_to_latent_grid(displacements.to(latents.device), r, (t, h, w), adapter)
+    else:
+        with torch.no_grad():
+            frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
+            if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
+                frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
+            # One image per reference frame, repeated to the frame rule's first group (1 frame for causal VAEs).
+            clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.first, -1, -1)
+            encoded = adapter.encode(clip.to(latents.dtype))[:, :, 0]  # B*R, C, h, w
+            encoded = encoded.unflatten(0, (latents.shape[0], r)).transpose(1, 2)  # B, C, R, h, w
+            cells = cost_volume_displacement(latents, encoded, *search)
+        pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
+            1, 1, 2, 1, 1, 1
+        )
+    return CorrespondenceField(pixels, output_size, windows, adapter)

@@ -1,0 +1,182 @@
+"""Correspondence-guided neighbourhood attention: reference keys around where the content is, not where the query is.
+
+A local :class:`~refdecoder.blocks.AttentionScope` lets the query at ``(y, x)`` see the reference keys at
+``(y + oy, x + ox)`` for ``|oy|, |ox| <= r``. Here a video query carries a displacement ``(dy, dx)`` (in tokens,
+fractional) into each reference frame, and sees the reference at ``(y + dy + oy, x + dx + ox)`` instead:
+
+- keys and values there are sampled bilinearly from the reference frame (4 taps, deformable-attention style), the
+  keys before RoPE, and then rotated as if they sat at ``(y + oy, x + ox)``: the query meets the displaced content
+  at the relative position it would have met content in place, so what attention learned at zero displacement
+  carries over unchanged;
+- the locality prior (:class:`~refdecoder.blocks.LocalityBias`) is indexed by ``(oy, ox)``, the offset from the
+  displaced centre;
+- a slot whose sample position leaves the grid is masked, as a neighbour outside the grid is today.
+
+Video keys, and everything a reference query sees, are today's neighbourhoods (reference queries use displacement 0).
+With zero displacement this is :func:`~refdecoder.blocks.attention_scope.neighbourhood_attention` to float rounding
+(tested for radii 1-3, square and non-square grids, several reference frames, with and without the prior).
+
+Queries are grouped by grid position, a chunk of positions at a time: the ``(T-R) (2r_v+1)^2`` video keys of a
+position are gathered once for its T queries (as in today's gather), the ``R (2r+1)^2`` reference keys are sampled
+per query; logits, a float32 softmax over both and the weighted values are computed explicitly. Memory stays linear
+in the tokens. It runs on every device (no fused kernel: the displaced gather is data-dependent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from refdecoder.blocks.attention import note_kernel
+from refdecoder.blocks.attention_scope import CHUNK_BYTES, AttentionScope, _neighbours
+from refdecoder.blocks.rope import apply_rope, rope_at
+
+if TYPE_CHECKING:
+    from refdecoder.blocks.locality_bias import LocalityBias
+
+# Working memory of one chunk of positions: 4x the scopes' budget, because every query samples its own reference
+# keys (4 float32 taps each), which at the quality benchmark's batch left one position per chunk (many small ops).
+GUIDED_CHUNK_BYTES = 4 * CHUNK_BYTES
+
+__all__ = ["ReferenceGuide", "guided_neighbourhood_attention", "bilinear_tokens"]
+
+
+@dataclass(frozen=True)
+class ReferenceGuide:
+    """What one stage's attention layers need to centre the reference neighbourhoods (made per stage call).
+
+    Attributes:
+        displacement: ``B, R, 2, T - R, H, W`` float ``(dy, dx)`` in tokens of the stage grid (see
+            :func:`guided_neighbourhood_attention`).
+        reference_times: ``(R,)`` RoPE time positions of the reference frames.
+        rope_theta: RoPE base.
+    """
+
+    displacement: torch.Tensor
+    reference_times: torch.Tensor
+    rope_theta: float
+
+
+def bilinear_tokens(frames: torch.Tensor, y: torch.Tensor, x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Sample token vectors at fractional grid positions with 4 bilinear taps.
+
+    Args:
+        frames: ``B, F*height*width, ...`` tokens of F frames ordered (f, y, x), x fastest.
+        y, x: ``B, S...`` fractional row / column positions (clamped into the grid; callers mask outside ones).
+        width, height: the frames' grid size.
+
+    Returns:
+        ``B, S..., ...``: at an integer position exactly the token there (the other taps get weight 0). Frames
+        stack along the rows (frame ``f``'s row ``y`` is row ``f*height + y``), so a caller passes ``height``
+        as ``F*height`` and adds ``f*height`` to ``y``; a tap that would cross into the next frame has weight 0.
+    """
+    y = y.clamp(0, height - 1)
+    x = x.clamp(0, width - 1)
+    y0, x0 = y.floor(), x.floor()
+    wy, wx = y - y0, x - x0
+    y0, x0 = y0.long(), x0.long()
+    y1, x1 = (y0 + 1).clamp(max=height - 1), (x0 + 1).clamp(max=width - 1)
+    batch = torch.arange(frames.shape[0], device=frames.device).reshape(-1, *([1] * (y.ndim - 1)))
+    extra = frames.ndim - 2
+
+    def tap(row: torch.Tensor, col: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return frames[batch, row * width + col].float() * weight.reshape(*weight.shape, *([1] * extra))
+
+    out = tap(y0, x0, (1 - wy) * (1 - wx)) + tap(y0, x1, (1 - wy) * wx)
+    return (out + tap(y1, x0, wy * (1 - wx)) + tap(y1, x1, wy * wx)).to(frames.dtype)
+
+
+def guided_neighbourhood_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_raw: torch.Tensor,
+    v: torch.Tensor,
+    scope: AttentionScope,
+    displacement: torch.Tensor,
+    reference_times: torch.Tensor,
+    rope_theta: float,
+    bias: LocalityBias | None = None,
+    chunk_bytes: int = GUIDED_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Neighbourhood attention whose reference neighbourhoods are centred on displaced positions.
+
+    Args:
+        q, k: ``B, heads, N, head_dim`` after RoPE (``N = T*H*W`` of ``scope.grid``).
+        k_raw: the keys before RoPE (reference keys are sampled from them and rotated at their virtual position).
+        v: values ``B, heads, N, head_dim``.
+        scope: a local scope with ``num_reference`` = R >= 1 leading reference frames.
+        displacement: ``B, R, 2, T - R, H, W`` float, ``(dy, dx)`` in tokens of this grid: video token ``(t, y, x)``
+            shows the content of reference frame ``j`` at ``(y + dy, x + dx)``.
+        reference_times: ``(R,)`` RoPE time positions of the reference frames.
+        rope_theta: RoPE base of the tables ``q`` and ``k`` were rotated with.
+        bias: optional locality prior; for reference keys indexed by the offset from the displaced centre.
+        chunk_bytes: working-memory budget of one chunk of query tokens.
+
+    Returns:
+        ``B, heads, N, head_dim``.
+    """
+    t, h, w = scope.grid
+    b, heads, n, d = q.shape
+    r, p = scope.num_reference, h * w
+    if scope.is_global or r < 1:
+        raise ValueError("guided attention needs a local scope with at least one reference frame")
+    if displacement.shape != (b, r, 2, t - r, h, w):
+        raise ValueError(f"displacement must be {(b, r, 2, t - r, h, w)}, got {tuple(displacement.shape)}")
+    note_kernel("scope:guided", q)
+    # Per grid position and frame: the displacement into each reference frame (reference queries: none).
+    shift = torch.zeros(b, r, 2, t, p, dtype=torch.float32, device=q.device)
+    shift[:, :, :, r:] = displacement.float().flatten(-2)
+    shift = shift.permute(0, 4, 3, 1, 2)  # B, P, T, R, 2
+    rr = scope.reference_radius
+    steps = torch.arange(-rr, rr + 1, device=q.device)
+    oy, ox = steps.repeat_interleave(2 * rr + 1), steps.repeat(2 * rr + 1)  # O: row-major offsets
+    video_index, video_valid, vy, vx = _neighbours(h, w, scope.video_frame_radius, q.device)
+    frames_v = torch.arange(r, t, device=q.device)
+    video_tokens = (video_index[:, None, :] + frames_v[None, :, None] * p).flatten(1)  # P, (T-R)*Ov
+    video_valid = video_valid[:, None, :].expand(-1, t - r, -1).flatten(1)
+    ref_bias = video_bias = None
+    if bias is not None:
+        ref_bias = bias.slots(torch.zeros_like(oy), oy, ox).repeat(1, r).float()  # heads, R*O
+        kinds = torch.ones_like(vy).repeat(t - r)
+        video_bias = bias.slots(kinds, vy.repeat(t - r), vx.repeat(t - r)).float()  # heads, (T-R)*Ov
+    s_ref, s_vid = r * oy.numel(), video_tokens.shape[1]
+    # Per position: T x S_ref sampled keys and values (float32 taps), S_vid gathered ones, T x S float32 logits.
+    per_position = b * heads * (t * s_ref * d * 16 + 2 * s_vid * d * q.element_size() + 12 * t * (s_ref + s_vid))
+    # On the meta device (FLOP counting) nothing is allocated: one chunk, the same operations in fewer calls.
+    chunk = p if q.device.type == "meta" else max(1, chunk_bytes // per_position)
+    kraw_tok = k_raw.transpose(1, 2)[:, : r * p]  # B, R*P, heads, D: the reference frames' keys before RoPE
+    vref_tok = v.transpose(1, 2)[:, : r * p]
+    times = reference_times.to(q.device).reshape(r, 1)
+    frame_rows = (torch.arange(r, device=q.device) * h)[None, None, None, :, None]
+    grid_q = q.reshape(b, heads, t, p, d)
+    out = q.new_empty(b, heads, t, p, d)
+    for p0 in range(0, p, chunk):
+        pos = torch.arange(p0, min(p0 + chunk, p), device=q.device)
+        ry, rx = (pos // w)[:, None] + oy, (pos % w)[:, None] + ox  # Pc, O: the slot relative to the query
+        sy = ry[None, :, None, None] + shift[:, pos, :, :, 0, None]  # B, Pc, T, R, O: where it samples
+        sx = rx[None, :, None, None] + shift[:, pos, :, :, 1, None]
+        inside = ((sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)).flatten(3)  # B, Pc, T, R*O
+        keys = bilinear_tokens(kraw_tok, sy + frame_rows, sx, w, r * h)  # B, Pc, T, R, O, heads, D
+        values = bilinear_tokens(vref_tok, sy + frame_rows, sx, w, r * h)
+        cos, sin = rope_at(times[None], ry[:, None], rx[:, None], d, rope_theta)  # Pc, R, O, D
+        keys = apply_rope(keys, cos[None, :, None, :, :, None], sin[None, :, None, :, :, None])
+        queries = grid_q[:, :, :, pos].float()  # B, heads, T, Pc, D
+        queries = queries / math.sqrt(d)
+        ref_logits = torch.einsum("bhtpd,bptshd->bhtps", queries, keys.flatten(3, 4).float())
+        ref_logits = ref_logits.masked_fill(~inside.permute(0, 2, 1, 3)[:, None], float("-inf"))
+        vt = video_tokens[pos]  # Pc, S_vid
+        vid_keys, vid_values = k[:, :, vt].float(), v[:, :, vt].float()  # B, heads, Pc, S_vid, D
+        vid_logits = torch.einsum("bhtpd,bhpsd->bhtps", queries, vid_keys)
+        vid_logits = vid_logits.masked_fill(~video_valid[pos][None, None, None], float("-inf"))
+        if bias is not None:
+            ref_logits = ref_logits + ref_bias[None, :, None, None]
+            vid_logits = vid_logits + video_bias[None, :, None, None]
+        weights = torch.softmax(torch.cat([ref_logits, vid_logits], -1), dim=-1)
+        ref_w, vid_w = weights.split([s_ref, s_vid], dim=-1)
+        part = torch.einsum("bhtps,bptshd->bhtpd", ref_w, values.flatten(3, 4).float())
+        part = part + torch.einsum("bhtps,bhpsd->bhtpd", vid_w, vid_values)
+        out[:, :, :, pos] = part.to(q.dtype)
+    return out.reshape(b, heads, n, d)

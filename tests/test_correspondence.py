@@ -1,0 +1,161 @@
+"""Correspondence: the cost-volume estimate finds known shifts, caller displacements are pooled and checked, the
+field reaches each stage in its tokens, and a model decodes with it (config, decode API, errors)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import refdecoder
+from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
+from refdecoder.config import CorrespondenceConfig, RefDecoderConfig
+from refdecoder.errors import ConfigError, InputError
+from tests.helpers import latents_for, reference_for, tiny_wan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def textured(batch: int, channels: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random features (a blurred noise field): structure to match, unlike white noise at every scale."""
+    noise = torch.randn(batch, channels, h, w, generator=torch.Generator().manual_seed(seed))
+    return F.avg_pool2d(noise, 3, 1, 1, count_include_pad=False)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (1, 0), (0, -2), (2, 1), (-1, -3)])
+def test_the_estimate_finds_a_shifted_copy(shift):
+    big = textured(2, 16, 20, 24)
+    dy, dx = shift
+    reference = big[:, :, 4:16, 4:20]
+    video = big[:, :, 4 + dy : 16 + dy, 4 + dx : 20 + dx]  # video cell (y, x) = reference cell (y + dy, x + dx)
+    field = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1)
+    assert field.shape == (2, 1, 2, 1, 12, 16)
+    inner = field[..., 4:-4, 4:-4]  # S + m cells from the edges, where a match may leave the reference
+    torch.testing.assert_close(inner[:, :, 0], torch.full_like(inner[:, :, 0], float(dy)), atol=0.1, rtol=0)
+    torch.testing.assert_close(inner[:, :, 1], torch.full_like(inner[:, :, 1], float(dx)), atol=0.1, rtol=0)
+
+
+def test_the_estimate_stays_inside_the_search_window_and_grid():
+    video, reference = textured(1, 8, 6, 7, seed=1)[:, :, None], textured(1, 8, 6, 7, seed=2)[:, :, None]
+    field = cost_volume_displacement(video, reference, 2, 0.05, 0)
+    assert field.abs().max() <= 2
+    rows = torch.arange(6).reshape(6, 1).float()
+    cols = torch.arange(7).float()
+    assert ((rows + field[0, 0, 0, 0]) >= 0).all() and ((rows + field[0, 0, 0, 0]) <= 5).all()
+    assert ((cols + field[0, 0, 1, 0]) >= 0).all() and ((cols + field[0, 0, 1, 0]) <= 6).all()
+    # Several reference frames: one field per frame.
+    two = torch.cat([reference, video], 2)
+    both = cost_volume_displacement(video, two, 2, 0.005, 0)
+    assert both.shape == (1, 2, 2, 1, 6, 7) and both[0, 1].abs().max() < 0.05  # the video matches itself in place
+
+
+class _Adapter:
+    """What the field reads from an adapter: Wan's causal frame rule and stages doubling time."""
+
+    def __init__(self) -> None:
+        vae = tiny_wan()
+        self.wrapped = refdecoder.wrap(vae, "tiny")
+        self.adapter = self.wrapped.adapter
+
+
+def test_caller_flow_is_pooled_per_latent_frame_and_cell():
+    adapter = _Adapter().adapter
+    flow = torch.zeros(1, 2, 9, 32, 48)  # 9 frames of 32x48 px = 3 latent frames of 4x6 cells (8 px)
+    flow[:, 0, 0] = 8.0  # frame 0 -> latent frame 0
+    flow[:, 1, 1:5] = torch.arange(4.0).reshape(4, 1, 1)  # frames 1-4 -> latent frame 1: mean 1.5
+    pooled = pixel_flow_to_latent_grid(flow, 1, (3, 4, 6), adapter)
+    assert pooled.shape == (1, 1, 2, 3, 4, 6)
+    assert torch.all(pooled[:, :, 0, 0] == 8.0) and torch.all(pooled[:, :, 1, 1] == 1.5)
+    assert torch.all(pooled[:, :, :, 2] == 0)
+    for bad in (torch.zeros(1, 2, 8, 32, 48), torch.zeros(1, 3, 9, 32, 48), torch.zeros(1, 2, 9, 30, 48)):
+        with pytest.raises(InputError, match="displacements"):
+            pixel_flow_to_latent_grid(bad, 1, (3, 4, 6), adapter)
+
+
+def test_the_field_reaches_each_stage_in_its_tokens():
+    adapter = _Adapter().adapter
+    pixels = torch.zeros(1, 1, 2, 3, 4, 6)
+    pixels[:, :, 1, 1] = 8.0  # latent frame 1: 8 px to the right
+    field = CorrespondenceField(pixels, (32, 48), [(0, 3)], adapter)
+    for index, scale in enumerate((8, 4, 2)):
+        frames = adapter.stage_frames(index, 3, True)
+        features = torch.zeros(1, 4, frames, 32 // scale, 48 // scale)
+        tokens = field.stage(index, features, (1, 2, 2), 0, True)
+        h, w = -(-32 // scale // 2), -(-48 // scale // 2)
+        assert tokens.shape == (1, 1, 2, frames, h, w)
+        token_px = 2 * scale
+        moved = [f for f in range(frames) if tokens[0, 0, 1, f].abs().max() > 0]
+        # Causal stages: latent frame 1 decodes to stage frames 1..k of the first window.
+        assert moved == list(range(1, 1 + adapter.stage_frames(index, 2, True) - 1))
+        torch.testing.assert_close(tokens[0, 0, 1, moved[0]], torch.full((h, w), 8.0 / token_px))
+
+
+def test_correspondence_needs_a_local_radius():
+    config = refdecoder.preset("tiny")
+    config.correspondence.enabled = True
+    with pytest.raises(ConfigError, match="correspondence.enabled needs a local"):
+        refdecoder.wrap(tiny_wan(), config)
+    with pytest.raises(ConfigError, match="search_radius"):
+        CorrespondenceConfig(search_radius=-1)
+    with pytest.raises(ConfigError, match="temperature"):
+        CorrespondenceConfig(temperature=0)
+
+
+def test_config_round_trip_and_old_configs_stay_off(tmp_path):
+    config = refdecoder.preset("tiny")
+    config.correspondence = CorrespondenceConfig(enabled=True, search_radius=5)
+    config.save(tmp_path / "c.json")
+    assert RefDecoderConfig.load(tmp_path / "c.json").correspondence == config.correspondence
+    old = config.to_dict()
+    old.pop("correspondence")  # a config saved before correspondence existed
+    assert RefDecoderConfig.from_dict(old).correspondence.enabled is False
+    assert all(not refdecoder.preset(name).correspondence.enabled for name in refdecoder.config.PRESETS)
+
+
+def _model(enabled: bool) -> refdecoder.RefDecoder:
+    config = refdecoder.preset("tiny")
+    config.transformer = replace(config.transformer, attention_radius=1, locality_bias=True)
+    config.correspondence.enabled = enabled
+    model = refdecoder.wrap(tiny_wan(), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for _, param in model.added_parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@torch.no_grad()
+def test_decode_with_caller_displacements():
+    model = _model(enabled=False)
+    z = latents_for(model.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    plain = model.decode(z, ref)
+    frames = model.adapter.frame_rule.pixel_frames(3)
+    zero = model.decode(z, ref, displacements=torch.zeros(1, 2, frames, 32, 48))
+    assert (zero - plain).abs().max() <= 1e-5  # zero displacement = today's attention
+    moved = torch.zeros(1, 2, frames, 32, 48)
+    moved[:, 1] = 8.0
+    assert (model.decode(z, ref, displacements=moved) - plain).abs().max() > 1e-3
+    per_frame = model.decode(z, ref, displacements=moved[:, None])  # B, R, 2, T, H, W
+    assert torch.equal(per_frame, model.decode(z, ref, displacements=moved))
+    with pytest.raises(InputError, match="displacements must be"):
+        model.decode(z, ref, displacements=torch.zeros(1, 2, frames - 1, 32, 48))
+    with pytest.raises(InputError, match="need a reference"):
+        model.decode(z, displacements=moved)
+
+
+@torch.no_grad()
+def test_the_estimate_is_used_when_enabled_and_follows_a_shifted_reference():
+    on, off = _model(enabled=True), _model(enabled=False)
+    z = latents_for(on.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    assert (on.decode(z, ref) - off.decode(z, ref)).abs().max() > 1e-4
+    # The estimate of an in-place reference (its own encoding) is near zero where the video is that reference.
+    video = ref.expand(-1, -1, on.adapter.frame_rule.pixel_frames(2), -1, -1)
+    latents = on.encode(video)
+    field = refdecoder.blocks.correspondence.correspondence_field(
+        on.adapter, latents, ref, [(0, 2)], (32, 48), (2, 0.02, 1)
+    )
+    assert field.pixels[:, :, :, 0].abs().mean() < 1.0  # output pixels
