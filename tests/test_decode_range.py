@@ -53,6 +53,14 @@ def _hunyuan_video15() -> nn.Module:
     return AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16, 16, 32, 32, 64), layers_per_block=2)
 
 
+def _hunyuan_video() -> nn.Module:
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=8, block_out_channels=(16, 16, 32, 32), layers_per_block=2, norm_num_groups=8
+    )
+
+
 def _ltx_video() -> nn.Module:
     from diffusers import AutoencoderKLLTXVideo
 
@@ -91,6 +99,7 @@ CONFIGS: dict[str, Callable[[], nn.Module]] = {
     "wan2.1": _wan21,
     "wan2.2": _wan22,
     "qwen-image": _qwen_image,
+    "hunyuan-video": _hunyuan_video,
     "hunyuan-video-1.5": _hunyuan_video15,
     "ltx-video": _ltx_video,
     "ltx-2-video": _ltx2_video,

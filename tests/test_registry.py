@@ -43,6 +43,7 @@ def test_import_and_listing_load_no_adapter_and_no_diffusers():
     assert out[0] == "['refdecoder.backbones.base', 'refdecoder.backbones.registry']"
     names = [
         "cogvideox",
+        "hunyuan-video",
         "hunyuan-video-1.5",
         "ltx-2-video",
         "ltx-video",
@@ -162,7 +163,8 @@ def _refused_vaes() -> dict[str, nn.Module]:
     import diffusers
 
     with torch.device("meta"):  # only the class and config are inspected: nothing is allocated
-        return {name: getattr(diffusers, name)() for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLQwenImage21")}
+        names = ("AutoencoderKLTemporalDecoder", "AutoencoderKLQwenImage21")
+        return {name: getattr(diffusers, name)() for name in names}
 
 
 @pytest.mark.parametrize("name", sorted(_refused_vaes()))
@@ -174,7 +176,7 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
     assert "\n" not in message
     nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
     assert message.startswith(nearest)
-    # HunyuanVideo (v1) decodes whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
+    # Stable Video Diffusion's temporal decoder has no per-conv cache; Qwen-Image 2.1 has one (it differs in its
     # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
     assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
 
@@ -182,6 +184,7 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
 @pytest.mark.parametrize(
     "name, backbone",
     [
+        ("AutoencoderKLHunyuanVideo", "hunyuan-video"),
         ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
         ("AutoencoderKLLTXVideo", "ltx-video"),
         ("AutoencoderKLCogVideoX", "cogvideox"),

@@ -53,6 +53,7 @@ BUILTINS: dict[str, str] = {
     "wan2.2": "refdecoder.backbones.wan.wan22:Wan22Adapter",
     "qwen-image": "refdecoder.backbones.wan.qwen_image:QwenImageAdapter",
     "videovae+": "refdecoder.backbones.videovaeplus.adapter:VideoVAEPlusAdapter",
+    "hunyuan-video": "refdecoder.backbones.hunyuan_video:HunyuanVideoAdapter",
     "hunyuan-video-1.5": "refdecoder.backbones.hunyuan_video15:HunyuanVideo15Adapter",
     "ltx-video": "refdecoder.backbones.ltx_video:LTXVideoAdapter",
     "ltx-2-video": "refdecoder.backbones.ltx_video:LTX2VideoAdapter",
