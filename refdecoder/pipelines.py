@@ -7,8 +7,9 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
 - in place: inside ``with reference_decoding(pipe, model):`` a diffusers pipeline whose VAE a registered adapter
   drives decodes through RefDecoder with the image it was called with, and returns its output as usual. Tested
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
-  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its
-  decode timestep goes on as the adapter's ``temb``) and ``CogVideoXImageToVideoPipeline``.
+  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``,
+  ``HunyuanSkyreelsImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's
+  ``temb``) and ``CogVideoXImageToVideoPipeline``.
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:

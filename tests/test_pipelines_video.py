@@ -86,8 +86,30 @@ def hunyuan_video15_i2v() -> Any:
     )  # fmt: skip
 
 
+def hunyuan_skyreels_i2v() -> Any:
+    """``HunyuanSkyreelsImageToVideoPipeline`` with the tiny HunyuanVideo (v1) VAE (4 latent channels, 8x spatial)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanSkyreelsImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video").build_tiny().eval()
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=2 * 4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
+        rope_axes_dim=(4, 4, 4),
+    ).eval()  # fmt: skip
+    return HunyuanSkyreelsImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )  # fmt: skip
+
+
 # (builder, output size, call arguments)
 PIPELINES = {
+    "hunyuan-skyreels-i2v": (hunyuan_skyreels_i2v, (32, 32), dict(true_cfg_scale=2.0)),
     "hunyuan-video-1.5-i2v": (hunyuan_video15_i2v, (32, 32), {}),
     "ltx-i2v": (ltx_i2v, (32, 32), dict(decode_timestep=0.05, decode_noise_scale=0.0)),
     "cogvideox-i2v": (cogvideox_i2v, (16, 16), {}),
@@ -103,6 +125,11 @@ def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -
         prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], **extra,
     )  # fmt: skip
     name = type(pipe).__name__
+    if "Skyreels" in name:  # a pooled (CLIP) embedding beside the Llama one
+        pooled = [torch.randn(1, 8, generator=g) for _ in range(2)]
+        kwargs.update(prompt_attention_mask=mask, negative_prompt_attention_mask=mask, pooled_prompt_embeds=pooled[0])
+        kwargs.update(negative_pooled_prompt_embeds=pooled[1], height=size[0], width=size[1])
+        return pipe(**kwargs).frames
     if "Hunyuan" in name:  # sized by the pipeline from the image; a second (glyph) text embedding
         second = [torch.randn(1, 4, 8, generator=g) for _ in range(2)]
         mask_2 = torch.ones(1, 4, dtype=torch.long)
