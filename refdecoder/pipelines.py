@@ -7,7 +7,7 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
 - in place: inside ``with reference_decoding(pipe, model):`` a diffusers pipeline whose VAE a registered adapter
   drives decodes through RefDecoder with the image it was called with, and returns its output as usual. Tested
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
-  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``,
+  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
   ``HunyuanSkyreelsImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's
   ``temb``) and ``CogVideoXImageToVideoPipeline``.
 

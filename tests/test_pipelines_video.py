@@ -107,8 +107,37 @@ def hunyuan_skyreels_i2v() -> Any:
     )  # fmt: skip
 
 
+def _hunyuan_video_transformer(cls: type, in_channels: int, **extra: Any) -> torch.nn.Module:
+    return cls(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
+        rope_axes_dim=(4, 4, 4), **extra,
+    ).eval()  # fmt: skip
+
+
+def hunyuan_video_i2v(condition: str) -> Any:
+    """``HunyuanVideoImageToVideoPipeline`` (the image as concatenated latents, or replacing frame 0's tokens)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoImageToVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video").build_tiny().eval()
+    channels = 2 * 4 + 1 if condition == "latent_concat" else 4
+    transformer = _hunyuan_video_transformer(HunyuanVideoTransformer3DModel, channels, image_condition_type=condition)
+    return HunyuanVideoImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, image_processor=None, vae=vae,
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+    )  # fmt: skip
+
+
 # (builder, output size, call arguments)
 PIPELINES = {
+    # latent_concat drops the 4 frames its extra image latent decodes to: 13 asked, 9 returned
+    "hunyuan-i2v-concat": (lambda: hunyuan_video_i2v("latent_concat"), (32, 32), dict(num_frames=13)),
+    "hunyuan-i2v-token-replace": (lambda: hunyuan_video_i2v("token_replace"), (32, 32), {}),
     "hunyuan-skyreels-i2v": (hunyuan_skyreels_i2v, (32, 32), dict(true_cfg_scale=2.0)),
     "hunyuan-video-1.5-i2v": (hunyuan_video15_i2v, (32, 32), {}),
     "ltx-i2v": (ltx_i2v, (32, 32), dict(decode_timestep=0.05, decode_noise_scale=0.0)),
@@ -122,9 +151,14 @@ def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -
     mask = torch.ones(1, 8, dtype=torch.long)
     kwargs = dict(
         image=image, num_frames=9, num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0),
-        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], **extra,
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
     )  # fmt: skip
+    kwargs.update(extra)
     name = type(pipe).__name__
+    if name == "HunyuanVideoImageToVideoPipeline":  # no negative prompt (guidance is embedded)
+        del kwargs["negative_prompt_embeds"]
+        kwargs.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g), prompt_attention_mask=mask)
+        return pipe(**kwargs, height=size[0], width=size[1]).frames
     if "Skyreels" in name:  # a pooled (CLIP) embedding beside the Llama one
         pooled = [torch.randn(1, 8, generator=g) for _ in range(2)]
         kwargs.update(prompt_attention_mask=mask, negative_prompt_attention_mask=mask, pooled_prompt_embeds=pooled[0])
