@@ -8,8 +8,9 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   drives decodes through RefDecoder with the image it was called with, and returns its output as usual. Tested
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
   edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
-  ``HunyuanSkyreelsImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's
-  ``temb``) and ``CogVideoXImageToVideoPipeline``.
+  ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
+  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
+  ``CogVideoXImageToVideoPipeline``.
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:
@@ -195,17 +196,24 @@ class _ConditioningRecord:
     with ``pipe.vae.encode`` before denoising. An encode closes the record and drops the images preprocessed before
     the one it encodes (those of a call that raised before encoding); the next preprocess (the next call's) starts
     a new record, and a decode takes the record and empties it. So a call that returns latents or raises leaves
-    nothing the next call could decode with.
+    nothing the next call could decode with. A call that decodes several times (FramePack's sections) decodes them
+    all with the image its first decode took, until the call ends (``pipe.maybe_free_model_hooks()``, which
+    diffusers pipelines call last) or the next call preprocesses.
     """
 
     def __init__(self) -> None:
         self.images: list[torch.Tensor] = []
         self.encoded = False
+        self.decoding: torch.Tensor | None = None  # the image this call's earlier decodes took
 
     def preprocessed(self, image: torch.Tensor) -> None:
         if self.encoded:
             self.images, self.encoded = [], False
         self.images.append(image)
+        self.decoding = None
+
+    def call_ended(self) -> None:
+        self.decoding = None
 
     def encoding(self, pixels: torch.Tensor) -> None:
         """The pipeline encodes ``pixels`` (``B, 3, [T,] H, W``; the conditioning image is frame 0)."""
@@ -218,9 +226,11 @@ class _ConditioningRecord:
 
     def take_first(self) -> torch.Tensor | None:
         """The call's first image (a first-last-frame call: its first frame), emptying the record."""
-        first = self.images[0] if self.images else None
+        if not self.images:
+            return self.decoding
+        self.decoding = self.images[0]
         self.images, self.encoded = [], False
-        return first
+        return self.decoding
 
 
 def _holds(image: torch.Tensor, rows: torch.Tensor) -> bool:
@@ -364,9 +374,17 @@ def reference_decoding(
     pipe.vae = stand_in  # the pipeline's own __setattr__, which also records the stand-in's class in its config
     if image is None:
         setattr(pipe, processor_name, _RecordingProcessor(processor, record))
+    free_hooks = pipe.maybe_free_model_hooks
+
+    def end_of_call() -> None:  # diffusers pipelines call it last; an instance attribute, removed on exit
+        record.call_ended()
+        free_hooks()
+
+    pipe.maybe_free_model_hooks = end_of_call
     try:
         yield stand_in
     finally:
+        del pipe.maybe_free_model_hooks
         pipe.vae = vae
         pipe.register_to_config(vae=config_entry)
         if image is None:

@@ -133,8 +133,33 @@ def hunyuan_video_i2v(condition: str) -> Any:
     )  # fmt: skip
 
 
+def hunyuan_video_framepack() -> Any:
+    """``HunyuanVideoFramepackPipeline``: the video is decoded section by section (several ``vae.decode`` calls)."""
+    import transformers
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoFramepackPipeline,
+        HunyuanVideoFramepackTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video").build_tiny().eval()
+    transformer = _hunyuan_video_transformer(
+        HunyuanVideoFramepackTransformer3DModel, 4, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    return HunyuanVideoFramepackPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(), image_encoder=transformers.SiglipVisionModel(vision).eval(),
+        feature_extractor=transformers.SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )  # fmt: skip
+
+
 # (builder, output size, call arguments)
 PIPELINES = {
+    "hunyuan-framepack": (hunyuan_video_framepack, (32, 32), dict(latent_window_size=2)),
     # latent_concat drops the 4 frames its extra image latent decodes to: 13 asked, 9 returned
     "hunyuan-i2v-concat": (lambda: hunyuan_video_i2v("latent_concat"), (32, 32), dict(num_frames=13)),
     "hunyuan-i2v-token-replace": (lambda: hunyuan_video_i2v("token_replace"), (32, 32), {}),
@@ -155,7 +180,7 @@ def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -
     )  # fmt: skip
     kwargs.update(extra)
     name = type(pipe).__name__
-    if name == "HunyuanVideoImageToVideoPipeline":  # no negative prompt (guidance is embedded)
+    if name.startswith(("HunyuanVideoImage", "HunyuanVideoFramepack")):  # no negative prompt: guidance is embedded
         del kwargs["negative_prompt_embeds"]
         kwargs.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g), prompt_attention_mask=mask)
         return pipe(**kwargs, height=size[0], width=size[1]).frames
@@ -190,7 +215,8 @@ def test_frames_at_init_equal_the_stock_pipeline(video_pipeline) -> None:
     stock = _call(pipe, image, size, extra)
     with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
         inside = _call(pipe, image, size, extra)
-    assert inside.shape == stock.shape == (1, 9, 3, *size)
+    assert inside.shape == stock.shape and stock.shape[0] == 1 and stock.shape[2:] == (3, *size)
+    assert stock.shape[1] == (17 if "Framepack" in type(pipe).__name__ else 9)  # FramePack: two sections
     assert (inside - stock).abs().max() <= 1e-5
 
 
@@ -207,6 +233,18 @@ def test_trained_weights_decode_with_the_conditioning_image(video_pipeline) -> N
             fixed = _call(pipe, image, size, extra)
     torch.testing.assert_close(own, fixed, atol=1e-6, rtol=0)  # the call's own image is the one it was given
     assert (own - swapped).abs().max() > 0.02
+
+
+def test_framepack_sections_share_the_calls_image_and_the_next_decode_needs_its_own() -> None:
+    from refdecoder.errors import InputError
+
+    pipe, image = hunyuan_video_framepack(), tiny_pipelines.image(size=(32, 32))
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model) as stand_in:
+        _call(pipe, image, (32, 32), dict(latent_window_size=2))  # decodes two sections with the call's image
+        assert "maybe_free_model_hooks" in vars(pipe)
+        with pytest.raises(InputError, match="decoded without preprocessing a conditioning image"):
+            stand_in.decode(torch.zeros(1, 4, 2, 4, 4))  # the call ended: its image is not reused
+    assert "maybe_free_model_hooks" not in vars(pipe)
 
 
 def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> None:
