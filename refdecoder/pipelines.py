@@ -9,6 +9,7 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
   edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
   ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
+  ``Kandinsky5I2VPipeline``,
   ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
   ``CogVideoXImageToVideoPipeline``.
 

@@ -157,8 +157,29 @@ def hunyuan_video_framepack() -> Any:
     )  # fmt: skip
 
 
+def kandinsky5_i2v() -> Any:
+    """``Kandinsky5I2VPipeline`` on the tiny HunyuanVideo (v1) VAE (the image as a visual condition on frame 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5I2VPipeline, Kandinsky5Transformer3DModel
+
+    torch.manual_seed(0)
+    vae = get_backbone("hunyuan-video").build_tiny().eval()
+    transformer = Kandinsky5Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16, model_dim=32, ff_dim=64,
+        num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=True,
+    ).eval()  # fmt: skip
+    return Kandinsky5I2VPipeline(
+        transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )  # fmt: skip
+
+
+# Frames each pipeline returns for its call below (9 unless listed).
+FRAMES = {"HunyuanVideoFramepackPipeline": 17, "Kandinsky5I2VPipeline": 21}
+
 # (builder, output size, call arguments)
 PIPELINES = {
+    # 21 frames (6 latent): its first-frame normalisation needs > 4 latent frames; decoded in frame-wise groups
+    "kandinsky5-i2v": (kandinsky5_i2v, (32, 32), dict(num_frames=21, guidance_scale=1.0)),
     "hunyuan-framepack": (hunyuan_video_framepack, (32, 32), dict(latent_window_size=2)),
     # latent_concat drops the 4 frames its extra image latent decodes to: 13 asked, 9 returned
     "hunyuan-i2v-concat": (lambda: hunyuan_video_i2v("latent_concat"), (32, 32), dict(num_frames=13)),
@@ -180,6 +201,11 @@ def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -
     )  # fmt: skip
     kwargs.update(extra)
     name = type(pipe).__name__
+    if name == "Kandinsky5I2VPipeline":  # Qwen and CLIP embeddings, no guidance (no negative prompt encoded)
+        del kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
+        kwargs.update(prompt_embeds_qwen=embeds[0], prompt_embeds_clip=torch.randn(1, 8, generator=g))
+        kwargs.update(prompt_cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), height=size[0], width=size[1])
+        return pipe(**kwargs).frames
     if name.startswith(("HunyuanVideoImage", "HunyuanVideoFramepack")):  # no negative prompt: guidance is embedded
         del kwargs["negative_prompt_embeds"]
         kwargs.update(pooled_prompt_embeds=torch.randn(1, 8, generator=g), prompt_attention_mask=mask)
@@ -216,7 +242,7 @@ def test_frames_at_init_equal_the_stock_pipeline(video_pipeline) -> None:
     with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
         inside = _call(pipe, image, size, extra)
     assert inside.shape == stock.shape and stock.shape[0] == 1 and stock.shape[2:] == (3, *size)
-    assert stock.shape[1] == (17 if "Framepack" in type(pipe).__name__ else 9)  # FramePack: two sections
+    assert stock.shape[1] == FRAMES.get(type(pipe).__name__, 9)
     assert (inside - stock).abs().max() <= 1e-5
 
 
