@@ -48,6 +48,7 @@ def test_import_and_listing_load_no_adapter_and_no_diffusers():
         "ltx-2-video",
         "ltx-video",
         "qwen-image",
+        "stable-video-diffusion",
         "videovae+",
         "wan2.1",
         "wan2.2",
@@ -163,7 +164,7 @@ def _refused_vaes() -> dict[str, nn.Module]:
     import diffusers
 
     with torch.device("meta"):  # only the class and config are inspected: nothing is allocated
-        names = ("AutoencoderKLTemporalDecoder", "AutoencoderKLQwenImage21")
+        names = ("AutoencoderKLMochi", "AutoencoderKLQwenImage21")
         return {name: getattr(diffusers, name)() for name in names}
 
 
@@ -176,7 +177,7 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
     assert "\n" not in message
     nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
     assert message.startswith(nearest)
-    # Stable Video Diffusion's temporal decoder has no per-conv cache; Qwen-Image 2.1 has one (it differs in its
+    # Mochi's decoder has no per-conv cache; Qwen-Image 2.1 has one (it differs in its
     # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
     assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
 
@@ -185,6 +186,7 @@ def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
     "name, backbone",
     [
         ("AutoencoderKLHunyuanVideo", "hunyuan-video"),
+        ("AutoencoderKLTemporalDecoder", "stable-video-diffusion"),
         ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
         ("AutoencoderKLLTXVideo", "ltx-video"),
         ("AutoencoderKLCogVideoX", "cogvideox"),

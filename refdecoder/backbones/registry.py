@@ -58,6 +58,7 @@ BUILTINS: dict[str, str] = {
     "ltx-video": "refdecoder.backbones.ltx_video:LTXVideoAdapter",
     "ltx-2-video": "refdecoder.backbones.ltx_video:LTX2VideoAdapter",
     "cogvideox": "refdecoder.backbones.cogvideox:CogVideoXAdapter",
+    "stable-video-diffusion": "refdecoder.backbones.stable_video_diffusion:StableVideoDiffusionAdapter",
 }
 
 # name -> adapter class, or its "module:Class" path until first use. Insertion order (built-ins, entry points,
