@@ -9,7 +9,7 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
   edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
   ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
-  ``Kandinsky5I2VPipeline``,
+  ``Kandinsky5I2VPipeline``, ``StableVideoDiffusionPipeline`` (frames folded into the batch, one video per chunk),
   ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
   ``CogVideoXImageToVideoPipeline``.
 
@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from refdecoder.errors import ConfigError, InputError
@@ -304,6 +305,9 @@ class ReferenceDecodingVAE(nn.Module):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         model = self._model
+        folded = z.ndim == 4  # frames folded into the batch (StableVideoDiffusionPipeline's decode_chunk_size chunks)
+        frames = kwargs.pop("num_frames", args[0] if folded and args else len(z)) if folded else None
+        args = args[1:] if folded else args
         # Extra inputs the pipeline hands vae.decode (LTX: the decode timestep) go on by the adapter's names.
         inputs = {**dict(zip(model.adapter.decode_arguments, args)), **kwargs}
         first = self._record.take_first()
@@ -313,7 +317,27 @@ class ReferenceDecodingVAE(nn.Module):
             raise InputError("the pipeline call decoded without preprocessing a conditioning image; pass image=")
         else:
             reference = first
+        if folded:
+            return self._decode_folded(z, frames, reference, inputs, return_dict)
         video = _decode(model.to(z.device), z, reference.to(z.device), inputs=inputs, **self._options)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def _decode_folded(
+        self, z: torch.Tensor, frames: int, reference: torch.Tensor, inputs: dict[str, Any], return_dict: bool
+    ) -> Any:
+        """``vae.decode(z, num_frames)`` of ``(B*F), C, h, w`` latents: each chunk one video of ``F`` frames, as
+        diffusers' ``AutoencoderKLTemporalDecoder`` decodes it; the window is the chunk, whatever the block's."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        if len(z) % frames or reference.shape[0] not in (1, len(z) // frames):
+            raise InputError(
+                f"vae.decode got {len(z)} folded latent frames with num_frames={frames} and a reference of batch "
+                f"{reference.shape[0]}: decode one video per chunk (batch 1, or decode_chunk_size dividing num_frames)"
+            )
+        options = {**self._options, "window": frames}
+        latents = rearrange(z, "(b t) c h w -> b c t h w", t=frames)
+        video = _decode(self._model.to(z.device), latents, reference.to(z.device), inputs=inputs, **options)
+        video = rearrange(video, "b c t h w -> (b t) c h w")
         return DecoderOutput(sample=video) if return_dict else (video,)
 
 

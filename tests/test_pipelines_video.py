@@ -173,11 +173,43 @@ def kandinsky5_i2v() -> Any:
     )  # fmt: skip
 
 
+def stable_video_diffusion() -> Any:
+    """``StableVideoDiffusionPipeline``: ``vae.decode`` on ``decode_chunk_size`` frames folded into the batch."""
+    import transformers
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    torch.manual_seed(0)
+    # Two Euler steps leave latents of std ~160; this scaling_factor brings the decoder's input to O(1), where the
+    # reference branch's perturbed weights are not drowned by it.
+    vae = get_backbone("stable-video-diffusion").build_tiny(scaling_factor=200.0).eval()
+    unet = UNetSpatioTemporalConditionModel(
+        sample_size=4, in_channels=8, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"), addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12, cross_attention_dim=16, num_attention_heads=(2, 2), num_frames=5,
+    ).eval()  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=224,
+        patch_size=32,
+        projection_dim=16,
+    )  # fmt: skip  (the pipeline resizes the image to 224 for CLIP)
+    return StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=transformers.CLIPVisionModelWithProjection(vision).eval(), unet=unet,
+        scheduler=EulerDiscreteScheduler(), feature_extractor=transformers.CLIPImageProcessor(),
+    )  # fmt: skip
+
+
 # Frames each pipeline returns for its call below (9 unless listed).
-FRAMES = {"HunyuanVideoFramepackPipeline": 17, "Kandinsky5I2VPipeline": 21}
+FRAMES = {"HunyuanVideoFramepackPipeline": 17, "Kandinsky5I2VPipeline": 21, "StableVideoDiffusionPipeline": 5}
 
 # (builder, output size, call arguments)
 PIPELINES = {
+    # 5 frames decoded 2 + 2 + 1 (decode_chunk_size 2)
+    "svd": (stable_video_diffusion, (32, 32), dict(num_frames=5, decode_chunk_size=2)),
     # 21 frames (6 latent): its first-frame normalisation needs > 4 latent frames; decoded in frame-wise groups
     "kandinsky5-i2v": (kandinsky5_i2v, (32, 32), dict(num_frames=21, guidance_scale=1.0)),
     "hunyuan-framepack": (hunyuan_video_framepack, (32, 32), dict(latent_window_size=2)),
@@ -201,6 +233,9 @@ def _call(pipe: Any, image: Any, size: tuple[int, int], extra: dict[str, Any]) -
     )  # fmt: skip
     kwargs.update(extra)
     name = type(pipe).__name__
+    if name == "StableVideoDiffusionPipeline":  # the image is its only condition: no prompt
+        del kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
+        return pipe(**kwargs, height=size[0], width=size[1]).frames
     if name == "Kandinsky5I2VPipeline":  # Qwen and CLIP embeddings, no guidance (no negative prompt encoded)
         del kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"]
         kwargs.update(prompt_embeds_qwen=embeds[0], prompt_embeds_clip=torch.randn(1, 8, generator=g))
@@ -271,6 +306,16 @@ def test_framepack_sections_share_the_calls_image_and_the_next_decode_needs_its_
         with pytest.raises(InputError, match="decoded without preprocessing a conditioning image"):
             stand_in.decode(torch.zeros(1, 4, 2, 4, 4))  # the call ended: its image is not reused
     assert "maybe_free_model_hooks" not in vars(pipe)
+
+
+def test_folded_chunks_that_mix_videos_are_refused_in_one_line() -> None:
+    from refdecoder.errors import InputError
+
+    pipe, image = stable_video_diffusion(), tiny_pipelines.image(size=(32, 32))
+    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model, image=image) as stand_in:
+        with pytest.raises(InputError, match=r"^vae.decode got 5 folded latent frames with num_frames=2 .*chunk"):
+            stand_in.decode(torch.zeros(5, 4, 4, 4), num_frames=2)
+        assert stand_in.decode(torch.zeros(4, 4, 4, 4), num_frames=2).sample.shape == (4, 3, 32, 32)  # two videos
 
 
 def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> None:
