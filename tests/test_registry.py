@@ -216,7 +216,6 @@ def test_a_registered_adapter_for_a_refused_class_wins(registered):
     "name, backbone",
     [
         ("AutoencoderKLHunyuanVideo", "hunyuan-video"),
-        ("AutoencoderKLTemporalDecoder", "stable-video-diffusion"),
         ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
         ("AutoencoderKLLTXVideo", "ltx-video"),
         ("AutoencoderKLCogVideoX", "cogvideox"),

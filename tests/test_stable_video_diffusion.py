@@ -87,6 +87,14 @@ def test_encode_folds_frames_into_images_and_detection():
     torch.testing.assert_close(model.adapter.encode(video), per_frame, atol=1e-5, rtol=0)  # batched vs one by one
 
 
+def test_a_decoder_that_never_up_samples_is_refused():
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    fit = get_backbone("stable-video-diffusion").fit(AutoencoderKLTemporalDecoder())  # the class default: one level
+    assert fit.reasons == ("block_out_channels has 1 level(s): the decoder never up-samples, so it has no stage to "
+                           "condition",)  # fmt: skip
+
+
 def test_the_upscale_head_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"^upscale.factor=2: .*time_conv_out.*use factor 1$"):
         get_backbone("stable-video-diffusion")(_vae()).check_upscale(2)

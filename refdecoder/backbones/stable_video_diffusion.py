@@ -46,7 +46,7 @@ class StableVideoDiffusionAdapter(DiffusersVideoAdapter):
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, vae: nn.Module) -> Fit:
-        return Fit.run(lambda: class_reason(vae, "AutoencoderKLTemporalDecoder"))
+        return Fit.run(lambda: class_reason(vae, "AutoencoderKLTemporalDecoder"), lambda: _stage_reason(vae))
 
     @classmethod
     def build_tiny(cls, **overrides: Any) -> nn.Module:
@@ -132,3 +132,11 @@ class StableVideoDiffusionAdapter(DiffusersVideoAdapter):
             out = self.vae.decode(folded, num_frames=stop - start).sample
             chunks.append(rearrange(out, "(b t) c h w -> b c t h w", b=latents.shape[0]))
         return torch.cat(chunks, dim=2)
+
+
+def _stage_reason(vae: nn.Module) -> str | None:
+    """None when the decoder has an up-sampling block to hook before, else why not."""
+    if any(block.upsamplers is not None for block in vae.decoder.up_blocks):
+        return None
+    levels = len(vae.config.block_out_channels)
+    return f"block_out_channels has {levels} level(s): the decoder never up-samples, so it has no stage to condition"
