@@ -96,11 +96,7 @@ def hunyuan_skyreels_i2v() -> Any:
 
     torch.manual_seed(0)
     vae = get_backbone("hunyuan-video").build_tiny().eval()
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=2 * 4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, text_embed_dim=TEXT_DIM, pooled_projection_dim=8,
-        rope_axes_dim=(4, 4, 4),
-    ).eval()  # fmt: skip
+    transformer = _hunyuan_video_transformer(HunyuanVideoTransformer3DModel, 2 * 4)  # latents + image latents
     return HunyuanSkyreelsImageToVideoPipeline(
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -27,12 +27,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones._diffusers import class_reason
 from refdecoder.backbones.base import Fit, StageSpec
-from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, each_frame_alone, halving_stages
 from refdecoder.errors import BackboneError
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -46,10 +45,6 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
     frame_rule: FrameRule = CAUSAL_1_PLUS_4K
     causal_first_frame = True
     exact_streaming = False  # GroupNorm over each pass's frames: the base plan_windows decodes one window
-
-    def __init__(self, vae: nn.Module) -> None:
-        super().__init__(vae)
-        self._stages = self._build_stages()
 
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
@@ -73,9 +68,6 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
         return int(self.vae.config.spatial_compression_ratio)
 
     def stages(self) -> list[StageSpec]:
-        return list(self._stages)
-
-    def _build_stages(self) -> list[StageSpec]:
         points = []
         for i, block in enumerate(self.vae.decoder.up_blocks):
             if block.upsamplers is None or block.upsamplers[0].upsample_factor[1] == 1:
@@ -109,11 +101,11 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
         return self.vae.post_quant_conv(latents)
 
     def _decoder_pass(self, x: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
-        decoder = self.vae.decoder
+        decoder, stages = self.vae.decoder, len(self.stages())
         # HunyuanVideoDecoder3D.forward, with the stage hooks before the up-sampling blocks.
         h = decoder.mid_block(decoder.conv_in(x))
         for i, block in enumerate(decoder.up_blocks):
-            if i < len(self._stages):
+            if i < stages:
                 h = hooks.stage(i, h, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
@@ -133,9 +125,7 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
     ) -> torch.Tensor:
         # One frame through the block is the image path: causal replicate padding sees only itself, the up-sampler
         # keeps frame 0 one frame, and GroupNorm over one frame is the image's. Reference frames go into the batch.
-        frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
-        out = self.vae.decoder.up_blocks[index](frames)
-        return rearrange(out, "(b r) c 1 h w -> b c r h w", b=reference.shape[0])
+        return each_frame_alone(self.vae.decoder.up_blocks[index], reference)
 
 
 def _time_reason(vae: nn.Module) -> str | None:
