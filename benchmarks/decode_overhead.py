@@ -7,9 +7,10 @@
 2. FLOPs, counted with ``FlopCounterMode`` on the meta device (nothing runs): Wan2.1 at 480x832 for 17 and 81
    frames; Wan2.2 (the TI2V-5B VAE config) at its default 17 frames, 704x1280, also with ``small``'s last stage on
    the same token grid as the others (``stages.patch_multipliers = (1, 1, 1)``). Added parameters per preset.
-   HunyuanVideo 1.5, LTX-Video (0.9.0 and the 0.9.1 decoder) and CogVideoX at their released configs (the diffusers
-   class defaults; LTX 0.9.1's decoder from its published config) at 480x832 with the frame counts their
-   image-to-video pipelines default to (121, 121, 49): plain vs ``small`` (and ``paper``).
+   HunyuanVideo 1.5, LTX-Video (0.9.0 and the 0.9.1 decoder), CogVideoX, HunyuanVideo (v1) and Stable Video
+   Diffusion at their released configs (the diffusers class defaults; LTX 0.9.1's decoder from its published config)
+   at 480x832 with the frame counts their image-to-video pipelines default to (121, 121, 49, 129, 25): plain vs
+   ``small`` (and ``paper``).
 3. Peak live-tensor memory of decoding 21 vs 5 latent frames with the same window (meta device at 480x832, and
    real tensors at a small size): the window bounds memory, not the video length. The same for the video backbones
    above (meta device, 480x832), which decode in their own temporal layout.
@@ -91,7 +92,8 @@ def wan22_flops(frames: int = 17, size: tuple[int, int] = (704, 1280)) -> dict:
     return {f"{frames}f_{size[0]}x{size[1]}": flops_row(build_wan22(), frames, size, configs)}
 
 
-# Released layouts: the diffusers class defaults are HunyuanVideo 1.5, LTX-Video 0.9.0 and CogVideoX (2b/5b), as the
+# Released layouts: the diffusers class defaults are HunyuanVideo 1.5, LTX-Video 0.9.0, CogVideoX (2b/5b) and
+# HunyuanVideo (v1); for the first three, as the
 # reference notes measured (decoder 871.3 M, 238.8 M, 123.4 M parameters); LTX 0.9.1's decoder (754.6 M) is its
 # published config.
 LTX_091_DECODER = dict(
@@ -99,12 +101,29 @@ LTX_091_DECODER = dict(
     decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(True, True, True, False),
     upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
 )  # fmt: skip
+# The published SVD VAE config (the AutoencoderKLTemporalDecoder class default is a one-level toy).
+SVD_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2
+)
 VIDEO_BACKBONES = {  # name -> (diffusers class, config overrides, pipeline default frames)
     "hunyuan-video-1.5": ("AutoencoderKLHunyuanVideo15", {}, 121),
     "ltx-video-0.9.0": ("AutoencoderKLLTXVideo", {}, 121),
     "ltx-video-0.9.1": ("AutoencoderKLLTXVideo", LTX_091_DECODER, 121),
     "cogvideox": ("AutoencoderKLCogVideoX", {}, 49),
+    "hunyuan-video": ("AutoencoderKLHunyuanVideo", {}, 129),  # HunyuanVideoImageToVideoPipeline's default
+    "stable-video-diffusion": ("AutoencoderKLTemporalDecoder", SVD_VAE, 25),  # the SVD-XT UNet's num_frames
 }
+
+
+# Families whose `small` costs more than 1.3x their plain decoder, and the scaled `small` the docs recommend: SVD's
+# per-frame 2D decoder is cheap, so `small`'s stage transformers weigh more; coarser tokens (H/32) bring it down.
+SCALED_SMALL = {"stable-video-diffusion": {"small_grid_x2": (2, 2, 2)}}
+
+
+def _meta(vae: torch.nn.Module) -> torch.nn.Module:
+    """The VAE wholly on the meta device: tensors made with the legacy ``torch.Tensor([...])`` constructor (SVD's
+    ``AlphaBlender.mix_factor``) ignore ``torch.device("meta")`` and land on the CPU."""
+    return vae.to("meta")
 
 
 def video_backbone_flops(size: tuple[int, int] = (480, 832)) -> dict:
@@ -114,8 +133,12 @@ def video_backbone_flops(size: tuple[int, int] = (480, 832)) -> dict:
     rows = {}
     for name, (cls, overrides, frames) in VIDEO_BACKBONES.items():
         with torch.device("meta"):
-            vae = getattr(diffusers, cls)(**overrides).eval()
-        row = flops_row(vae, frames, size, {preset: preset for preset in PRESETS})
+            vae = _meta(getattr(diffusers, cls)(**overrides).eval())
+        configs: dict = {preset: preset for preset in PRESETS}
+        for label, multipliers in SCALED_SMALL.get(name, {}).items():
+            configs[label] = refdecoder.preset("small")
+            configs[label].stages.patch_multipliers = multipliers
+        row = flops_row(vae, frames, size, configs)
         rows[name] = {"frames": frames, "size": list(size), **row}
         print(name, row, flush=True)
     return rows
@@ -132,7 +155,7 @@ def video_backbone_memory(size: tuple[int, int] = (480, 832), preset: str = "sma
     rows = {}
     for name, (cls, overrides, _) in VIDEO_BACKBONES.items():
         with torch.device("meta"):
-            vae = getattr(diffusers, cls)(**overrides).eval()
+            vae = _meta(getattr(diffusers, cls)(**overrides).eval())
         model = refdecoder.wrap(vae, preset)
         adapter, peaks = model.adapter, {}
         ref = torch.empty(1, 3, 1, *size, device="meta")

@@ -7,8 +7,11 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
 - in place: inside ``with reference_decoding(pipe, model):`` a diffusers pipeline whose VAE a registered adapter
   drives decodes through RefDecoder with the image it was called with, and returns its output as usual. Tested
   with ``WanImageToVideoPipeline`` (Wan2.1 and Wan2.2 TI2V), ``SkyReelsV2ImageToVideoPipeline``, the Qwen-Image
-  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``LTXImageToVideoPipeline`` (its
-  decode timestep goes on as the adapter's ``temb``) and ``CogVideoXImageToVideoPipeline``.
+  edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
+  ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
+  ``Kandinsky5I2VPipeline``, ``StableVideoDiffusionPipeline`` (frames folded into the batch, one video per chunk),
+  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
+  ``CogVideoXImageToVideoPipeline``.
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:
@@ -27,6 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from refdecoder.errors import ConfigError, InputError
@@ -194,17 +198,24 @@ class _ConditioningRecord:
     with ``pipe.vae.encode`` before denoising. An encode closes the record and drops the images preprocessed before
     the one it encodes (those of a call that raised before encoding); the next preprocess (the next call's) starts
     a new record, and a decode takes the record and empties it. So a call that returns latents or raises leaves
-    nothing the next call could decode with.
+    nothing the next call could decode with. A call that decodes several times (FramePack's sections) decodes them
+    all with the image its first decode took, until the call ends (``pipe.maybe_free_model_hooks()``, which
+    diffusers pipelines call last) or the next call preprocesses.
     """
 
     def __init__(self) -> None:
         self.images: list[torch.Tensor] = []
         self.encoded = False
+        self.decoding: torch.Tensor | None = None  # the image this call's earlier decodes took
 
     def preprocessed(self, image: torch.Tensor) -> None:
         if self.encoded:
             self.images, self.encoded = [], False
         self.images.append(image)
+        self.decoding = None
+
+    def call_ended(self) -> None:
+        self.decoding = None
 
     def encoding(self, pixels: torch.Tensor) -> None:
         """The pipeline encodes ``pixels`` (``B, 3, [T,] H, W``; the conditioning image is frame 0)."""
@@ -217,9 +228,11 @@ class _ConditioningRecord:
 
     def take_first(self) -> torch.Tensor | None:
         """The call's first image (a first-last-frame call: its first frame), emptying the record."""
-        first = self.images[0] if self.images else None
+        if not self.images:
+            return self.decoding
+        self.decoding = self.images[0]
         self.images, self.encoded = [], False
-        return first
+        return self.decoding
 
 
 def _holds(image: torch.Tensor, rows: torch.Tensor) -> bool:
@@ -292,6 +305,9 @@ class ReferenceDecodingVAE(nn.Module):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         model = self._model
+        folded = z.ndim == 4  # frames folded into the batch (StableVideoDiffusionPipeline's decode_chunk_size chunks)
+        frames = kwargs.pop("num_frames", args[0] if folded and args else len(z)) if folded else None
+        args = args[1:] if folded else args
         # Extra inputs the pipeline hands vae.decode (LTX: the decode timestep) go on by the adapter's names.
         inputs = {**dict(zip(model.adapter.decode_arguments, args)), **kwargs}
         first = self._record.take_first()
@@ -301,7 +317,27 @@ class ReferenceDecodingVAE(nn.Module):
             raise InputError("the pipeline call decoded without preprocessing a conditioning image; pass image=")
         else:
             reference = first
+        if folded:
+            return self._decode_folded(z, frames, reference, inputs, return_dict)
         video = _decode(model.to(z.device), z, reference.to(z.device), inputs=inputs, **self._options)
+        return DecoderOutput(sample=video) if return_dict else (video,)
+
+    def _decode_folded(
+        self, z: torch.Tensor, frames: int, reference: torch.Tensor, inputs: dict[str, Any], return_dict: bool
+    ) -> Any:
+        """``vae.decode(z, num_frames)`` of ``(B*F), C, h, w`` latents: each chunk one video of ``F`` frames, as
+        diffusers' ``AutoencoderKLTemporalDecoder`` decodes it; the window is the chunk, whatever the block's."""
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        if len(z) % frames or reference.shape[0] not in (1, len(z) // frames):
+            raise InputError(
+                f"vae.decode got {len(z)} folded latent frames with num_frames={frames} and a reference of batch "
+                f"{reference.shape[0]}: decode one video per chunk (batch 1, or decode_chunk_size dividing num_frames)"
+            )
+        options = {**self._options, "window": frames}
+        latents = rearrange(z, "(b t) c h w -> b c t h w", t=frames)
+        video = _decode(self._model.to(z.device), latents, reference.to(z.device), inputs=inputs, **options)
+        video = rearrange(video, "b c t h w -> (b t) c h w")
         return DecoderOutput(sample=video) if return_dict else (video,)
 
 
@@ -363,9 +399,17 @@ def reference_decoding(
     pipe.vae = stand_in  # the pipeline's own __setattr__, which also records the stand-in's class in its config
     if image is None:
         setattr(pipe, processor_name, _RecordingProcessor(processor, record))
+    free_hooks = pipe.maybe_free_model_hooks
+
+    def end_of_call() -> None:  # diffusers pipelines call it last; an instance attribute, removed on exit
+        record.call_ended()
+        free_hooks()
+
+    pipe.maybe_free_model_hooks = end_of_call
     try:
         yield stand_in
     finally:
+        del pipe.maybe_free_model_hooks
         pipe.vae = vae
         pipe.register_to_config(vae=config_entry)
         if image is None:

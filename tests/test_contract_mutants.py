@@ -17,7 +17,7 @@ from refdecoder.testing import Conformance, checks_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DIFFUSERS_VIDEO = ("wan2.1", "hunyuan-video-1.5", "ltx-video", "cogvideox")
+DIFFUSERS_VIDEO = ("wan2.1", "hunyuan-video", "hunyuan-video-1.5", "ltx-video", "cogvideox")
 
 
 def _bad_conventions(base: type[BackboneAdapter]) -> dict[str, Any]:

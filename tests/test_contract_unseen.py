@@ -1,15 +1,21 @@
-"""The conformance suite on an adapter the library does not ship, written from docs/backbones.md alone: diffusers'
+"""The conformance suite on an adapter written from docs/backbones.md alone (the walkthrough, minimal): diffusers'
 HunyuanVideo (v1) VAE, a causal decoder that expands time (frame 0 stays one frame), GroupNorm over time, no clamp.
-The correct adapter passes every check; each mutated copy fails the check that holds the broken declaration."""
+It was written before the library shipped ``hunyuan-video`` and is kept independent of it: the correct adapter passes
+every check beside the built-in one (chosen by name), decodes as the built-in does where both decode one pass, and
+each mutated copy fails the check that holds the broken declaration."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 from einops import rearrange
 
+import refdecoder
 from refdecoder import BackboneAdapter, Fit, StageSpec
 from refdecoder.frames import FrameRule
-from refdecoder.testing import Conformance, check_backbone, checks_for
+from refdecoder.testing import Conformance, check_backbone, checks_for, randomize_
 from tests.test_contract_mutants import MUTANTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +95,19 @@ def test_the_unseen_adapter_passes_the_whole_suite(registered):
     registered("hunyuan-video-v1", HunyuanVideoV1Adapter)
     ran = check_backbone("hunyuan-video-v1")
     assert len(ran) == len(checks_for("hunyuan-video-v1")) and "check_reference_branch" in ran
+
+
+def test_the_docs_adapter_and_the_shipped_one_decode_alike(registered):
+    registered("hunyuan-video-v1", HunyuanVideoV1Adapter)
+    torch.manual_seed(0)
+    vae = HunyuanVideoV1Adapter.build_tiny().eval()
+    ours = refdecoder.wrap(vae, "tiny", backbone="hunyuan-video-v1")
+    shipped = refdecoder.wrap(copy.deepcopy(vae), "tiny", backbone="hunyuan-video")
+    z, reference = torch.randn(1, 4, 3, 2, 2), torch.rand(1, 3, 16, 16) * 2 - 1
+    randomize_([p for _, p in ours.added_parameters()], scale=0.1)
+    shipped.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, reference=reference), shipped.decode(z, reference=reference))
 
 
 @pytest.mark.parametrize(

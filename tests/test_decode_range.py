@@ -9,10 +9,12 @@ reference. ``python -m pytest tests/test_decode_range.py -s`` prints the max dif
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
 import torch
+from einops import rearrange
 from torch import nn
 
 import refdecoder
@@ -53,6 +55,26 @@ def _hunyuan_video15() -> nn.Module:
     return AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16, 16, 32, 32, 64), layers_per_block=2)
 
 
+def _hunyuan_video() -> nn.Module:
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=8, block_out_channels=(16, 16, 32, 32), layers_per_block=2, norm_num_groups=8
+    )
+
+
+def _stable_video_diffusion() -> nn.Module:
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    # The decoder's output GroupNorm has 32 groups: widths are multiples of 32.
+    return AutoencoderKLTemporalDecoder(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        latent_channels=8,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+    )
+
+
 def _ltx_video() -> nn.Module:
     from diffusers import AutoencoderKLLTXVideo
 
@@ -91,17 +113,22 @@ CONFIGS: dict[str, Callable[[], nn.Module]] = {
     "wan2.1": _wan21,
     "wan2.2": _wan22,
     "qwen-image": _qwen_image,
+    "hunyuan-video": _hunyuan_video,
     "hunyuan-video-1.5": _hunyuan_video15,
     "ltx-video": _ltx_video,
     "ltx-2-video": _ltx2_video,
     "cogvideox": _cogvideox,
+    "stable-video-diffusion": _stable_video_diffusion,
     "videovae+": _videovaeplus,
 }
 
 
 def _vae_decode(model: refdecoder.RefDecoder, z: torch.Tensor) -> torch.Tensor:
-    """The backbone's own ``vae.decode``, unclamped as it returns it (VideoVAE+: one chunk, as RefDecoder's default
-    window of 4 latent frames covers these lengths)."""
+    """The backbone's own ``vae.decode``, unclamped as it returns it (VideoVAE+ and SVD: one chunk, as RefDecoder's
+    default window covers these lengths)."""
+    if "num_frames" in inspect.signature(model.vae.decode).parameters:  # SVD: frames folded into the batch
+        folded = model.vae.decode(rearrange(z, "b c t h w -> (b t) c h w"), num_frames=z.shape[2]).sample
+        return rearrange(folded, "(b t) c h w -> b c t h w", b=z.shape[0])
     out = model.vae.decode(z, **model.adapter.decode_inputs(z))
     return out.sample if hasattr(out, "sample") else out
 

@@ -15,6 +15,7 @@ import refdecoder
 from refdecoder import BackboneError
 from refdecoder.backbones import registry
 from refdecoder.backbones.base import BackboneAdapter, Fit
+from refdecoder.backbones.refused import REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +41,16 @@ def test_import_and_listing_load_no_adapter_and_no_diffusers():
         "print(sorted(m for m in sys.modules if m.startswith(('diffusers', 'refdecoder.backbones.')))); print(names)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[0] == "['refdecoder.backbones.base', 'refdecoder.backbones.registry']"
+    # refused is a table of class names and reasons: it imports neither an adapter nor diffusers
+    assert out[0] == "['refdecoder.backbones.base', 'refdecoder.backbones.refused', 'refdecoder.backbones.registry']"
     names = [
         "cogvideox",
+        "hunyuan-video",
         "hunyuan-video-1.5",
         "ltx-2-video",
         "ltx-video",
         "qwen-image",
+        "stable-video-diffusion",
         "videovae+",
         "wan2.1",
         "wan2.2",
@@ -158,30 +162,60 @@ def test_inconsistent_wan22_config_says_what_to_set():
         refdecoder.wrap(vae, "tiny")
 
 
-def _refused_vaes() -> dict[str, nn.Module]:
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_vaes_get_one_line_naming_the_nearest_adapter_and_why(name):
     import diffusers
 
-    with torch.device("meta"):  # only the class and config are inspected: nothing is allocated
-        return {name: getattr(diffusers, name)() for name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLQwenImage21")}
-
-
-@pytest.mark.parametrize("name", sorted(_refused_vaes()))
-def test_refused_vaes_get_one_line_naming_the_nearest_adapter(name):
-    vae = _refused_vaes()[name]
+    with torch.device("meta"):  # only the class is inspected: nothing is allocated
+        vae = getattr(diffusers, name)()
     with pytest.raises(BackboneError) as err:
         refdecoder.wrap(vae, "tiny")
-    message = str(err.value)
+    message, refusal = str(err.value), REFUSED[name]
     assert "\n" not in message
-    nearest = f"no registered backbone drives a {name}; nearest is 'wan2.1': it drives diffusers AutoencoderKLWan only"
-    assert message.startswith(nearest)
-    # HunyuanVideo (v1) decodes whole sequences without Wan's per-conv cache; Qwen-Image 2.1 has one (it differs in its
-    # class and layout: residual up-blocks, 2D convolutions, 64 latent channels).
-    assert ("no per-conv causal cache" in message) == (name != "AutoencoderKLQwenImage21")
+    assert message.startswith(
+        f"no registered backbone drives a {name}: {refusal.reason}; nearest is {refusal.nearest!r}"
+    )
+    assert refusal.nearest in refdecoder.list_backbones()
+    assert f"{name}: {refusal.reason} (nearest adapter: {refusal.nearest!r})" in refdecoder.list_backbones(
+        refused=True
+    )
+
+
+def test_every_diffusers_video_vae_has_an_adapter_or_a_refusal():
+    import diffusers
+
+    video = {n for n in dir(diffusers) if n.startswith("Autoencoder") and ("Video" in n or n in REFUSED)}
+    video -= {n for n in video if "Audio" in n}
+    driven = {"AutoencoderKLWan", "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderKLLTXVideo",
+              "AutoencoderKLLTX2Video", "AutoencoderKLCogVideoX", "AutoencoderKLTemporalDecoder"}  # fmt: skip
+    assert video - driven <= set(REFUSED) and not driven & set(REFUSED)
+
+
+def test_the_docs_table_of_refused_vaes_is_the_registrys():
+    text = (ROOT / "docs" / "backbones.md").read_text()
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `Autoencoder")}
+    assert set(rows) == set(REFUSED)
+    for name, refusal in REFUSED.items():
+        assert rows[name] == f"| `{name}` | `{refusal.nearest}` | {refusal.reason} |"
+
+
+def test_a_registered_adapter_for_a_refused_class_wins(registered):
+    from diffusers import AutoencoderKLMochi
+
+    class MochiFit(registry.get_backbone("cogvideox")):
+        @classmethod
+        def fit(cls, vae):
+            return Fit(1) if isinstance(vae, AutoencoderKLMochi) else Fit(0, ("not Mochi",))
+
+    registered("mochi-test", MochiFit)
+    with torch.device("meta"):
+        assert registry.find_backbone(AutoencoderKLMochi()) is MochiFit
 
 
 @pytest.mark.parametrize(
     "name, backbone",
     [
+        ("AutoencoderKLHunyuanVideo", "hunyuan-video"),
         ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
         ("AutoencoderKLLTXVideo", "ltx-video"),
         ("AutoencoderKLCogVideoX", "cogvideox"),

@@ -1,5 +1,6 @@
-"""The Fabric recipe on the HunyuanVideo 1.5, LTX-Video and CogVideoX backbones: each tiny config in recipes/configs
-trains 5 steps on the bundled clips with a falling loss, and its exported weights reload onto the run's VAE."""
+"""The Fabric recipe on the HunyuanVideo (v1 and 1.5), LTX-Video, CogVideoX and Stable Video Diffusion backbones:
+each tiny config in recipes/configs trains 5 steps on the bundled clips with a falling loss, and its exported weights
+reload onto the run's VAE."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.test_training_recipe import load_recipe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKBONES = ("hunyuan-video-1.5", "ltx-video", "cogvideox")
+BACKBONES = ("hunyuan-video-1.5", "ltx-video", "cogvideox", "hunyuan-video", "stable-video-diffusion")
 
 
 def _config(name: str) -> str:
@@ -75,3 +76,15 @@ def test_the_frame_rule_of_the_adapter_drives_the_clip_lengths(name, tmp_path, s
     ]
     assert load_recipe().main(args) == 1
     assert "1 + 8k" in capsys.readouterr().err
+
+
+def test_hunyuan_video_refuses_clip_lengths_off_1_plus_4k(tmp_path, shards, capsys):
+    args = [
+        _config("hunyuan-video"),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.train.path={shards}",
+        "stages=[{steps: 1, frames: 6}]",
+    ]
+    assert load_recipe().main(args) == 1
+    err = capsys.readouterr().err
+    assert "1 + 4k" in err and len(err.strip().splitlines()) == 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter, StageSpec
 
-__all__ = ["DiffusersVideoAdapter", "halving_stages"]
+__all__ = ["DiffusersVideoAdapter", "halving_stages", "each_frame_alone"]
 
 
 class DiffusersVideoAdapter(BackboneAdapter):
@@ -53,3 +54,13 @@ def halving_stages(points: Iterable[tuple[int, int, int]], scale: int, grid: int
         specs.append(StageSpec(f"stage{index}", channels, scale, (1, patch, patch), time_factor))
         scale //= 2
     return specs
+
+
+def each_frame_alone(block: nn.Module, reference: torch.Tensor) -> torch.Tensor:
+    """``B, C, R, h, w`` reference features through a causal 3D ``block``, each of the R frames as a one-frame video.
+
+    Frames are folded into the batch so they never mix in time; for a causal decoder block one frame is the image
+    path (replicate padding sees only that frame, up-samplers keep frame 0 one frame). Returns ``B, C', R, h', w'``.
+    """
+    out = block(rearrange(reference, "b c r h w -> (b r) c 1 h w"))
+    return rearrange(out, "(b r) c 1 h w -> b c r h w", b=reference.shape[0])

@@ -24,12 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones._diffusers import class_reason
 from refdecoder.backbones.base import Fit, StageSpec
-from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, each_frame_alone, halving_stages
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 
@@ -97,9 +96,7 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
     ) -> torch.Tensor:
         # One frame through the block is the image path: causal replicate padding sees only itself, and the DC-AE
         # up-sampler keeps frame 0 one frame. Reference frames are folded into the batch so they never mix in time.
-        frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
-        out = self.vae.decoder.up_blocks[index](frames)
-        return rearrange(out, "(b r) c 1 h w -> b c r h w", b=reference.shape[0])
+        return each_frame_alone(self.vae.decoder.up_blocks[index], reference)
 
 
 def _time_reason(vae: nn.Module) -> str | None:

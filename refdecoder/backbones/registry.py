@@ -31,6 +31,7 @@ from typing import TypeVar
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter
+from refdecoder.backbones.refused import REFUSED
 from refdecoder.errors import BackboneError
 
 __all__ = [
@@ -53,10 +54,12 @@ BUILTINS: dict[str, str] = {
     "wan2.2": "refdecoder.backbones.wan.wan22:Wan22Adapter",
     "qwen-image": "refdecoder.backbones.wan.qwen_image:QwenImageAdapter",
     "videovae+": "refdecoder.backbones.videovaeplus.adapter:VideoVAEPlusAdapter",
+    "hunyuan-video": "refdecoder.backbones.hunyuan_video:HunyuanVideoAdapter",
     "hunyuan-video-1.5": "refdecoder.backbones.hunyuan_video15:HunyuanVideo15Adapter",
     "ltx-video": "refdecoder.backbones.ltx_video:LTXVideoAdapter",
     "ltx-2-video": "refdecoder.backbones.ltx_video:LTX2VideoAdapter",
     "cogvideox": "refdecoder.backbones.cogvideox:CogVideoXAdapter",
+    "stable-video-diffusion": "refdecoder.backbones.stable_video_diffusion:StableVideoDiffusionAdapter",
 }
 
 # name -> adapter class, or its "module:Class" path until first use. Insertion order (built-ins, entry points,
@@ -86,9 +89,15 @@ def register_backbone(
     return _register(adapter) if adapter is not None else _register
 
 
-def list_backbones() -> list[str]:
-    """Names of all registered backbones (built-in, entry points, run time), sorted; imports none of them."""
+def list_backbones(refused: bool = False) -> list[str]:
+    """Names of all registered backbones (built-in, entry points, run time), sorted; imports none of them.
+
+    With ``refused``, instead the diffusers VAE classes no built-in adapter drives yet, one line each:
+    ``"AutoencoderKLMochi: <why> (nearest adapter: 'cogvideox')"`` (see :mod:`refdecoder.backbones.refused`).
+    """
     _read_entry_points()
+    if refused:
+        return [f"{name}: {why.reason} (nearest adapter: {why.nearest!r})" for name, why in sorted(REFUSED.items())]
     return sorted(_REGISTRY)
 
 
@@ -111,6 +120,12 @@ def find_backbone(vae: nn.Module) -> type[BackboneAdapter]:
         raise BackboneError(f"several backbones match a {type(vae).__name__}: {sorted(found)}; pass backbone='<name>'")
     if found:
         return get_backbone(found[0])
+    refusal = REFUSED.get(type(vae).__name__)
+    if refusal is not None:
+        raise BackboneError(
+            f"no registered backbone drives a {type(vae).__name__}: {refusal.reason}; nearest is {refusal.nearest!r} "
+            "(an adapter for it would start there; docs/backbones.md, 'Writing an adapter')"
+        )
     nearest = max(fits, key=lambda name: fits[name].passed)  # max() keeps the first of equals: registry order
     raise BackboneError(
         f"no registered backbone drives a {type(vae).__name__}; nearest is {nearest!r}: "
