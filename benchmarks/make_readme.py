@@ -359,8 +359,37 @@ zero.
 """
 
 
+def guided_shift_probe() -> str:
+    files = ("reference_probe_shift_r2_ps_s2d_200.json", "reference_probe_shift_r2_ps_s2d_corr_200.json")
+    labels = {"default": "estimated / in place", "true_displacements": "true shift given"}
+    rows, shifts, doc = [], [], {}
+    for name in files:
+        doc = result(name)["correspondence"]
+        for model, modes in doc["models"].items():
+            shifts = modes["shift_tokens"]
+            for mode, label in labels.items():
+                if mode in modes:
+                    gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
+                    rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
+    head = ["model", "displacements"] + [f"{k:+d}" for k in shifts]
+    return f"""## Correspondence-guided attention: the shift probe at 200 steps
+
+Short runs, not the default run: `python benchmarks/quality_small.py --phase finetune --set workers=1 --set
+finetune.steps=200 --variants refdecoder_r2_prior_ps_s2d_corr,refdecoder_r2_prior_ps_s2d`, then `python
+benchmarks/reference_probe.py --correspondence OUT --models MODEL --shifts 0,1,2,4 --crop 128,96
+--true-displacements` (`{files[0]}`, `{files[1]}`). Frame-0 gain in dB over an unrelated reference, by shift in
+tokens ({doc["token_pixels"]} pixels each), on {doc["clips"]} clips of 128x96 pixels: whole frame / the columns the
+shifted reference shows. "estimated / in place": the model's own decode (the cost-volume estimate for the
+correspondence model, the query's own position for the other); "true shift given": the shift passed as
+`displacements`.
+
+{table(head, rows)}
+"""
+
+
 def readme() -> str:
-    sections = [quality(), ablations(), correspondence(), decode_overhead(), train_step(), attention_scope()]
+    sections = [quality(), ablations(), correspondence(), guided_shift_probe(), decode_overhead(), train_step()]
+    sections += [attention_scope()]
     sections += [data_throughput(), gpu_decode()]
     head = """# Benchmark records
 
