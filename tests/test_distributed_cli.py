@@ -128,6 +128,30 @@ def test_two_processes_write_what_one_writes(data: dict[str, Path], single: dict
     assert "wrote" in proc.stdout and "encoded" in proc.stdout and proc.stdout.count("decoded 6 of 6") == 1
 
 
+def test_accelerate_launch_writes_what_one_process_writes(
+    data: dict[str, Path], single: dict[str, Path], tmp_path: Path
+) -> None:
+    """`accelerate launch --multi_gpu` (torchrun's launcher underneath) starts the ranks; on CPU they use gloo."""
+    pytest.importorskip("accelerate")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "refdecoder"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(PROJECT_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    out = tmp_path / "reconstruct"
+    argv = [arg for arg in command(data, "reconstruct", out) if arg != "--no-progress"]  # progress names the rank
+    proc = subprocess.run(
+        [*launcher, *argv, "--all-ranks"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # rank 0 saw a world of 2 and did its share (3 of the 6 clips); the outputs below are complete
+    assert "rank 0/2: 3/3 clips" in proc.stdout + proc.stderr, "two ranks shared the clips"
+    assert_same("reconstruct", out, single["reconstruct"])
+
+
 def test_the_checker_sees_a_difference(data: dict[str, Path], single: dict[str, Path], tmp_path: Path) -> None:
     """The comparisons above object to outputs that differ (one changed clip, one lost row)."""
     for name in ("reconstruct", "decode-latents"):
