@@ -84,7 +84,7 @@ def _latents(c: Conformance, adapter: BackboneAdapter, frames: int, seed: int = 
 
 def _context(adapter: BackboneAdapter, latents: torch.Tensor, reference: torch.Tensor | None = None) -> DecodeContext:
     """A plain decode's context (the backbone's default extra inputs), with the pixel ``reference`` if given."""
-    return DecodeContext(decode_inputs=adapter.decode_inputs(latents), reference=reference)
+    return DecodeContext(decode_inputs=adapter.decode_inputs(latents), reference_pixels=reference)
 
 
 def _plain(adapter: BackboneAdapter, latents: torch.Tensor, hooks: Any = None) -> torch.Tensor:

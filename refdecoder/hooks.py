@@ -1,17 +1,16 @@
-"""Hook points of a decode and the per-decode context that components read.
+"""Hook points of a decode and the per-decode context that the adapter's window loop hands them.
 
 A backbone adapter drives its own decoder loop and, at named places, hands the current tensor to the hooks:
 
 - ``latents``: the latent entering the decoder (after ``post_quant_conv`` for Wan), once per decode, before it is
   split into windows. Training-time components (token dropout, latent degradation, LMR) attach here.
 - ``stage{i}``: the feature map entering up-sampling stage ``i``, once per window. The reference-conditioning
-  stage attaches here (stage projector + shared transformer).
+  stage attaches here (:class:`refdecoder.conditioning.StageConditioner`: stage projector + shared transformer).
 
-Reference tokens are made once per decode before the loop starts (``DecodeContext.reference_tokens``), so they
-need no hook point of their own.
-
-The adapter never knows what is attached; it only calls :class:`DecodeHooks`. :class:`IdentityHooks` gives the
-plain backbone decode through the same loop, which is what the identity tests compare against ``vae.decode``.
+The reference itself is not in the context: the model tokenizes it once per decode into a
+:class:`~refdecoder.conditioning.ReferenceFeatures` that the conditioner it hands the loop holds. The adapter never
+knows what is attached; it only calls :class:`DecodeHooks`. :class:`IdentityHooks` gives the plain backbone decode
+through the same loop, which is what the identity tests compare against ``vae.decode``.
 """
 
 from __future__ import annotations
@@ -26,45 +25,36 @@ __all__ = ["DecodeContext", "DecodeHooks", "IdentityHooks", "plan_windows"]
 
 @dataclass
 class DecodeContext:
-    """Per-decode state shared by the adapter's loop and the attached components.
+    """What the adapter's window loop and its hook points read during one decode.
+
+    The loop (:meth:`~refdecoder.backbones.base.BackboneAdapter.iter_decode_windows`) sets ``window_index`` and
+    ``first_window`` before each window; everything else is set when the decode starts.
 
     Attributes:
-        reference_tokens: ``B, C0, R, h0, w0`` reference features at the first stage's resolution, or None.
-        num_reference: R, the number of reference frames.
-        stage_reference_tokens: ``tokenizer.per_stage``: each later conditioned stage's own tokens of the pixel
-            reference (``B, Ci, R, hi, wi``), keyed ``stage{i}``, made once per decode like ``reference_tokens``.
-        stage_reference: the reference features entering the current stage in the current window (the stage hook
-            updates it after its joint attention and the adapter's spatial-only stage run).
         window_index: index of the window being decoded (0 holds latent frame 0).
-        first_window: True while decoding the window that holds latent frame 0.
-        generator: optional RNG for training-time components, for reproducible draws.
-        extras: free slot for components that need more per-decode inputs (e.g. a degradation timestep).
-        reference: the ``B, 3, R, H, W`` pixel reference the tokens were made from, or None; adapters whose stages
-            need more than features derive their extra reference inputs from it (CogVideoX encodes it to a ``zq``).
-        decode_inputs: the backbone's own extra decode inputs (LTX's ``temb``), as the adapter's
-            :meth:`~refdecoder.backbones.base.BackboneAdapter.decode_inputs` checked them.
-        adapter_state: the adapter's scratch space for this decode (e.g. a reference input derived once).
-        correspondence: with correspondence-guided attention, the decode's
-            :class:`~refdecoder.blocks.correspondence.CorrespondenceField` (where video content lies in the
-            reference), else None.
+        first_window: True while decoding the window that holds latent frame 0 (causal backbones decode its frame
+            0 like an image).
+        decode_inputs: the backbone's own extra decode inputs, keyed by the names in
+            :attr:`~refdecoder.backbones.base.BackboneAdapter.decode_arguments` (LTX's ``temb``), as the adapter's
+            :meth:`~refdecoder.backbones.base.BackboneAdapter.decode_inputs` checked them; empty for most backbones.
+        reference_pixels: the ``B, 3, R, H, W`` pixel reference in [-1, 1], or None. Read only by adapters whose
+            reference branch needs more than features (CogVideoX encodes it to the ``zq`` of its norms).
+        reference_latent: that reference encoded by the backbone's own encoder, ``B, C, R, h, w``, for stages
+            conditioned on the latent (CogVideoX's SpatialNorm ``zq``): made once per decode by the adapter that
+            needs it, on first use, and None until then.
+        generator: RNG of the training-time components at the ``latents`` hook (token dropout, degradation), for
+            reproducible draws; None draws from torch's default generator.
+        degradation_timestep: a fixed timestep for :class:`~refdecoder.blocks.LatentDegrader` (float or ``(B,)``
+            tensor in [0, 1]) instead of its draw from ``t_range``; None draws.
     """
 
-    reference_tokens: torch.Tensor | None = None
-    num_reference: int = 0
-    stage_reference_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    stage_reference: torch.Tensor | None = None
     window_index: int = 0
     first_window: bool = True
-    generator: torch.Generator | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    reference: torch.Tensor | None = None
     decode_inputs: dict[str, Any] = field(default_factory=dict)
-    adapter_state: dict[str, Any] = field(default_factory=dict)
-    correspondence: Any = None
-
-    @property
-    def has_reference(self) -> bool:
-        return self.reference_tokens is not None
+    reference_pixels: torch.Tensor | None = None
+    reference_latent: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    degradation_timestep: float | torch.Tensor | None = None
 
 
 class DecodeHooks(Protocol):

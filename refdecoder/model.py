@@ -23,14 +23,15 @@ from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import backbone_to_load, resolve_backbone
-from refdecoder.blocks import LatentTokenDropout, ReferenceTokenizer, SharedTransformer, StageProjector
+from refdecoder.blocks import LatentTokenDropout
 from refdecoder.blocks.correspondence import CorrespondenceField, correspondence_field
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
+from refdecoder.conditioning import ReferenceFeatures, StageConditioner
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
-from refdecoder.stages import ReferenceHooks, stage_indices, stage_patches
+from refdecoder.stages import build_stage_modules, stage_indices
 from refdecoder.validation import (
     FiniteOutput,
     check_finite_weights,
@@ -88,59 +89,16 @@ class RefDecoder(nn.Module):
         self.config = config
         self.adapter = adapter
         self.vae = vae
-        specs = adapter.stages()
-        self.stage_indices = stage_indices(config, len(specs))
-        tf, up = config.transformer, config.upscale
-        tok = config.tokenizer
-
-        def tokenizer(channels: int, scale: int) -> ReferenceTokenizer:
-            # The reference comes at the output size; a larger patch lands it on the stage's grid.
-            return ReferenceTokenizer(channels, scale * up.factor, tok.kind, tok.kernel_size, tok.norm)
-
-        self.tokenizer = tokenizer(adapter.reference_channels, adapter.reference_scale)
-        # tokenizer.per_stage: the pixel reference tokenized again for every later conditioned stage.
-        self.stage_tokenizers = nn.ModuleDict(
-            {specs[i].name: tokenizer(specs[i].channels, specs[i].scale) for i in self.stage_indices if i > 0}
-            if tok.per_stage
-            else {}
-        )
-        self.transformer = SharedTransformer(
-            dim=tf.width,
-            depth=tf.depth,
-            num_heads=tf.num_heads,
-            ffn_dim=tf.ffn_width,
-            rope_theta=tf.rope_theta,
-            attention_radius=tf.attention_radius,
-            video_attention_radius=tf.video_attention_radius,
-            locality_bias=tf.locality_bias,
-            locality_bias_slope=tf.locality_bias_slope,
-            locality_bias_extent=tf.locality_bias_extent,
-        )
-        self.transformer.gradient_checkpointing = tf.gradient_checkpointing
-        patches = stage_patches(config, [specs[i] for i in self.stage_indices])
-        self.projectors = nn.ModuleDict(
-            {
-                specs[i].name: StageProjector(
-                    specs[i].channels,
-                    tf.width,
-                    patch,
-                    residual=config.stages.residual,
-                    residual_reference=config.stages.residual_reference,
-                    input_norm=config.stages.input_norm,
-                )
-                for i, patch in zip(self.stage_indices, patches)
-            }
-        )
-        if config.correspondence.enabled and (tf.attention_radius is None or any(p[0] != 1 for p in patches)):
-            raise ConfigError(
-                "correspondence.enabled needs a local transformer.attention_radius and temporal token patches of 1, "
-                f"got radius {tf.attention_radius} and patches {patches}"
-            )
+        self.stage_indices = stage_indices(config, len(adapter.stages()))
+        modules = build_stage_modules(config, adapter, self.stage_indices)
+        self.tokenizer, self.stage_tokenizers = modules.tokenizer, modules.stage_tokenizers
+        self.transformer, self.projectors = modules.transformer, modules.projectors
         self.latent_components = nn.ModuleDict(
             build_latent_components(config.degradation, adapter.latent_channels, include_proxy)
         )
         if config.dropout.p_max > 0:
             self.latent_components["token_dropout"] = LatentTokenDropout(config.dropout.p_max, config.dropout.mode)
+        up = config.upscale
         adapter.check_upscale(up.factor)
         # Last, so that no error above leaves the VAE modified. A plain attribute, not a submodule: the head conv
         # lives inside the VAE, where diffusers expects it.
@@ -187,11 +145,11 @@ class RefDecoder(nn.Module):
         Returns:
             Video ``B, 3, T, H, W``, nominally in [-1, 1] (exactly so when clamped), ``T`` by the frame rule.
         """
-        latents, ctx, windows = self._prepare_decode(
+        latents, conditioner, ctx, windows = self._prepare_decode(
             latents, reference, window, resize_reference, generator, decode_inputs, displacements
         )
         finite = FiniteOutput(enabled=not self.training)  # one reduction per decode; training has its own guard
-        video = self.adapter.decode_windows(latents, ReferenceHooks(self), ctx, windows)
+        video = self.adapter.decode_windows(latents, conditioner, ctx, windows)
         video = finite.add(self._upscale(video))
         finite.check(latents, self.named_parameters())
         return self._clamp(video, clamp)
@@ -216,11 +174,11 @@ class RefDecoder(nn.Module):
         With an upscale head, ``depth_to_space=False`` yields the head's raw ``B, 3 * s**2, t, H/s, W/s`` output
         instead (tiles must be blended there, before the shuffle); ``upscale_head.apply`` finishes it.
         """
-        latents, ctx, windows = self._prepare_decode(
+        latents, conditioner, ctx, windows = self._prepare_decode(
             latents, reference, window, resize_reference, generator, decode_inputs, displacements
         )
         finite = FiniteOutput(enabled=not self.training)  # flags stay on the device; one host check at the end
-        for part in self.adapter.iter_decode_windows(latents, ReferenceHooks(self), ctx, windows):
+        for part in self.adapter.iter_decode_windows(latents, conditioner, ctx, windows):
             part = finite.add(self._upscale(part, depth_to_space))
             yield self._clamp(part, clamp)
         finite.check(latents, self.named_parameters())
@@ -234,8 +192,9 @@ class RefDecoder(nn.Module):
         generator: torch.Generator | None,
         decode_inputs: dict[str, Any] | None = None,
         displacements: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DecodeContext, list[tuple[int, int]]]:
-        """Check the inputs, cast them to the weights' dtype, tokenize the reference and plan the windows."""
+    ) -> tuple[torch.Tensor, StageConditioner, DecodeContext, list[tuple[int, int]]]:
+        """Check the inputs, cast the latents to the weights' dtype, tokenize the reference, plan the windows and
+        make what the adapter's window loop takes: the hooks (the stage modules and the reference) and the context."""
         self._check_alive()
         check_latents(latents, self.adapter.latent_channels)
         self.adapter.check_latents(latents)
@@ -244,22 +203,22 @@ class RefDecoder(nn.Module):
         base = next(self.vae.parameters()).dtype
         latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
         inputs = self.adapter.decode_inputs(latents, **(decode_inputs or {}))
-        ctx = DecodeContext(generator=generator, decode_inputs=inputs)
+        features = None
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
-            ctx.reference = reference
-            ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
-            ctx.stage_reference_tokens = {
-                name: tokenizer(reference.to(tokenizer.proj.weight.dtype))
-                for name, tokenizer in self.stage_tokenizers.items()
-            }
-            ctx.num_reference = reference.shape[2]
-        size = self.window_size(latents, ctx.num_reference, window)
+            features = ReferenceFeatures.tokenize(reference, self.tokenizer, self.stage_tokenizers)
+        ctx = DecodeContext(decode_inputs=inputs, reference_pixels=reference, generator=generator)
+        size = self.window_size(latents, 0 if features is None else features.num_frames, window)
         windows = self.adapter.plan_windows(latents.shape[2], size)
+        correspondence = None
         if displacements is not None or (reference is not None and self.config.correspondence.enabled):
-            ctx.correspondence = self._correspondence(latents, reference, windows, displacements)
-        return latents, ctx, windows
+            correspondence = self._correspondence(latents, reference, windows, displacements)
+        last = max(self.stage_indices, default=-1)
+        conditioner = StageConditioner(
+            self.latent_components, self.projectors, self.transformer, last, features, correspondence, self.adapter
+        )
+        return latents, conditioner, ctx, windows
 
     def _correspondence(
         self,

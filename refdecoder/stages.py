@@ -1,60 +1,84 @@
-"""Which decoder stages a RefDecoder conditions, on which token patches, and what it does at the hook points.
+"""Which decoder stages a RefDecoder conditions, on which token patches, and the modules that condition them.
 
 :func:`stage_indices` and :func:`stage_patches` turn a config and the adapter's :class:`StageSpec` list into the
-conditioned stages and their token patches; :class:`ReferenceHooks` is what an adapter's decode loop calls at the
-``latents`` and ``stage{i}`` hook points: the latent components once per decode, and at each conditioned stage the
-joint attention over ``[reference, video]`` features followed by the reference's pass through the stage.
+conditioned stages and their token patches; :func:`build_stage_modules` builds the reference tokenizers, the shared
+transformer and the stage projectors from them (what :class:`~refdecoder.conditioning.StageConditioner` runs at
+the hook points).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
-import torch
+from torch import nn
 
-from refdecoder.backbones.base import StageSpec
+from refdecoder.backbones.base import BackboneAdapter, StageSpec
+from refdecoder.blocks import ReferenceTokenizer, SharedTransformer, StageProjector
 from refdecoder.config import RefDecoderConfig
 from refdecoder.errors import ConfigError
-from refdecoder.hooks import DecodeContext
 
-if TYPE_CHECKING:
-    from refdecoder.model import RefDecoder
-
-__all__ = ["ReferenceHooks", "stage_indices", "stage_patches"]
+__all__ = ["StageModules", "build_stage_modules", "stage_indices", "stage_patches"]
 
 
-class ReferenceHooks:
-    """The hook-point behaviour of a RefDecoder (what the adapter's decode loop calls)."""
+@dataclass(frozen=True)
+class StageModules:
+    """The modules a RefDecoder adds for its conditioned stages (submodules of the model under these names).
 
-    def __init__(self, model: RefDecoder) -> None:
-        # Made per decode, so no lasting cycle; a strong reference, because torch.compile cannot guard a proxy.
-        self._model = model
+    Attributes:
+        tokenizer: pixel reference -> features on the first stage's grid, ``B, C_0, R, h_0, w_0``.
+        stage_tokenizers: ``tokenizer.per_stage``: one tokenizer per later conditioned stage, keyed ``stage{i}``.
+        transformer: the transformer shared by every conditioned stage.
+        projectors: one :class:`StageProjector` per conditioned stage, keyed ``stage{i}``.
+    """
 
-    def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        for component in self._model.latent_components.values():
-            x = component(x, ctx)
-        return x
+    tokenizer: ReferenceTokenizer
+    stage_tokenizers: nn.ModuleDict
+    transformer: SharedTransformer
+    projectors: nn.ModuleDict
 
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        model = self._model
-        if not ctx.has_reference or index > max(model.stage_indices):
-            return x
-        reference = ctx.reference_tokens if index == 0 else ctx.stage_reference
-        name, r = f"stage{index}", ctx.num_reference
-        if name in ctx.stage_reference_tokens:  # tokenizer.per_stage: the pixel reference's own tokens at this stage
-            reference = reference + ctx.stage_reference_tokens[name].to(reference.dtype)
-        if name in model.projectors:
-            # Reference frames go first on the time axis, so they take RoPE time positions 0..R-1.
-            projector, displacement = model.projectors[name], None
-            if ctx.correspondence is not None:  # where each video token's content lies in the reference
-                displacement = ctx.correspondence.stage(
-                    index, x, projector.patch_size, ctx.window_index, ctx.first_window
-                )
-            joint = projector(torch.cat([reference.to(x.dtype), x], dim=2), model.transformer, r, displacement)
-            reference, x = joint[:, :, :r], joint[:, :, r:]
-        if index < max(model.stage_indices):
-            ctx.stage_reference = model.adapter.run_stage_on_reference(index, reference, ctx)
-        return x
+
+def build_stage_modules(config: RefDecoderConfig, adapter: BackboneAdapter, indices: tuple[int, ...]) -> StageModules:
+    """Build the modules for the conditioned stages ``indices`` of ``adapter``'s decoder (in this order, which
+    fixes their random initialisation: tokenizers, transformer, projectors)."""
+    specs, tf, tok, factor = adapter.stages(), config.transformer, config.tokenizer, config.upscale.factor
+
+    def tokenizer(channels: int, scale: int) -> ReferenceTokenizer:
+        # The reference comes at the output size; a larger patch lands it on the stage's grid.
+        return ReferenceTokenizer(channels, scale * factor, tok.kind, tok.kernel_size, tok.norm)
+
+    first = tokenizer(adapter.reference_channels, adapter.reference_scale)
+    later = {specs[i].name: tokenizer(specs[i].channels, specs[i].scale) for i in indices if i > 0 and tok.per_stage}
+    transformer = SharedTransformer(
+        dim=tf.width,
+        depth=tf.depth,
+        num_heads=tf.num_heads,
+        ffn_dim=tf.ffn_width,
+        rope_theta=tf.rope_theta,
+        attention_radius=tf.attention_radius,
+        video_attention_radius=tf.video_attention_radius,
+        locality_bias=tf.locality_bias,
+        locality_bias_slope=tf.locality_bias_slope,
+        locality_bias_extent=tf.locality_bias_extent,
+    )
+    transformer.gradient_checkpointing = tf.gradient_checkpointing
+    patches, stages = stage_patches(config, [specs[i] for i in indices]), config.stages
+    projectors = {
+        specs[i].name: StageProjector(
+            specs[i].channels,
+            tf.width,
+            patch,
+            residual=stages.residual,
+            residual_reference=stages.residual_reference,
+            input_norm=stages.input_norm,
+        )
+        for i, patch in zip(indices, patches)
+    }
+    if config.correspondence.enabled and (tf.attention_radius is None or any(p[0] != 1 for p in patches)):
+        raise ConfigError(
+            "correspondence.enabled needs a local transformer.attention_radius and temporal token patches of 1, "
+            f"got radius {tf.attention_radius} and patches {patches}"
+        )
+    return StageModules(first, nn.ModuleDict(later), transformer, nn.ModuleDict(projectors))
 
 
 def stage_indices(config: RefDecoderConfig, num_stages: int) -> tuple[int, ...]:

@@ -206,7 +206,7 @@ def test_degrader_timesteps_from_extras_or_range_and_eval_identity():
     degrader(x, DecodeContext(generator=torch.Generator().manual_seed(0)))
     t = degrader.proxy.seen
     assert t.shape == (64,) and t.min() >= 0.02 and t.max() <= 0.1 and t.std() > 0.01
-    out = degrader(x, DecodeContext(extras={"degradation_t": 0.05}))
+    out = degrader(x, DecodeContext(degradation_timestep=0.05))
     torch.testing.assert_close(out, torch.full_like(x, 0.05))
 
 

@@ -384,8 +384,8 @@ class BackboneAdapter(abc.ABC):
 
         ``ctx`` is the decode's :class:`~refdecoder.hooks.DecodeContext` (None outside a decode). Stages that take
         more than the hidden state derive those inputs for the reference from it (LTX's ``temb`` from
-        ``ctx.decode_inputs``, CogVideoX's ``zq`` from ``ctx.reference``), caching what is made once per decode in
-        ``ctx.adapter_state``.
+        ``ctx.decode_inputs``, CogVideoX's ``zq`` from ``ctx.reference_pixels``), keeping what is made once per
+        decode in a typed field of the context (CogVideoX: ``ctx.reference_latent``) or on the adapter itself.
         """
 
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
@@ -443,5 +443,5 @@ def _check_reference_branch(cls: type[BackboneAdapter]) -> None:
     raise BackboneError(
         f"{cls.__qualname__}.run_stage_on_reference takes ({', '.join(p.name for p in params)}); the contract is "
         "run_stage_on_reference(index, reference, ctx=None): derive extra stage inputs from ctx "
-        "(ctx.decode_inputs, ctx.reference, ctx.adapter_state) instead of adding parameters"
+        "(ctx.decode_inputs, ctx.reference_pixels, ctx.reference_latent) instead of adding parameters"
     )

@@ -145,17 +145,19 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         """Stage ``index``'s block on ``B, C_i, R, h_i, w_i`` reference features, each frame alone, no cache.
 
         The block's SpatialNorms need the reference's own latent ``zq`` (``B, C, R, h, w``, see
-        :meth:`reference_latent`): encoded from ``ctx.reference`` once per decode and kept in ``ctx.adapter_state``.
+        :meth:`reference_latent`): encoded from ``ctx.reference_pixels`` once per decode and kept in
+        ``ctx.reference_latent``.
         """
-        if ctx is None or ctx.reference is None:
+        if ctx is None or ctx.reference_pixels is None:
             raise BackboneError(
-                "the cogvideox up-blocks need the reference's latent: pass the decode's ctx, with ctx.reference set"
+                "the cogvideox up-blocks need the reference's latent: pass the decode's ctx, with "
+                "ctx.reference_pixels set"
             )
-        if "zq" not in ctx.adapter_state:  # once per decode, shared by every window and stage
+        if ctx.reference_latent is None:  # once per decode, shared by every window and stage
             scale = self.stages()[index].scale
             size = (reference.shape[-2] * scale, reference.shape[-1] * scale)
-            ctx.adapter_state["zq"] = self.reference_latent(ctx.reference, size)
-        zq = ctx.adapter_state["zq"].to(reference.dtype)
+            ctx.reference_latent = self.reference_latent(ctx.reference_pixels, size)
+        zq = ctx.reference_latent.to(reference.dtype)
         b = reference.shape[0]
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
         out, _ = self.vae.decoder.up_blocks[index](frames, None, rearrange(zq, "b c r h w -> (b r) c 1 h w"))

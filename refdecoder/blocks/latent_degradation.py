@@ -52,8 +52,6 @@ __all__ = [
 Range = tuple[float, float]
 Block = tuple[int, int, int]
 Generator = torch.Generator | None
-# The key of DecodeContext.extras that fixes the proxy's timestep for one decode (float or (B,) tensor).
-TIMESTEP_KEY = "degradation_t"
 
 
 def _check(condition: bool, message: str) -> None:
@@ -259,7 +257,7 @@ def freeze_as_constants(module: nn.Module) -> nn.Module:
 class LatentDegrader(nn.Module):
     """Training-only application of a frozen :class:`DegradationProxy`; identity in eval mode.
 
-    The timestep is ``ctx.extras["degradation_t"]`` (float or ``(B,)``) when given, else drawn per sample from
+    The timestep is ``ctx.degradation_timestep`` (float or ``(B,)``) when given, else drawn per sample from
     U(``t_range``) with ``ctx.generator``.
 
     Args:
@@ -276,9 +274,9 @@ class LatentDegrader(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if not self.training:
             return x
-        extras = getattr(ctx, "extras", None) or {}
-        if TIMESTEP_KEY in extras:
-            t = _per_sample(extras[TIMESTEP_KEY], x.shape[0], x, f"ctx.extras[{TIMESTEP_KEY!r}]")
+        fixed = getattr(ctx, "degradation_timestep", None)
+        if fixed is not None:
+            t = _per_sample(fixed, x.shape[0], x, "ctx.degradation_timestep")
         else:
             t = _uniform(x.shape[0], self.t_range, getattr(ctx, "generator", None), x)
         return self.proxy(x, t)

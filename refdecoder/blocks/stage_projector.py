@@ -111,10 +111,10 @@ class StageProjector(nn.Module):
         t, h, w = x.shape[-3:]
         tokens, grid = self._embed(self._normalize(x, num_reference))
         # Token frames holding any reference frame count as reference frames for the attention scope.
-        reference_tokens = -(-num_reference // self.patch_size[0])
+        num_reference_token_frames = -(-num_reference // self.patch_size[0])
         # Passed only when given, so transformers written before correspondence (test stubs) keep working.
         guide = {} if displacement is None else {"displacement": displacement}
-        tokens = transformer(tokens, grid, num_reference=reference_tokens, **guide)
+        tokens = transformer(tokens, grid, num_reference=num_reference_token_frames, **guide)
         tokens = self.out(self.out_norm(tokens))
         delta = self._unpatchify(tokens, grid)[:, :, :t, :h, :w]
         if not self.residual:

@@ -1,0 +1,136 @@
+"""What a RefDecoder does at a decode's hook points: the reference, tokenized once, meets the video at each stage.
+
+``RefDecoder.decode`` makes two values before the adapter's window loop starts and hands the second to it:
+
+- :class:`ReferenceFeatures` (frozen): the pixel reference tokenized once per decode, by the first stage's
+  tokenizer and, with ``tokenizer.per_stage``, by each later conditioned stage's own;
+- :class:`StageConditioner`: the :class:`~refdecoder.hooks.DecodeHooks` the adapter calls. It holds the model's
+  stage modules and those features, never the model.
+
+In each window the adapter calls ``stage(i, x, ctx)`` before up-sampling stage ``i``. The conditioner takes the
+reference's features entering stage ``i`` (stage 0: the tokenizer's; later: what the adapter's reference branch
+made of the stage before), adds stage ``i``'s own tokens of the pixels (per-stage tokenizers), runs the joint
+attention over ``[reference, video]`` when stage ``i`` is conditioned (:class:`~refdecoder.blocks.StageProjector`
+around the :class:`~refdecoder.blocks.SharedTransformer`), and passes the reference through stage ``i`` spatially
+(:meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference`) for stage ``i + 1``. After the last
+conditioned stage the reference is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from refdecoder.hooks import DecodeContext
+
+if TYPE_CHECKING:
+    from refdecoder.backbones.base import BackboneAdapter
+    from refdecoder.blocks import CorrespondenceField, ReferenceTokenizer, SharedTransformer, StageProjector
+
+__all__ = ["ReferenceFeatures", "StageConditioner"]
+
+
+@dataclass(frozen=True)
+class ReferenceFeatures:
+    """One decode's reference and its tokenized features, made once before the window loop.
+
+    Attributes:
+        pixels: ``B, 3, R, H, W`` in [-1, 1] at the decoded size.
+        first_stage: ``B, C_0, R, h_0, w_0``, the tokenizer's features on the first stage's grid (what stage 0's
+            joint attention takes as the reference).
+        per_stage: ``tokenizer.per_stage``: each later conditioned stage's own features of ``pixels``,
+            ``B, C_i, R, h_i, w_i``, keyed ``stage{i}`` (added to what reaches that stage); empty without it.
+    """
+
+    pixels: torch.Tensor
+    first_stage: torch.Tensor
+    per_stage: Mapping[str, torch.Tensor]
+
+    @property
+    def num_frames(self) -> int:
+        """R, the number of reference frames."""
+        return self.pixels.shape[2]
+
+    @classmethod
+    def tokenize(
+        cls, pixels: torch.Tensor, tokenizer: ReferenceTokenizer, stage_tokenizers: Mapping[str, ReferenceTokenizer]
+    ) -> ReferenceFeatures:
+        """Tokenize ``B, 3, R, H, W`` pixels with the first stage's tokenizer and the per-stage ones (keyed
+        ``stage{i}``), each in its weights' dtype."""
+
+        def features(module: ReferenceTokenizer) -> torch.Tensor:
+            return module(pixels.to(module.proj.weight.dtype))
+
+        return cls(pixels, features(tokenizer), {name: features(t) for name, t in stage_tokenizers.items()})
+
+
+class StageConditioner:
+    """The hook points of a reference-conditioned decode (a :class:`~refdecoder.hooks.DecodeHooks`).
+
+    Made per decode. Stage modules are keyed by hook point name (``stage{i}``).
+
+    Args:
+        latent_components: training-time modules applied in order at the ``latents`` hook (identity in eval).
+        projectors: the conditioned stages' :class:`~refdecoder.blocks.StageProjector`.
+        transformer: the shared transformer of the joint attention.
+        last_stage: index of the last conditioned stage; the reference stops there.
+        reference: the decode's reference, or None for the plain decode at every stage.
+        correspondence: where video content lies in the reference (correspondence-guided attention), or None.
+        adapter: whose :meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference` takes the reference
+            from one stage to the next.
+    """
+
+    def __init__(
+        self,
+        latent_components: Mapping[str, nn.Module],
+        projectors: Mapping[str, StageProjector],
+        transformer: SharedTransformer,
+        last_stage: int,
+        reference: ReferenceFeatures | None,
+        correspondence: CorrespondenceField | None,
+        adapter: BackboneAdapter,
+    ) -> None:
+        self.latent_components, self.projectors, self.transformer = latent_components, projectors, transformer
+        self.last_stage, self.reference, self.correspondence = last_stage, reference, correspondence
+        self.adapter = adapter
+        # The reference's features entering the next stage of the current window (set at each stage, reset at 0).
+        self._reference_into_next_stage: torch.Tensor | None = None
+
+    def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """``B, C, T, h, w`` decoder-input latent through the latent components."""
+        for component in self.latent_components.values():
+            x = component(x, ctx)
+        return x
+
+    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        """``B, C_i, t_i, h_i, w_i`` video features entering stage ``index`` -> the same, after the joint attention."""
+        if self.reference is None or index > self.last_stage:
+            return x
+        name = f"stage{index}"
+        reference = self.reference.first_stage if index == 0 else self._reference_into_next_stage
+        if name in self.reference.per_stage:  # tokenizer.per_stage: the pixels' own tokens at this stage
+            reference = reference + self.reference.per_stage[name].to(reference.dtype)
+        if name in self.projectors:
+            reference, x = self._joint_attention(index, self.projectors[name], reference, x, ctx)
+        if index < self.last_stage:
+            self._reference_into_next_stage = self.adapter.run_stage_on_reference(index, reference, ctx)
+        return x
+
+    def _joint_attention(
+        self, index: int, projector: StageProjector, reference: torch.Tensor, x: torch.Tensor, ctx: DecodeContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B, C, R, h, w`` reference and ``B, C, t, h, w`` video features of stage ``index`` attended jointly.
+
+        Reference frames go first on the time axis, so they take RoPE time positions ``0..R-1``.
+        """
+        num_frames, displacement = self.reference.num_frames, None
+        if self.correspondence is not None:  # where each video token's content lies in the reference
+            displacement = self.correspondence.stage(
+                index, x, projector.patch_size, ctx.window_index, ctx.first_window
+            )
+        joint = projector(torch.cat([reference.to(x.dtype), x], dim=2), self.transformer, num_frames, displacement)
+        return joint[:, :, :num_frames], joint[:, :, num_frames:]
