@@ -10,10 +10,9 @@ needs them is used.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING
 
+from refdecoder._version import __version__
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.registry import get_backbone, list_backbones, register_backbone
 from refdecoder.config import PRESETS, RefDecoderConfig, preset

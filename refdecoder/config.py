@@ -271,7 +271,7 @@ class RefDecoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict including ``refdecoder_version``."""
-        from refdecoder import __version__
+        from refdecoder._version import __version__
 
         return {"refdecoder_version": __version__, **dataclasses.asdict(self)}
 

@@ -19,7 +19,7 @@ Shapes are recorded with identity hooks (:class:`RecordingHooks`); a failure is 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,9 +29,6 @@ from refdecoder.backbones.base import BackboneAdapter, StageSpec
 from refdecoder.errors import BackboneError
 from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.latent_conventions import pipeline_convention
-
-if TYPE_CHECKING:
-    from refdecoder.testing import Conformance
 
 __all__ = [
     "TOLERANCE",
@@ -70,6 +67,27 @@ class RecordingHooks(IdentityHooks):
             x = x[:, :, :1]
         self.seen.append((ctx.window_index, index, x))
         return x
+
+
+class Conformance(Protocol):
+    """What the checks read of the case under test (a :class:`refdecoder.testing.Conformance`; typed here by what it
+    provides, so that this module does not depend on the suite that runs it)."""
+
+    backbone: str
+    latent_frames: tuple[int, ...]
+    windows: tuple[int, ...]
+    pixel_size: tuple[int, int]
+    preset: str
+
+    @property
+    def adapter_cls(self) -> type[BackboneAdapter]: ...
+
+    @property
+    def short(self) -> int: ...
+
+    def vae(self) -> nn.Module: ...
+
+    def reference(self, model: nn.Module, latents: torch.Tensor, seed: int = 1) -> torch.Tensor: ...
 
 
 def _fresh(c: Conformance) -> BackboneAdapter:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,10 +30,18 @@ from refdecoder.conditioning import ReferenceFeatures, StageConditioner
 from refdecoder.config import RefDecoderConfig, resolve_config
 from refdecoder.errors import BackboneError, CheckpointError, ConfigError, InputError
 from refdecoder.hooks import DecodeContext
+from refdecoder.pretrained import (
+    BASE_PREFIX,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_into,
+    read_config,
+    read_weights,
+    write_folder,
+)
 from refdecoder.stages import build_stage_modules, stage_indices
 from refdecoder.validation import (
     FiniteOutput,
-    check_finite_weights,
     check_latent_statistics,
     check_latents,
     check_reference,
@@ -47,10 +54,6 @@ __all__ = ["RefDecoder", "RefDecoderOutput", "wrap", "load", "CONFIG_NAME", "WEI
 
 logger = logging.getLogger("refdecoder")
 
-CONFIG_NAME = "refdecoder_config.json"
-WEIGHTS_NAME = "refdecoder.safetensors"
-# Saved decoder weights carry this prefix so they can never be confused with the added modules.
-_BASE_PREFIX = "vae."
 
 # VAEs currently wrapped; weak so that a dropped model does not keep its VAE alive.
 _WRAPPED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -340,7 +343,7 @@ class RefDecoder(nn.Module):
     def added_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Named parameters of the modules RefDecoder added (never the backbone's)."""
         for name, param in self.named_parameters():
-            if not name.startswith(_BASE_PREFIX):
+            if not name.startswith(BASE_PREFIX):
                 yield name, param
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -360,48 +363,20 @@ class RefDecoder(nn.Module):
     # --- checkpoints ----------------------------------------------------------------------------------------
     def refdecoder_state_dict(self) -> dict[str, torch.Tensor]:
         """What :meth:`save_pretrained` stores: the added modules, plus decoder weights when they are trained."""
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith(_BASE_PREFIX)}
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(BASE_PREFIX)}
         if self.config.train_decoder:
-            state.update({_BASE_PREFIX + name: p.detach() for name, p in self.adapter.decoder_parameters()})
+            state.update({BASE_PREFIX + name: p.detach() for name, p in self.adapter.decoder_parameters()})
         elif self.upscale_head is not None and self.config.upscale.train_head:
-            state.update({_BASE_PREFIX + name: p.detach() for name, p in self.upscale_head.named_parameters()})
+            state.update({BASE_PREFIX + name: p.detach() for name, p in self.upscale_head.named_parameters()})
         return state
 
     def load_refdecoder_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`refdecoder_state_dict` strictly; mismatches raise :class:`CheckpointError`."""
-        expected = self.refdecoder_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [
-            f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"RefDecoder weights do not match the model: {len(missing)} missing {missing[:10]}, "
-                f"{len(unexpected)} unexpected {unexpected[:10]}, {len(wrong)} with wrong shapes {wrong[:10]}"
-            )
-        check_finite_weights(state, "RefDecoder weights")
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state[key])
+        load_into(self.refdecoder_state_dict(), state)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``refdecoder_config.json`` and ``refdecoder.safetensors`` (no frozen base weights) atomically."""
-        from safetensors.torch import save_file
-
-        from refdecoder._files import use_default_mode
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.refdecoder_state_dict().items()}
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            save_file(tensors, Path(tmp) / WEIGHTS_NAME, metadata={"format": "pt"})
-            use_default_mode(Path(tmp) / WEIGHTS_NAME)  # safetensors writes 0600; the config gets the umask's mode
-            self.config.save(Path(tmp) / CONFIG_NAME)
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(Path(tmp) / name, directory / name)
-        return directory
+        return write_folder(directory, self.refdecoder_state_dict(), self.config)
 
     @classmethod
     def from_pretrained(
@@ -421,24 +396,15 @@ class RefDecoder(nn.Module):
         :mod:`refdecoder.hub`), read from the Hub cache first and downloaded when online; ``revision`` and
         ``subfolder`` work as in diffusers' ``from_pretrained``.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from refdecoder.hub import resolve_path
 
         directory = resolve_path(directory, revision, subfolder, what="RefDecoder weights")
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not config_path.is_file() or not weights_path.is_file():
-            raise CheckpointError(f"{directory} is not a RefDecoder folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = RefDecoderConfig.load(config_path)
+        config = read_config(directory)
         backbone = backbone_to_load(vae, config.backbone, backbone)
         config.backbone = config.backbone if backbone is None else None  # the adapter named here wins
         model = wrap(vae, config, backbone=backbone, include_proxy=False)
         try:
-            model.load_refdecoder_state_dict(load_file(weights_path, device="cpu"))
-        except (SafetensorError, OSError) as err:
-            model.unwrap()
-            raise CheckpointError(f"cannot read {weights_path}: {err}") from err
+            model.load_refdecoder_state_dict(read_weights(directory))
         except CheckpointError:
             model.unwrap()
             raise

@@ -27,14 +27,11 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from refdecoder.blocks.attention import attention, note_kernel
-
-if TYPE_CHECKING:
-    from refdecoder.blocks.locality_bias import LocalityBias
 
 __all__ = [
     "AttentionScope",
@@ -110,6 +107,29 @@ def _grid_coordinates(grid: tuple[int, int, int], device: torch.device | str | N
     t, h, w = grid
     index = torch.arange(t * h * w, device=device)
     return index // (h * w), index % (h * w) // w, index % w
+
+
+class ScopeBias(Protocol):
+    """An additive attention bias over a scope's keys (:class:`~refdecoder.blocks.LocalityBias`); typed here by what
+    the attention computations call, so that this module does not depend on the bias module that reads scopes."""
+
+    num_heads: int
+
+    def slots(self, kind: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """``heads, S`` bias of keys of frame kind ``kind`` (0 reference, 1 video) at offsets ``(dy, dx)``."""
+        ...
+
+    def per_frame(self, scope: AttentionScope) -> torch.Tensor:
+        """``heads, T`` bias of each frame's key at the query's own position (radius 0)."""
+        ...
+
+    def dense(self, scope: AttentionScope, rows: slice | None = None) -> torch.Tensor:
+        """``heads, N, N`` (or the ``rows`` of it) bias of every query-key pair."""
+        ...
+
+    def score_mod(self, scope: AttentionScope) -> Any:
+        """The bias as a ``flex_attention`` score modification."""
+        ...
 
 
 def local_attention_mask(scope: AttentionScope, device: torch.device | str | None = None) -> torch.Tensor:
@@ -216,7 +236,7 @@ def neighbourhood_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scope: AttentionScope,
-    bias: LocalityBias | None = None,
+    bias: ScopeBias | None = None,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> torch.Tensor:
     """Local-scope attention without an ``N x N`` mask: gathered neighbourhoods, a chunk of positions at a time.
@@ -261,7 +281,7 @@ def neighbourhood_attention(
 
 
 def _global_biased_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: LocalityBias, chunk_bytes: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: ScopeBias, chunk_bytes: int
 ) -> torch.Tensor:
     """Global attention plus a locality bias, in chunks of queries so the dense bias stays within budget."""
     b, heads, n, d = q.shape
@@ -279,7 +299,7 @@ def _cached_mask(scope: AttentionScope, device: torch.device) -> torch.Tensor:
 
 
 def _dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: LocalityBias | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: ScopeBias | None
 ) -> torch.Tensor:
     """The scope's definition, materialised: ``N x N`` mask and bias (tests and tiny grids)."""
     logits = torch.zeros(q.shape[2], k.shape[2], dtype=q.dtype, device=q.device)
@@ -324,7 +344,7 @@ def _flex_block_mask(scope: AttentionScope, device: torch.device):
 
 
 def flex_neighbourhood_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: LocalityBias | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scope: AttentionScope, bias: ScopeBias | None = None
 ) -> torch.Tensor:
     """The scope on compiled ``flex_attention``: a block mask for local scopes, the bias as a score modification."""
     block_mask = None if scope.is_global else _flex_block_mask(scope, q.device)
@@ -337,7 +357,7 @@ def scoped_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scope: AttentionScope,
-    bias: LocalityBias | None = None,
+    bias: ScopeBias | None = None,
     backend: Backend = "auto",
 ) -> torch.Tensor:
     """Attention of ``B, heads, N, head_dim`` tokens within ``scope``, plus ``bias``; returns ``B, heads, N, D``.
