@@ -78,7 +78,7 @@ class StageConditioner:
         projectors: the conditioned stages' :class:`~refdecoder.blocks.StageProjector`.
         transformer: the shared transformer of the joint attention.
         last_stage: index of the last conditioned stage; the reference stops there.
-        reference: the decode's reference, or None for the plain decode at every stage.
+        reference_features: the decode's tokenized reference, or None for the plain decode at every stage.
         correspondence: where video content lies in the reference (correspondence-guided attention), or None.
         adapter: whose :meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference` takes the reference
             from one stage to the next.
@@ -90,12 +90,12 @@ class StageConditioner:
         projectors: Mapping[str, StageProjector],
         transformer: SharedTransformer,
         last_stage: int,
-        reference: ReferenceFeatures | None,
+        reference_features: ReferenceFeatures | None,
         correspondence: CorrespondenceField | None,
         adapter: BackboneAdapter,
     ) -> None:
         self.latent_components, self.projectors, self.transformer = latent_components, projectors, transformer
-        self.last_stage, self.reference, self.correspondence = last_stage, reference, correspondence
+        self.last_stage, self.reference_features, self.correspondence = last_stage, reference_features, correspondence
         self.adapter = adapter
         # The reference's features entering the next stage of the current window (set at each stage, reset at 0).
         self._reference_into_next_stage: torch.Tensor | None = None
@@ -108,29 +108,29 @@ class StageConditioner:
 
     def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """``B, C_i, t_i, h_i, w_i`` video features entering stage ``index`` -> the same, after the joint attention."""
-        if self.reference is None or index > self.last_stage:
+        if self.reference_features is None or index > self.last_stage:
             return x
-        name = f"stage{index}"
-        reference = self.reference.first_stage if index == 0 else self._reference_into_next_stage
-        if name in self.reference.per_stage:  # tokenizer.per_stage: the pixels' own tokens at this stage
-            reference = reference + self.reference.per_stage[name].to(reference.dtype)
+        name, reference = f"stage{index}", self.reference_features
+        features = reference.first_stage if index == 0 else self._reference_into_next_stage
+        if name in reference.per_stage:  # tokenizer.per_stage: the pixels' own features at this stage
+            features = features + reference.per_stage[name].to(features.dtype)
         if name in self.projectors:
-            reference, x = self._joint_attention(index, self.projectors[name], reference, x, ctx)
+            features, x = self._joint_attention(index, self.projectors[name], features, x, ctx)
         if index < self.last_stage:
-            self._reference_into_next_stage = self.adapter.run_stage_on_reference(index, reference, ctx)
+            self._reference_into_next_stage = self.adapter.run_stage_on_reference(index, features, ctx)
         return x
 
     def _joint_attention(
-        self, index: int, projector: StageProjector, reference: torch.Tensor, x: torch.Tensor, ctx: DecodeContext
+        self, index: int, projector: StageProjector, features: torch.Tensor, x: torch.Tensor, ctx: DecodeContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``B, C, R, h, w`` reference and ``B, C, t, h, w`` video features of stage ``index`` attended jointly.
 
         Reference frames go first on the time axis, so they take RoPE time positions ``0..R-1``.
         """
-        num_frames, displacement = self.reference.num_frames, None
+        num_frames, displacement = self.reference_features.num_frames, None
         if self.correspondence is not None:  # where each video token's content lies in the reference
             displacement = self.correspondence.stage(
                 index, x, projector.patch_size, ctx.window_index, ctx.first_window
             )
-        joint = projector(torch.cat([reference.to(x.dtype), x], dim=2), self.transformer, num_frames, displacement)
+        joint = projector(torch.cat([features.to(x.dtype), x], dim=2), self.transformer, num_frames, displacement)
         return joint[:, :, :num_frames], joint[:, :, num_frames:]

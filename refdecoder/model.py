@@ -39,7 +39,7 @@ from refdecoder.pretrained import (
     read_weights,
     write_folder,
 )
-from refdecoder.stages import build_stage_modules, stage_indices
+from refdecoder.stages import build_stage_modules, largest_stage_token_count, stage_indices
 from refdecoder.validation import (
     FiniteOutput,
     check_latent_statistics,
@@ -206,20 +206,25 @@ class RefDecoder(nn.Module):
         base = next(self.vae.parameters()).dtype
         latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
         inputs = self.adapter.decode_inputs(latents, **(decode_inputs or {}))
-        features = None
+        reference_features = None
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
             reference = check_reference(reference, latents.shape[0], size, resize_reference)
-            features = ReferenceFeatures.tokenize(reference, self.tokenizer, self.stage_tokenizers)
+            reference_features = ReferenceFeatures.tokenize(reference, self.tokenizer, self.stage_tokenizers)
         ctx = DecodeContext(decode_inputs=inputs, reference_pixels=reference, generator=generator)
-        size = self.window_size(latents, 0 if features is None else features.num_frames, window)
-        windows = self.adapter.plan_windows(latents.shape[2], size)
+        num_reference = 0 if reference_features is None else reference_features.num_frames
+        windows = self.adapter.plan_windows(latents.shape[2], self.window_size(latents, num_reference, window))
         correspondence = None
         if displacements is not None or (reference is not None and self.config.correspondence.enabled):
             correspondence = self._correspondence(latents, reference, windows, displacements)
-        last = max(self.stage_indices, default=-1)
         conditioner = StageConditioner(
-            self.latent_components, self.projectors, self.transformer, last, features, correspondence, self.adapter
+            latent_components=self.latent_components,
+            projectors=self.projectors,
+            transformer=self.transformer,
+            last_stage=max(self.stage_indices, default=-1),
+            reference_features=reference_features,
+            correspondence=correspondence,
+            adapter=self.adapter,
         )
         return latents, conditioner, ctx, windows
 
@@ -282,16 +287,9 @@ class RefDecoder(nn.Module):
 
     def stage_tokens(self, latent_size: tuple[int, int], window: int, num_reference: int = 1) -> int:
         """Largest token count any conditioned stage attends over for a window of ``window`` latent frames."""
-        specs, counts = self.adapter.stages(), []
-        for i in self.stage_indices:
-            # The first window and a later one (a backbone decoding in its own layout may plan just one).
-            planned = self.adapter.plan_windows(2 * window + 1, window)[:2]
-            frames = num_reference + max(
-                self.adapter.stage_frames(i, stop - start, k == 0) for k, (start, stop) in enumerate(planned)
-            )
-            h, w = (s * self.adapter.spatial_factor // specs[i].scale for s in latent_size)
-            counts.append(self.projectors[specs[i].name].token_count(frames, h, w))
-        return max(counts)
+        return largest_stage_token_count(
+            self.adapter, self.projectors, self.stage_indices, latent_size, window, num_reference
+        )
 
     def compile(self, decoder: bool = True, **options: Any) -> None:
         """``torch.compile(**options)`` the transformer blocks and, with ``decoder``, the backbone's window pass.

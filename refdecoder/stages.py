@@ -3,11 +3,12 @@
 :func:`stage_indices` and :func:`stage_patches` turn a config and the adapter's :class:`StageSpec` list into the
 conditioned stages and their token patches; :func:`build_stage_modules` builds the reference tokenizers, the shared
 transformer and the stage projectors from them (what :class:`~refdecoder.conditioning.StageConditioner` runs at
-the hook points).
+the hook points); :func:`largest_stage_token_count` says how many tokens the largest stage attends over.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -17,7 +18,7 @@ from refdecoder.blocks import ReferenceTokenizer, SharedTransformer, StageProjec
 from refdecoder.config import RefDecoderConfig
 from refdecoder.errors import ConfigError
 
-__all__ = ["StageModules", "build_stage_modules", "stage_indices", "stage_patches"]
+__all__ = ["StageModules", "build_stage_modules", "largest_stage_token_count", "stage_indices", "stage_patches"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,25 @@ def stage_patches(config: RefDecoderConfig, specs: list[StageSpec]) -> list[tupl
             f"got {stages.patch_multipliers}"
         )
     return [(p[0], p[1] * m, p[2] * m) for p, m in zip((s.patch_size for s in specs), stages.patch_multipliers)]
+
+
+def largest_stage_token_count(
+    adapter: BackboneAdapter,
+    projectors: Mapping[str, StageProjector],
+    indices: tuple[int, ...],
+    latent_size: tuple[int, int],
+    window: int,
+    num_reference: int = 1,
+) -> int:
+    """Largest token count any conditioned stage attends over for a window of ``window`` latent frames of spatial
+    size ``latent_size``, with ``num_reference`` reference frames."""
+    specs, counts = adapter.stages(), []
+    for i in indices:
+        # The first window and a later one (a backbone decoding in its own layout may plan just one).
+        planned = adapter.plan_windows(2 * window + 1, window)[:2]
+        frames = num_reference + max(
+            adapter.stage_frames(i, stop - start, k == 0) for k, (start, stop) in enumerate(planned)
+        )
+        h, w = (s * adapter.spatial_factor // specs[i].scale for s in latent_size)
+        counts.append(projectors[specs[i].name].token_count(frames, h, w))
+    return max(counts)

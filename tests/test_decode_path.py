@@ -43,7 +43,7 @@ def test_the_loop_gets_the_reference_as_typed_features_and_never_the_model(monke
     (hooks, ctx), specs = seen[0], model.adapter.stages()
     assert isinstance(hooks, StageConditioner) and isinstance(ctx, DecodeContext)
     assert not any(value is model for value in vars(hooks).values())  # the hooks hold the modules, not the model
-    features = hooks.reference
+    features = hooks.reference_features
     assert isinstance(features, ReferenceFeatures) and features.num_frames == 2
     assert torch.equal(features.pixels, reference) and ctx.reference_pixels is features.pixels
     h, w = reference.shape[-2:]
@@ -62,7 +62,7 @@ def test_a_decode_without_reference_hands_the_loop_no_reference(monkeypatch):
     with torch.no_grad():
         model.decode(latents_for(model.vae, 2))
     ((hooks, ctx),) = seen
-    assert hooks.reference is None and ctx.reference_pixels is None
+    assert hooks.reference_features is None and ctx.reference_pixels is None
 
 
 @pytest.mark.parametrize("indices", [(0,), (0, 1), (1,), (0, 1, 2), (1, 2)])
