@@ -273,7 +273,7 @@ def check_reference_branch(c: Conformance) -> None:
 def _image_decode(adapter: BackboneAdapter, z: torch.Tensor, hooks: RecordingHooks, ctx: DecodeContext) -> None:
     """One window over one latent frame, without the loop's frame check (the cut stage shortens the output)."""
     x = hooks.latents(adapter.decoder_input(z, [(0, 1)]), ctx)
-    ctx.window_index, ctx.first_window = 0, True
+    ctx.window_index, ctx.first_window, ctx.last_window = 0, True, True
     adapter.decode_window(adapter.window_input(x, 0, 1), adapter.begin_decode(x), hooks, ctx)
 
 

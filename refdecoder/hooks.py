@@ -27,21 +27,26 @@ __all__ = ["DecodeContext", "DecodeHooks", "IdentityHooks", "plan_windows"]
 class DecodeContext:
     """What the adapter's window loop and its hook points read during one decode.
 
-    The loop (:meth:`~refdecoder.backbones.base.BackboneAdapter.iter_decode_windows`) sets ``window_index`` and
-    ``first_window`` before each window; everything else is set when the decode starts.
+    The loop (:meth:`~refdecoder.backbones.base.BackboneAdapter.iter_decode_windows`) sets ``window_index``,
+    ``first_window`` and ``last_window`` before each window; the rest is set when the decode starts, except
+    ``reference_branch_inputs``, which the adapter sets.
 
     Attributes:
         window_index: index of the window being decoded (0 holds latent frame 0).
         first_window: True while decoding the window that holds latent frame 0 (causal backbones decode its frame
             0 like an image).
+        last_window: True while decoding the decode's last window.
         decode_inputs: the backbone's own extra decode inputs, keyed by the names in
             :attr:`~refdecoder.backbones.base.BackboneAdapter.decode_arguments` (LTX's ``temb``), as the adapter's
             :meth:`~refdecoder.backbones.base.BackboneAdapter.decode_inputs` checked them; empty for most backbones.
         reference_pixels: the ``B, 3, R, H, W`` pixel reference in [-1, 1], or None. Read only by adapters whose
             reference branch needs more than features (CogVideoX encodes it to the ``zq`` of its norms).
-        reference_latent: that reference encoded by the backbone's own encoder, ``B, C, R, h, w``, for stages
-            conditioned on the latent (CogVideoX's SpatialNorm ``zq``): made once per decode by the adapter that
-            needs it, on first use, and None until then.
+        reference_branch_inputs: what the adapter's reference branch
+            (:meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference`) derives from
+            ``reference_pixels`` beyond features, made by the adapter on first use and kept for the rest of the
+            decode (every window and stage); its type is the adapter's to define and document (CogVideoX: the
+            reference's own latent ``B, C, R, h, w``, the ``zq`` of its norms). None until then, and for adapters
+            whose branch needs nothing more.
         generator: RNG of the training-time components at the ``latents`` hook (token dropout, degradation), for
             reproducible draws; None draws from torch's default generator.
         degradation_timestep: a fixed timestep for :class:`~refdecoder.blocks.LatentDegrader` (float or ``(B,)``
@@ -50,9 +55,10 @@ class DecodeContext:
 
     window_index: int = 0
     first_window: bool = True
+    last_window: bool = True
     decode_inputs: dict[str, Any] = field(default_factory=dict)
     reference_pixels: torch.Tensor | None = None
-    reference_latent: torch.Tensor | None = None
+    reference_branch_inputs: Any = None
     generator: torch.Generator | None = None
     degradation_timestep: float | torch.Tensor | None = None
 

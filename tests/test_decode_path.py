@@ -10,7 +10,7 @@ import torch
 
 import refdecoder
 from refdecoder.conditioning import ReferenceFeatures, StageConditioner
-from refdecoder.hooks import DecodeContext
+from refdecoder.hooks import DecodeContext, IdentityHooks
 from tests.helpers import latents_for, reference_for, tiny_wan
 
 
@@ -88,3 +88,21 @@ def test_every_field_of_the_decode_context_is_typed_and_documented():
     for field in dataclasses.fields(DecodeContext):
         assert f"{field.name}:" in doc, f"DecodeContext.{field.name} is not documented"
         assert "dict[str, Any]" not in str(field.type) or field.name == "decode_inputs", field.name
+
+
+@pytest.mark.parametrize("frames, window", [(5, 2), (3, 3), (1, 1)])
+def test_the_loop_tells_each_window_where_it_stands(frames, window):
+    model = _model()
+    seen = []
+
+    class Recording(IdentityHooks):
+        def stage(self, index, x, ctx):
+            if index == 0:
+                seen.append((ctx.window_index, ctx.first_window, ctx.last_window))
+            return x
+
+    windows = model.adapter.plan_windows(frames, window)
+    with torch.no_grad():
+        model.adapter.decode_windows(latents_for(model.vae, frames), Recording(), DecodeContext(), windows)
+    last = len(windows) - 1
+    assert seen == [(k, k == 0, k == last) for k in range(len(windows))]

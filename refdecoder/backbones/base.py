@@ -334,7 +334,7 @@ class BackboneAdapter(abc.ABC):
         x = hooks.latents(self.decoder_input(latents, windows), ctx)
         state = self.begin_decode(x)
         for index, (start, stop) in enumerate(windows):
-            ctx.window_index, ctx.first_window = index, index == 0
+            ctx.window_index, ctx.first_window, ctx.last_window = index, index == 0, index == len(windows) - 1
             part = self.decode_window(self.window_input(x, start, stop), state, hooks, ctx)
             self._check_window_frames(part, start, stop)
             yield part
@@ -385,7 +385,7 @@ class BackboneAdapter(abc.ABC):
         ``ctx`` is the decode's :class:`~refdecoder.hooks.DecodeContext` (None outside a decode). Stages that take
         more than the hidden state derive those inputs for the reference from it (LTX's ``temb`` from
         ``ctx.decode_inputs``, CogVideoX's ``zq`` from ``ctx.reference_pixels``), keeping what is made once per
-        decode in a typed field of the context (CogVideoX: ``ctx.reference_latent``) or on the adapter itself.
+        decode in ``ctx.reference_branch_inputs``, of a type the adapter documents (CogVideoX: the reference's latent).
         """
 
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
@@ -443,5 +443,5 @@ def _check_reference_branch(cls: type[BackboneAdapter]) -> None:
     raise BackboneError(
         f"{cls.__qualname__}.run_stage_on_reference takes ({', '.join(p.name for p in params)}); the contract is "
         "run_stage_on_reference(index, reference, ctx=None): derive extra stage inputs from ctx "
-        "(ctx.decode_inputs, ctx.reference_pixels, ctx.reference_latent) instead of adding parameters"
+        "(ctx.decode_inputs, ctx.reference_pixels, ctx.reference_branch_inputs) instead of adding parameters"
     )

@@ -146,18 +146,18 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
 
         The block's SpatialNorms need the reference's own latent ``zq`` (``B, C, R, h, w``, see
         :meth:`reference_latent`): encoded from ``ctx.reference_pixels`` once per decode and kept in
-        ``ctx.reference_latent``.
+        ``ctx.reference_branch_inputs`` (this adapter's type for it: that latent).
         """
         if ctx is None or ctx.reference_pixels is None:
             raise BackboneError(
                 "the cogvideox up-blocks need the reference's latent: pass the decode's ctx, with "
                 "ctx.reference_pixels set"
             )
-        if ctx.reference_latent is None:  # once per decode, shared by every window and stage
+        if ctx.reference_branch_inputs is None:  # once per decode, shared by every window and stage
             scale = self.stages()[index].scale
             size = (reference.shape[-2] * scale, reference.shape[-1] * scale)
-            ctx.reference_latent = self.reference_latent(ctx.reference_pixels, size)
-        zq = ctx.reference_latent.to(reference.dtype)
+            ctx.reference_branch_inputs = self.reference_latent(ctx.reference_pixels, size)
+        zq = ctx.reference_branch_inputs.to(reference.dtype)
         b = reference.shape[0]
         frames = rearrange(reference, "b c r h w -> (b r) c 1 h w")
         out, _ = self.vae.decoder.up_blocks[index](frames, None, rearrange(zq, "b c r h w -> (b r) c 1 h w"))
