@@ -69,7 +69,7 @@ class RecordingHooks(IdentityHooks):
         return x
 
 
-class Conformance(Protocol):
+class ConformanceCase(Protocol):
     """What the checks read of the case under test (a :class:`refdecoder.testing.Conformance`; typed here by what it
     provides, so that this module does not depend on the suite that runs it)."""
 
@@ -90,11 +90,11 @@ class Conformance(Protocol):
     def reference(self, model: nn.Module, latents: torch.Tensor, seed: int = 1) -> torch.Tensor: ...
 
 
-def _fresh(c: Conformance) -> BackboneAdapter:
+def _fresh(c: ConformanceCase) -> BackboneAdapter:
     return c.adapter_cls(c.vae())
 
 
-def _latents(c: Conformance, adapter: BackboneAdapter, frames: int, seed: int = 0) -> torch.Tensor:
+def _latents(c: ConformanceCase, adapter: BackboneAdapter, frames: int, seed: int = 0) -> torch.Tensor:
     h, w = (s // adapter.spatial_factor for s in c.pixel_size)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(1, adapter.latent_channels, frames, h, w, generator=generator)
@@ -113,7 +113,7 @@ def _plain(adapter: BackboneAdapter, latents: torch.Tensor, hooks: Any = None) -
 
 # --- latent conventions -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_latent_conventions(c: Conformance) -> None:
+def check_latent_conventions(c: ConformanceCase) -> None:
     """``denormalize(normalize(z)) == z`` and back; ``denormalize`` is the diffusers pipelines' rule for the VAE."""
     adapter = _fresh(c)
     z = _latents(c, adapter, c.short) * 2 + 0.5
@@ -135,7 +135,7 @@ def check_latent_conventions(c: Conformance) -> None:
 
 # --- shapes at the hooks ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_hook_shapes(c: Conformance) -> None:
+def check_hook_shapes(c: ConformanceCase) -> None:
     """What reaches each stage hook agrees with ``stages()`` and ``stage_frames()``; windows follow ``frame_rule``."""
     adapter = _fresh(c)
     _check_first_frame(c.backbone, adapter)
@@ -215,7 +215,7 @@ def _check_window_stages(
 
 
 # --- decoder parameters -------------------------------------------------------------------------------------------
-def check_decoder_parameters(c: Conformance) -> None:
+def check_decoder_parameters(c: ConformanceCase) -> None:
     """Every VAE parameter the decode uses is in ``decoder_parameters()`` (named as in the VAE) or excluded."""
     adapter = _fresh(c)
     own = dict(adapter.vae.named_parameters())
@@ -241,7 +241,7 @@ def check_decoder_parameters(c: Conformance) -> None:
 
 # --- the reference branch -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_reference_branch(c: Conformance) -> None:
+def check_reference_branch(c: ConformanceCase) -> None:
     """At init, ``run_stage_on_reference(i, f)`` equals what the one-frame image decode makes of ``f`` at stage i+1.
 
     The image decode is the decode of the reference image's own latent (one latent frame), with the features
@@ -279,7 +279,7 @@ def _image_decode(adapter: BackboneAdapter, z: torch.Tensor, hooks: RecordingHoo
 
 # --- clamping -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_output_clamp(c: Conformance) -> None:
+def check_output_clamp(c: ConformanceCase) -> None:
     """``output_clamp`` matches the backbone's decode, and with decoded values beyond [-1, 1] the decode still equals
     the backbone's (every length, with and without a reference)."""
     adapter = _fresh(c)
