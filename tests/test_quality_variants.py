@@ -89,6 +89,7 @@ def _with_variant(tmp_path: Path, name: str, entry: object) -> qset.Settings:
         ({"set": {"stages.patch_sizes": [[1, 1, 1], [1, 2, 2], [1, 4, 4]]}}, r"x\.set\.stages\.patch_sizes repeats"),
         ({"set": {"dropout": {"p_max": 0.3, "mode": "spatial"}}}, r"finetune\.variants\.x\.set\.dropout is a section"),
         ({"kind": "plain", "set": {"dropout.p_max": 0.3}}, "finetune.variants.x: a plain variant"),
+        ({"set": {"train_decoder": False}}, r"x\.set\.train_decoder is set by finetune\.decoder_lr_ratio"),
         ({"kind": "plain", "added_lr": 1e-3}, "finetune.variants.x: a plain variant"),
         ({"added_lr": -1e-3}, r"finetune\.variants\.x\.added_lr must be a positive number"),
         ({"reference": "last"}, "'finetune.variants.x.reference' must be one of"),
@@ -112,6 +113,20 @@ def test_a_working_diff_is_accepted(tmp_path: Path) -> None:
     assert x.config.transformer.depth == 3 and x.config.dropout.mode == "spatiotemporal"
     assert x.config.transformer.attention_radius == r2.config.transformer.attention_radius == 2
     assert x.config.train_decoder and x.config.dropout.p_max == 0.0  # the base's, with nothing applied after `set`
+
+
+def test_the_decoder_lr_ratio_decides_whether_the_decoder_trains(tmp_path: Path) -> None:
+    raw = yaml_load(qset.CONFIG.read_text())
+    assert all(v.config.train_decoder for v in _load(tmp_path, raw).finetune.resolved.values() if v.config)
+    raw["finetune"]["decoder_lr_ratio"] = 0.0
+    with pytest.raises(ConfigError, match=r"finetune\.variants\.baseline: a plain variant needs finetune\.decoder_lr"):
+        _load(tmp_path, raw)
+    raw["finetune"]["variants"] = {k: v for k, v in raw["finetune"]["variants"].items() if v.get("kind") != "plain"}
+    raw["finetune"]["default_variants"] = ["s2d", "corr"]
+    assert not any(v.config.train_decoder for v in _load(tmp_path, raw).finetune.resolved.values() if v.config)
+    raw["finetune"]["base"]["set"]["train_decoder"] = True
+    with pytest.raises(ConfigError, match=r"finetune\.base\.set\.train_decoder is set by"):
+        _load(tmp_path, raw)
 
 
 def test_a_broken_base_is_an_error_naming_its_key_path(tmp_path: Path) -> None:

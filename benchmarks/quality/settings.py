@@ -149,10 +149,7 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if min(self.steps, self.batch, self.reference_distance) < 1:
             raise ConfigError(f"finetune needs steps, batch, reference_distance >= 1, got {self}")
-        self.resolved = {
-            name: resolve(name, diff, self.base, self.motion, self.reference, self.lr, f"finetune.variants.{name}")
-            for name, diff in self.variants.items()
-        }
+        self.resolved = {name: resolve(name, diff, self) for name, diff in self.variants.items()}
         unknown = sorted(set(self.default_variants + [self.headline]) - set(self.variants))
         if unknown:
             raise ConfigError(f"finetune.headline / default_variants name unknown variants {unknown}")

@@ -9,7 +9,9 @@ overrides on it), and under ``finetune.variants`` a short name per variant mappe
   ``lr * decoder_lr_ratio`` in every variant);
 - ``set``: dotted :class:`~refdecoder.RefDecoderConfig` keys applied on top of the base's.
 
-Nothing is applied after ``set``, so what a file says is what trains. Errors name the key path
+Whether the decoder trains has one owner, ``finetune.decoder_lr_ratio`` (0: frozen): the base's
+``train_decoder`` follows from it and no ``set`` may name it. Nothing is applied after ``set``, so what a file says
+is what trains. Errors name the key path
 (``finetune.variants.r0.set.transformer.attention_radiu``): unknown keys, a plain variant with RefDecoder settings,
 a ``set`` key that repeats the base's value (the diff would not say what differs) and a whole section
 (``dropout: {...}``, which would silently replace the base's ``dropout.p_max``): ``set`` takes leaf keys only.
@@ -19,11 +21,14 @@ Keys given twice in the YAML file are rejected by :func:`refdecoder.config_build
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import refdecoder
 from refdecoder.config_builder import to_plain
 from refdecoder.errors import ConfigError
+
+if TYPE_CHECKING:
+    from benchmarks.quality.settings import FinetuneSettings
 
 Reference = Literal["first", "random", "far"]
 
@@ -64,38 +69,41 @@ class Variant:
         return {"name": self.name, "kind": self.kind, "added_lr": self.added_lr, "config": config}
 
 
-def resolve(
-    name: str, diff: VariantDiff, base: BaseSettings, motion: bool, reference: str, lr: float, where: str
-) -> Variant:
-    """``diff`` applied to the base and the finetune defaults (``motion``, ``reference``, ``lr``).
-
-    ``where`` is the diff's key path in the recipe (``finetune.variants.r0``), for messages.
-    """
-    motion = diff.motion if diff.motion is not None else motion
-    reference = diff.reference or reference
+def resolve(name: str, diff: VariantDiff, ft: FinetuneSettings) -> Variant:
+    """``diff`` applied to ``ft.base`` and the finetune defaults (``motion``, ``reference``, ``lr``)."""
+    where = f"finetune.variants.{name}"
+    motion = diff.motion if diff.motion is not None else ft.motion
+    reference = diff.reference or ft.reference
     if diff.kind == "plain":
         if diff.set or diff.added_lr is not None:
             raise ConfigError(f"{where}: a plain variant trains the decoder alone; remove its set / added_lr")
+        if ft.decoder_lr_ratio <= 0:
+            raise ConfigError(
+                f"{where}: a plain variant needs finetune.decoder_lr_ratio > 0 (its decoder is all it trains)"
+            )
         return Variant(name, "plain", motion, reference, None, None)
     if diff.added_lr is not None and diff.added_lr <= 0:
         raise ConfigError(f"{where}.added_lr must be a positive number, got {diff.added_lr}")
-    raw = to_plain(base_config(base).to_dict())  # lists, as YAML gives them, so equal values compare equal
+    raw = to_plain(base_config(ft).to_dict())  # lists, as YAML gives them, so equal values compare equal
     for key, value in diff.set.items():
         if lookup(raw, key, f"{where}.set") == to_plain(value):
             raise ConfigError(f"{where}.set.{key} repeats the base's value {value!r}; a variant lists what differs")
     config = build_config(raw, diff.set, f"{where}.set")
-    return Variant(name, "refdecoder", motion, reference, diff.added_lr or lr, config)
+    return Variant(name, "refdecoder", motion, reference, diff.added_lr or ft.lr, config)
 
 
-def base_config(base: BaseSettings) -> refdecoder.RefDecoderConfig:
-    """The base preset with ``finetune.base.set`` applied."""
-    return build_config(refdecoder.preset(base.preset).to_dict(), base.set, "finetune.base.set")
+def base_config(ft: FinetuneSettings) -> refdecoder.RefDecoderConfig:
+    """The base preset, the decoder trained as ``finetune.decoder_lr_ratio`` says, with ``finetune.base.set``."""
+    raw = refdecoder.preset(ft.base.preset).to_dict() | {"train_decoder": ft.decoder_lr_ratio > 0}
+    return build_config(raw, ft.base.set, "finetune.base.set")
 
 
 def build_config(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> refdecoder.RefDecoderConfig:
     """``raw`` (a config dict, not changed) with the dotted ``overrides`` set, as a checked config."""
     raw = refdecoder.RefDecoderConfig.from_dict(raw).to_dict()  # a deep copy
     for key, value in overrides.items():
+        if key == "train_decoder":
+            raise ConfigError(f"{where}.train_decoder is set by finetune.decoder_lr_ratio (0: frozen); remove it")
         *parents, leaf = key.split(".")
         if isinstance(lookup(raw, key, where), dict):
             raise ConfigError(f"{where}.{key} is a section; set its keys one by one ({key}.<name>: value)")
