@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import LiveTensorMeter
+from benchmarks.common import LiveTensorMeter
 
 # Dense bf16 tensor-core peak in TFLOP/s (NVIDIA datasheets: the "with sparsity" figure halved). Matched in order
 # against torch.cuda.get_device_name(), case-insensitively, so the more specific names come first.

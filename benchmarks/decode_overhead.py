@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import LiveTensorMeter, median_time, write_json  # noqa: E402
+from benchmarks.common import LiveTensorMeter, median_time, write_json  # noqa: E402
 from refdecoder.backbones.registry import find_backbone  # noqa: E402
 
 PRESETS = ("small", "paper")

@@ -136,7 +136,7 @@ def main() -> None:
     if args.worker is not None:
         worker(args)
         return
-    from benchmarks._common import write_json
+    from benchmarks.common import write_json
 
     load_before, model_given = os.getloadavg(), args.vae
     with tempfile.TemporaryDirectory(prefix="refdecoder-dist-bench-") as tmp:

@@ -41,7 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks import _gpu  # noqa: E402
-from benchmarks._common import RESULTS, write_json  # noqa: E402
+from benchmarks.common import RESULTS, write_json  # noqa: E402
 from benchmarks.decode_overhead import count_flops  # noqa: E402
 from benchmarks.train_step import PlainStep, RefDecoderStep  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402

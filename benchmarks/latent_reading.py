@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.train_step import build_vae  # noqa: E402
 from refdecoder.backbones.registry import find_backbone  # noqa: E402
 from refdecoder.data import LatentDataset, bundled_clips, read_clip  # noqa: E402

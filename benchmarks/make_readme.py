@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import quality_small_table
+from benchmarks.quality.names import with_current_names
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -28,9 +29,11 @@ GENERATED = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end generate
 
 @cache
 def result(name: str) -> dict[str, Any]:
-    """A committed result file, by its name under ``benchmarks/results`` or a path from the repository root."""
+    """A committed result file, by its name under ``benchmarks/results`` or a path from the repository root.
+
+    Quality variants recorded under their earlier names are shown under the current ones (``names.py``)."""
     path = ROOT / name if "/" in name else RESULTS / name
-    return json.loads(path.read_text())
+    return with_current_names(json.loads(path.read_text()))
 
 
 def table(head: list[str], rows: list[list[Any]]) -> str:
@@ -309,10 +312,10 @@ def ablations() -> str:
     return f"""## Ablations
 
 Separate invocations of the same script on the same pretrained VAE, at 600 fine-tuning steps (e.g.
-`python benchmarks/quality_small.py --variants baseline,refdecoder_global_prior --set finetune.steps=600`), evaluated
-together (`--phase eval`). Names: `r0` / `r2` / `global` the attention scope, `prior` the locality prior, `s1` a
-flatter prior, `drop03` token dropout p_max 0.3, `still` no camera motion in training, `ps` per-stage tokenizers,
-`s2d` space-to-depth tokenizers, `lr` / `lr3` the added modules at 2.5x / 0.5x the lr.
+`python benchmarks/quality_small.py --variants baseline,global --set finetune.steps=600`), evaluated together
+(`--phase eval`). Each variant is a diff over one base (radius 2 with the locality prior), explained by a one-line
+comment in `recipes/configs/quality_small.yaml`; the JSON keeps the earlier names (`refdecoder_r2_prior_*`), mapped
+in `benchmarks/quality/names.py`.
 
 `quality_small_ablations.json`, motion clips and their rendered camera moves:
 
@@ -327,13 +330,13 @@ flatter prior, `drop03` token dropout p_max 0.3, `still` no camera motion in tra
 {quality_small_table.table(second, "static")}
 
 What they show, at this scale: with the locality prior the attention scope matters little (radius 2
-{gain(first, "refdecoder_r2_prior")}, global {gain(first, "refdecoder_global_prior")}, radius 0
-{gain(first, "refdecoder_r0")} dB overall on motion clips); a flatter prior learns less
-({gain(first, "refdecoder_r2_prior_s1", key="psnr_0")} dB on the reference frame); token dropout costs most of the
-gain ({gain(first, "refdecoder_r2_prior_drop03")} dB overall); training without camera motion gains more
-({gain(first, "refdecoder_r2_prior_still")} dB); per-stage tokenizers add to it
-({gain(second, "refdecoder_r2_prior_ps_still")} dB, space-to-depth {gain(second, "refdecoder_r2_prior_ps_still_s2d")}
-dB; static clips {gain(second, "refdecoder_r2_prior_ps_still_s2d", "static")} dB). These are the settings of the
+{gain(first, "r2")}, global {gain(first, "global")}, radius 0
+{gain(first, "r0")} dB overall on motion clips); a flatter prior learns less
+({gain(first, "slope1", key="psnr_0")} dB on the reference frame); token dropout costs most of the
+gain ({gain(first, "drop03")} dB overall); training without camera motion gains more
+({gain(first, "r2_still")} dB); per-stage tokenizers add to it
+({gain(second, "ps_still")} dB, space-to-depth {gain(second, "s2d_still")}
+dB; static clips {gain(second, "s2d_still", "static")} dB). These are the settings of the
 `small-local` preset.
 """
 
@@ -375,7 +378,7 @@ def guided_shift_probe() -> str:
     return f"""## Correspondence-guided attention: the shift probe at 200 steps
 
 Short runs, not the default run: `python benchmarks/quality_small.py --phase finetune --set workers=1 --set
-finetune.steps=200 --variants refdecoder_r2_prior_ps_s2d_corr,refdecoder_r2_prior_ps_s2d`, then `python
+finetune.steps=200 --variants corr,s2d`, then `python
 benchmarks/reference_probe.py --correspondence OUT --models MODEL --shifts 0,1,2,4 --crop 128,96
 --true-displacements` (`{files[0]}`, `{files[1]}`). Frame-0 gain in dB over an unrelated reference, by shift in
 tokens ({doc["token_pixels"]} pixels each), on {doc["clips"]} clips of 128x96 pixels: whole frame / the columns the

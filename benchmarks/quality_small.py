@@ -51,8 +51,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import write_json  # noqa: E402
-from benchmarks._quality_small_data import (  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.quality.data import (  # noqa: E402
     Media,
     eval_plan,
     load_media,
@@ -61,8 +61,9 @@ from benchmarks._quality_small_data import (  # noqa: E402
     render_training,
     train_plan,
 )
-from benchmarks._quality_small_eval import evaluate, gains, targets, write_grid  # noqa: E402
-from benchmarks._quality_small_settings import (  # noqa: E402
+from benchmarks.quality.evaluation import evaluate, gains, targets, write_grid  # noqa: E402
+from benchmarks.quality.names import current_name  # noqa: E402
+from benchmarks.quality.settings import (  # noqa: E402
     CONFIG,
     ROOT,
     FinetuneSettings,
@@ -70,8 +71,8 @@ from benchmarks._quality_small_settings import (  # noqa: E402
     Settings,
     fingerprint,
     load_settings,
-    set_dotted,
 )
+from benchmarks.quality.variants import Variant  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.data import derive_seed, sample_generator  # noqa: E402
 from refdecoder.errors import CheckpointError, ConfigError  # noqa: E402
@@ -114,13 +115,13 @@ def load_vae(folder: Path) -> nn.Module:
     return AutoencoderKLWan.from_pretrained(folder, low_cpu_mem_usage=False).float()
 
 
-def refdecoder_param_groups(model: nn.Module, variant: dict, ft: FinetuneSettings) -> list[dict]:
-    """The added modules at the variant's ``added_lr`` (default ``lr``), the decoder at ``lr * decoder_lr_ratio``
-    in every variant, as in the baselines."""
+def refdecoder_param_groups(model: nn.Module, variant: Variant, ft: FinetuneSettings) -> list[dict]:
+    """The added modules at the variant's ``added_lr`` (``finetune.lr`` unless it sets one), the decoder at
+    ``lr * decoder_lr_ratio`` in every variant, as in the baselines."""
     groups = model.param_groups(ft.lr, ft.decoder_lr_ratio)
     for group in groups:
         if group["name"] == "refdecoder":
-            group["lr"] = variant.get("added_lr", ft.lr)
+            group["lr"] = variant.added_lr
     return groups
 
 
@@ -129,14 +130,6 @@ def plain_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     adapter = WanAdapter(vae)
     windows = adapter.plan_windows(latents.shape[2], adapter.default_window)
     return adapter.decode_windows(latents, IdentityHooks(), DecodeContext(), windows)
-
-
-def refdecoder_config(variant: dict[str, Any]) -> refdecoder.RefDecoderConfig:
-    raw = refdecoder.preset(variant["preset"]).to_dict()
-    for key, value in (variant.get("set") or {}).items():
-        set_dotted(raw, key, value)
-    raw["dropout"]["p_max"], raw["train_decoder"] = variant["dropout"], True
-    return refdecoder.RefDecoderConfig.from_dict(raw)
 
 
 @contextlib.contextmanager
@@ -225,7 +218,7 @@ def run_pretrain(settings: Settings, media: Media, out: Path) -> dict:
     return log
 
 
-def run_finetune(settings: Settings, media: Media, out: Path, variants: list[dict]) -> dict:
+def run_finetune(settings: Settings, media: Media, out: Path, variants: list[Variant]) -> dict:
     """Fine-tune every variant from the pretrained VAE on the same clips, in the same order.
 
     With ``workers`` > 1 the variants train side by side in worker processes of ``threads`` threads each; every
@@ -236,7 +229,7 @@ def run_finetune(settings: Settings, media: Media, out: Path, variants: list[dic
     plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, frames, ft.reference_distance)
     encoder = load_vae(out / PRETRAINED).eval()
     latents: dict[bool, list[torch.Tensor]] = {}
-    for motion in dict.fromkeys(ft.motion_of(v) for v in variants):
+    for motion in dict.fromkeys(v.motion for v in variants):
         # The encoder is frozen: one encoding per set of clips serves every variant.
         with torch.no_grad():
             latents[motion] = [
@@ -244,30 +237,27 @@ def run_finetune(settings: Settings, media: Media, out: Path, variants: list[dic
                 for step in plan
             ]
     if settings.workers == 1 or len(variants) == 1:
-        logs = {v["name"]: finetune_variant(settings, media, out, v, plan, latents[ft.motion_of(v)]) for v in variants}
+        logs = {v.name: finetune_variant(settings, media, out, v, plan, latents[v.motion]) for v in variants}
     else:
         logs = finetune_side_by_side(settings, out, variants, latents)
     for log in logs.values():
         log["data_order"] = plan_digest(plan)
-    return {v["name"]: logs[v["name"]] for v in variants}
+    return {v.name: logs[v.name] for v in variants}
 
 
-def finetune_side_by_side(settings: Settings, out: Path, variants: list[dict], latents: dict) -> dict[str, dict]:
+def finetune_side_by_side(settings: Settings, out: Path, variants: list[Variant], latents: dict) -> dict[str, dict]:
     """``finetune_variant`` of every variant in ``settings.workers`` spawned processes (each loads the media itself:
     cheaper than sending it). RefDecoder variants go first: they take longest, so the plain ones fill the gaps."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    order = sorted(variants, key=lambda v: v["kind"] == "plain")
-    logger.info("fine-tuning %s, %d at a time", ", ".join(v["name"] for v in order), settings.workers)
+    order = sorted(variants, key=lambda v: v.kind == "plain")
+    logger.info("fine-tuning %s, %d at a time", ", ".join(v.name for v in order), settings.workers)
     pool = ProcessPoolExecutor(
         max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
     )
     with pool:
-        futures = {
-            v["name"]: pool.submit(_finetune_in_worker, settings, out, v, latents[settings.finetune.motion_of(v)])
-            for v in order
-        }
+        futures = {v.name: pool.submit(_finetune_in_worker, settings, out, v, latents[v.motion]) for v in order}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -275,7 +265,7 @@ def _worker_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _finetune_in_worker(settings: Settings, out: Path, variant: dict, latents: list[torch.Tensor]) -> dict:
+def _finetune_in_worker(settings: Settings, out: Path, variant: Variant, latents: list[torch.Tensor]) -> dict:
     ft = settings.finetune
     with deterministic(settings.threads):
         media = load_media(settings.data)
@@ -284,58 +274,58 @@ def _finetune_in_worker(settings: Settings, out: Path, variant: dict, latents: l
         return finetune_variant(settings, media, out, variant, plan, latents)
 
 
-def finetune_variant(settings: Settings, media: Media, out: Path, variant: dict, plan: list, latents: list) -> dict:
+def finetune_variant(settings: Settings, media: Media, out: Path, variant: Variant, plan: list, latents: list) -> dict:
     ft, vae, frames = settings.finetune, load_vae(out / PRETRAINED), settings.data.train_frames
-    motion, reference = ft.motion_of(variant), ft.reference_of(variant)
+    motion, reference = variant.motion, variant.reference
     torch.manual_seed(derive_seed(settings.seed, "refdecoder-init"))  # same added weights for same-shape variants
-    if variant["kind"] == "plain":
+    if variant.kind == "plain":
         model = vae.requires_grad_(False)
         decoder = [p for _, p in WanAdapter(vae).decoder_parameters()]
         params = [{"params": [p.requires_grad_(True) for p in decoder], "lr": ft.lr * ft.decoder_lr_ratio}]
     else:
-        model = refdecoder.wrap(vae, refdecoder_config(variant))
+        model = refdecoder.wrap(vae, variant.config)
         params = refdecoder_param_groups(model, variant, ft)
     model.train()
     loss_fn = ReconstructionLoss(l1_weight=1.0, lpips_weight=0.0)
 
     def step_loss(step: int) -> torch.Tensor:
         video, ref = render_training(media, settings, plan[step], frames, motion, reference)
-        if variant["kind"] == "plain":
+        if variant.kind == "plain":
             return loss_fn(plain_decode(vae, latents[step]), video)["loss"]
         generator = sample_generator(settings.seed, "finetune-step", step)  # token dropout draws
         return loss_fn(model.decode(latents[step], ref, clamp=False, generator=generator), video)["loss"]
 
-    log = optimise(params, ft, step_loss, ft.steps, variant["name"])
+    log = optimise(params, ft, step_loss, ft.steps, variant.name)
     log["trained_params"] = sum(p.numel() for g in params for p in g["params"])
-    meta = {"fingerprint": fingerprint(settings, "finetune", variant), "kind": variant["kind"], "log": log}
-    with saving(out / variant["name"]) as tmp:
+    meta = {"fingerprint": fingerprint(settings, "finetune", variant), "kind": variant.kind, "log": log}
+    with saving(out / variant.name) as tmp:
         model.eval().save_pretrained(tmp)
         (tmp / META).write_text(json.dumps(meta, indent=1))
     return log
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------
-def load_model(settings: Settings, out: Path, variant: dict) -> nn.Module:
+def load_model(settings: Settings, out: Path, variant: Variant) -> nn.Module:
     meta = read_meta(
-        out / variant["name"],
+        out / variant.name,
         fingerprint(settings, "finetune", variant),
-        f"variant {variant['name']!r}",
+        f"variant {variant.name!r}",
         "run --phase finetune first",
     )
     if meta["kind"] == "plain":
-        return load_vae(out / variant["name"]).eval()
-    return refdecoder.load(load_vae(out / PRETRAINED), out / variant["name"]).eval()
+        return load_vae(out / variant.name).eval()
+    return refdecoder.load(load_vae(out / PRETRAINED), out / variant.name).eval()
 
 
 @torch.no_grad()
-def run_eval(settings: Settings, media: Media, out: Path, variants: list[dict]) -> dict:
+def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant]) -> dict:
     """Metrics of the pretrained VAE and every variant on the held-out clips; writes the PNG grid."""
     clips, size = eval_plan(media, settings), settings.eval.batch
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     encoder = load_vae(out / PRETRAINED).eval()
     batches = [render_heldout(media, settings, clips[i : i + size]) for i in range(0, len(clips), size)]
     latents = [encoder.encode(video).latent_dist.mode() for video in batches]
-    models = {"pretrained": encoder} | {v["name"]: load_model(settings, out, v) for v in variants}
+    models = {"pretrained": encoder} | {v.name: load_model(settings, out, v) for v in variants}
     results, predictions, lpips_note = evaluate(models, latents, batches, clips)
     shown = grid_clips(settings, clips)
     crops = {name: preds[shown] for name, preds in predictions.items()} | {"ground truth": torch.cat(batches)[shown]}
@@ -390,13 +380,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def select_variants(settings: Settings, names: str | None) -> list[dict]:
-    variants = settings.finetune.variants
-    wanted = settings.finetune.default_variants if names is None else names.split(",")
-    unknown = sorted(set(wanted) - {v["name"] for v in variants})
+def select_variants(settings: Settings, names: str | None) -> list[Variant]:
+    """The variants named by ``--variants`` (old names mapped, with a warning), in the recipe's order."""
+    variants = settings.finetune.resolved
+    wanted = settings.finetune.default_variants if names is None else [current_name(n) for n in names.split(",")]
+    unknown = sorted(set(wanted) - set(variants))
     if unknown:
-        raise ConfigError(f"unknown variants {unknown}; configured: {[v['name'] for v in variants]}")
-    return [v for v in variants if v["name"] in wanted]
+        raise ConfigError(f"unknown variants {unknown}; configured: {list(variants)}")
+    return [v for name, v in variants.items() if name in wanted]
 
 
 def use_shipped_vae(settings: Settings, out: Path) -> bool:
@@ -418,7 +409,7 @@ def use_shipped_vae(settings: Settings, out: Path) -> bool:
     return True
 
 
-def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants: list[dict]) -> dict[str, Any]:
+def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants: list[Variant]) -> dict[str, Any]:
     """Run the requested phases (the cached pretrained VAE is reused by ``--phase all`` unless ``--fresh``)."""
     run = list(PHASES) if args.phase == "all" else [args.phase]
     if args.phase != "pretrain" and not args.fresh:
@@ -448,12 +439,12 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
     if "pretrain" not in doc and (out / PRETRAINED / META).is_file():
         doc["pretrain"] = json.loads((out / PRETRAINED / META).read_text())["log"] | {"cached": True}
     if "finetune" not in doc:
-        metas = {v["name"]: out / v["name"] / META for v in variants}
+        metas = {v.name: out / v.name / META for v in variants}
         doc["finetune"] = {
             n: json.loads(m.read_text())["log"] | {"cached": True} for n, m in metas.items() if m.is_file()
         }
     if "eval" in doc:
-        doc["gains"] = gains(doc["eval"]["models"], variants, settings)
+        doc["gains"] = gains(doc["eval"]["models"], variants)
         doc["targets"] = targets(doc["eval"]["models"], doc["gains"], settings)
     doc["timing"]["total_s"] = time.perf_counter() - start
     return doc

@@ -4,7 +4,8 @@
 
 One markdown row per model: PSNR overall and by distance from the reference frame (0, 1-3, 4+), each RefDecoder
 with its difference to the plain decoder trained on the same clips (the ``gains`` of the JSON), and SSIM. Nothing
-is computed here beyond those differences: the rows are the evaluation's own numbers, rounded.
+is computed here beyond those differences: the rows are the evaluation's own numbers, rounded. Variants are shown
+under their current names (``benchmarks/quality/names.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from benchmarks.quality.names import current_name, with_current_names
 
 COLUMNS = ("psnr", "psnr_0", "psnr_1-3", "psnr_4+")
 
@@ -50,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group", action="append", help="static, motion, photos, motion/camera, ... (repeatable)")
     parser.add_argument("--variants", help="comma-separated models, in order (default: all)")
     args = parser.parse_args(argv)
-    doc = json.loads(args.results.read_text())
-    names = args.variants.split(",") if args.variants else None
+    doc = with_current_names(json.loads(args.results.read_text()))  # results keep the names they were run with
+    names = [current_name(n) for n in args.variants.split(",")] if args.variants else None
     for group in args.group or ["static", "motion"]:
         print(table(doc, group, names), end="\n\n")
 

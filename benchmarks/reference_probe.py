@@ -2,7 +2,7 @@
 
     python benchmarks/reference_probe.py --vae runs/quality_small/vae_pretrained \
         [--weights runs/quality_small/refdecoder_r0] [--steps 400] [--lr 1e-3] [--decoder-lr-ratio 0]
-    python benchmarks/reference_probe.py --correspondence runs/quality_small --models refdecoder_r0,refdecoder_r2_prior
+    python benchmarks/reference_probe.py --correspondence runs/quality_small --models r0,r2
 
 1. ``--weights`` (trained RefDecoder weights): on held-out ``carphone`` crops, how much the decode changes when the
    reference image is replaced by a black frame (``ref_content``: the reference's content matters) and when it is
@@ -39,9 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import write_json  # noqa: E402
-from benchmarks._quality_small_data import Media, load_media, resolve_file, shots  # noqa: E402
-from benchmarks._quality_small_settings import CONFIG, Settings, load_settings  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.quality.data import Media, load_media, resolve_file, shots  # noqa: E402
+from benchmarks.quality.names import current_name  # noqa: E402
+from benchmarks.quality.settings import CONFIG, Settings, load_settings  # noqa: E402
 from benchmarks.quality_small import PRETRAINED, load_vae  # noqa: E402
 from refdecoder.data import read_clip  # noqa: E402
 from refdecoder.metrics import psnr  # noqa: E402
@@ -271,8 +272,9 @@ def main() -> None:
     if args.correspondence is not None:
         shifts = [int(s) for s in args.shifts.split(",")]
         crop = tuple(int(v) for v in args.crop.split(",")) if args.crop else None
+        models = [current_name(n) for n in args.models.split(",")]  # old names map, with a warning
         payload["correspondence"] = correspondence(
-            args.correspondence, args.models.split(","), args.config, shifts, args.token_pixels,
+            args.correspondence, models, args.config, shifts, args.token_pixels,
             args.clips_per_source, crop, args.true_displacements,
         )  # fmt: skip
     elif args.vae is None:

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks._common import LiveTensorMeter, write_json  # noqa: E402
+from benchmarks.common import LiveTensorMeter, write_json  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.hooks import DecodeContext, IdentityHooks  # noqa: E402
 

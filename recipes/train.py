@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, callbacks: list[Any] | None = None) -> i
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config, e.g. recipes/configs/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 data.frames=17")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 stages.0.frames=17")
     parser.add_argument("--resume", default="auto", help="auto (newest checkpoint of the run, if any), none, or PATH")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -457,7 +457,7 @@ class Run:
 
     def _stage_geometry(self, index: int) -> tuple[int, tuple[int, int], int]:
         stage, data = self.cfg.stages[index], self.cfg.data
-        return stage.frames or data.frames, tuple(stage.size or data.size), stage.batch_size or data.batch_size
+        return stage.frames, tuple(stage.size or data.size), stage.batch_size or data.batch_size
 
     def _clip_shape(self) -> str:
         frames, (h, w), batch = self._stage_geometry(self.stage_index)

@@ -4,7 +4,8 @@ Used by the model config (:meth:`refdecoder.RefDecoderConfig.from_dict`), the tr
 settings. Every value must fit its field's annotation, and every required field must be given; otherwise a
 :class:`~refdecoder.errors.ConfigError` names the dotted key (``optim.lr``), what was expected and what was given.
 An unknown key is an error with a "did you mean" hint, or, for files written by another version of the library
-(saved model configs), a logged warning. :func:`yaml_load` reads ``1e-4`` as a number, as YAML 1.2 does.
+(saved model configs), a logged warning. :func:`yaml_load` reads ``1e-4`` as a number, as YAML 1.2 does, and
+rejects a key given twice.
 Supported annotations: ``bool``, ``int``, ``float`` (ints accepted), ``str``, ``Literal[...]``, unions (incl.
 ``X | None``), ``tuple[X, ...]``, ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]``, ``Any`` and nested dataclasses.
 """
@@ -167,7 +168,8 @@ def to_plain(obj: Any) -> Any:
 
 
 def yaml_load(text: str) -> Any:
-    """Parse YAML text; unlike plain PyYAML, ``1e-4`` is a float (YAML 1.2), not the string ``"1e-4"``."""
+    """Parse YAML text; unlike plain PyYAML, ``1e-4`` is a float (YAML 1.2), not the string ``"1e-4"``, and a key
+    given twice in one mapping is a :class:`ConfigError` naming its dotted path, not silently the last value."""
     yaml = require("yaml", extra="train", package="pyyaml")
 
     class _Loader(yaml.SafeLoader):
@@ -185,4 +187,19 @@ def yaml_load(text: str) -> Any:
         ),
         list("-+0123456789."),
     )
+    _reject_repeated_keys(yaml.compose(text, Loader=_Loader), "")
     return yaml.load(text, Loader=_Loader)
+
+
+def _reject_repeated_keys(node: Any, prefix: str) -> None:
+    """PyYAML keeps the last of two equal keys silently; a config naming a key twice is an error instead."""
+    if hasattr(node, "value") and isinstance(node.value, list):
+        is_mapping = type(node).__name__ == "MappingNode"
+        seen: set[str] = set()
+        for index, item in enumerate(node.value):
+            key, child = (str(item[0].value), item[1]) if is_mapping else (str(index), item)
+            if is_mapping and key in seen:
+                line = item[0].start_mark.line + 1
+                raise ConfigError(f"config key {prefix + key!r} is given twice (again on line {line}); keep one")
+            seen.add(key)
+            _reject_repeated_keys(child, f"{prefix}{key}.")

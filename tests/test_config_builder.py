@@ -106,7 +106,7 @@ def test_every_preset_survives_its_json(name):
 
 
 def test_the_benchmark_settings_use_the_same_builder(tmp_path):
-    from benchmarks import _quality_small_settings as settings
+    from benchmarks.quality import settings
 
     assert settings.build_dataclass is build_dataclass and settings.yaml_load is yaml_load
     with pytest.raises(ConfigError, match=r"config key 'finetune\.lr' must be a number"):

@@ -12,11 +12,11 @@ import torch
 import yaml
 
 import refdecoder
-from benchmarks import _quality_small_data as qd
-from benchmarks import _quality_small_eval as qe
-from benchmarks import _quality_small_settings as qset
 from benchmarks import quality_small as qs
 from benchmarks import quality_small_table as qtable
+from benchmarks.quality import data as qd
+from benchmarks.quality import evaluation as qe
+from benchmarks.quality import settings as qset
 from refdecoder.data import bundled_clips, read_clip, write_image
 from refdecoder.errors import ConfigError
 from tests.helpers import randomize_, tiny_wan
@@ -117,16 +117,16 @@ def test_config_rejects_overlapping_or_reserved_material(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="reserved"):
         _load(tmp_path, raw)
     raw = _raw()
-    raw["finetune"]["headline"] = "refdecoder_global_prior"  # not in the default run
+    raw["finetune"]["headline"] = "global"  # not in the default run
     with pytest.raises(ConfigError, match="default_variants"):
         _load(tmp_path, raw)
     raw = _raw()
-    raw["finetune"]["variants"][2]["reference"] = "last"
-    with pytest.raises(ConfigError, match="reference"):
+    raw["finetune"]["variants"]["r0"]["reference"] = "last"
+    with pytest.raises(ConfigError, match="finetune.variants.r0.reference"):
         _load(tmp_path, raw)
     raw = _raw()
-    raw["finetune"]["variants"][2]["added_lr"] = "fast"
-    with pytest.raises(ConfigError, match="added_lr"):
+    raw["finetune"]["variants"]["r0"]["added_lr"] = "fast"
+    with pytest.raises(ConfigError, match="finetune.variants.r0.added_lr"):
         _load(tmp_path, raw)
 
 
@@ -136,7 +136,8 @@ def test_added_lr_moves_only_the_added_modules() -> None:
         tiny_wan(),
         refdecoder.RefDecoderConfig.from_dict({**refdecoder.preset("tiny").to_dict(), "train_decoder": True}),
     )
-    for variant, added in (({}, ft.lr), ({"added_lr": 2.5e-3}, 2.5e-3)):
+    for name, added in (("r2", ft.lr), ("lr_high", 1.5e-3)):
+        variant = ft.resolved[name]
         groups = {g["name"]: g for g in qs.refdecoder_param_groups(model, variant, ft)}
         assert groups["refdecoder"]["lr"] == added
         # The decoder trains at the baseline's lr whatever the added modules' lr.

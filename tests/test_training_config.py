@@ -47,9 +47,15 @@ def test_yaml_exponent_floats_are_numbers():
     ],
 )
 def test_unknown_key_in_file_names_the_key(tmp_path, text, key):
-    path = _write(tmp_path, MINIMAL + text)
+    # A case with its own `data` section stands alone: a second `data:` in one file is an error of its own (below).
+    path = _write(tmp_path, text if text.startswith("data:") else MINIMAL + text)
     with pytest.raises(ConfigError, match=rf"unknown config key '{key}'"):
         load_config(path)
+
+
+def test_a_section_given_twice_is_an_error_not_the_last_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'data' is given twice \(again on line 5\)"):
+        load_config(_write(tmp_path, MINIMAL + "data: {train: {kind: csv, path: b.csv}}"))
 
 
 @pytest.mark.parametrize(
@@ -74,8 +80,8 @@ def test_overrides_are_checked_like_the_file(tmp_path):
     path = _write(tmp_path, MINIMAL)
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr'.*did you mean 'optim\.lr'"):
         load_config(path, ["optim.lrr=1e-4"])
-    with pytest.raises(ConfigError, match=r"'data\.frames' must be an integer"):
-        load_config(path, ["data.frames=many"])
+    with pytest.raises(ConfigError, match=r"'data\.batch_size' must be an integer"):
+        load_config(path, ["data.batch_size=many"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(path, ["optim.lr"])
     with pytest.raises(ConfigError, match="holds no list"):
@@ -89,7 +95,7 @@ def test_overrides_set_values_lists_and_nested_sections(tmp_path):
         _write(tmp_path, MINIMAL + "stages: [{name: a, steps: 3}, {name: b, steps: 4}]"),
         [
             "optim.lr=1e-4",
-            "data.frames=9",
+            "stages.0.frames=9",
             "data.size=[32, 48]",
             "stages.1.frames=17",
             "model.refdecoder.transformer.depth=3",
@@ -98,8 +104,8 @@ def test_overrides_set_values_lists_and_nested_sections(tmp_path):
         ],
     )
     assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
-    assert cfg.data.frames == 9 and cfg.data.size == (32, 48)
-    assert [s.frames for s in cfg.stages] == [None, 17] and cfg.total_steps == 7
+    assert cfg.data.size == (32, 48)
+    assert [s.frames for s in cfg.stages] == [9, 17] and cfg.total_steps == 7
     assert cfg.refdecoder_config().transformer.depth == 3
     assert cfg.model.vae.tiny == {"base_dim": 16}
 

@@ -53,7 +53,7 @@ def baseline_config(cfg: TrainConfig) -> TrainConfig:
 
 def _geometry(cfg: TrainConfig) -> tuple[int, tuple[int, int]]:
     last = cfg.stages[-1]
-    frames = cfg.compare.frames or last.frames or cfg.data.frames
+    frames = cfg.compare.frames or last.frames
     size = tuple(cfg.compare.size or last.size or cfg.data.size)
     return frames, size
 

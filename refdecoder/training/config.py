@@ -1,12 +1,13 @@
 """Typed training configuration: YAML file + dotted command-line overrides, checked strictly at start-up.
 
-    cfg = load_config("recipes/configs/tiny.yaml", ["optim.lr=1e-4", "data.frames=17", "stages.0.steps=50"])
+    cfg = load_config("recipes/configs/tiny.yaml", ["optim.lr=1e-4", "stages.0.frames=17", "stages.0.steps=50"])
 
 Every section is a dataclass; an unknown key or a value of the wrong type raises
 :class:`~refdecoder.errors.ConfigError` naming the dotted key, before anything is built. Overrides are parsed as
 YAML values (``1e-4`` is a number, ``[64, 64]`` a list, ``null`` None); a numeric path part indexes a list
 (``stages.1.frames=17``). The RefDecoder architecture is a preset plus ``model.refdecoder`` overrides, checked
-against :class:`~refdecoder.config.RefDecoderConfig` just as strictly.
+against :class:`~refdecoder.config.RefDecoderConfig` just as strictly. Each knob has one owner; keys that moved are
+still read, with a deprecation warning (:mod:`refdecoder.training.deprecated`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from refdecoder.config import DEFAULT_PRESET, PRESETS, RefDecoderConfig
 from refdecoder.config_builder import build_dataclass, to_plain, yaml_load
 from refdecoder.data.camera import CameraMotion
 from refdecoder.errors import ConfigError
+from refdecoder.training.deprecated import upgrade_keys
 
 __all__ = [
     "VAEPretrainConfig",
@@ -60,7 +62,7 @@ class VAEPretrainConfig:
     steps: int = 0  # 0: no pretraining
     lr: float = 1e-3  # peak; linear warm-up over `warmup` steps, then cosine to 1 %
     warmup: int = 0
-    frames: int = 5
+    frames: int | None = None  # clip length (None: the first stage's)
     batch_size: int = 2
 
 
@@ -122,7 +124,6 @@ class DatasetConfig:
 class DataConfig:
     train: DatasetConfig = field(default_factory=DatasetConfig)
     val: DatasetConfig | None = None  # held-out clips for validation metrics and image grids
-    frames: int = 17  # clip length unless a stage says otherwise
     size: tuple[int, int] = (256, 256)  # (H, W) unless a stage says otherwise
     batch_size: int = 1  # per device, unless a stage says otherwise
 
@@ -133,7 +134,7 @@ class CurriculumStage:
 
     name: str = "main"
     steps: int = 1000
-    frames: int | None = None
+    frames: int = 17  # clip length: the one owner of the training clip length
     size: tuple[int, int] | None = None
     batch_size: int | None = None
 
@@ -141,7 +142,9 @@ class CurriculumStage:
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
-    decoder_lr_ratio: float = 0.1  # unfrozen decoder parameters train at lr * ratio
+    # The one owner of decoder training: the decoder trains at lr * ratio (the baseline's decoder too); 0 freezes it
+    # (model.refdecoder.train_decoder follows from it).
+    decoder_lr_ratio: float = 0.1
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     eps: float = 1e-8
@@ -260,9 +263,9 @@ class TrainConfig:
 
     def refdecoder_config(self) -> RefDecoderConfig:
         """The model architecture: ``model.preset`` with ``model.refdecoder`` overrides (checked strictly)."""
-        # The decoder is fine-tuned with the added modules (at optim.lr x decoder_lr_ratio), as in the paper and
-        # every shipped recipe, unless model.refdecoder.train_decoder: false says otherwise.
-        preset = {**to_plain(PRESETS[self.model.preset]), "train_decoder": True}
+        # The decoder is fine-tuned with the added modules at optim.lr x decoder_lr_ratio, as in the paper and every
+        # shipped recipe; a ratio of 0 freezes it. optim.decoder_lr_ratio is the one owner of that choice.
+        preset = {**to_plain(PRESETS[self.model.preset]), "train_decoder": self.optim.decoder_lr_ratio > 0}
         merged = _deep_merge(preset, self.model.refdecoder)
         merged.pop("backbone", None)  # model.backbone is the one owner; wrap() records it in the saved config
         try:
@@ -289,6 +292,14 @@ def _validate(cfg: TrainConfig) -> None:
         named == cfg.model.backbone,
         "model.refdecoder.backbone",
         f"is {named!r} but model.backbone is {cfg.model.backbone!r}; the backbone is model.backbone, remove this key",
+    )
+    _check(
+        "train_decoder" not in cfg.model.refdecoder,
+        "model.refdecoder.train_decoder",
+        "is set by optim.decoder_lr_ratio (0: a frozen decoder); remove this key",
+    )
+    _check(
+        cfg.optim.decoder_lr_ratio >= 0, "optim.decoder_lr_ratio", f"must be >= 0, got {cfg.optim.decoder_lr_ratio}"
     )
     _check(len(cfg.stages) >= 1, "stages", "needs at least one stage")
     for i, stage in enumerate(cfg.stages):
@@ -331,6 +342,11 @@ def _validate(cfg: TrainConfig) -> None:
         ):
             _check(not used, key, "needs model.kind: refdecoder (a plain decoder has no reference path)")
         _check(cfg.fabric.strategy != "fsdp", "fabric.strategy", "fsdp is not supported with model.kind: plain")
+        _check(
+            cfg.optim.decoder_lr_ratio > 0,
+            "optim.decoder_lr_ratio",
+            "must be > 0 with model.kind: plain (the decoder is all that trains)",
+        )
     cc = cfg.compare
     _check(not cc.enabled or cfg.data.val is not None, "compare.enabled", "needs held-out clips in data.val")
     _check(cc.clips >= 1, "compare.clips", f"must be >= 1, got {cc.clips}")
@@ -448,7 +464,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     source = f" (in {path} or its overrides)" if path is not None else ""
     try:
         _check_moved(data)
-        cfg = build_dataclass(TrainConfig, data)
+        cfg = build_dataclass(TrainConfig, upgrade_keys(data))
         _validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"{err}{source}") from None

@@ -22,7 +22,6 @@ from refdecoder.training.config import ComponentConfig, TrainConfig, changed_key
 __all__ = [
     "build_fabric",
     "attach_components",
-    "compile_transformer",
     "build_loss",
     "build_metric_lpips",
     "saved_model_keys",
@@ -119,12 +118,6 @@ def _instantiate(spec: ComponentConfig) -> nn.Module:
             f"latent component {spec.name!r}: {spec.target} built a {type(component).__name__}, not a Module"
         )
     return component
-
-
-def compile_transformer(model: nn.Module) -> None:
-    """``torch.compile`` each shared transformer block in place (state-dict keys are unchanged)."""
-    for block in model.transformer.blocks:
-        block.compile()
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:
@@ -277,7 +270,9 @@ def wrap_run_model(cfg: TrainConfig, vae: nn.Module) -> nn.Module:
     model = refdecoder.wrap(vae, cfg.refdecoder_config(), backbone=cfg.model.backbone)
     attach_components(model, cfg.model.latent_components)
     if cfg.fabric.compile:
-        compile_transformer(model)
+        # RefDecoder.compile is the one compile path. Training compiles the transformer blocks only, as it always
+        # did: the compiled window pass is checked for decoding (tests/test_compile.py), not for backward.
+        model.compile(decoder=False)
     return model
 
 

@@ -115,7 +115,8 @@ def pretrain_run_vae(
     he_init(vae, cfg.model.vae.seed)
     size = cfg.stages[0].size or cfg.data.size
     frame_rule = backbone_adapter(cfg.model.backbone).frame_rule
-    dataset = build_clip_dataset(cfg.data.train, pretrain.frames, size, frame_rule, cfg.seed)
+    frames = pretrain.frames or cfg.stages[0].frames  # like the size: the first stage's unless set
+    dataset = build_clip_dataset(cfg.data.train, frames, size, frame_rule, cfg.seed)
     batches = BatchStream(dataset, pretrain.batch_size, seed=cfg.seed, num_workers=cfg.data.train.num_workers)
     progress = (lambda step, loss: tick(loss)) if tick is not None else None
     losses = pretrain_vae(vae, cfg.model.backbone, batches, pretrain.steps, pretrain.lr, pretrain.warmup, progress)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.variants import BaseSettings, Reference, Variant, VariantDiff, resolve
 from refdecoder.config_builder import build_dataclass, yaml_load
 from refdecoder.data import CameraMotion
 from refdecoder.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "quality_small.yaml"
-REFERENCES = ("first", "random", "far")
 EVAL_GROUPS = ("static", "motion")
 
 
@@ -127,10 +127,9 @@ class PretrainSettings:
 class FinetuneSettings:
     """Equal-budget fine-tuning shared by every variant, the variants, and which of them the README recommends.
 
-    A variant may set ``added_lr`` (the added modules' lr instead of ``lr``; the decoder keeps
-    ``lr * decoder_lr_ratio``), ``motion`` (camera moves on its training clips) and ``reference`` (``first``: the
-    clip's frame 0; ``random``: a random clip frame, the paper; ``far``: a frame ``reference_distance`` clip frames
-    outside the clip) to override the defaults here. Variants with the same ``motion`` see the same clips.
+    ``variants`` maps a short name to what that variant changes (:class:`~benchmarks.quality.variants.VariantDiff`)
+    over ``base`` (RefDecoder variants) and the defaults here; :attr:`resolved` holds them resolved, checked when
+    the recipe loads. Variants with the same ``motion`` see the same clips.
     """
 
     steps: int
@@ -139,39 +138,23 @@ class FinetuneSettings:
     decoder_lr_ratio: float
     warmup: int
     weight_decay: float
-    reference: str
+    reference: Reference  # first: the clip's frame 0; random: a random clip frame (the paper); far: see below
     motion: bool
-    reference_distance: int
+    reference_distance: int  # a `far` reference lies this many clip frames outside the clip
     headline: str  # the recommended configuration: its saved folder is what an independent evaluation loads
     default_variants: list[str]  # what a run without --variants trains
-    variants: list[dict[str, Any]]
+    base: BaseSettings
+    variants: dict[str, VariantDiff]
 
     def __post_init__(self) -> None:
-        names = [v.get("name") for v in self.variants]
-        if min(self.steps, self.batch, self.reference_distance) < 1 or len(set(names)) != len(names):
-            raise ConfigError(
-                f"finetune needs steps, batch, reference_distance >= 1 and unique variant names, got {self}"
-            )
-        for v in self.variants:
-            if v.get("kind") not in ("plain", "refdecoder") or "name" not in v:
-                raise ConfigError(f"a variant needs a name and kind plain|refdecoder, got {v}")
-            if v["kind"] == "refdecoder" and not {"preset", "dropout"} <= set(v):
-                raise ConfigError(f"refdecoder variant {v['name']!r} needs preset and dropout")
-            if "added_lr" in v and not (isinstance(v["added_lr"], float) and v["added_lr"] > 0):
-                raise ConfigError(f"variant {v['name']!r}: added_lr must be a positive float, got {v['added_lr']!r}")
-            if self.reference_of(v) not in REFERENCES:
-                raise ConfigError(f"variant {v['name']!r}: reference must be one of {REFERENCES}")
-        unknown = sorted(set(self.default_variants + [self.headline]) - set(names))
+        if min(self.steps, self.batch, self.reference_distance) < 1:
+            raise ConfigError(f"finetune needs steps, batch, reference_distance >= 1, got {self}")
+        self.resolved = {name: resolve(name, diff, self) for name, diff in self.variants.items()}
+        unknown = sorted(set(self.default_variants + [self.headline]) - set(self.variants))
         if unknown:
             raise ConfigError(f"finetune.headline / default_variants name unknown variants {unknown}")
         if self.headline not in self.default_variants:
             raise ConfigError(f"the headline variant {self.headline!r} must be in finetune.default_variants")
-
-    def reference_of(self, variant: dict[str, Any]) -> str:
-        return variant.get("reference", self.reference)
-
-    def motion_of(self, variant: dict[str, Any]) -> bool:
-        return bool(variant.get("motion", self.motion))
 
 
 @dataclass
@@ -210,6 +193,8 @@ class Settings:
     def __post_init__(self) -> None:
         if min(self.threads, self.workers) < 1:
             raise ConfigError(f"threads and workers must be >= 1, got {self.threads} and {self.workers}")
+        if self.eval.targets["static_versus"] not in self.finetune.variants:
+            raise ConfigError(f"eval.targets.static_versus names no variant: {self.eval.targets['static_versus']!r}")
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -237,7 +222,7 @@ def load_settings(path: str | Path = CONFIG, quick: bool = False, overrides: tup
     return build_dataclass(Settings, raw)
 
 
-def fingerprint(settings: Settings, phase: str, variant: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprint(settings: Settings, phase: str, variant: Variant | None = None) -> dict[str, Any]:
     """The settings a cached output of ``phase`` depends on (threads and eval settings do not change weights)."""
     d = dataclasses.asdict(settings)
     # What only the evaluation reads (held-out camera moves and photos, the eval groups) leaves the weights alone.
@@ -245,12 +230,12 @@ def fingerprint(settings: Settings, phase: str, variant: dict[str, Any] | None =
     data["train_photos"] = d["data"]["photos"]["train"]
     data["sources"] = [{k: v for k, v in src.items() if k != "eval"} for src in d["data"]["sources"]]
     out = {"seed": d["seed"], "data": data, "vae": d["vae"], "pretrain": d["pretrain"]}
-    if phase == "finetune":
-        ft = settings.finetune
-        shared = {k: v for k, v in d["finetune"].items() if k not in ("variants", "headline", "default_variants")}
+    if phase == "finetune" and variant is not None:
+        skipped = ("variants", "headline", "default_variants", "base", "motion", "reference")
+        shared = {k: v for k, v in d["finetune"].items() if k not in skipped}
         out["finetune"] = shared | {
-            "variant": variant,
-            "motion": ft.motion_of(variant),
-            "reference": ft.reference_of(variant),
+            "variant": variant.fingerprint(),
+            "motion": variant.motion,
+            "reference": variant.reference,
         }
     return out

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._media import opencv_samples
-from benchmarks._quality_small_settings import ROOT, DataSettings, Settings
+from benchmarks.quality.media import opencv_samples
+from benchmarks.quality.settings import ROOT, DataSettings, Settings
 from refdecoder.data import (
     CameraMotion,
     camera_path,

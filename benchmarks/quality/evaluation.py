@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import refdecoder
-from benchmarks._quality_small_data import HeldOut
-from benchmarks._quality_small_settings import Settings
+from benchmarks.quality.data import HeldOut
+from benchmarks.quality.settings import Settings
+from benchmarks.quality.variants import Variant
 from refdecoder._deps import require
 from refdecoder.errors import CheckpointError, MissingDependencyError
 from refdecoder.losses import LPIPS
@@ -87,16 +88,16 @@ def evaluate(
     return results, predictions, lpips_note
 
 
-def gains(models: dict[str, dict], variants: list[dict], settings: Settings) -> dict[str, dict]:
+def gains(models: dict[str, dict], variants: list[Variant]) -> dict[str, dict]:
     """Per RefDecoder variant: its differences to the plain variant trained on the same clips, per group."""
-    ft, out = settings.finetune, {}
-    plains = {ft.motion_of(v): v["name"] for v in variants if v["kind"] == "plain"}
+    out = {}
+    plains = {v.motion: v.name for v in variants if v.kind == "plain"}
     for v in variants:
-        base = plains.get(ft.motion_of(v))
-        if v["kind"] != "refdecoder" or base is None:
+        base = plains.get(v.motion)
+        if v.kind != "refdecoder" or base is None:
             continue
-        out[f"{v['name']} - {base}"] = {
-            group: {k: models[v["name"]][group][k] - models[base][group][k] for k in stats if _is_metric(k, stats)}
+        out[f"{v.name} - {base}"] = {
+            group: {k: models[v.name][group][k] - models[base][group][k] for k in stats if _is_metric(k, stats)}
             for group, stats in models[base].items()
             if isinstance(stats, dict)
         }
