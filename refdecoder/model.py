@@ -95,7 +95,9 @@ class RefDecoder(nn.Module):
 
         def tokenizer(channels: int, scale: int) -> ReferenceTokenizer:
             # The reference comes at the output size; a larger patch lands it on the stage's grid.
-            return ReferenceTokenizer(channels, scale * up.factor, tok.kind, tok.kernel_size, tok.norm)
+            return ReferenceTokenizer(
+                channels, scale * up.factor, tok.kind, tok.kernel_size, tok.norm, in_channels=adapter.pixel_channels
+            )
 
         self.tokenizer = tokenizer(adapter.reference_channels, adapter.reference_scale)
         # tokenizer.per_stage: the pixel reference tokenized again for every later conditioned stage.
@@ -247,7 +249,9 @@ class RefDecoder(nn.Module):
         ctx = DecodeContext(generator=generator, decode_inputs=inputs)
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
-            reference = check_reference(reference, latents.shape[0], size, resize_reference)
+            reference = check_reference(
+                reference, latents.shape[0], size, resize_reference, channels=self.adapter.pixel_channels
+            )
             ctx.reference = reference
             ctx.reference_tokens = self.tokenizer(reference.to(self.tokenizer.proj.weight.dtype))
             ctx.stage_reference_tokens = {
@@ -298,7 +302,7 @@ class RefDecoder(nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Frozen encoder: ``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode), without gradients."""
         self._check_alive()
-        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
+        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor, self.adapter.pixel_channels)
         return self.adapter.encode(video.to(next(self.vae.parameters()).dtype))
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,12 @@ class BackboneAdapter(abc.ABC):
         return self.frame_rule.step
 
     @property
+    def pixel_channels(self) -> int:
+        """Channels of the decoded frames, the encoder's input and the pixel reference (3: RGB; Qwen-Image 2.1's
+        VAE: 4, RGBA). Videos and references must have this many; the reference tokenizer reads this many."""
+        return 3
+
+    @property
     def output_patch(self) -> int:
         """Pixels per decoder output position along H and W (Wan2.2 writes 2x2 patches); tiles blend per patch."""
         return 1

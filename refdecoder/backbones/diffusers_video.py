@@ -15,8 +15,9 @@ from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter, StageSpec
+from refdecoder.errors import BackboneError
 
-__all__ = ["DiffusersVideoAdapter", "halving_stages", "each_frame_alone"]
+__all__ = ["DiffusersVideoAdapter", "MeanStdLatents", "halving_stages", "each_frame_alone", "refuse_vae_tiling"]
 
 
 class DiffusersVideoAdapter(BackboneAdapter):
@@ -40,6 +41,40 @@ class DiffusersVideoAdapter(BackboneAdapter):
             module = getattr(self.vae, prefix, None)
             for name, param in module.named_parameters() if module is not None else ():
                 yield f"{prefix}.{name}", param
+
+
+class MeanStdLatents:
+    """Latent normalisation by the config's per-channel ``latents_mean`` / ``latents_std`` lists (Qwen-Image 2.1,
+    MiniMax-H3: their pipelines decode ``z * latents_std + latents_mean``). Mixed into an adapter with ``vae``."""
+
+    vae: nn.Module
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_statistics(latents)
+        return (latents - mean) / std
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_statistics(latents)
+        return latents * std + mean
+
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.vae.config
+        return tuple(  # type: ignore[return-value]
+            torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+            for values in (config.latents_mean, config.latents_std)
+        )
+
+
+def refuse_vae_tiling(vae: nn.Module, x: torch.Tensor, factor: int, backbone: str) -> None:
+    """Raise :class:`BackboneError` when the VAE's own spatial tiling (``tile_sample_min_height/width`` pixels)
+    would tile the ``..., h, w`` latent ``x``, which the ``backbone`` adapter does not reproduce."""
+    tiles = (vae.tile_sample_min_height // factor, vae.tile_sample_min_width // factor)
+    if vae.use_tiling and (x.shape[-2] > tiles[0] or x.shape[-1] > tiles[1]):
+        raise BackboneError(
+            f"the VAE's own spatial tiling is on (vae.enable_tiling()) and would tile this {x.shape[-2]}x"
+            f"{x.shape[-1]} latent, which the {backbone} adapter does not reproduce: call vae.disable_tiling() "
+            "(RefDecoder's own tiles: iter_decode(..., tiles=plan_tiles(...)) or --tile)"
+        )
 
 
 def halving_stages(points: Iterable[tuple[int, int, int]], scale: int, grid: int) -> list[StageSpec]:

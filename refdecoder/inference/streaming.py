@@ -152,7 +152,9 @@ def iter_decode(
         if isinstance(source, BackboneAdapter):
             raise InputError("a reference needs RefDecoder weights; the plain backbone decode takes none")
         size = source.output_size(latents.shape[-2:])
-        reference = check_reference(reference, latents.shape[0], size, resize_reference, warn_range=False)
+        reference = check_reference(
+            reference, latents.shape[0], size, resize_reference, warn_range=False, channels=adapter.pixel_channels
+        )
     if tiles is not None:
         chunks = _iter_tiles(source, latents, reference, window, tiles)
     else:
