@@ -5,17 +5,18 @@ Not the Qwen-Image (Wan2.1-copy) decoder: residual up-blocks whose shortcut dupl
 convolutions wrapped as "causal 3D" ones that squeeze a single frame and refuse a cache, 64 latent channels, 16x
 spatial compression, and 4-channel **RGBA** pixels in and out (``in_channels = out_channels = 4``).
 
-It is an image VAE: ``vae.decode`` decodes exactly one latent frame (a second frame would hand its convolutions a
-cache, which they refuse), and its pipelines (``QwenImage21Pipeline``, the modular ``QwenImage21`` blocks) decode
+It is an image VAE: ``vae.decode`` decodes exactly one latent frame (with two, its 2D convolutions get a 5D tensor
+they cannot squeeze and raise; past that, the cache it would hand them is refused too), and its pipelines (``QwenImage21Pipeline``, the modular ``QwenImage21`` blocks) decode
 ``B, C, 1, h, w``. So this adapter decodes a latent video as a sequence of images: frame rule ``1 + 1k``, every
 latent frame is one pixel frame decoded on its own (frames folded into the batch, the way ``vae.decode`` decodes a
 batch of images), and :meth:`plain_decode` is one ``vae.decode`` call on that fold, so at one latent frame it *is*
 ``vae.decode``. Windows only group frames that never interact, so streaming is exact (``exact_streaming``). The
 upsample3d time convolutions are never used by ``vae.decode`` (frame 0 takes the ``"Rep"`` path), nor here.
 
-Stage layout (release: ``decoder_base_dim`` 144, ``dim_mult`` 1, 2, 4, 8, 8): hook points before the four
-up-sampling ``decoder.up_blocks[0..3]`` with 1152 / 1152 / 1152 / 576 channels at H/16, H/8, H/4, H/2; token patches
-(1,2,2), (1,4,4), (1,8,8), (1,16,16) put every stage on one H/32 grid (2x2 latent positions).
+Stage layout (release: ``decoder_base_dim`` 144, ``dim_mult`` 1, 2, 4, 8, 8; four up-sampling blocks): hook points
+before the last three, ``decoder.up_blocks[1..3]``, with 1152 / 1152 / 576 channels at H/8, H/4, H/2, as the
+presets' three stages expect; ``up_blocks[0]`` (H/16 -> H/8) runs unconditioned. Token patches (1,2,2), (1,4,4),
+(1,8,8) put every stage on one H/16 grid (one latent position per token).
 
 Pixel channels: :attr:`pixel_channels` is ``config.out_channels`` (4: RGBA). Videos, references (the pipelines'
 conditioning images are converted to RGBA too) and the reference tokenizer carry all 4 channels; alpha is never
@@ -67,12 +68,12 @@ class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
 
     @classmethod
     def build_tiny(cls, **overrides: Any) -> nn.Module:
-        """A narrow Qwen-Image 2.1 VAE (width 8, 4x, 4 latent channels, RGBA in and out, residual up-blocks)."""
+        """A narrow Qwen-Image 2.1 VAE (width 8, 8x, 4 latent channels, RGBA in and out, residual up-blocks)."""
         from diffusers import AutoencoderKLQwenImage21
 
         kwargs: dict[str, Any] = dict(
-            base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-            temperal_downsample=[False, True], scale_factor_spatial=4,
+            base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True, True], scale_factor_spatial=8,
         )  # fmt: skip
         kwargs.update(overrides)
         z = kwargs["z_dim"]
@@ -94,9 +95,15 @@ class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
         return 2 ** len(self._up_blocks())
 
     def stages(self) -> list[StageSpec]:
-        blocks = self.vae.decoder.up_blocks
-        points = [(i, blocks[i].resnets[0].in_dim, 1) for i in self._up_blocks()]
-        return halving_stages(points, self.spatial_factor, grid=2 * self.spatial_factor)
+        """Before the last three up-sampling blocks (all of them when fewer): the presets' three stages."""
+        blocks, hooked = self.vae.decoder.up_blocks, self._hooked_blocks()
+        points = [(k, blocks[i].resnets[0].in_dim, 1) for k, i in enumerate(hooked)]
+        scale = 2 ** len(hooked)  # the blocks before the first hooked one have already up-sampled
+        return halving_stages(points, scale, grid=2 * scale)
+
+    def _hooked_blocks(self) -> list[int]:
+        """Indices of the up-blocks that stages 0, 1, 2 sit before."""
+        return self._up_blocks()[-3:]
 
     def _up_blocks(self) -> list[int]:
         """Indices of the up-blocks that double H and W (residual blocks: ``upsampler``; plain: ``upsamplers``)."""
@@ -126,13 +133,14 @@ class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
     def decode_window(self, x: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         """``B, z, t, h, w`` (after ``post_quant_conv``) -> unclamped ``B, C_px, t, H, W``, frame by frame."""
         refuse_vae_tiling(self.vae, x, self.spatial_factor, "qwen-image-2.1")
-        batch, decoder, stages = x.shape[0], self.vae.decoder, set(self._up_blocks())
+        batch, decoder = x.shape[0], self.vae.decoder
+        stages = {block: k for k, block in enumerate(self._hooked_blocks())}
         # QwenImage21Decoder3d.forward on single frames, as vae.decode runs it for frame 0 (first_chunk=True, no
         # cache: the image path), with the stage hooks before the up-sampling blocks.
         h = decoder.mid_block(decoder.conv_in(_images(x)))
         for i, block in enumerate(decoder.up_blocks):
             if i in stages:
-                h = _images(hooks.stage(i, _video(h, batch), ctx))
+                h = _images(hooks.stage(stages[i], _video(h, batch), ctx))
             h = block(h, first_chunk=True)
         h = decoder.conv_out(decoder.nonlinearity(decoder.norm_out(h)))
         return _video(h, batch)
@@ -141,7 +149,8 @@ class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
         self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None
     ) -> torch.Tensor:
         # Each reference frame is an image, as every decoded frame is.
-        return _video(self.vae.decoder.up_blocks[index](_images(reference), first_chunk=True), reference.shape[0])
+        block = self.vae.decoder.up_blocks[self._hooked_blocks()[index]]
+        return _video(block(_images(reference), first_chunk=True), reference.shape[0])
 
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
         """One ``vae.decode`` of the latent frames folded into the batch (clamped, as it clamps)."""
