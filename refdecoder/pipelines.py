@@ -116,15 +116,15 @@ def vae_tiles(vae: nn.Module, model: nn.Module, latent_size: tuple[int, int]) ->
     if not getattr(vae, "use_tiling", False):
         return None
     adapter = model.adapter
+    tile = (vae.tile_sample_min_height, vae.tile_sample_min_width)
+    if latent_size[0] * adapter.spatial_factor <= tile[0] and latent_size[1] * adapter.spatial_factor <= tile[1]:
+        return None  # one tile: diffusers decodes it whole (MiniMax-H3 ships with tiling on)
     if not adapter.tiling:
         raise ConfigError(
             f"vae.enable_tiling() is on, but the {adapter.name} adapter has no tiled decode that RefDecoder "
             "reproduces; call vae.disable_tiling()"
         )
-    tile = (vae.tile_sample_min_height, vae.tile_sample_min_width)
     stride = (vae.tile_sample_stride_height, vae.tile_sample_stride_width)
-    if latent_size[0] * adapter.spatial_factor <= tile[0] and latent_size[1] * adapter.spatial_factor <= tile[1]:
-        return None
     overlap = (tile[0] - stride[0], tile[1] - stride[1])
     try:
         return plan_tiles(
@@ -320,6 +320,7 @@ class ReferenceDecodingVAE(nn.Module):
         if folded:
             return self._decode_folded(z, frames, reference, inputs, return_dict)
         video = _decode(model.to(z.device), z, reference.to(z.device), inputs=inputs, **self._options)
+        video = model.adapter.to_backbone_pixels(video)  # what the pipeline expects of vae.decode
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     def _decode_folded(

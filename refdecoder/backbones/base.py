@@ -285,6 +285,11 @@ class BackboneAdapter(abc.ABC):
         """
         return self.encode(torch.cat(list(chunks), dim=2))
 
+    def to_backbone_pixels(self, video: torch.Tensor) -> torch.Tensor:
+        """A decoded [-1, 1] video in the backbone's own pixel convention, what its ``vae.decode`` returns (identity
+        for all but MiniMax-H3, whose VAE works in ImageNet-normalised RGB); ``reference_decoding`` hands it on."""
+        return video
+
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the normalised latents diffusion models work in (identity if the family has none)."""
         return latents

@@ -180,7 +180,7 @@ class MiniMaxH3Adapter(MeanStdLatents, BackboneAdapter):
         return mean, std
 
     def to_backbone_pixels(self, video: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] RGB -> the VAE's ImageNet-normalised RGB."""
+        """[-1, 1] RGB -> the VAE's ImageNet-normalised RGB (its encode input and decode output)."""
         mean, std = self._imagenet(video)
         return ((video + 1) / 2 - mean) / std
 
