@@ -10,8 +10,10 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
   ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
   ``Kandinsky5I2VPipeline``, ``StableVideoDiffusionPipeline`` (frames folded into the batch, one video per chunk),
-  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
-  ``CogVideoXImageToVideoPipeline``.
+  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``),
+  ``CogVideoXImageToVideoPipeline``, ``QwenImage21Pipeline`` (RGBA images and references) and the MiniMax-H3
+  modular pipeline's ``MiniMaxH3VideoDecodeStep`` (with a fixed ``image=``; the stand-in hands the step the VAE's
+  own ImageNet-normalised pixels, ``adapter.to_backbone_pixels``).
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:
@@ -400,17 +402,21 @@ def reference_decoding(
     pipe.vae = stand_in  # the pipeline's own __setattr__, which also records the stand-in's class in its config
     if image is None:
         setattr(pipe, processor_name, _RecordingProcessor(processor, record))
-    free_hooks = pipe.maybe_free_model_hooks
+    # diffusers pipelines call maybe_free_model_hooks last (modular pipelines have none): an instance attribute,
+    # removed on exit, that ends the call's record.
+    free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
 
-    def end_of_call() -> None:  # diffusers pipelines call it last; an instance attribute, removed on exit
+    def end_of_call() -> None:
         record.call_ended()
         free_hooks()
 
-    pipe.maybe_free_model_hooks = end_of_call
+    if free_hooks is not None:
+        pipe.maybe_free_model_hooks = end_of_call
     try:
         yield stand_in
     finally:
-        del pipe.maybe_free_model_hooks
+        if free_hooks is not None:
+            del pipe.maybe_free_model_hooks
         pipe.vae = vae
         pipe.register_to_config(vae=config_entry)
         if image is None:
