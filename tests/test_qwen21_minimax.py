@@ -12,7 +12,7 @@ import refdecoder
 from refdecoder.backbones.minimax_h3 import IMAGENET_MEAN, IMAGENET_STD
 from refdecoder.backbones.registry import get_backbone
 from refdecoder.errors import BackboneError, ConfigError, InputError
-from refdecoder.testing import randomize_
+from refdecoder.testing import check_backbone, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,3 +179,12 @@ def test_released_configs_are_detected_and_wrap(cls, name, stages, pixel_channel
     if name == "minimax-h3":
         assert model.adapter.hooked_blocks() == [0, 12, 24]
         assert {spec.channels for spec in model.adapter.stages()} == {2048}
+
+
+@pytest.mark.parametrize("name", ["qwen-image-2.1", "minimax-h3"])
+def test_the_whole_conformance_suite_holds_on_configs_build_tiny_does_not_make(name):
+    """Qwen-Image 2.1 with the plain (non-residual) up-blocks and other widths; MiniMax-H3 with another encoder,
+    a 4-block ViT of width 48 and 3 register tokens (the configs of tests/test_decode_range.py)."""
+    from tests.test_decode_range import CONFIGS
+
+    assert len(check_backbone(name, make_vae=CONFIGS[name])) == 13
