@@ -42,9 +42,11 @@ def qwen21() -> Any:
     import diffusers
 
     torch.manual_seed(0)
-    vae = get_backbone("qwen-image-2.1").build_tiny(
-        dim_mult=[1, 1, 1, 1, 1], temperal_downsample=[False, True, True, True], scale_factor_spatial=16
-    ).eval()  # 16x, as the pipeline's vae_scale_factor
+    vae = (
+        get_backbone("qwen-image-2.1")
+        .build_tiny(dim_mult=[1, 1, 1, 1, 1], temperal_downsample=[False, True, True, True], scale_factor_spatial=16)
+        .eval()
+    )  # 16x, as the pipeline's vae_scale_factor
     z = vae.config.z_dim
     transformer = diffusers.QwenImage21Transformer2DModel(
         in_channels=z, out_channels=z, num_layers=1, attention_head_dim=8, num_attention_heads=2,

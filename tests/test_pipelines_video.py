@@ -327,7 +327,9 @@ def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> 
             pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)
             z = torch.zeros(1, model.adapter.latent_channels, 1, 4, 4)  # 32x32 pixels: two tiles a side
             with reference_decoding(pipe, model, image=torch.zeros(1, 3, 32, 32)) as stand_in:
-                with pytest.raises(ConfigError, match=r"the cogvideox adapter has no tiled decode .* vae.disable_tiling\(\)"):
+                with pytest.raises(
+                    ConfigError, match=r"the cogvideox adapter has no tiled decode .* vae.disable_tiling\(\)"
+                ):
                     stand_in.decode(z)
     finally:
         pipe.vae.disable_tiling()

@@ -97,7 +97,12 @@ def test_hunyuan_video_refuses_clip_lengths_off_1_plus_4k(tmp_path, shards, caps
 def test_minimax_h3_refuses_clip_lengths_off_22_plus_17k(tmp_path, shards, capsys):
     cfg = load_config(_config("minimax-h3"), [])
     assert cfg.stages[0].frames == 22  # the shortest encoded clip: 7 latent frames
-    args = [_config("minimax-h3"), f"run_dir={tmp_path / 'run'}", f"data.train.path={shards}", "stages=[{steps: 1, frames: 17}]"]
+    args = [
+        _config("minimax-h3"),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.train.path={shards}",
+        "stages=[{steps: 1, frames: 17}]",
+    ]
     assert load_recipe().main(args) == 1
     err = capsys.readouterr().err
     assert "22 + 17k" in err and len(err.strip().splitlines()) == 1

@@ -202,7 +202,9 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> nn.Module:
     # accelerate is installed.
     pinned = bool(getattr(cls, "_keep_in_fp32_modules", None))
     if pinned and importlib.util.find_spec("accelerate") is None:
-        raise CheckpointError(f"diffusers loads {name} (modules kept in fp32) only with accelerate: pip install accelerate")
+        raise CheckpointError(
+            f"diffusers loads {name} (modules kept in fp32) only with accelerate: pip install accelerate"
+        )
     try:
         return cls.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=pinned)
     except (OSError, ValueError, RuntimeError) as err:
