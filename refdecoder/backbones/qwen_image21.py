@@ -7,11 +7,12 @@ spatial compression, and 4-channel **RGBA** pixels in and out (``in_channels = o
 
 It is an image VAE: ``vae.decode`` decodes exactly one latent frame (with two, its 2D convolutions get a 5D tensor
 they cannot squeeze and raise; past that, the cache it would hand them is refused too), and its pipelines
-(``QwenImage21Pipeline``, the modular ``QwenImage21`` blocks) decode ``B, C, 1, h, w``. So this adapter decodes a latent video as a sequence of images: frame rule ``1 + 1k``, every
-latent frame is one pixel frame decoded on its own (frames folded into the batch, the way ``vae.decode`` decodes a
-batch of images), and :meth:`plain_decode` is one ``vae.decode`` call on that fold, so at one latent frame it *is*
-``vae.decode``. Windows only group frames that never interact, so streaming is exact (``exact_streaming``). The
-upsample3d time convolutions are never used by ``vae.decode`` (frame 0 takes the ``"Rep"`` path), nor here.
+(``QwenImage21Pipeline``, the modular ``QwenImage21`` blocks) decode ``B, C, 1, h, w``. So this adapter decodes a
+latent video as a sequence of images: frame rule ``1 + 1k``, every latent frame is one pixel frame decoded on its
+own (frames folded into the batch, the way ``vae.decode`` decodes a batch of images), and :meth:`plain_decode` is
+one ``vae.decode`` call on that fold, so at one latent frame it *is* ``vae.decode``. Windows only group frames that
+never interact, so streaming is exact (``exact_streaming``). The upsample3d time convolutions are never used by
+``vae.decode`` (frame 0 takes the ``"Rep"`` path), nor here.
 
 Stage layout (release: ``decoder_base_dim`` 144, ``dim_mult`` 1, 2, 4, 8, 8; four up-sampling blocks): hook points
 before the last three, ``decoder.up_blocks[1..3]``, with 1152 / 1152 / 576 channels at H/8, H/4, H/2, as the
