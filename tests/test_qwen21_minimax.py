@@ -12,23 +12,10 @@ import refdecoder
 from refdecoder.backbones.minimax_h3 import IMAGENET_MEAN, IMAGENET_STD
 from refdecoder.backbones.registry import get_backbone
 from refdecoder.errors import BackboneError, ConfigError, InputError
-from refdecoder.testing import check_backbone, randomize_
+from refdecoder.testing import check_backbone
+from tests.test_backbones_video import _latents, _wrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _wrap(name: str, perturb: bool = False, **overrides: object) -> refdecoder.RefDecoder:
-    torch.manual_seed(0)
-    model = refdecoder.wrap(get_backbone(name).build_tiny(**overrides).eval(), "tiny")
-    if perturb:
-        randomize_([p for _, p in model.added_parameters()], scale=0.1)
-    return model
-
-
-def _latents(model: refdecoder.RefDecoder, frames: int, seed: int = 0) -> torch.Tensor:
-    size = 32 // model.adapter.spatial_factor
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, model.adapter.latent_channels, frames, size, size, generator=g)
 
 
 def _reference(channels: int, seed: int = 1) -> torch.Tensor:

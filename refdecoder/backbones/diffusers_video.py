@@ -17,7 +17,7 @@ from torch import nn
 from refdecoder.backbones.base import BackboneAdapter, StageSpec
 from refdecoder.errors import BackboneError
 
-__all__ = ["DiffusersVideoAdapter", "MeanStdLatents", "halving_stages", "each_frame_alone", "refuse_vae_tiling"]
+__all__ = ["DiffusersVideoAdapter", "halving_stages", "each_frame_alone", "refuse_vae_tiling"]
 
 
 class DiffusersVideoAdapter(BackboneAdapter):
@@ -41,28 +41,6 @@ class DiffusersVideoAdapter(BackboneAdapter):
             module = getattr(self.vae, prefix, None)
             for name, param in module.named_parameters() if module is not None else ():
                 yield f"{prefix}.{name}", param
-
-
-class MeanStdLatents:
-    """Latent normalisation by the config's per-channel ``latents_mean`` / ``latents_std`` lists (Qwen-Image 2.1,
-    MiniMax-H3: their pipelines decode ``z * latents_std + latents_mean``). Mixed into an adapter with ``vae``."""
-
-    vae: nn.Module
-
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_statistics(latents)
-        return (latents - mean) / std
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._latent_statistics(latents)
-        return latents * std + mean
-
-    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.vae.config
-        return tuple(  # type: ignore[return-value]
-            torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-            for values in (config.latents_mean, config.latents_std)
-        )
 
 
 def refuse_vae_tiling(vae: nn.Module, x: torch.Tensor, factor: int, backbone: str) -> None:

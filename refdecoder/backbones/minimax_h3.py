@@ -43,9 +43,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones._diffusers import class_reason, config_reasons
+from refdecoder.backbones._diffusers import MeanStdLatents, class_reason, config_reasons
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones.diffusers_video import MeanStdLatents, refuse_vae_tiling
+from refdecoder.backbones.diffusers_video import refuse_vae_tiling
 from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks

@@ -34,9 +34,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones._diffusers import class_reason
+from refdecoder.backbones._diffusers import MeanStdLatents, class_reason
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones.diffusers_video import MeanStdLatents, halving_stages, refuse_vae_tiling
+from refdecoder.backbones.diffusers_video import halving_stages, refuse_vae_tiling
 from refdecoder.errors import ConfigError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
