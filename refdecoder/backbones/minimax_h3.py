@@ -44,8 +44,8 @@ from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones._diffusers import MeanStdLatents, class_reason, config_reasons
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones.diffusers_video import refuse_vae_tiling
+from refdecoder.backbones.base import Fit, StageSpec
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, refuse_vae_tiling
 from refdecoder.errors import BackboneError, InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -82,7 +82,7 @@ class ClipFrameRule(FrameRule):
         return self.first + self.step * k
 
 
-class MiniMaxH3Adapter(MeanStdLatents, BackboneAdapter):
+class MiniMaxH3Adapter(MeanStdLatents, DiffusersVideoAdapter):
     """Adapter for diffusers ``AutoencoderKLMiniMaxH3``: hooks on the ViT decoder's voxel tokens, clip by clip."""
 
     frame_rule: FrameRule = ClipFrameRule(first=KEPT + OVERLAP, step=KEPT)
@@ -122,10 +122,6 @@ class MiniMaxH3Adapter(MeanStdLatents, BackboneAdapter):
         return vae
 
     # --- geometry -------------------------------------------------------------------------------------------
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
     @property
     def spatial_factor(self) -> int:
         return int(self.vae.spatial_compression_ratio)
@@ -308,12 +304,6 @@ class MiniMaxH3Adapter(MeanStdLatents, BackboneAdapter):
                 recorded.append(hidden[:, count:])
             hidden = block(hidden, rotary)
         return recorded
-
-    # --- parameters -----------------------------------------------------------------------------------------
-    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for prefix in ("post_quant_conv", "decoder"):
-            for name, param in getattr(self.vae, prefix).named_parameters():
-                yield f"{prefix}.{name}", param
 
 
 def _geometry_reasons(vae: nn.Module) -> list[str]:

@@ -27,7 +27,6 @@ Output is clamped to [-1, 1] as ``vae.decode`` does; latents are normalised with
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,8 +34,8 @@ from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones._diffusers import MeanStdLatents, class_reason
-from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
-from refdecoder.backbones.diffusers_video import halving_stages, refuse_vae_tiling
+from refdecoder.backbones.base import Fit, StageSpec
+from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, halving_stages, refuse_vae_tiling
 from refdecoder.errors import ConfigError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
@@ -54,7 +53,7 @@ def _video(x: torch.Tensor, batch: int) -> torch.Tensor:
     return rearrange(x, "(b t) c 1 h w -> b c t h w", b=batch)
 
 
-class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
+class QwenImage21Adapter(MeanStdLatents, DiffusersVideoAdapter):
     """Adapter for diffusers ``AutoencoderKLQwenImage21``: each latent frame decoded as one (RGBA) image."""
 
     frame_rule: FrameRule = FrameRule(first=1, step=1)
@@ -156,12 +155,6 @@ class QwenImage21Adapter(MeanStdLatents, BackboneAdapter):
     def plain_decode(self, latents: torch.Tensor, window: int | None = None, **inputs: Any) -> torch.Tensor:
         """One ``vae.decode`` of the latent frames folded into the batch (clamped, as it clamps)."""
         return _video(self.vae.decode(_images(latents)).sample, latents.shape[0])
-
-    # --- parameters -----------------------------------------------------------------------------------------
-    def decoder_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for prefix in ("post_quant_conv", "decoder"):
-            for name, param in getattr(self.vae, prefix).named_parameters():
-                yield f"{prefix}.{name}", param
 
 
 def _config_reasons(vae: nn.Module) -> list[str]:
