@@ -95,7 +95,7 @@ def check_reference(
     warn_range: bool = True,
     channels: int = 3,
 ) -> torch.Tensor:
-    """Return the reference as ``B, 3, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
+    """Return the reference as ``B, channels, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
 
     ``channels``: the backbone's pixel channels (4 for an RGBA VAE: the reference is RGBA too).
 
