@@ -87,6 +87,16 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int,
     check_range(video, "video")
 
 
+def check_pixel_channels(pixels: torch.Tensor, channels: int, backbone: str) -> None:
+    """Raise :class:`InputError` unless ``B, C, ...`` media have the backbone's ``channels`` (media files are RGB)."""
+    if pixels.ndim < 2 or pixels.shape[1] != channels:
+        got = pixels.shape[1] if pixels.ndim >= 2 else "no"
+        raise InputError(
+            f"the {backbone} backbone takes {channels}-channel pixels, got {got}: media files are read as RGB, so an "
+            f"RGBA VAE (Qwen-Image 2.1) decodes from the Python API with {channels}-channel videos and references"
+        )
+
+
 def check_reference(
     reference: torch.Tensor,
     batch: int,
