@@ -9,8 +9,9 @@
    the same token grid as the others (``stages.patch_multipliers = (1, 1, 1)``). Added parameters per preset.
    HunyuanVideo 1.5, LTX-Video (0.9.0 and the 0.9.1 decoder), CogVideoX, HunyuanVideo (v1) and Stable Video
    Diffusion at their released configs (the diffusers class defaults; LTX 0.9.1's decoder from its published config)
-   at 480x832 with the frame counts their image-to-video pipelines default to (121, 121, 49, 129, 25): plain vs
-   ``small`` (and ``paper``).
+   at 480x832 with the frame counts their image-to-video pipelines default to (121, 121, 49, 129, 25), Qwen-Image 2.1
+   at 1 frame 1024x1024 and MiniMax-H3 (untiled) at 124 frames 768x1344: plain vs ``small`` (and ``paper``).
+   ``--backbones NAME ...`` recomputes only those rows into ``results/decode_overhead_backbones.json``.
 3. Peak live-tensor memory of decoding 21 vs 5 latent frames with the same window (meta device at 480x832, and
    real tensors at a small size): the window bounds memory, not the video length. The same for the video backbones
    above (meta device, 480x832), which decode in their own temporal layout.
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
-from benchmarks.common import LiveTensorMeter, median_time, write_json  # noqa: E402
+from benchmarks.common import RESULTS, LiveTensorMeter, median_time, write_json  # noqa: E402
 from refdecoder.backbones.registry import find_backbone  # noqa: E402
 
 PRESETS = ("small", "paper")
@@ -68,7 +70,7 @@ def flops_row(vae, frames: int, size: tuple[int, int], configs: dict) -> dict:
     adapter = find_backbone(vae)(vae)
     factor, latent_frames = adapter.spatial_factor, adapter.frame_rule.latent_frames(frames)
     z = torch.empty(1, adapter.latent_channels, latent_frames, size[0] // factor, size[1] // factor, device="meta")
-    ref = torch.empty(1, 3, 1, *size, device="meta")
+    ref = torch.empty(1, adapter.pixel_channels, 1, *size, device="meta")
     base = count_flops(lambda: adapter.plain_decode(z))
     row = {"plain_decoder_tflop": base / 1e12}
     for name, config in configs.items():
@@ -112,40 +114,85 @@ VIDEO_BACKBONES = {  # name -> (diffusers class, config overrides, pipeline defa
     "cogvideox": ("AutoencoderKLCogVideoX", {}, 49),
     "hunyuan-video": ("AutoencoderKLHunyuanVideo", {}, 129),  # HunyuanVideoImageToVideoPipeline's default
     "stable-video-diffusion": ("AutoencoderKLTemporalDecoder", SVD_VAE, 25),  # the SVD-XT UNet's num_frames
+    "qwen-image-2.1": ("AutoencoderKLQwenImage21", {}, 1),  # an image VAE: QwenImage21Pipeline decodes one frame
+    "minimax-h3": ("AutoencoderKLMiniMaxH3", {}, 124),  # the modular pipeline's default num_frames (17 * 7 + 5)
 }
+# Sizes other than 480x832: each family's common one (QwenImage21Pipeline's default 1024x1024 output; MiniMax-H3's
+# canvas, short edge 768 at 16:9).
+SIZES = {"qwen-image-2.1": (1024, 1024), "minimax-h3": (768, 1344)}
+# Latent frame counts of the memory comparison where 5 and 21 are off the frame rule (MiniMax-H3: 5n + 2).
+MEMORY_FRAMES = {"minimax-h3": (7, 22)}
 
 
-# Families whose `small` costs more than 1.3x their plain decoder, and the scaled `small` the docs recommend: SVD's
-# per-frame 2D decoder is cheap, so `small`'s stage transformers weigh more; coarser tokens (H/32) bring it down.
-SCALED_SMALL = {"stable-video-diffusion": {"small_grid_x2": (2, 2, 2)}}
+# Families whose `small` costs more than 1.3x their plain decoder, and the scaled `small` the docs recommend (label ->
+# `stages` fields): SVD's per-frame 2D decoder is cheap, so `small`'s stage transformers weigh more; coarser tokens
+# (H/32) bring it down. Qwen-Image 2.1 decodes one frame, so the reference branch (the reference through
+# up_blocks.1 and .2 to reach stages 1 and 2) costs as much as the image's own pass through them; conditioning
+# stage 0 (H/8) only drops it.
+SCALED_SMALL = {
+    "stable-video-diffusion": {"small_grid_x2": {"patch_multipliers": (2, 2, 2)}},
+    "qwen-image-2.1": {"small_stage0": {"indices": (0,), "patch_multipliers": None}},
+}
 
 
 def _meta(vae: torch.nn.Module) -> torch.nn.Module:
     """The VAE wholly on the meta device: tensors made with the legacy ``torch.Tensor([...])`` constructor (SVD's
-    ``AlphaBlender.mix_factor``) ignore ``torch.device("meta")`` and land on the CPU."""
+    ``AlphaBlender.mix_factor``) ignore ``torch.device("meta")`` and land on the CPU.
+
+    MiniMax-H3 ships with its spatial tiling on (256-pixel tiles), which its adapter does not reproduce: it is
+    counted untiled, plain and RefDecoder alike (``vae.disable_tiling()``)."""
+    if type(vae).__name__ == "AutoencoderKLMiniMaxH3":
+        vae.disable_tiling()
     return vae.to("meta")
 
 
-def video_backbone_flops(size: tuple[int, int] = (480, 832)) -> dict:
-    """Plain vs ``small`` / ``paper`` at each video backbone's released config (meta device)."""
+def _selected(only: tuple[str, ...] | None) -> dict:
+    return {k: v for k, v in VIDEO_BACKBONES.items() if only is None or k in only}
+
+
+def video_backbone_flops(size: tuple[int, int] = (480, 832), only: tuple[str, ...] | None = None) -> dict:
+    """Plain vs ``small`` / ``paper`` at each video backbone's released config (meta device), at ``size`` or the
+    family's own (:data:`SIZES`)."""
     import diffusers
 
     rows = {}
-    for name, (cls, overrides, frames) in VIDEO_BACKBONES.items():
+    for name, (cls, overrides, frames) in _selected(only).items():
         with torch.device("meta"):
             vae = _meta(getattr(diffusers, cls)(**overrides).eval())
         configs: dict = {preset: preset for preset in PRESETS}
-        for label, multipliers in SCALED_SMALL.get(name, {}).items():
+        for label, fields in SCALED_SMALL.get(name, {}).items():
             configs[label] = refdecoder.preset("small")
-            configs[label].stages.patch_multipliers = multipliers
-        row = flops_row(vae, frames, size, configs)
-        rows[name] = {"frames": frames, "size": list(size), **row}
+            for field, value in fields.items():
+                setattr(configs[label].stages, field, value)
+        own = SIZES.get(name, size)
+        row = flops_row(vae, frames, own, configs)
+        rows[name] = {"frames": frames, "size": list(own), **row}
+        if name in SCALED_SMALL and "indices" in next(iter(SCALED_SMALL[name].values())):
+            rows[name]["plain_up_block_tflop"] = up_block_flops(vae, frames, own)  # where the reference branch runs
         print(name, row, flush=True)
     return rows
 
 
-def video_backbone_memory(size: tuple[int, int] = (480, 832), preset: str = "small") -> dict:
-    """Peak live-tensor bytes (meta device) decoding 5 vs 21 latent frames at each video backbone's released config.
+def up_block_flops(vae, frames: int, size: tuple[int, int]) -> dict:
+    """TFLOP of each ``decoder.up_blocks.N`` in the plain decode (``FlopCounterMode``'s per-module counts)."""
+    adapter = find_backbone(vae)(vae)
+    factor, latent_frames = adapter.spatial_factor, adapter.frame_rule.latent_frames(frames)
+    z = torch.empty(1, adapter.latent_channels, latent_frames, size[0] // factor, size[1] // factor, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        adapter.plain_decode(z)
+    counts = counter.get_flop_counts()
+    return {
+        key.split(".", 1)[1]: sum(counts[key].values()) / 1e12
+        for key in counts
+        if key.count(".") == 2 and ".up_blocks." in key
+    }
+
+
+def video_backbone_memory(
+    size: tuple[int, int] = (480, 832), preset: str = "small", only: tuple[str, ...] | None = None
+) -> dict:
+    """Peak live-tensor bytes (meta device) decoding 5 vs 21 latent frames (:data:`MEMORY_FRAMES` where those are
+    off the rule) at each video backbone's released config, at ``size`` or the family's own (:data:`SIZES`).
 
     These backbones decode in their own temporal layout (one window, or CogVideoX's frame batches), so the ratio
     shows what that costs in length.
@@ -153,21 +200,22 @@ def video_backbone_memory(size: tuple[int, int] = (480, 832), preset: str = "sma
     import diffusers
 
     rows = {}
-    for name, (cls, overrides, _) in VIDEO_BACKBONES.items():
+    for name, (cls, overrides, _) in _selected(only).items():
         with torch.device("meta"):
             vae = _meta(getattr(diffusers, cls)(**overrides).eval())
         model = refdecoder.wrap(vae, preset)
-        adapter, peaks = model.adapter, {}
-        ref = torch.empty(1, 3, 1, *size, device="meta")
-        for latent_frames in (5, 21):
-            shape = (1, adapter.latent_channels, latent_frames, *(s // adapter.spatial_factor for s in size))
+        adapter, peaks, own = model.adapter, {}, SIZES.get(name, size)
+        ref = torch.empty(1, adapter.pixel_channels, 1, *own, device="meta")
+        short, long = MEMORY_FRAMES.get(name, (5, 21))
+        for latent_frames in (short, long):
+            shape = (1, adapter.latent_channels, latent_frames, *(s // adapter.spatial_factor for s in own))
             with torch.inference_mode(), LiveTensorMeter() as meter:
                 model.decode(torch.empty(shape, device="meta"), reference=ref)
             peaks[latent_frames] = meter.peak
         rows[name] = {
-            "peak_bytes_5_latent": peaks[5],
-            "peak_bytes_21_latent": peaks[21],
-            "ratio_21_over_5": peaks[21] / peaks[5],
+            f"peak_bytes_{short}_latent": peaks[short],
+            f"peak_bytes_{long}_latent": peaks[long],
+            f"ratio_{long}_over_{short}": peaks[long] / peaks[short],
         }
         print(name, rows[name], flush=True)
     return {"size": list(size), "preset": preset, "backbones": rows}
@@ -222,12 +270,30 @@ def peak_memory(device: str, size: tuple[int, int], preset: str = "small") -> di
     }
 
 
+def update_backbone_rows(names: tuple[str, ...], path: Path) -> None:
+    """Recompute the video-backbone FLOP and memory rows of ``names`` and write them into the JSON at ``path``."""
+    unknown = sorted(set(names) - set(VIDEO_BACKBONES))
+    if unknown:
+        raise SystemExit(f"unknown video backbone(s) {unknown}; known: {sorted(VIDEO_BACKBONES)}")
+    doc = json.loads(path.read_text())
+    doc["video_backbone_flops"].update(video_backbone_flops(only=names))
+    doc["video_backbone_memory"]["backbones"].update(video_backbone_memory(only=names)["backbones"])
+    payload = {k: v for k, v in doc.items() if k not in ("benchmark", "machine")}
+    print("wrote", write_json(doc["benchmark"], payload, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-time", action="store_true", help="skip the (slow on CPU) wall-time part")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--backbones", nargs="+", default=None, help="only these video backbones' rows, merged into --out's JSON"
+    )
     args = parser.parse_args()
+    if args.backbones:
+        update_backbone_rows(tuple(args.backbones), args.out or RESULTS / "decode_overhead_backbones.json")
+        return
     result = {"flops": flops_table(), "wan22_flops": wan22_flops()}
     print("FLOPs:", result["flops"])
     print("Wan2.2 FLOPs:", result["wan22_flops"])

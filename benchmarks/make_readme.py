@@ -179,10 +179,12 @@ def _video_backbones() -> str:
     for name, v in doc["video_backbone_flops"].items():
         plain = v["plain_decoder_tflop"]
         memory = doc["video_backbone_memory"]["backbones"].get(name, {})
-        ratio = f"{memory['ratio_21_over_5']:.2f}x" if memory else "-"
+        ratio = next(
+            (f"{v:.2f}x ({k[6:].replace('_over_', ' / ')})" for k, v in memory.items() if k.startswith("ratio_")), "-"
+        )
         size = f"{v['frames']} x {v['size'][0]}x{v['size'][1]}"
         rows.append([name, size, f"{plain:.1f} T", _tflop(v["small"], plain), _tflop(v["paper"], plain), ratio])
-    head = ["backbone", "frames x size", "plain", "`small`", "`paper`", "`small` memory, 21 / 5 latent frames"]
+    head = ["backbone", "frames x size", "plain", "`small`", "`paper`", "`small` memory, long / short latent frames"]
     intro = "Other video backbones at their released configs (`decode_overhead_backbones.json`):"
     return f"{intro}\n\n{table(head, rows)}"
 

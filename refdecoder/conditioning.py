@@ -39,7 +39,7 @@ class ReferenceFeatures:
     """One decode's reference and its tokenized features, made once before the window loop.
 
     Attributes:
-        pixels: ``B, 3, R, H, W`` in [-1, 1] at the decoded size.
+        pixels: ``B, P, R, H, W`` in [-1, 1] at the decoded size, ``P`` the adapter's ``pixel_channels`` (3: RGB).
         first_stage: ``B, C_0, R, h_0, w_0``, the tokenizer's features on the first stage's grid (what stage 0's
             joint attention takes as the reference).
         per_stage: ``tokenizer.per_stage``: each later conditioned stage's own features of ``pixels``,
@@ -59,7 +59,7 @@ class ReferenceFeatures:
     def tokenize(
         cls, pixels: torch.Tensor, tokenizer: ReferenceTokenizer, stage_tokenizers: Mapping[str, ReferenceTokenizer]
     ) -> ReferenceFeatures:
-        """Tokenize ``B, 3, R, H, W`` pixels with the first stage's tokenizer and the per-stage ones (keyed
+        """Tokenize ``B, P, R, H, W`` pixels with the first stage's tokenizer and the per-stage ones (keyed
         ``stage{i}``), each in its weights' dtype."""
 
         def features(module: ReferenceTokenizer) -> torch.Tensor:

@@ -250,7 +250,8 @@ def check_reference_branch(c: ConformanceCase) -> None:
     """
     adapter = _fresh(c)
     rule, specs = adapter.frame_rule, adapter.stages()
-    image = torch.rand(1, 3, 1, *c.pixel_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    channels = adapter.pixel_channels
+    image = torch.rand(1, channels, 1, *c.pixel_size, generator=torch.Generator().manual_seed(1)) * 2 - 1
     z = adapter.encode(image.expand(-1, -1, rule.first, -1, -1))[:, :, :1]
     for index in range(len(specs) - 1):  # after the last stage the reference branch is not used
         hooks = RecordingHooks(cut_at=index)

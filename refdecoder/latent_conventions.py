@@ -68,6 +68,7 @@ _CONVENTIONS: dict[str, PipelineConvention] = {
     "AutoencoderKLWan": PipelineConvention("WanPipeline, WanImageToVideoPipeline", _MEAN_STD, _mean_std),
     "AutoencoderKLQwenImage": PipelineConvention("QwenImagePipeline", _MEAN_STD, _mean_std),
     "AutoencoderKLQwenImage21": PipelineConvention("QwenImage21Pipeline", _MEAN_STD, _mean_std),
+    "AutoencoderKLMiniMaxH3": PipelineConvention("MiniMaxH3ModularPipeline", _MEAN_STD, _mean_std),
     "AutoencoderKLLTXVideo": PipelineConvention("LTXPipeline", _SCALED_MEAN_STD, _scaled_mean_std),
     "AutoencoderKLLTX2Video": PipelineConvention("LTX2Pipeline", _SCALED_MEAN_STD, _scaled_mean_std),
     "AutoencoderKLMochi": PipelineConvention("MochiPipeline", _SCALED_MEAN_STD, _scaled_mean_std),

@@ -129,8 +129,8 @@ class RefDecoder(nn.Module):
         Args:
             latents: raw VAE latents ``B, C, t, h, w`` (what ``vae.decode`` takes; de-normalise diffusion latents
                 first with :meth:`denormalize`).
-            reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, or None for the plain
-                backbone decode.
+            reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size (``adapter.pixel_channels``
+                channels: 4 for Qwen-Image 2.1's RGBA VAE), or None for the plain backbone decode.
             window: latent frames per decoder pass (joint attention span); default ``config.window``.
             clamp: clamp the output to [-1, 1]; default (None) exactly when the backbone's own decode clamps
                 (``adapter.output_clamp``: Wan yes; HunyuanVideo 1.5, LTX, CogVideoX, VideoVAE+ no).
@@ -209,7 +209,9 @@ class RefDecoder(nn.Module):
         reference_features = None
         if reference is not None:
             size = self.output_size(latents.shape[-2:])
-            reference = check_reference(reference, latents.shape[0], size, resize_reference)
+            reference = check_reference(
+                reference, latents.shape[0], size, resize_reference, channels=self.adapter.pixel_channels
+            )
             reference_features = ReferenceFeatures.tokenize(reference, self.tokenizer, self.stage_tokenizers)
         ctx = DecodeContext(decode_inputs=inputs, reference_pixels=reference, generator=generator)
         num_reference = 0 if reference_features is None else reference_features.num_frames
@@ -265,7 +267,7 @@ class RefDecoder(nn.Module):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Frozen encoder: ``B, 3, T, H, W`` video in [-1, 1] -> raw latents (posterior mode), without gradients."""
         self._check_alive()
-        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
+        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor, self.adapter.pixel_channels)
         return self.adapter.encode(video.to(next(self.vae.parameters()).dtype))
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -315,7 +317,7 @@ class RefDecoder(nn.Module):
         """Training pass: encode without gradients, then decode with a reference (by default a clip frame).
 
         Args:
-            video: ``B, 3, T, H, W`` in [-1, 1], ``T`` valid for the backbone.
+            video: ``B, 3, T, H, W`` in [-1, 1] (``adapter.pixel_channels`` channels), ``T`` valid for the backbone.
             reference_index: per-sample frame index (``(B,)`` or an int); drawn uniformly when None.
             generator: RNG for the reference draw and the training-time components.
             reference: an explicit ``B, 3, H, W`` / ``B, 3, R, H, W`` reference instead of a clip frame (e.g. a

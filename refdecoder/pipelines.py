@@ -10,8 +10,10 @@ Two ways, which give the same frames (``tests/test_pipelines.py``):
   edit and image-to-image pipelines, ``HunyuanVideo15ImageToVideoPipeline``, ``HunyuanVideoImageToVideoPipeline``,
   ``HunyuanSkyreelsImageToVideoPipeline``, ``HunyuanVideoFramepackPipeline`` (several decodes per call),
   ``Kandinsky5I2VPipeline``, ``StableVideoDiffusionPipeline`` (frames folded into the batch, one video per chunk),
-  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``) and
-  ``CogVideoXImageToVideoPipeline``.
+  ``LTXImageToVideoPipeline`` (its decode timestep goes on as the adapter's ``temb``),
+  ``CogVideoXImageToVideoPipeline``, ``QwenImage21Pipeline`` (RGBA images and references) and the MiniMax-H3
+  modular pipeline's ``MiniMaxH3VideoDecodeStep`` (with a fixed ``image=``; the stand-in hands the step the VAE's
+  own ImageNet-normalised pixels, ``adapter.to_backbone_pixels``).
 
 Why not ``pipe.vae = model``: the pipeline reads ``pipe.vae.config``, ``.dtype``, calls ``.encode`` for the image
 condition and ``.decode(z, return_dict=False)[0]``. So for the block ``pipe.vae`` is a :class:`ReferenceDecodingVAE`:
@@ -116,15 +118,15 @@ def vae_tiles(vae: nn.Module, model: nn.Module, latent_size: tuple[int, int]) ->
     if not getattr(vae, "use_tiling", False):
         return None
     adapter = model.adapter
+    tile = (vae.tile_sample_min_height, vae.tile_sample_min_width)
+    if latent_size[0] * adapter.spatial_factor <= tile[0] and latent_size[1] * adapter.spatial_factor <= tile[1]:
+        return None  # one tile: diffusers decodes it whole (MiniMax-H3 ships with tiling on)
     if not adapter.tiling:
         raise ConfigError(
             f"vae.enable_tiling() is on, but the {adapter.name} adapter has no tiled decode that RefDecoder "
             "reproduces; call vae.disable_tiling()"
         )
-    tile = (vae.tile_sample_min_height, vae.tile_sample_min_width)
     stride = (vae.tile_sample_stride_height, vae.tile_sample_stride_width)
-    if latent_size[0] * adapter.spatial_factor <= tile[0] and latent_size[1] * adapter.spatial_factor <= tile[1]:
-        return None
     overlap = (tile[0] - stride[0], tile[1] - stride[1])
     try:
         return plan_tiles(
@@ -320,6 +322,7 @@ class ReferenceDecodingVAE(nn.Module):
         if folded:
             return self._decode_folded(z, frames, reference, inputs, return_dict)
         video = _decode(model.to(z.device), z, reference.to(z.device), inputs=inputs, **self._options)
+        video = model.adapter.to_backbone_pixels(video)  # what the pipeline expects of vae.decode
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     def _decode_folded(
@@ -399,17 +402,21 @@ def reference_decoding(
     pipe.vae = stand_in  # the pipeline's own __setattr__, which also records the stand-in's class in its config
     if image is None:
         setattr(pipe, processor_name, _RecordingProcessor(processor, record))
-    free_hooks = pipe.maybe_free_model_hooks
+    # diffusers pipelines call maybe_free_model_hooks last (modular pipelines have none): an instance attribute,
+    # removed on exit, that ends the call's record.
+    free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
 
-    def end_of_call() -> None:  # diffusers pipelines call it last; an instance attribute, removed on exit
+    def end_of_call() -> None:
         record.call_ended()
         free_hooks()
 
-    pipe.maybe_free_model_hooks = end_of_call
+    if free_hooks is not None:
+        pipe.maybe_free_model_hooks = end_of_call
     try:
         yield stand_in
     finally:
-        del pipe.maybe_free_model_hooks
+        if free_hooks is not None:
+            del pipe.maybe_free_model_hooks
         pipe.vae = vae
         pipe.register_to_config(vae=config_entry)
         if image is None:

@@ -45,7 +45,9 @@ def build_stage_modules(config: RefDecoderConfig, adapter: BackboneAdapter, indi
 
     def tokenizer(channels: int, scale: int) -> ReferenceTokenizer:
         # The reference comes at the output size; a larger patch lands it on the stage's grid.
-        return ReferenceTokenizer(channels, scale * factor, tok.kind, tok.kernel_size, tok.norm)
+        return ReferenceTokenizer(
+            channels, scale * factor, tok.kind, tok.kernel_size, tok.norm, in_channels=adapter.pixel_channels
+        )
 
     first = tokenizer(adapter.reference_channels, adapter.reference_scale)
     later = {specs[i].name: tokenizer(specs[i].channels, specs[i].scale) for i in indices if i > 0 and tok.per_stage}

@@ -114,11 +114,13 @@ class Conformance:
 
     def reference(self, model: nn.Module, latents: torch.Tensor, seed: int = 1) -> torch.Tensor:
         size = model.output_size(latents.shape[-2:])
-        return torch.rand(latents.shape[0], 3, 1, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        channels = model.adapter.pixel_channels
+        return torch.rand(latents.shape[0], channels, 1, *size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
     def video(self, model: nn.Module, latent_frames: int | None = None, seed: int = 2) -> torch.Tensor:
         frames = model.adapter.frame_rule.pixel_frames(latent_frames or self.short)
-        return torch.rand(1, 3, frames, *self.pixel_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        channels = model.adapter.pixel_channels
+        return torch.rand(1, channels, frames, *self.pixel_size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def _added_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -74,11 +74,11 @@ def check_range(x: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} contains NaN or inf values")
 
 
-def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int) -> None:
-    """Video ``B, 3, T, H, W`` in [-1, 1] with a frame count the backbone accepts and H, W divisible."""
+def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int, channels: int = 3) -> None:
+    """Video ``B, channels, T, H, W`` in [-1, 1] with a frame count the backbone accepts and H, W divisible."""
     _check_tensor(video, "video", "B, 3, T, H, W")
-    if video.ndim != 5 or video.shape[1] != 3:
-        raise InputError(f"video must have shape (B, 3, T, H, W), got {tuple(video.shape)}")
+    if video.ndim != 5 or video.shape[1] != channels:
+        raise InputError(f"video must have shape (B, {channels}, T, H, W), got {tuple(video.shape)}")
     _check_not_empty(video, "video", "B, 3, T, H, W")
     frame_rule.check(video.shape[2])
     h, w = video.shape[-2:]
@@ -87,10 +87,27 @@ def check_video(video: torch.Tensor, frame_rule: FrameRule, spatial_factor: int)
     check_range(video, "video")
 
 
+def check_pixel_channels(pixels: torch.Tensor, channels: int, backbone: str) -> None:
+    """Raise :class:`InputError` unless ``B, C, ...`` media have the backbone's ``channels`` (media files are RGB)."""
+    if pixels.ndim < 2 or pixels.shape[1] != channels:
+        got = pixels.shape[1] if pixels.ndim >= 2 else "no"
+        raise InputError(
+            f"the {backbone} backbone takes {channels}-channel pixels, got {got}: media files are read as RGB, so an "
+            f"RGBA VAE (Qwen-Image 2.1) decodes from the Python API with {channels}-channel videos and references"
+        )
+
+
 def check_reference(
-    reference: torch.Tensor, batch: int, size: tuple[int, int], resize: bool = False, warn_range: bool = True
+    reference: torch.Tensor,
+    batch: int,
+    size: tuple[int, int],
+    resize: bool = False,
+    warn_range: bool = True,
+    channels: int = 3,
 ) -> torch.Tensor:
-    """Return the reference as ``B, 3, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
+    """Return the reference as ``B, channels, R, H, W`` in [-1, 1], matching the decoded size ``(H, W)``.
+
+    ``channels``: the backbone's pixel channels (4 for an RGBA VAE: the reference is RGBA too).
 
     Accepts ``B, 3, H, W`` (one frame) or ``B, 3, R, H, W``; a batch of 1 is broadcast to ``batch``. A size
     mismatch is an error unless ``resize`` is set, in which case frames are resized (bilinear, antialiased). A
@@ -101,9 +118,10 @@ def check_reference(
     given = tuple(reference.shape)
     if reference.ndim == 4:
         reference = reference.unsqueeze(2)
-    if reference.ndim != 5 or reference.shape[1] != 3:
+    if reference.ndim != 5 or reference.shape[1] != channels:
         hint = "; channels must come second (channels-last images: x.permute(0, 3, 1, 2))" if given[-1] == 3 else ""
-        raise InputError(f"reference must have shape (B, 3, H, W) or (B, 3, R, H, W), got {given}{hint}")
+        c = channels
+        raise InputError(f"reference must have shape (B, {c}, H, W) or (B, {c}, R, H, W), got {given}{hint}")
     _check_not_empty(reference, "reference", "B, 3, R, H, W")
     if reference.shape[0] not in (1, batch):
         raise InputError(f"reference batch {reference.shape[0]} does not match the latents' batch {batch} (or 1)")

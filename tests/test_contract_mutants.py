@@ -18,6 +18,7 @@ from refdecoder.testing import Conformance, checks_for
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIFFUSERS_VIDEO = ("wan2.1", "hunyuan-video", "hunyuan-video-1.5", "ltx-video", "cogvideox")
+IMAGE_AND_VIT = ("qwen-image-2.1", "minimax-h3")  # an RGBA image decoder; a transformer decoder
 
 
 def _bad_conventions(base: type[BackboneAdapter]) -> dict[str, Any]:
@@ -69,21 +70,36 @@ def _flipped_output_clamp(base: type[BackboneAdapter]) -> dict[str, Any]:
 
 # (mutation, the built-in adapters it is applied to, the check that must fail, what its message says)
 MUTANTS: list[tuple[Callable[[type[BackboneAdapter]], dict[str, Any]], tuple[str, ...], str, str]] = [
-    (_bad_conventions, (*DIFFUSERS_VIDEO, "videovae+"), "check_latent_conventions", "must be inverse"),
+    (_bad_conventions, (*DIFFUSERS_VIDEO, *IMAGE_AND_VIT, "videovae+"), "check_latent_conventions", "must be inverse"),
     (
         _consistent_but_foreign_convention,
-        DIFFUSERS_VIDEO,
+        (*DIFFUSERS_VIDEO, *IMAGE_AND_VIT),
         "check_latent_conventions",
         r"the convention of \w+Pipeline",
     ),
     (_no_time_factor, DIFFUSERS_VIDEO, "check_hook_shapes", r"receives \d+ frames .* but stage_frames\(\) plans"),
-    (_up_blocks_only, (*DIFFUSERS_VIDEO, "videovae+"), "check_decoder_parameters", "decoder_parameters.. leaves out"),
-    (_zero_reference_branch, (*DIFFUSERS_VIDEO, "videovae+"), "check_reference_branch", "one-frame image decode"),
-    (_flipped_causal_first_frame, (*DIFFUSERS_VIDEO, "videovae+"), "check_hook_shapes", "set causal_first_frame ="),
+    (
+        _up_blocks_only,
+        (*DIFFUSERS_VIDEO, *IMAGE_AND_VIT, "videovae+"),
+        "check_decoder_parameters",
+        "decoder_parameters.. leaves out",
+    ),
+    (
+        _zero_reference_branch,
+        (*DIFFUSERS_VIDEO, *IMAGE_AND_VIT, "videovae+"),
+        "check_reference_branch",
+        "one-frame image decode",
+    ),
+    (
+        _flipped_causal_first_frame,
+        (*DIFFUSERS_VIDEO, "minimax-h3", "videovae+"),
+        "check_hook_shapes",
+        "set causal_first_frame =",
+    ),
     (_forgotten_frame_drop, ("wan2.1", "hunyuan-video-1.5", "ltx-video"), "check_hook_shapes", "frame_rule"),
     (
         _flipped_output_clamp,
-        ("wan2.1", "hunyuan-video-1.5", "cogvideox", "videovae+"),
+        ("wan2.1", "hunyuan-video-1.5", "cogvideox", "qwen-image-2.1", "videovae+"),
         "check_output_clamp",
         "set output_clamp =",
     ),

@@ -109,6 +109,32 @@ def _videovaeplus() -> nn.Module:
     return VideoVAEPlus(VideoVAEPlusConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, temporal_hidden=32))
 
 
+def _qwen_image21() -> nn.Module:
+    from diffusers import AutoencoderKLQwenImage21
+
+    # The plain (non-residual) up-blocks, which build_tiny does not use; RGBA in and out, as released.
+    layout = dict(dim_mult=[1, 2, 2, 2], num_res_blocks=2, temperal_downsample=[False, True, True], is_residual=False)
+    return AutoencoderKLQwenImage21(base_dim=16, decoder_base_dim=24, z_dim=8, scale_factor_spatial=8, **layout,
+                                    **_wan_lists(8))  # fmt: skip
+
+
+def _minimax_h3() -> nn.Module:
+    from diffusers import AutoencoderKLMiniMaxH3
+
+    vae = AutoencoderKLMiniMaxH3(
+        latent_channels=8, block_out_channels=(16, 16, 16), layers_per_block=2, spatial_downsample_factors=(2, 2, 1),
+        temporal_downsample_factors=(2, 2, 1), norm_num_groups=8, decoder_num_layers=4,
+        decoder_num_attention_heads=2, decoder_attention_head_dim=24, decoder_num_register_tokens=3,
+        latents_mean=[0.1] * 8, latents_std=[2.0] * 8,
+    )  # fmt: skip
+    with torch.no_grad():  # the class zero-initialises what a trained checkpoint has: every block then acts
+        for name, param in vae.decoder.named_parameters():
+            if name.endswith(("scale1", "scale2", "register_tokens")):
+                param.normal_(std=0.5)
+        vae.decoder.proj_out.weight.mul_(4.0)  # decoded values beyond [-1, 1] after the ImageNet mapping
+    return vae
+
+
 CONFIGS: dict[str, Callable[[], nn.Module]] = {
     "wan2.1": _wan21,
     "wan2.2": _wan22,
@@ -120,7 +146,10 @@ CONFIGS: dict[str, Callable[[], nn.Module]] = {
     "cogvideox": _cogvideox,
     "stable-video-diffusion": _stable_video_diffusion,
     "videovae+": _videovaeplus,
+    "qwen-image-2.1": _qwen_image21,
+    "minimax-h3": _minimax_h3,
 }
+IMAGENET = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _vae_decode(model: refdecoder.RefDecoder, z: torch.Tensor) -> torch.Tensor:
@@ -129,6 +158,12 @@ def _vae_decode(model: refdecoder.RefDecoder, z: torch.Tensor) -> torch.Tensor:
     if "num_frames" in inspect.signature(model.vae.decode).parameters:  # SVD: frames folded into the batch
         folded = model.vae.decode(rearrange(z, "b c t h w -> (b t) c h w"), num_frames=z.shape[2]).sample
         return rearrange(folded, "(b t) c h w -> b c t h w", b=z.shape[0])
+    kind = type(model.vae).__name__
+    if kind == "AutoencoderKLQwenImage21":  # an image VAE: one latent frame per call
+        return torch.cat([model.vae.decode(z[:, :, i : i + 1]).sample for i in range(z.shape[2])], dim=2)
+    if kind == "AutoencoderKLMiniMaxH3":  # ImageNet-normalised RGB -> RefDecoder's [-1, 1]
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1, 1) for v in IMAGENET)
+        return (model.vae.decode(z).sample * std + mean) * 2 - 1
     out = model.vae.decode(z, **model.adapter.decode_inputs(z))
     return out.sample if hasattr(out, "sample") else out
 
@@ -160,7 +195,8 @@ def test_decode_equals_the_unclamped_vae_decode_beyond_unit_range(name):
         context = DecodeContext(decode_inputs=adapter.decode_inputs(z))
         raw = adapter.decode_windows(z, IdentityHooks(), context, adapter.plan_windows(frames, 4))  # never clamped
         peak = max(peak, raw.abs().max().item())
-        reference = torch.rand(1, 3, 1, *stock.shape[-2:], generator=torch.Generator().manual_seed(9)) * 2 - 1
+        shape = (1, adapter.pixel_channels, 1, *stock.shape[-2:])
+        reference = torch.rand(shape, generator=torch.Generator().manual_seed(9)) * 2 - 1
         for ref in (reference, None):
             worst = max(worst, (model.decode(z, reference=ref) - stock).abs().max().item())
     if not adapter.output_clamp:  # the old always-clamping decode would differ from this backbone's vae.decode

@@ -28,9 +28,9 @@ from tests.helpers import latents_for, randomize_, reference_for
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _random_model(backbone: str) -> torch.nn.Module:
+def _random_model(backbone: str, **overrides: object) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = refdecoder.wrap(refdecoder.get_backbone(backbone).build_tiny().eval(), "tiny").eval()
+    model = refdecoder.wrap(refdecoder.get_backbone(backbone).build_tiny(**overrides).eval(), "tiny").eval()
     for part in (model.tokenizer, model.transformer, model.projectors):
         randomize_(part, scale=0.1)
     return model
@@ -45,13 +45,17 @@ def model() -> torch.nn.Module:
 def test_iter_decode_equals_model_decode(backbone: str) -> None:
     model = _random_model(backbone)
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(1, model.adapter.latent_channels, 5, 4, 6, generator=g)
-    ref = torch.rand(1, 3, *model.output_size(z.shape[-2:]), generator=g) * 2 - 1
+    frames = 12 if backbone == "minimax-h3" else 5  # two of its clips (7 + 5k latent frames)
+    z = torch.randn(1, model.adapter.latent_channels, frames, 4, 6, generator=g)
+    ref = torch.rand(1, model.adapter.pixel_channels, *model.output_size(z.shape[-2:]), generator=g) * 2 - 1
     with torch.no_grad():
         expected = model.decode(z, reference=ref, window=2)
     chunks = list(iter_decode(model, z, ref, window=2))
-    windows = model.adapter.plan_windows(5, 2)
-    assert [c.shape[2] for c in chunks] == [b - a for a, b in window_pixel_ranges(model.adapter.frame_rule, windows)]
+    windows = model.adapter.plan_windows(frames, 2)
+    ranges = window_pixel_ranges(model.adapter, windows)
+    assert [c.shape[2] for c in chunks] == [b - a for a, b in ranges]
+    if backbone != "minimax-h3":  # its clips overlap and end off the frame rule: only the adapter counts them
+        assert ranges == window_pixel_ranges(model.adapter.frame_rule, windows)
     torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=0, rtol=0)
     assert not torch.allclose(expected, model.decode(z, window=2))  # the reference does change the result
 
@@ -60,9 +64,10 @@ def test_iter_decode_equals_model_decode(backbone: str) -> None:
 def test_encode_chunks_equal_one_encode(backbone: str) -> None:
     # Wan carries its causal encoder caches from piece to piece; other backbones encode the joined pieces.
     model = _random_model(backbone)
-    video = torch.rand(1, 3, 22, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    channels = model.adapter.pixel_channels  # 4 for Qwen-Image 2.1's RGBA VAE
+    video = torch.rand(1, channels, 22, 32, 48, generator=torch.Generator().manual_seed(3)) * 2 - 1
     valid = model.adapter.frame_rule.round(22, "up")
-    padded = torch.cat([video, video[:, :, -1:].expand(1, 3, valid - 22, 32, 48)], dim=2)
+    padded = torch.cat([video, video[:, :, -1:].expand(1, channels, valid - 22, 32, 48)], dim=2)
     pieces = RuleChunks(video[0].split(7, dim=1), model.adapter.frame_rule, group=2)
     torch.testing.assert_close(encode_chunks(model.adapter, pieces), model.encode(padded), atol=1e-5, rtol=0)
     assert (pieces.frames, pieces.padded) == (22, valid)
@@ -127,11 +132,21 @@ def test_reconstruct_options_reject_bad_reference_index(model: torch.nn.Module, 
 
 @pytest.mark.parametrize("backbone", refdecoder.list_backbones())
 def test_reconstruct_any_backbone(backbone: str, tmp_path: Path) -> None:
-    # 11 frames fit neither 1 + 4k nor 4k: padded for the VAE, trimmed back in the output and the metrics.
-    model = _random_model(backbone)
+    # 11 frames fit neither 1 + 4k nor 4k: padded for the VAE, trimmed back in the output and the metrics. Media
+    # are RGB: Qwen-Image 2.1 runs as its RGB variant (its RGBA layout refuses RGB media in one line, below).
+    rgb = {"in_channels": 3, "out_channels": 3} if backbone == "qwen-image-2.1" else {}
+    model = _random_model(backbone, **rgb)
     side = max(16, 2 * model.adapter.spatial_factor)  # at least 2x2 latent positions (LTX-2's reflect padding)
     options = ReconstructOptions(size=(side, side), max_frames=11, compare_base=True)
     with torch.inference_mode():
         row = reconstruct_video(Decoder(model.adapter, model), bundled_clips()[0], tmp_path, "clip", options)
     assert row["frames"] == 11 and math.isfinite(row["psnr"]) and math.isfinite(row["delta_psnr"])
     assert read_clip(tmp_path / "clip.mp4", range(11)).shape == (3, 11, side, side)
+
+
+def test_an_rgba_backbone_refuses_rgb_media_in_one_line(tmp_path: Path) -> None:
+    model = _random_model("qwen-image-2.1")  # the released layout: RGBA in and out
+    options = ReconstructOptions(size=(16, 16), max_frames=3)
+    with torch.inference_mode(), pytest.raises(InputError, match="takes 4-channel pixels, got 3") as err:
+        reconstruct_video(Decoder(model.adapter, model), bundled_clips()[0], tmp_path, "clip", options)
+    assert "\n" not in str(err.value)

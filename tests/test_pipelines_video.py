@@ -319,6 +319,17 @@ def test_vae_tiling_is_refused_by_name_for_adapters_without_a_tiled_decode() -> 
 
     pipe = cogvideox_i2v()
     pipe.vae.enable_tiling()
-    with tiny_pipelines.wrapped(pipe) as model, reference_decoding(pipe, model):
-        with pytest.raises(ConfigError, match="the cogvideox adapter has no tiled decode .* vae.disable_tiling()"):
-            _call(pipe, tiny_pipelines.image(size=(16, 16)), (16, 16), {})
+    try:
+        with tiny_pipelines.wrapped(pipe) as model:
+            with reference_decoding(pipe, model):
+                # Within one tile diffusers decodes the frame whole, and so does RefDecoder: no refusal.
+                _call(pipe, tiny_pipelines.image(size=(16, 16)), (16, 16), {})
+            pipe.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)
+            z = torch.zeros(1, model.adapter.latent_channels, 1, 4, 4)  # 32x32 pixels: two tiles a side
+            with reference_decoding(pipe, model, image=torch.zeros(1, 3, 32, 32)) as stand_in:
+                with pytest.raises(
+                    ConfigError, match=r"the cogvideox adapter has no tiled decode .* vae.disable_tiling\(\)"
+                ):
+                    stand_in.decode(z)
+    finally:
+        pipe.vae.disable_tiling()

@@ -49,7 +49,9 @@ def test_import_and_listing_load_no_adapter_and_no_diffusers():
         "hunyuan-video-1.5",
         "ltx-2-video",
         "ltx-video",
+        "minimax-h3",
         "qwen-image",
+        "qwen-image-2.1",
         "stable-video-diffusion",
         "videovae+",
         "wan2.1",
@@ -219,6 +221,8 @@ def test_a_registered_adapter_for_a_refused_class_wins(registered):
         ("AutoencoderKLHunyuanVideo15", "hunyuan-video-1.5"),
         ("AutoencoderKLLTXVideo", "ltx-video"),
         ("AutoencoderKLCogVideoX", "cogvideox"),
+        ("AutoencoderKLQwenImage21", "qwen-image-2.1"),
+        ("AutoencoderKLMiniMaxH3", "minimax-h3"),
     ],
 )
 def test_released_default_configs_are_detected(name, backbone):

@@ -1,4 +1,5 @@
-"""The Fabric recipe on the HunyuanVideo (v1 and 1.5), LTX-Video, CogVideoX and Stable Video Diffusion backbones:
+"""The Fabric recipe on the HunyuanVideo (v1 and 1.5), LTX-Video, CogVideoX, Stable Video Diffusion, Qwen-Image 2.1
+(its RGB variant) and MiniMax-H3 backbones:
 each tiny config in recipes/configs trains 5 steps on the bundled clips with a falling loss, and its exported weights
 reload onto the run's VAE."""
 
@@ -19,7 +20,10 @@ from tests.test_training_recipe import load_recipe
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKBONES = ("hunyuan-video-1.5", "ltx-video", "cogvideox", "hunyuan-video", "stable-video-diffusion")
+BACKBONES = (
+    "hunyuan-video-1.5", "ltx-video", "cogvideox", "hunyuan-video", "stable-video-diffusion", "qwen-image-2.1",
+    "minimax-h3",
+)  # fmt: skip
 
 
 def _config(name: str) -> str:
@@ -88,3 +92,24 @@ def test_hunyuan_video_refuses_clip_lengths_off_1_plus_4k(tmp_path, shards, caps
     assert load_recipe().main(args) == 1
     err = capsys.readouterr().err
     assert "1 + 4k" in err and len(err.strip().splitlines()) == 1
+
+
+def test_minimax_h3_refuses_clip_lengths_off_22_plus_17k(tmp_path, shards, capsys):
+    cfg = load_config(_config("minimax-h3"), [])
+    assert cfg.stages[0].frames == 22  # the shortest encoded clip: 7 latent frames
+    args = [
+        _config("minimax-h3"),
+        f"run_dir={tmp_path / 'run'}",
+        f"data.train.path={shards}",
+        "stages=[{steps: 1, frames: 17}]",
+    ]
+    assert load_recipe().main(args) == 1
+    err = capsys.readouterr().err
+    assert "22 + 17k" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_rgba_qwen_image_2_1_vae_refuses_rgb_clips_in_one_line(tmp_path, shards, capsys):
+    args = [_config("qwen-image-2.1"), f"run_dir={tmp_path / 'run'}", f"data.train.path={shards}", "model.vae.tiny={}"]
+    assert load_recipe().main(args) == 1  # the released layout: RGBA in and out, and the bundled clips are RGB
+    err = capsys.readouterr().err
+    assert "(B, 4, T, H, W)" in err and len(err.strip().splitlines()) == 1

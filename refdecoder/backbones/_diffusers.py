@@ -1,6 +1,8 @@
-"""Fit checks every adapter of a diffusers VAE shares: is the VAE that diffusers class, do its config fields hold.
+"""What every adapter of a diffusers VAE shares: fit checks (is the VAE that diffusers class, do its config fields
+hold) and the per-channel ``latents_mean`` / ``latents_std`` normalisation.
 
-Shared by the families (Wan, HunyuanVideo 1.5, LTX, CogVideoX), so none imports another family's private module.
+Shared by the families (Wan, HunyuanVideo 1.5, LTX, CogVideoX, Qwen-Image 2.1, MiniMax-H3), so none imports another
+family's private module.
 """
 
 from __future__ import annotations
@@ -8,9 +10,35 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["class_reason", "config_reasons"]
+__all__ = ["MeanStdLatents", "class_reason", "config_reasons"]
+
+
+class MeanStdLatents:
+    """Latent normalisation by the config's per-channel ``latents_mean`` / ``latents_std`` lists (the Wan family,
+    Qwen-Image 2.1, MiniMax-H3: their pipelines decode ``z * latents_std + latents_mean``). Mixed into an adapter
+    (before :class:`~refdecoder.backbones.base.BackboneAdapter`) that has ``vae``."""
+
+    vae: nn.Module
+
+    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_statistics(latents)
+        return (latents - mean) / std
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_statistics(latents)
+        return latents * std + mean
+
+    def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``1, C, 1, 1, 1`` statistics, made in fp32 and then cast like ``like``."""
+        config = self.vae.config
+        mean, std = (
+            torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+            for values in (config.latents_mean, config.latents_std)
+        )
+        return mean, std
 
 
 def class_reason(vae: nn.Module, class_name: str, explain_cache: bool = False) -> str | None:

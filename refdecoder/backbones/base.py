@@ -170,6 +170,12 @@ class BackboneAdapter(abc.ABC):
         return self.frame_rule.step
 
     @property
+    def pixel_channels(self) -> int:
+        """Channels of the decoded frames, the encoder's input and the pixel reference (3: RGB; Qwen-Image 2.1's
+        VAE: 4, RGBA). Videos and references must have this many; the reference tokenizer reads this many."""
+        return 3
+
+    @property
     def output_patch(self) -> int:
         """Pixels per decoder output position along H and W (Wan2.2 writes 2x2 patches); tiles blend per patch."""
         return 1
@@ -278,6 +284,11 @@ class BackboneAdapter(abc.ABC):
         to carry their encoder caches from piece to piece, which equals one :meth:`encode` of the whole video.
         """
         return self.encode(torch.cat(list(chunks), dim=2))
+
+    def to_backbone_pixels(self, video: torch.Tensor) -> torch.Tensor:
+        """A decoded [-1, 1] video in the backbone's own pixel convention, what its ``vae.decode`` returns (identity
+        for all but MiniMax-H3, whose VAE works in ImageNet-normalised RGB); ``reference_decoding`` hands it on."""
+        return video
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw latents -> the normalised latents diffusion models work in (identity if the family has none)."""

@@ -15,8 +15,9 @@ from einops import rearrange
 from torch import nn
 
 from refdecoder.backbones.base import BackboneAdapter, StageSpec
+from refdecoder.errors import BackboneError
 
-__all__ = ["DiffusersVideoAdapter", "halving_stages", "each_frame_alone"]
+__all__ = ["DiffusersVideoAdapter", "halving_stages", "each_frame_alone", "refuse_vae_tiling"]
 
 
 class DiffusersVideoAdapter(BackboneAdapter):
@@ -40,6 +41,18 @@ class DiffusersVideoAdapter(BackboneAdapter):
             module = getattr(self.vae, prefix, None)
             for name, param in module.named_parameters() if module is not None else ():
                 yield f"{prefix}.{name}", param
+
+
+def refuse_vae_tiling(vae: nn.Module, x: torch.Tensor, factor: int, backbone: str) -> None:
+    """Raise :class:`BackboneError` when the VAE's own spatial tiling (``tile_sample_min_height/width`` pixels)
+    would tile the ``..., h, w`` latent ``x``, which the ``backbone`` adapter does not reproduce."""
+    tiles = (vae.tile_sample_min_height // factor, vae.tile_sample_min_width // factor)
+    if vae.use_tiling and (x.shape[-2] > tiles[0] or x.shape[-1] > tiles[1]):
+        raise BackboneError(
+            f"the VAE's own spatial tiling is on (vae.enable_tiling()) and would tile this {x.shape[-2]}x"
+            f"{x.shape[-1]} latent, which the {backbone} adapter does not reproduce: call vae.disable_tiling() "
+            "(RefDecoder's own tiles: iter_decode(..., tiles=plan_tiles(...)) or --tile)"
+        )
 
 
 def halving_stages(points: Iterable[tuple[int, int, int]], scale: int, grid: int) -> list[StageSpec]:

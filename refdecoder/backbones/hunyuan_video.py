@@ -31,8 +31,12 @@ from torch import nn
 
 from refdecoder.backbones._diffusers import class_reason
 from refdecoder.backbones.base import Fit, StageSpec
-from refdecoder.backbones.diffusers_video import DiffusersVideoAdapter, each_frame_alone, halving_stages
-from refdecoder.errors import BackboneError
+from refdecoder.backbones.diffusers_video import (
+    DiffusersVideoAdapter,
+    each_frame_alone,
+    halving_stages,
+    refuse_vae_tiling,
+)
 from refdecoder.frames import CAUSAL_1_PLUS_4K, FrameRule
 from refdecoder.hooks import DecodeContext, DecodeHooks
 
@@ -79,7 +83,7 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
     def decode_window(self, x: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         """The whole latent ``x`` (``B, C, t, h, w`` after ``post_quant_conv``) as ``vae.decode`` lays it out."""
         vae = self.vae
-        self._refuse_vae_tiling(x)
+        refuse_vae_tiling(vae, x, self.spatial_factor, "hunyuan-video")
         ratio = vae.temporal_compression_ratio
         group = vae.tile_sample_min_num_frames // ratio  # latent frames past the first in a frame-wise group
         if not (vae.use_framewise_decoding and x.shape[2] > group):
@@ -109,16 +113,6 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
                 h = hooks.stage(i, h, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
-
-    def _refuse_vae_tiling(self, x: torch.Tensor) -> None:
-        vae, factor = self.vae, self.spatial_factor
-        tiles = (vae.tile_sample_min_height // factor, vae.tile_sample_min_width // factor)
-        if vae.use_tiling and (x.shape[-2] > tiles[0] or x.shape[-1] > tiles[1]):
-            raise BackboneError(
-                f"the VAE's own spatial tiling is on (vae.enable_tiling()) and would tile this {x.shape[-2]}x"
-                f"{x.shape[-1]} latent, which the hunyuan-video adapter does not reproduce: call vae.disable_tiling() "
-                "(RefDecoder's own tiles: iter_decode(..., tiles=plan_tiles(...)) or --tile)"
-            )
 
     def run_stage_on_reference(
         self, index: int, reference: torch.Tensor, ctx: DecodeContext | None = None

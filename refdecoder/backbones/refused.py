@@ -27,18 +27,6 @@ class Refusal(NamedTuple):
 
 
 REFUSED: dict[str, Refusal] = {
-    "AutoencoderKLQwenImage21": Refusal(
-        "qwen-image",
-        "a different decoder from Qwen-Image's (residual up-blocks with duplicating shortcuts, 2D convolutions that "
-        "take no cache, 64 latent channels, 16x) that writes 4-channel RGBA pixels, where RefDecoder's video, "
-        "reference and losses are 3-channel RGB",
-    ),
-    "AutoencoderKLMiniMaxH3": Refusal(
-        "ltx-video",
-        "a ViT decoder (one token per latent position, no up-sampling stages) that decodes ImageNet-normalised "
-        "pixels rather than [-1, 1], in clips of its own that overlap by token_drop and are cross-faded; not written "
-        "yet",
-    ),
     "AutoencoderKLMochi": Refusal(
         "cogvideox",
         "a causal decoder whose blocks take and return a conv_cache dict (as CogVideoX's) but with blocks and a "

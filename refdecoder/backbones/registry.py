@@ -60,6 +60,8 @@ BUILTINS: dict[str, str] = {
     "ltx-2-video": "refdecoder.backbones.ltx_video:LTX2VideoAdapter",
     "cogvideox": "refdecoder.backbones.cogvideox:CogVideoXAdapter",
     "stable-video-diffusion": "refdecoder.backbones.stable_video_diffusion:StableVideoDiffusionAdapter",
+    "qwen-image-2.1": "refdecoder.backbones.qwen_image21:QwenImage21Adapter",
+    "minimax-h3": "refdecoder.backbones.minimax_h3:MiniMaxH3Adapter",
 }
 
 # name -> adapter class, or its "module:Class" path until first use. Insertion order (built-ins, entry points,

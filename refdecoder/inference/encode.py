@@ -44,6 +44,7 @@ from refdecoder.inference.distributed import (
 from refdecoder.inference.encode_sources import VideoSource, collect_sources, probe_source
 from refdecoder.inference.loading import Decoder
 from refdecoder.inference.rank_progress import RankProgress
+from refdecoder.validation import check_pixel_channels
 
 __all__ = ["EncodeOptions", "EncodeReport", "POSTERIORS", "SETTINGS_FILE", "clip_starts", "encode_dataset"]
 
@@ -275,6 +276,7 @@ def _encode_clip(decoder: Decoder, video: torch.Tensor, key: str, options: Encod
     (-1 for the posterior mode)."""
     param = next(decoder.vae.parameters())
     batch = video[None].to(param.device, param.dtype)
+    check_pixel_channels(batch, decoder.adapter.pixel_channels, decoder.adapter.name)
     seed = -1
     if options.posterior == "mode":
         latents = decoder.adapter.encode(batch)

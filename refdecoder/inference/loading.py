@@ -15,6 +15,7 @@ A ``--vae`` is one of:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -196,9 +197,16 @@ def _load_diffusers(folder: Path, dtype: torch.dtype) -> nn.Module:
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise CheckpointError(f"{config} names class {name!r}, which diffusers {diffusers.__version__} does not have")
+    # low_cpu_mem_usage=False: the default wants `accelerate` and warns at length without it. Classes that pin
+    # modules in fp32 (MiniMax-H3's _keep_in_fp32_modules) refuse False, so they take the default when
+    # accelerate is installed.
+    pinned = bool(getattr(cls, "_keep_in_fp32_modules", None))
+    if pinned and importlib.util.find_spec("accelerate") is None:
+        raise CheckpointError(
+            f"diffusers loads {name} (modules kept in fp32) only with accelerate: pip install accelerate"
+        )
     try:
-        # low_cpu_mem_usage=False: the default wants `accelerate` and warns at length without it.
-        return cls.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
+        return cls.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=pinned)
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot load {name} from {folder}: {err}") from err
 

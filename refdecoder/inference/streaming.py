@@ -23,7 +23,7 @@ from refdecoder.errors import InputError
 from refdecoder.frames import FrameRule
 from refdecoder.hooks import DecodeContext, IdentityHooks
 from refdecoder.tiling import TilePlan, iter_tiled
-from refdecoder.validation import FiniteOutput, check_latents, check_reference, check_window
+from refdecoder.validation import FiniteOutput, check_latents, check_pixel_channels, check_reference, check_window
 
 __all__ = ["RuleChunks", "encode_chunks", "iter_decode", "decode_video", "window_pixel_ranges"]
 
@@ -93,12 +93,29 @@ def encode_chunks(adapter: BackboneAdapter, chunks: Iterable[torch.Tensor]) -> t
     Returns:
         Latents ``B, C, t_latent, h, w``.
     """
-    return adapter.encode_chunks(chunks)
+    return adapter.encode_chunks(_checked(adapter, chunks))
+
+
+def _checked(adapter: BackboneAdapter, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for chunk in chunks:
+        check_pixel_channels(chunk, adapter.pixel_channels, adapter.name)
+        yield chunk
 
 
 # --- decoding -----------------------------------------------------------------------------------------------------
-def window_pixel_ranges(rule: FrameRule, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Pixel-frame range ``[start, stop)`` decoded by each latent window."""
+def window_pixel_ranges(rule: FrameRule | BackboneAdapter, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pixel-frame range ``[start, stop)`` decoded by each latent window (consecutive windows from latent frame 0).
+
+    Pass the adapter where windows overlap or end off the frame rule (MiniMax-H3's clips): its ``window_frames``
+    then counts each window's frames.
+    """
+    if isinstance(rule, BackboneAdapter):
+        ranges, start = [], 0
+        for first, stop in windows:
+            frames = rule.window_frames(first, stop)
+            ranges.append((start, start + frames))
+            start += frames
+        return ranges
     return [(0 if start == 0 else rule.pixel_frames(start), rule.pixel_frames(stop)) for start, stop in windows]
 
 
@@ -152,7 +169,9 @@ def iter_decode(
         if isinstance(source, BackboneAdapter):
             raise InputError("a reference needs RefDecoder weights; the plain backbone decode takes none")
         size = source.output_size(latents.shape[-2:])
-        reference = check_reference(reference, latents.shape[0], size, resize_reference, warn_range=False)
+        reference = check_reference(
+            reference, latents.shape[0], size, resize_reference, warn_range=False, channels=adapter.pixel_channels
+        )
     if tiles is not None:
         chunks = _iter_tiles(source, latents, reference, window, tiles)
     else:

@@ -51,7 +51,7 @@ class PlainDecoder(nn.Module):
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Frozen encoder: video in [-1, 1] -> raw latents."""
-        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor)
+        check_video(video, self.adapter.frame_rule, self.adapter.spatial_factor, self.adapter.pixel_channels)
         return self.adapter.encode(video)
 
     def decode(self, latents: torch.Tensor, reference: torch.Tensor | None = None, **_: Any) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from refdecoder.backbones._diffusers import class_reason, config_reasons
+from refdecoder.backbones._diffusers import MeanStdLatents, class_reason, config_reasons
 from refdecoder.backbones.base import BackboneAdapter, Fit, StageSpec
 from refdecoder.backbones.wan._diffusers import check_internals
 from refdecoder.blocks.upscale_head import depth_to_space
@@ -40,7 +40,7 @@ __all__ = ["WanFamilyAdapter"]
 _CACHE_FRAMES = 2
 
 
-class WanFamilyAdapter(BackboneAdapter):
+class WanFamilyAdapter(MeanStdLatents, BackboneAdapter):
     """Shared adapter for VAEs built from diffusers' Wan causal-cache decoder; subclasses name the class and config.
 
     Class attributes of a subclass: ``vae_class`` (the diffusers class name), ``expected_config`` (config fields
@@ -62,9 +62,6 @@ class WanFamilyAdapter(BackboneAdapter):
         self._stages = self._build_stages()
         # One cache slot per causal conv (the decoder's own count, which diffusers also uses).
         self._num_cache_slots = vae._cached_conv_counts["decoder"]
-        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self._latents_mean, self._latents_std = mean, std
 
     # --- identification -------------------------------------------------------------------------------------
     @classmethod
@@ -141,17 +138,6 @@ class WanFamilyAdapter(BackboneAdapter):
             moments = vae.quant_conv(vae.encoder(chunk, feat_cache=cache, feat_idx=[0]))
             parts.append(moments[:, : self.latent_channels])  # posterior mode = the mean half of the moments
         return torch.cat(parts, dim=2)
-
-    def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(latents)
-        return (latents - mean) / std
-
-    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(latents)
-        return latents * std + mean
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._latents_mean.to(like.device, like.dtype), self._latents_std.to(like.device, like.dtype)
 
     # --- decoding -------------------------------------------------------------------------------------------
     def decoder_input(self, latents: torch.Tensor, windows: list[tuple[int, int]]) -> torch.Tensor:
