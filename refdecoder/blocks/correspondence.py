@@ -116,17 +116,22 @@ def pixel_flow_to_latent_grid(
     return pooled.reshape(*per_latent.shape[:4], h, w)
 
 
+# Latent frames of the still reference clip the estimate encodes (later video frames use the last one): a causal
+# encoder's latents of a still clip settle after a few frames, and the clip costs pixel_frames(4) frames of encoding.
+STILL_LATENT_FRAMES = 4
+
+
 def _reference_latents(
     adapter: BackboneAdapter, frames: torch.Tensor, latents: torch.Tensor
 ) -> list[tuple[slice, torch.Tensor]]:
-    """The reference encoded in each kind of latent frame the video has, keyed by the video frames of that kind.
+    """The reference encoded in the feature space of each latent frame of the video, keyed by those video frames.
 
     A temporally compressing encoder codes its first latent frame from one pixel group and the later ones from the
-    next groups, and the two kinds live in different feature spaces (on the quality benchmark's causal VAE a cost
-    volume of later frames against the reference's first-frame latents is noise: 2.6 cells mean error at zero
-    shift, 0.9 against a still clip's later frame). So the reference is encoded as a still clip of
-    ``first + step`` frames: its latent frame 0 is matched against the video's frame 0, its latent frame 1 against
-    the video's later frames.
+    next groups with its causal caches, and each lives in its own feature space: on the quality benchmark's causal
+    VAE a cost volume of later frames against the reference's first-frame latents is noise (2.6 cells mean error
+    at zero shift); against the same-index latent frame of the reference encoded as a still clip it is 0.4-0.7
+    cells. So the reference is encoded as a still clip of ``min(t, STILL_LATENT_FRAMES)`` latent frames, and video
+    latent frame ``i`` is matched against its frame ``i`` (the last one for all later frames).
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
@@ -137,15 +142,11 @@ def _reference_latents(
         ``[(slice of video latent frames, B, C, R, h, w reference latents)]``, the slices covering ``0..t`` in order.
     """
     b, t = latents.shape[0], latents.shape[2]
-    rule = adapter.frame_rule
-    length = rule.first + (rule.step if t > 1 else 0)
-    clip = frames[:, :, None].expand(-1, -1, length, -1, -1)
-    encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, 1 or 2, h, w
-    kinds = [slice(0, 1), slice(1, t)] if t > 1 else [slice(0, 1)]
-    return [
-        (kind, encoded[:, :, min(i, encoded.shape[2] - 1)].unflatten(0, (b, -1)).transpose(1, 2))
-        for i, kind in enumerate(kinds)
-    ]
+    n = min(t, STILL_LATENT_FRAMES)
+    clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(n), -1, -1)
+    encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, n, h, w
+    kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
+    return [(kind, encoded[:, :, i].unflatten(0, (b, -1)).transpose(1, 2)) for i, kind in enumerate(kinds)]
 
 
 class CorrespondenceField:
