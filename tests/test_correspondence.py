@@ -200,6 +200,18 @@ def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px):
     dx, dy = field.pixels[0, 0, 1, :, 1:-1, cells], field.pixels[0, 0, 0, :, 1:-1, cells]
     assert (dx - shift_px).abs().mean(dim=(1, 2)).max() < 1.0, dx.mean(dim=(1, 2))  # every latent frame, in px
     assert dy.abs().mean() < 1.0
+    # still_frames=1 (one encoded frame, the cheapest) matches later frames across feature spaces: they miss.
+    cheap = refdecoder.blocks.correspondence.correspondence_field(
+        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1), still_frames=1
+    )
+    missed = (cheap.pixels[0, 0, 1, 1:, 1:-1, cells] - shift_px).abs().mean(dim=(1, 2))
+    assert missed.mean() > 2.0, missed
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_still_frames_is_checked(bad):
+    with pytest.raises(ConfigError, match="still_frames"):
+        CorrespondenceConfig(still_frames=bad)
 
 
 @torch.no_grad()

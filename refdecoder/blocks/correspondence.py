@@ -116,13 +116,8 @@ def pixel_flow_to_latent_grid(
     return pooled.reshape(*per_latent.shape[:4], h, w)
 
 
-# Latent frames of the still reference clip the estimate encodes (later video frames use the last one): a causal
-# encoder's latents of a still clip settle after a few frames, and the clip costs pixel_frames(4) frames of encoding.
-STILL_LATENT_FRAMES = 4
-
-
 def _reference_latents(
-    adapter: BackboneAdapter, frames: torch.Tensor, latents: torch.Tensor
+    adapter: BackboneAdapter, frames: torch.Tensor, latents: torch.Tensor, still_frames: int
 ) -> list[tuple[slice, torch.Tensor]]:
     """The reference encoded in the feature space of each latent frame of the video, keyed by those video frames.
 
@@ -130,19 +125,21 @@ def _reference_latents(
     next groups with its causal caches, and each lives in its own feature space: on the quality benchmark's causal
     VAE a cost volume of later frames against the reference's first-frame latents is noise (2.6 cells mean error
     at zero shift); against the same-index latent frame of the reference encoded as a still clip it is 0.4-0.7
-    cells. So the reference is encoded as a still clip of ``min(t, STILL_LATENT_FRAMES)`` latent frames, and video
-    latent frame ``i`` is matched against its frame ``i`` (the last one for all later frames).
+    cells. So the reference is encoded as a still clip of ``min(t, still_frames)`` latent frames, and video latent
+    frame ``i`` is matched against its frame ``i`` (the last one for all later frames: a causal encoder's latents
+    of a still clip settle after a few frames).
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
         frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size.
         latents: ``B, C, t, h, w`` the latents being decoded.
+        still_frames: latent frames of the still clip (``correspondence.still_frames``).
 
     Returns:
         ``[(slice of video latent frames, B, C, R, h, w reference latents)]``, the slices covering ``0..t`` in order.
     """
     b, t = latents.shape[0], latents.shape[2]
-    n = min(t, STILL_LATENT_FRAMES)
+    n = min(t, still_frames)
     clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(n), -1, -1)
     encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, n, h, w
     kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
@@ -208,6 +205,7 @@ def correspondence_field(
     search: tuple[int, float, int] | None,
     displacements: torch.Tensor | None = None,
     snap: bool = False,
+    still_frames: int = 4,
 ) -> CorrespondenceField:
     """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
 
@@ -221,6 +219,7 @@ def correspondence_field(
             ``displacements`` are given.
         displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
         snap: round every stage's displacements to whole tokens (see :class:`CorrespondenceField`).
+        still_frames: latent frames of the still clip the reference is encoded as for the estimate.
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
     if displacements is not None:
@@ -233,7 +232,7 @@ def correspondence_field(
             cells = torch.cat(
                 [
                     cost_volume_displacement(latents[:, :, kind], encoded, *search)
-                    for kind, encoded in _reference_latents(adapter, frames, latents)
+                    for kind, encoded in _reference_latents(adapter, frames, latents, still_frames)
                 ],
                 dim=3,
             )
