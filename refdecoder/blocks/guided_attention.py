@@ -160,9 +160,13 @@ def guided_neighbourhood_attention(
     # Whole-token displacements (snapped fields, zero) read the reference at token centres: a plain gather of the
     # rotated keys, and the query turned by the displacement instead of every key by its virtual position (RoPE
     # rotations add: the query-key angle is the same). Fractional ones take the bilinear path.
-    whole = bool((shift == shift.round()).all()) if gather is None else gather
-    if whole and not bool((shift == shift.round()).all()):
-        raise ValueError("gather=True needs whole-token displacements")
+    if q.device.type == "meta":  # FLOP counting: no values to look at; the snapped default gathers
+        whole = gather is not False
+    else:
+        integral = bool((shift == shift.round()).all())
+        if gather and not integral:
+            raise ValueError("gather=True needs whole-token displacements")
+        whole = integral if gather is None else gather
     if whole:
         k_tok, vref_tok = k.transpose(1, 2), v.transpose(1, 2)  # B, N, heads, D: the reference frames lead
     for p0 in range(0, p, chunk):
