@@ -92,28 +92,35 @@ def small_flops() -> dict:
     config.transformer.attention_radius, config.transformer.locality_bias = 2, True
     config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
     configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
-    guided = config.copy()
-    guided.correspondence.enabled = True
-    configs[CORRESPONDENCE] = guided
-    row = flops_row(build_wan("meta"), 17, (480, 832), configs)
+    guided = {}
+    for name, still_frames in ((CORRESPONDENCE, 4), (CORRESPONDENCE_CHEAP, 1)):
+        guided[name] = config.copy()
+        guided[name].correspondence.enabled = True
+        guided[name].correspondence.still_frames = still_frames
+    row = flops_row(build_wan("meta"), 17, (480, 832), configs | guided)
     without = row["radius 2 + bias + per-stage space-to-depth tokenizers"]
-    extra = correspondence_elementwise_flops(guided, 17, (480, 832))
-    row[CORRESPONDENCE] |= {
-        "elementwise_tflop_not_counted": extra / 1e12,
-        "ratio_to_without": (row[CORRESPONDENCE]["tflop"] + extra / 1e12) / without["tflop"],
-    }
+    for name, with_correspondence in guided.items():
+        extra = correspondence_elementwise_flops(with_correspondence, 17, (480, 832))
+        row[name] |= {
+            "elementwise_tflop_not_counted": extra / 1e12,
+            "ratio_to_without": (row[name]["tflop"] + extra / 1e12) / without["tflop"],
+        }
     return row
 
 
+# The default correspondence (the reference encoded as a still clip of 4 latent frames) and its cheapest form.
 CORRESPONDENCE = "radius 2 + bias + per-stage space-to-depth tokenizers + correspondence"
+CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (still_frames 1)"
 
 
 def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
     """What the FLOP counter (matmuls, convolutions, attention) leaves out of correspondence, counted by hand.
 
     The cost volume: per latent cell, reference frame and candidate, a C-channel dot product (2C) and its patch
-    average ((2m+1)^2). The guided attention: per video token, layer and reference slot, 4 bilinear taps of keys and
-    values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One reference frame.
+    average ((2m+1)^2). The guided attention, snapped (default): per video token and layer, the query turned by its
+    displacement (RoPE, 6 x width; the keys and values are gathered, not computed); not snapped: per reference slot
+    4 bilinear taps of keys and values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One
+    reference frame. The still clip's encoder pass is counted by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
     adapter, c, tf = model.adapter, config.correspondence, config.transformer
@@ -129,7 +136,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
             video = adapter.stage_frames(i, stop - start, k == 0)
             grid_h, grid_w = (s * adapter.spatial_factor // specs[i].scale for s in (h, w))
             tokens = model.projectors[specs[i].name].token_count(video, grid_h, grid_w)
-            total += tokens * tf.depth * slots * (16 * tf.width + 6 * tf.width)
+            per_token = 6 * tf.width if c.snap else slots * (16 * tf.width + 6 * tf.width)
+            total += tokens * tf.depth * per_token
     model.unwrap()
     return total
 

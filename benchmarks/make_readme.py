@@ -61,8 +61,30 @@ def headline_block() -> str:
         f"Held-out clips with motion, reference = frame 0, PSNR in dB (gains over the plain decoder fine-tuned on the "
         f"same budget in brackets). The headline `{doc['headline']}` has the settings of the `small-local` "
         "preset (radius 2 with the locality prior, per-stage space-to-depth tokenizers, no token dropout) at the "
-        "`tiny` size. Static clips, photos, ablations and timing: [benchmarks/README.md](benchmarks/README.md).\n"
+        f"`tiny` size{_correspondence_note(doc)}. Static clips, photos, the shift probe, ablations and timing: "
+        "[benchmarks/README.md](benchmarks/README.md).\n"
     )
+
+
+def _correspondence_note(doc: dict[str, Any]) -> str:
+    """``, with correspondence-guided ...`` when the run's headline variant turns correspondence on."""
+    variant = doc["settings"]["finetune"]["variants"].get(doc["headline"], {})
+    on = variant.get("set", {}).get("correspondence.enabled", False)
+    return ", with correspondence-guided reference attention (`config.correspondence`)" if on else ""
+
+
+def shift_probe_table(doc: dict[str, Any]) -> str:
+    """The default run's shift probe: frame-0 gain (whole / shared columns) per model, mode and shift."""
+    probe = doc["eval"]["shift_probe"]
+    labels = {"default": "estimated / in place", "true_displacements": "true shift given"}
+    rows, shifts = [], []
+    for model, modes in probe["models"].items():
+        shifts = modes["shift_tokens"]
+        for mode, label in labels.items():
+            if mode in modes:
+                gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
+                rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
+    return table(["model", "displacements"] + [f"{k:+d}" for k in shifts], rows)
 
 
 def backbones_block() -> str:
@@ -302,9 +324,24 @@ pretraining {minutes["pretrain_s"]:.1f}, fine-tuning {minutes["finetune_s"]:.1f}
 
 {tables}
 
-Targets of the headline (`targets` in the JSON):
+Targets of the headline (`targets` in the JSON; `shift_follow_*` are fractions of the in-place gain):
 
-{table(["target", "measured (dB)", "limit (dB)", ""], targets)}
+{table(["target", "measured", "limit", ""], targets)}
+{shift_probe_section(doc)}"""
+
+
+def shift_probe_section(doc: dict[str, Any]) -> str:
+    if not doc["eval"].get("shift_probe"):
+        return ""
+    probe = doc["eval"]["shift_probe"]
+    crop = "x".join(str(v) for v in probe["crop"])
+    return f"""
+Shift probe of the default run (`eval.shift_probe`, `benchmarks/quality/shift_probe.py`): {probe["clips"]} natural
+held-out clips at {crop} px decoded with their frame 0 shifted sideways by k tokens ({probe["token_pixels"]} px) as
+the reference; frame-0 PSNR gain in dB over an unrelated reference, whole frame / the columns the shifted reference
+shows. "estimated / in place": the model's own decode; "true shift given": the shift passed as `displacements`.
+
+{shift_probe_table(doc)}
 """
 
 

@@ -72,6 +72,7 @@ from benchmarks.quality.settings import (  # noqa: E402
     fingerprint,
     load_settings,
 )
+from benchmarks.quality.shift_probe import shift_probe, shifted_clips  # noqa: E402
 from benchmarks.quality.variants import Variant  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.data import derive_seed, sample_generator  # noqa: E402
@@ -338,7 +339,19 @@ def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant
         "lpips": lpips_note,
         "reference": "frame 0",
         "models": results,
+        "shift_probe": run_shift_probe(settings, media, encoder, models),
     }
+
+
+def run_shift_probe(settings: Settings, media: Media, encoder: nn.Module, models: dict[str, nn.Module]) -> dict | None:
+    """The shift probe (``eval.shift_probe``) on the headline and its comparison, where both were evaluated."""
+    cfg, names = settings.eval.shift_probe, [settings.finetune.headline, settings.eval.targets["static_versus"]]
+    probed = {name: models[name] for name in names if name in models}
+    if not probed:
+        return None
+    crop = (cfg.crop[0], cfg.crop[1])
+    probe = shifted_clips(settings, media, max(cfg.shifts) * cfg.token_pixels, cfg.clips_per_source, crop)
+    return shift_probe(encoder, probed, probe, cfg.shifts, cfg.token_pixels, true_displacements=True)
 
 
 def grid_clips(settings: Settings, clips: list) -> list[int]:
@@ -445,7 +458,7 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
         }
     if "eval" in doc:
         doc["gains"] = gains(doc["eval"]["models"], variants)
-        doc["targets"] = targets(doc["eval"]["models"], doc["gains"], settings)
+        doc["targets"] = targets(doc["eval"]["models"], doc["gains"], settings, doc["eval"].get("shift_probe"))
     doc["timing"]["total_s"] = time.perf_counter() - start
     return doc
 

@@ -40,12 +40,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.quality.data import Media, load_media, resolve_file, shots  # noqa: E402
+from benchmarks.quality.data import load_media, resolve_file  # noqa: E402
 from benchmarks.quality.names import current_name  # noqa: E402
-from benchmarks.quality.settings import CONFIG, Settings, load_settings  # noqa: E402
+from benchmarks.quality.settings import CONFIG, load_settings  # noqa: E402
+from benchmarks.quality.shift_probe import shift_probe, shifted_clips  # noqa: E402
 from benchmarks.quality_small import PRETRAINED, load_vae  # noqa: E402
 from refdecoder.data import read_clip  # noqa: E402
-from refdecoder.metrics import psnr  # noqa: E402
 
 CROP = 64
 
@@ -136,56 +136,6 @@ def reference_only(
     }
 
 
-def shifted_clips(
-    settings: Settings, media: Media, shift: int, per_source: int, crop: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, dict[int, torch.Tensor], list[str]]:
-    """Natural held-out clips cut at the frame's centre, and their frame 0 cut ``shift`` px further right and left.
-
-    Returns ``(clips B, 3, T, ch, cw, {offset: references B, 3, 1, ch, cw}, sources used)`` for offsets
-    ``-shift..shift``; ``crop`` is ``(ch, cw)`` (default the benchmark's square crop). Sources whose frames are too
-    small for the crop plus the shift are left out (named in the log).
-    """
-    data, frames = settings.data, settings.data.eval_frames
-    ch, cw = crop or (data.crop, data.crop)
-    clips, references, used = [], {}, []
-    for v, src in enumerate(data.sources):
-        video = media.videos[v]
-        h, w = video.frames.shape[-2:]
-        span = data.span(frames, video.stride)
-        starts = [t0 for a, b in shots(src["heldout"], video.cuts) for t0 in range(a, b - span + 1, span)][:per_source]
-        left, top = (w - cw) // 2, (h - ch) // 2
-        if left < shift or top < 0 or not starts:
-            print(f"{src['name']}: {h}x{w} frames leave no room for a {ch}x{cw} crop shifted by {shift} px; left out")
-            continue
-        used.append(src["name"])
-        for t0 in starts:
-            part = video.frames[:, t0 : t0 + span : video.stride, top : top + ch].float().div(127.5).sub(1.0)
-            clips.append(part[..., left : left + cw])
-            for offset in range(-shift, shift + 1):
-                references.setdefault(offset, []).append(part[:, :1, :, left + offset : left + offset + cw])
-    if not clips:
-        raise ValueError(f"no source leaves room for a {ch}x{cw} crop shifted by {shift} px (no room in any)")
-    return torch.stack(clips), {k: torch.stack(v) for k, v in references.items()}, used
-
-
-def _gains(model, latents, clips, reference, base, offset: int, displacements=None) -> dict[str, float]:
-    """PSNR gain over ``base`` (PSNR with an unrelated reference, whole frames and shared columns) of one decode.
-
-    ``shared``: only the columns whose content the displaced reference shows (clip column ``x`` is reference column
-    ``x - offset``), so a shift that pushes content out of the reference does not count against the decoder.
-    """
-    out = model.decode(latents, reference, displacements=displacements)
-    cols = slice(max(0, offset), min(clips.shape[-1], clips.shape[-1] + offset))
-    whole = psnr(out, clips) - base["whole"]
-    shared = psnr(out[..., cols], clips[..., cols]) - base["shared"][offset]
-    return {
-        "gain_frame0": whole[:, 0].mean().item(),
-        "gain_all": whole.mean().item(),
-        "gain_frame0_shared": shared[:, 0].mean().item(),
-        "gain_all_shared": shared.mean().item(),
-    }
-
-
 @torch.no_grad()
 def correspondence(
     out: Path,
@@ -197,51 +147,12 @@ def correspondence(
     crop: tuple[int, int] | None = None,
     true_displacements: bool = False,
 ) -> dict:
-    """PSNR gain from a reference shifted by ``k`` tokens over an unrelated reference, per model and shift.
-
-    With ``true_displacements`` each model also decodes with the shift given as its displacements
-    (``decode(displacements=...)``, ``dx = -offset`` px on every frame): the attention's behaviour when the
-    correspondence is known, apart from any estimation error (the shift is exact on frame 0 only).
-    """
+    """The shift probe (:mod:`benchmarks.quality.shift_probe`) on saved variants of a ``quality_small.py`` folder."""
     settings = load_settings(config)
-    clips, references, used = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
+    probe = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
     encoder = load_vae(out / PRETRAINED).eval()
-    latents = encoder.encode(clips).latent_dist.mode()
-    unrelated = references[0].roll(1, dims=0)  # another clip's frame 0
-    results = {}
-    offsets = sorted({s * sign for s in shifts for sign in (1, -1)})
-    for name in names:
-        model = refdecoder.load(load_vae(out / PRETRAINED), out / name).eval()
-        plain = model.decode(latents, unrelated)
-        base = {"whole": psnr(plain, clips)}
-        base["shared"] = {}
-        for k in offsets:
-            o = k * token
-            cols = slice(max(0, o), min(clips.shape[-1], clips.shape[-1] + o))
-            base["shared"][o] = psnr(plain[..., cols], clips[..., cols])
-        # Displacements steer only a local scope's neighbourhoods; a global-attention model has none.
-        local = model.config.transformer.attention_radius is not None
-        modes = {"default": False} | ({"true_displacements": True} if true_displacements and local else {})
-        rows: dict = {"shift_tokens": offsets}
-        for mode, given in modes.items():
-            table: dict[str, list[float]] = {}
-            for k in offsets:
-                o = k * token
-                flow = None
-                if given:
-                    flow = torch.zeros(clips.shape[0], 2, *clips.shape[2:])
-                    flow[:, 1] = -float(o)
-                for key, value in _gains(model, latents, clips, references[o], base, o, flow).items():
-                    table.setdefault(key, []).append(value)
-            rows[mode] = table
-            print(
-                f"{name} [{mode}] frame-0 gain, whole / shared columns:",
-                " ".join(f"{k:+d}:{a:+.2f}/{b:+.2f}" for k, a, b in zip(offsets, table["gain_frame0"],
-                                                                         table["gain_frame0_shared"])),
-            )  # fmt: skip
-        results[name] = rows | {"psnr_unrelated": base["whole"].mean().item()}
-    size = list(clips.shape[-2:])
-    return {"clips": clips.shape[0], "sources": used, "crop": size, "token_pixels": token, "models": results}
+    models = {name: refdecoder.load(load_vae(out / PRETRAINED), out / name).eval() for name in names}
+    return shift_probe(encoder, models, probe, [s for s in shifts if s], token, true_displacements)
 
 
 def main() -> None:

@@ -247,7 +247,9 @@ class RefDecoder(nn.Module):
         c = self.config.correspondence
         search = (c.search_radius, c.temperature, c.match_radius)
         size = self.output_size(latents.shape[-2:])
-        return correspondence_field(self.adapter, latents, reference, windows, size, search, displacements)
+        return correspondence_field(
+            self.adapter, latents, reference, windows, size, search, displacements, c.snap, c.still_frames
+        )
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:
         """(H, W) of the decoded video (and of the reference) for latents of spatial size ``latent_size``."""

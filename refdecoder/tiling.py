@@ -35,8 +35,9 @@ from refdecoder.errors import ConfigError, InputError
 
 __all__ = ["Tile", "TilePlan", "plan_tiles", "blend_tiles", "iter_tiled", "token_alignment"]
 
-# decode_stream(latent_tile, reference_tile) -> chunks of pixel frames, the same chunking for every tile.
-TileStream = Callable[[torch.Tensor, "torch.Tensor | None"], Iterator[torch.Tensor]]
+# decode_stream(latent_tile, reference_tile[, displacement_tile]) -> chunks of pixel frames, the same chunking for
+# every tile; the third argument only when displacements are given, so a two-argument stream serves other decodes.
+TileStream = Callable[..., Iterator[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def iter_tiled(
     reference: torch.Tensor | None,
     plan: TilePlan,
     output_scale: int = 1,
+    displacements: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode ``latents`` tile by tile and yield blended chunks of frames, one per decode window.
 
@@ -200,6 +202,10 @@ def iter_tiled(
         reference: ``B, 3, R, s*H, s*W`` in [-1, 1] at the final output size (each tile gets its crop), or None.
         plan: from :func:`plan_tiles` for ``latents``' spatial size.
         output_scale: s, how much larger than the plan's pixel grid the final output (and the reference) is.
+        displacements: a caller's ``B, [R,] 2, T, s*H, s*W`` pixel displacements (``RefDecoder.decode``), or None;
+            each tile gets its crop, passed as ``decode_stream``'s third argument. Pixel offsets do not change
+            with the crop; content displaced outside the tile's reference crop is masked like content outside the
+            frame.
 
     Yields:
         ``B, C, t, H, W`` chunks in time order (still to be shuffled when ``output_scale > 1``).
@@ -212,13 +218,18 @@ def iter_tiled(
             f"reference is {tuple(reference.shape[-2:])} but the decoded frames are {output_size}; "
             "resize it to the output size first"
         )
-    streams = [
-        [
-            decode_stream(latents[..., _latent_box(t)[0], _latent_box(t)[1]], _crop(reference, plan, t, output_scale))
-            for t in row
-        ]
-        for row in plan.rows
-    ]
+    if displacements is not None and tuple(displacements.shape[-2:]) != output_size:
+        shape = tuple(displacements.shape[-2:])
+        raise InputError(f"displacements are {shape} but the decoded frames are {output_size}")
+
+    def tile_stream(tile: Tile) -> Iterator[torch.Tensor]:
+        rows, cols = _latent_box(tile)
+        args = (latents[..., rows, cols], _crop(reference, plan, tile, output_scale))
+        if displacements is not None:
+            args += (_crop(displacements, plan, tile, output_scale),)
+        return decode_stream(*args)
+
+    streams = [[tile_stream(t) for t in row] for row in plan.rows]
     while True:
         chunks = [[next(stream, None) for stream in row] for row in streams]
         done = [c is None for row in chunks for c in row]
@@ -233,11 +244,12 @@ def _latent_box(tile: Tile) -> tuple[slice, slice]:
     return slice(tile.top, tile.top + tile.height), slice(tile.left, tile.left + tile.width)
 
 
-def _crop(reference: torch.Tensor | None, plan: TilePlan, tile: Tile, scale: int) -> torch.Tensor | None:
-    if reference is None:
+def _crop(pixels: torch.Tensor | None, plan: TilePlan, tile: Tile, scale: int) -> torch.Tensor | None:
+    """The tile's part of a full-size ``..., s*H, s*W`` pixel tensor (reference or displacements), or None."""
+    if pixels is None:
         return None
     rows, cols = plan.pixel_box(tile)
-    return reference[..., rows.start * scale : rows.stop * scale, cols.start * scale : cols.stop * scale]
+    return pixels[..., rows.start * scale : rows.stop * scale, cols.start * scale : cols.stop * scale]
 
 
 def token_alignment(model: torch.nn.Module) -> int:

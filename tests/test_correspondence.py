@@ -13,6 +13,7 @@ import refdecoder
 from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
 from refdecoder.config import CorrespondenceConfig, RefDecoderConfig
 from refdecoder.errors import ConfigError, InputError
+from refdecoder.frames import FrameRule
 from tests.helpers import latents_for, reference_for, tiny_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,7 +137,7 @@ def test_decode_with_caller_displacements():
     zero = model.decode(z, ref, displacements=torch.zeros(1, 2, frames, 32, 48))
     assert (zero - plain).abs().max() <= 1e-5  # zero displacement = today's attention
     moved = torch.zeros(1, 2, frames, 32, 48)
-    moved[:, 1] = 8.0
+    moved[:, 1] = 16.0  # whole tokens on every stage grid (snapped fields round half a token to 0)
     assert (model.decode(z, ref, displacements=moved) - plain).abs().max() > 1e-3
     per_frame = model.decode(z, ref, displacements=moved[:, None])  # B, R, 2, T, H, W
     assert torch.equal(per_frame, model.decode(z, ref, displacements=moved))
@@ -159,3 +160,79 @@ def test_the_estimate_is_used_when_enabled_and_follows_a_shifted_reference():
         on.adapter, latents, ref, [(0, 2)], (32, 48), (2, 0.02, 1)
     )
     assert field.pixels[:, :, :, 0].abs().mean() < 1.0  # output pixels
+
+
+class _KindedEncoder:
+    """A stand-in adapter whose encoder codes latent frame ``i`` in its own feature space (a different random
+    projection per frame index up to 3, as a temporally compressing encoder's first and later frames differ and
+    its causal caches settle after a few frames)."""
+
+    spatial_factor = 4
+    frame_rule = FrameRule(first=1, step=4)
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.projections = [torch.randn(8, 3, generator=g) for _ in range(4)]
+
+    def encode(self, clip: torch.Tensor) -> torch.Tensor:
+        t = self.frame_rule.latent_frames(clip.shape[2])
+        pooled = F.avg_pool3d(clip, (1, 4, 4))
+        frames = [pooled[:, :, 0]] + [pooled[:, :, 1 + 4 * (i - 1) : 1 + 4 * i].mean(2) for i in range(1, t)]
+        coded = [torch.einsum("kc,bchw->bkhw", self.projections[min(i, 3)], f).tanh() for i, f in enumerate(frames)]
+        return torch.stack(coded, 2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shift_px", [0, 8, -12])
+def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px):
+    """A still scene shifted against its reference: every latent frame finds the shift, also the later ones coded
+    in other feature spaces (each is matched against the same frame of the reference encoded as a still clip)."""
+    adapter = _KindedEncoder()
+    g = torch.Generator().manual_seed(7)
+    scene = torch.rand(1, 3, 64, 96, generator=g) * 2 - 1
+    ref = scene[..., 16:48, 32:80][:, :, None]  # B, 3, 1, 32, 48
+    moved = scene[..., 16:48, 32 + shift_px : 80 + shift_px]  # frame pixel x shows reference pixel x + shift_px
+    latents = adapter.encode(moved[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(6), -1, -1))
+    field = refdecoder.blocks.correspondence.correspondence_field(
+        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1)
+    )
+    cells = slice(4, -4)  # columns whose content the reference shows (and whose match fits), whatever the sign
+    dx, dy = field.pixels[0, 0, 1, :, 1:-1, cells], field.pixels[0, 0, 0, :, 1:-1, cells]
+    assert (dx - shift_px).abs().mean(dim=(1, 2)).max() < 1.0, dx.mean(dim=(1, 2))  # every latent frame, in px
+    assert dy.abs().mean() < 1.0
+    # still_frames=1 (one encoded frame, the cheapest) matches later frames across feature spaces: they miss.
+    cheap = refdecoder.blocks.correspondence.correspondence_field(
+        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1), still_frames=1
+    )
+    missed = (cheap.pixels[0, 0, 1, 1:, 1:-1, cells] - shift_px).abs().mean(dim=(1, 2))
+    assert missed.mean() > 2.0, missed
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "4"])
+def test_still_frames_is_checked(bad):
+    with pytest.raises(ConfigError, match="still_frames"):
+        CorrespondenceConfig(still_frames=bad)
+
+
+@torch.no_grad()
+def test_snapped_fields_are_whole_tokens_and_tiled_streams_take_displacements():
+    from refdecoder.inference import decode_video
+    from refdecoder.tiling import plan_tiles
+
+    model = _model(enabled=False)
+    z = latents_for(model.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    frames = model.adapter.frame_rule.pixel_frames(3)
+    moved = torch.full((1, 2, frames, 32, 48), 5.0)  # 5 px: fractional on every stage grid
+    snapped = model.decode(z, ref, displacements=moved)
+    model.config.correspondence.snap = False
+    assert (model.decode(z, ref, displacements=moved) - snapped).abs().max() > 1e-4  # bilinear reads between tokens
+    model.config.correspondence.snap = True
+    # Streams and tiles take displacements too: one tile covering the frame is the whole decode.
+    streamed = decode_video(model, z, reference=ref, displacements=moved, clamp=False)
+    torch.testing.assert_close(streamed, model.decode(z, ref, displacements=moved, clamp=False), atol=1e-6, rtol=0)
+    whole = plan_tiles((4, 6), 8, tile=(32, 48), overlap=(0, 0))
+    tiled = decode_video(model, z, reference=ref, displacements=moved, tiles=whole, clamp=False)
+    torch.testing.assert_close(tiled, streamed, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="pass a reference"):
+        decode_video(model, z, displacements=moved)

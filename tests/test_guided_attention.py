@@ -30,9 +30,11 @@ def random_bias(extent: int) -> LocalityBias:
     return bias
 
 
-def guided(q, k, k_raw, v, scope, displacement, bias=None, chunk_bytes=2**20):
+def guided(q, k, k_raw, v, scope, displacement, bias=None, chunk_bytes=2**20, gather=None):
     times = torch.arange(scope.num_reference)
-    return guided_neighbourhood_attention(q, k, k_raw, v, scope, displacement, times, THETA, bias, chunk_bytes)
+    return guided_neighbourhood_attention(
+        q, k, k_raw, v, scope, displacement, times, THETA, bias, chunk_bytes, gather=gather
+    )
 
 
 def zeros(batch, scope):
@@ -128,6 +130,30 @@ def test_fractional_displacements_match_the_oracle(num_reference):
     # The oracle objects to a wrong centre: the same attention with the displacement's sign flipped differs.
     wrong = guided(q, k, k_raw, v, scope, -displacement, bias).double()
     assert (wrong - want).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("num_reference", [1, 2])
+@pytest.mark.parametrize("gather", [None, False])
+def test_whole_token_displacements_match_the_oracle_by_gather_and_by_taps(num_reference, gather):
+    """Snapped fields take the gather path (query turned, keys at their own positions); it equals the bilinear
+    path and the oracle, also where the displaced neighbourhood leaves the grid."""
+    scope = AttentionScope((num_reference + 2, 5, 4), num_reference, 2)
+    q, k, k_raw, v = inputs(scope.grid, batch=2, seed=5)
+    g = torch.Generator().manual_seed(6)
+    displacement = ((torch.rand(zeros(2, scope).shape, generator=g) - 0.5) * 8).round()  # -4..4 tokens
+    bias = random_bias(2)
+    got = guided(q, k, k_raw, v, scope, displacement, bias, chunk_bytes=4096, gather=gather).double()
+    assert (got - oracle(q, k, k_raw, v, scope, displacement, bias)).abs().max().item() <= 1e-5
+    shifted = displacement.clone()
+    shifted[..., 0, :, :] += 1  # a wrong row: the gather path objects too
+    assert (guided(q, k, k_raw, v, scope, shifted, bias, gather=gather).double() - got).abs().max().item() > 1e-3
+
+
+def test_gather_refuses_fractional_displacements():
+    scope = AttentionScope((3, 4, 4), 1, 1)
+    q, k, k_raw, v = inputs(scope.grid)
+    with pytest.raises(ValueError, match="whole-token"):
+        guided(q, k, k_raw, v, scope, zeros(2, scope) + 0.5, gather=True)
 
 
 def test_bilinear_taps_are_exact_at_integers_and_linear_between():

@@ -194,3 +194,20 @@ def test_wan22_tiles_blend_in_its_patch_grid() -> None:
     assert patch_plan.num_tiles == 9 and not adapter.vae.use_tiling  # the VAE's own settings were restored
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert (per_pixel - expected).abs().max() > 1e-3
+
+
+def _displaced_stream(z: torch.Tensor, ref: torch.Tensor | None, moved: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Position-local again, and it reads its displacement tile: latent colour + the displacement's dx channel."""
+    video = F.interpolate(z[:, :3], scale_factor=(1, 8, 8), mode="nearest") + moved[:, 1:2]
+    yield from video.split(1, dim=2)
+
+
+def test_each_tile_gets_its_displacement_crop() -> None:
+    g = torch.Generator().manual_seed(1)
+    z, ref = torch.randn(1, 4, 3, 7, 9, generator=g), torch.randn(1, 3, 1, 56, 72, generator=g)
+    moved = torch.randn(1, 2, 3, 56, 72, generator=g)
+    plan = plan_tiles((7, 9), 8, tile=(32, 32), overlap=(16, 16))
+    tiled = torch.cat(list(iter_tiled(_displaced_stream, z, ref, plan, displacements=moved)), dim=2)
+    torch.testing.assert_close(tiled, torch.cat(list(_displaced_stream(z, ref, moved)), dim=2), atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="displacements are"):
+        next(iter_tiled(_displaced_stream, z, ref, plan, displacements=moved[..., :40]))

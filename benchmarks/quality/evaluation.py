@@ -17,6 +17,7 @@ from torch import nn
 import refdecoder
 from benchmarks.quality.data import HeldOut
 from benchmarks.quality.settings import Settings
+from benchmarks.quality.shift_probe import follow_ratios
 from benchmarks.quality.variants import Variant
 from refdecoder._deps import require
 from refdecoder.errors import CheckpointError, MissingDependencyError
@@ -108,8 +109,15 @@ def _is_metric(key: str, stats: dict) -> bool:
     return isinstance(stats[key], float) and key.split("_")[0] in ("psnr", "ssim", "lpips")
 
 
-def targets(models: dict[str, dict], deltas: dict[str, dict], settings: Settings) -> dict[str, Any] | None:
-    """The issue's targets for the headline variant, each with its measured value and whether it is met."""
+def targets(
+    models: dict[str, dict], deltas: dict[str, dict], settings: Settings, probe: dict | None = None
+) -> dict[str, Any] | None:
+    """The issue's targets for the headline variant, each with its measured value and whether it is met.
+
+    ``probe``: the eval phase's shift probe (:func:`~benchmarks.quality.shift_probe.shift_probe`), for the
+    ``shift_follow_*`` targets: the frame-0 gain at shifts 1-2 (near) and at the largest shift (far) as a fraction
+    of the gain in place, the worse direction of each.
+    """
     ft, goals = settings.finetune, settings.eval.targets
     name = ft.headline
     delta = next((d for key, d in deltas.items() if key.split(" - ")[0] == name), None)
@@ -124,6 +132,15 @@ def targets(models: dict[str, dict], deltas: dict[str, dict], settings: Settings
         value = models[name]["static"]["psnr"] - models[versus]["static"]["psnr"]
         margin = -goals["static_margin"]
         out[f"static_psnr_vs_{versus}"] = {"value": value, "target": margin, "met": value >= margin}
+    if probe is not None and name in probe["models"]:
+        ratios = follow_ratios(probe["models"][name])
+        near = [r for k, r in ratios.items() if k <= 2]
+        for key, value in (
+            ("shift_follow_near", min(near) if near else None),
+            ("shift_follow_far", ratios[max(ratios)]),
+        ):
+            if value is not None:
+                out[key] = {"value": value, "target": goals[key], "met": value >= goals[key]}
     return out
 
 

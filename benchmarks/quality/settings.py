@@ -158,6 +158,22 @@ class FinetuneSettings:
 
 
 @dataclass
+class ShiftProbeSettings:
+    """The shift probe of the eval phase (:mod:`benchmarks.quality.shift_probe`) on the headline and its comparison."""
+
+    shifts: list[int]  # tokens, each in both directions (and 0)
+    crop: list[int]  # probe crop (height, width) in px; wider than the benchmark's so a shifted reference overlaps
+    clips_per_source: int
+    token_pixels: int  # output pixels per token of the shift (a latent cell of the benchmark's VAE)
+
+    def __post_init__(self) -> None:
+        if not self.shifts or min(self.shifts) < 1 or len(self.crop) != 2 or min(self.crop) < 1:
+            raise ConfigError(
+                f"eval.shift_probe needs shifts >= 1 and crop [height, width], got {self.shifts} and {self.crop}"
+            )
+
+
+@dataclass
 class EvalSettings:
     """Held-out evaluation."""
 
@@ -169,9 +185,11 @@ class EvalSettings:
     # The headline variant's targets: motion_psnr, motion_psnr_0, motion_psnr_4+ (gains over its baseline, dB), and
     # static_versus / static_margin (its static PSNR must be >= that variant's minus the margin).
     targets: dict[str, Any]
+    shift_probe: ShiftProbeSettings
 
     def __post_init__(self) -> None:
         keys = {"motion_psnr", "motion_psnr_0", "motion_psnr_4+", "static_versus", "static_margin"}
+        keys |= {"shift_follow_near", "shift_follow_far"}
         if set(self.targets) != keys:
             raise ConfigError(f"eval.targets needs exactly {sorted(keys)}, got {sorted(self.targets)}")
 

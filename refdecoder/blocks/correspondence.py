@@ -116,6 +116,36 @@ def pixel_flow_to_latent_grid(
     return pooled.reshape(*per_latent.shape[:4], h, w)
 
 
+def _reference_latents(
+    adapter: BackboneAdapter, frames: torch.Tensor, latents: torch.Tensor, still_frames: int
+) -> list[tuple[slice, torch.Tensor]]:
+    """The reference encoded in the feature space of each latent frame of the video, keyed by those video frames.
+
+    A temporally compressing encoder codes its first latent frame from one pixel group and the later ones from the
+    next groups with its causal caches, and each lives in its own feature space: on the quality benchmark's causal
+    VAE a cost volume of later frames against the reference's first-frame latents is noise (2.6 cells mean error
+    at zero shift); against the same-index latent frame of the reference encoded as a still clip it is 0.4-0.7
+    cells. So the reference is encoded as a still clip of ``min(t, still_frames)`` latent frames, and video latent
+    frame ``i`` is matched against its frame ``i`` (the last one for all later frames: a causal encoder's latents
+    of a still clip settle after a few frames).
+
+    Args:
+        adapter: the backbone adapter (frame rule and frozen encoder).
+        frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size.
+        latents: ``B, C, t, h, w`` the latents being decoded.
+        still_frames: latent frames of the still clip (``correspondence.still_frames``).
+
+    Returns:
+        ``[(slice of video latent frames, B, C, R, h, w reference latents)]``, the slices covering ``0..t`` in order.
+    """
+    b, t = latents.shape[0], latents.shape[2]
+    n = min(t, still_frames)
+    clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(n), -1, -1)
+    encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, n, h, w
+    kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
+    return [(kind, encoded[:, :, i].unflatten(0, (b, -1)).transpose(1, 2)) for i, kind in enumerate(kinds)]
+
+
 class CorrespondenceField:
     """One decode's correspondence, on the latent grid, handed out per stage and window.
 
@@ -124,6 +154,8 @@ class CorrespondenceField:
         output_size: ``(H, W)`` of the decoded frames (and of the reference).
         windows: the decode's latent-frame windows ``(start, stop)``.
         adapter: the backbone adapter (stage frame counts per window).
+        snap: round each stage's field to whole tokens of that stage's grid (the attention then gathers reference
+            tokens at their centres instead of sampling them bilinearly).
     """
 
     def __init__(
@@ -132,8 +164,10 @@ class CorrespondenceField:
         output_size: tuple[int, int],
         windows: list[tuple[int, int]],
         adapter: BackboneAdapter,
+        snap: bool = False,
     ) -> None:
         self.pixels, self.output_size, self.windows, self.adapter = pixels, output_size, windows, adapter
+        self.snap = snap
 
     def stage(
         self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
@@ -158,7 +192,8 @@ class CorrespondenceField:
         scale = torch.tensor(
             [ph * self.output_size[0] / height, pw * self.output_size[1] / width], device=tokens.device
         ).reshape(1, 1, 2, 1, 1, 1)
-        return tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
+        displacement = tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
+        return displacement.round() if self.snap else displacement
 
 
 def correspondence_field(
@@ -169,6 +204,8 @@ def correspondence_field(
     output_size: tuple[int, int],
     search: tuple[int, float, int] | None,
     displacements: torch.Tensor | None = None,
+    snap: bool = False,
+    still_frames: int = 4,
 ) -> CorrespondenceField:
     """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
 
@@ -181,6 +218,8 @@ def correspondence_field(
         search: ``(search_radius, temperature, match_radius)`` of :func:`cost_volume_displacement`; used when no
             ``displacements`` are given.
         displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
+        snap: round every stage's displacements to whole tokens (see :class:`CorrespondenceField`).
+        still_frames: latent frames of the still clip the reference is encoded as for the estimate.
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
     if displacements is not None:
@@ -190,12 +229,14 @@ def correspondence_field(
             frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
             if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
                 frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
-            # One image per reference frame, repeated to the frame rule's first group (1 frame for causal VAEs).
-            clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.first, -1, -1)
-            encoded = adapter.encode(clip.to(latents.dtype))[:, :, 0]  # B*R, C, h, w
-            encoded = encoded.unflatten(0, (latents.shape[0], r)).transpose(1, 2)  # B, C, R, h, w
-            cells = cost_volume_displacement(latents, encoded, *search)
+            cells = torch.cat(
+                [
+                    cost_volume_displacement(latents[:, :, kind], encoded, *search)
+                    for kind, encoded in _reference_latents(adapter, frames, latents, still_frames)
+                ],
+                dim=3,
+            )
         pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
             1, 1, 2, 1, 1, 1
         )
-    return CorrespondenceField(pixels, output_size, windows, adapter)
+    return CorrespondenceField(pixels, output_size, windows, adapter, snap)

@@ -100,6 +100,7 @@ def guided_neighbourhood_attention(
     rope_theta: float,
     bias: LocalityBias | None = None,
     chunk_bytes: int = GUIDED_CHUNK_BYTES,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """Neighbourhood attention whose reference neighbourhoods are centred on displaced positions.
 
@@ -114,6 +115,8 @@ def guided_neighbourhood_attention(
         rope_theta: RoPE base of the tables ``q`` and ``k`` were rotated with.
         bias: optional locality prior; for reference keys indexed by the offset from the displaced centre.
         chunk_bytes: working-memory budget of one chunk of query tokens.
+        gather: read reference tokens at whole-token positions by a plain gather (``True``) or bilinearly
+            (``False``); ``None`` gathers when every displacement is a whole number of tokens. Both agree there.
 
     Returns:
         ``B, heads, N, head_dim``.
@@ -149,23 +152,46 @@ def guided_neighbourhood_attention(
     chunk = p if q.device.type == "meta" else max(1, chunk_bytes // per_position)
     kraw_tok = k_raw.transpose(1, 2)[:, : r * p]  # B, R*P, heads, D: the reference frames' keys before RoPE
     vref_tok = v.transpose(1, 2)[:, : r * p]
+    batch = torch.arange(b, device=q.device)[:, None]
     times = reference_times.to(q.device).reshape(r, 1)
     frame_rows = (torch.arange(r, device=q.device) * h)[None, None, None, :, None]
     grid_q = q.reshape(b, heads, t, p, d)
     out = q.new_empty(b, heads, t, p, d)
+    # Whole-token displacements (snapped fields, zero) read the reference at token centres: a plain gather of the
+    # rotated keys, and the query turned by the displacement instead of every key by its virtual position (RoPE
+    # rotations add: the query-key angle is the same). Fractional ones take the bilinear path.
+    if q.device.type == "meta":  # FLOP counting: no values to look at; the snapped default gathers
+        whole = gather is not False
+    else:
+        integral = bool((shift == shift.round()).all())
+        if gather and not integral:
+            raise ValueError("gather=True needs whole-token displacements")
+        whole = integral if gather is None else gather
+    if whole:
+        k_tok, vref_tok = k.transpose(1, 2), v.transpose(1, 2)  # B, N, heads, D: the reference frames lead
     for p0 in range(0, p, chunk):
         pos = torch.arange(p0, min(p0 + chunk, p), device=q.device)
         ry, rx = (pos // w)[:, None] + oy, (pos % w)[:, None] + ox  # Pc, O: the slot relative to the query
         sy = ry[None, :, None, None] + shift[:, pos, :, :, 0, None]  # B, Pc, T, R, O: where it samples
         sx = rx[None, :, None, None] + shift[:, pos, :, :, 1, None]
         inside = ((sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)).flatten(3)  # B, Pc, T, R*O
-        keys = bilinear_tokens(kraw_tok, sy + frame_rows, sx, w, r * h)  # B, Pc, T, R, O, heads, D
-        values = bilinear_tokens(vref_tok, sy + frame_rows, sx, w, r * h)
-        cos, sin = rope_at(times[None], ry[:, None], rx[:, None], d, rope_theta)  # Pc, R, O, D
-        keys = apply_rope(keys, cos[None, :, None, :, :, None], sin[None, :, None, :, :, None])
-        queries = grid_q[:, :, :, pos].float()  # B, heads, T, Pc, D
-        queries = queries / math.sqrt(d)
-        ref_logits = torch.einsum("bhtpd,bptshd->bhtps", queries, keys.flatten(3, 4).float())
+        queries = grid_q[:, :, :, pos].float() / math.sqrt(d)  # B, heads, T, Pc, D
+        if whole:
+            rows = sy.clamp(0, h - 1).long() + frame_rows
+            index = rows * w + sx.clamp(0, w - 1).long()  # B, Pc, T, R, O: token of the reference frames
+            keys = k_tok[batch, index.flatten(1)].unflatten(1, index.shape[1:])  # B, Pc, T, R, O, heads, D
+            values = vref_tok[batch, index.flatten(1)].unflatten(1, index.shape[1:])
+            zero = torch.zeros((), device=q.device)
+            turn = shift[:, pos].permute(0, 2, 1, 3, 4)  # B, T, Pc, R, 2
+            cos, sin = rope_at(zero, turn[..., 0], turn[..., 1], d, rope_theta)  # B, T, Pc, R, D
+            turned = apply_rope(queries[:, :, :, :, None], cos[:, None], sin[:, None])  # B, heads, T, Pc, R, D
+            ref_logits = torch.einsum("bhtprd,bptrohd->bhtpro", turned, keys.float()).flatten(-2)
+        else:
+            keys = bilinear_tokens(kraw_tok, sy + frame_rows, sx, w, r * h)  # B, Pc, T, R, O, heads, D
+            values = bilinear_tokens(vref_tok, sy + frame_rows, sx, w, r * h)
+            cos, sin = rope_at(times[None], ry[:, None], rx[:, None], d, rope_theta)  # Pc, R, O, D
+            keys = apply_rope(keys, cos[None, :, None, :, :, None], sin[None, :, None, :, :, None])
+            ref_logits = torch.einsum("bhtpd,bptshd->bhtps", queries, keys.flatten(3, 4).float())
         ref_logits = ref_logits.masked_fill(~inside.permute(0, 2, 1, 3)[:, None], float("-inf"))
         vt = video_tokens[pos]  # Pc, S_vid
         vid_keys, vid_values = k[:, :, vt].float(), v[:, :, vt].float()  # B, heads, Pc, S_vid, D

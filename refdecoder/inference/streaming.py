@@ -125,13 +125,16 @@ def _stream_windows(
     reference: torch.Tensor | None,
     window: int | None,
     depth_to_space: bool = True,
+    displacements: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Unclamped window chunks of the plain backbone decode (adapter) or of a RefDecoder decode (before an upscale
     head's shuffle when ``depth_to_space`` is False)."""
     if isinstance(source, BackboneAdapter):
         windows = source.plan_windows(latents.shape[2], window or source.default_window)
         return source.iter_decode_windows(latents, IdentityHooks(), DecodeContext(), windows)
-    return source.iter_decode(latents, reference, window=window, clamp=False, depth_to_space=depth_to_space)
+    return source.iter_decode(
+        latents, reference, window=window, clamp=False, depth_to_space=depth_to_space, displacements=displacements
+    )
 
 
 def iter_decode(
@@ -143,6 +146,7 @@ def iter_decode(
     resize_reference: bool = False,
     clamp: bool | None = None,
     tiles: TilePlan | None = None,
+    displacements: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode raw latents window by window, yielding each window's frames as soon as they exist.
 
@@ -157,6 +161,8 @@ def iter_decode(
         resize_reference: resize a reference of another size instead of raising :class:`InputError`.
         clamp: clamp to [-1, 1]; default (None) exactly where the backbone's own decode does (``output_clamp``).
         tiles: decode in spatial tiles with this plan (:func:`refdecoder.tiling.plan_tiles`).
+        displacements: where each decoded pixel's content lies in the reference, as for ``RefDecoder.decode``
+            (``B, [R,] 2, T, H, W`` output pixels); with ``tiles`` each tile gets its crop.
 
     Yields:
         ``B, 3, t, H, W`` chunks in time order (17, 16, 16, ... frames for Wan's default window).
@@ -172,10 +178,12 @@ def iter_decode(
         reference = check_reference(
             reference, latents.shape[0], size, resize_reference, warn_range=False, channels=adapter.pixel_channels
         )
+    if displacements is not None and reference is None:
+        raise InputError("displacements point into a reference; pass a reference (and RefDecoder weights)")
     if tiles is not None:
-        chunks = _iter_tiles(source, latents, reference, window, tiles)
+        chunks = _iter_tiles(source, latents, reference, window, tiles, displacements)
     else:
-        chunks = _stream_windows(source, latents, reference, window)
+        chunks = _stream_windows(source, latents, reference, window, displacements=displacements)
     # A RefDecoder checks its own output; the plain backbone decode is checked here, once at the end.
     finite = FiniteOutput(enabled=isinstance(source, BackboneAdapter))
     while True:
@@ -195,6 +203,7 @@ def _iter_tiles(
     reference: torch.Tensor | None,
     window: int | None,
     tiles: TilePlan,
+    displacements: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     full_tile = latents[..., : tiles.tile[0] // tiles.spatial_factor, : tiles.tile[1] // tiles.spatial_factor]
     # Tiles advance in lockstep, so all must use the window a full tile gets (edge tiles alone could get larger).
@@ -206,10 +215,11 @@ def _iter_tiles(
     # With an upscale head, tiles are blended in its 3 * s**2-channel output and the mosaic is shuffled once.
     head = getattr(source, "upscale_head", None)
 
-    def stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
-        return _stream_windows(source, z, ref, size, depth_to_space=head is None)
+    def stream(z: torch.Tensor, ref: torch.Tensor | None, moved: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        return _stream_windows(source, z, ref, size, depth_to_space=head is None, displacements=moved)
 
-    blended = iter_tiled(stream, latents, reference, tiles, output_scale=1 if head is None else head.factor)
+    scale = 1 if head is None else head.factor
+    blended = iter_tiled(stream, latents, reference, tiles, output_scale=scale, displacements=displacements)
     return blended if head is None else map(head.apply, blended)
 
 
