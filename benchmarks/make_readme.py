@@ -68,7 +68,10 @@ def headline_block() -> str:
 
 def _correspondence_note(doc: dict[str, Any]) -> str:
     """``, with correspondence-guided ...`` when the run's headline variant turns correspondence on."""
-    variant = doc["settings"]["finetune"]["variants"].get(doc["headline"], {})
+    variants = doc["settings"]["finetune"]["variants"]
+    if isinstance(variants, list):  # runs recorded before variants became typed diffs
+        variants = {v["name"]: v for v in variants}
+    variant = variants.get(doc["headline"], {})
     on = variant.get("set", {}).get("correspondence.enabled", False)
     return ", with correspondence-guided reference attention (`config.correspondence`)" if on else ""
 
