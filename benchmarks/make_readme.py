@@ -76,17 +76,17 @@ def _correspondence_note(doc: dict[str, Any]) -> str:
     return ", with correspondence-guided reference attention (`config.correspondence`)" if on else ""
 
 
-def shift_probe_table(doc: dict[str, Any]) -> str:
-    """The default run's shift probe: frame-0 gain (whole / shared columns) per model, mode and shift."""
-    probe = doc["eval"]["shift_probe"]
+def shift_probe_table(probes: list[dict[str, Any]]) -> str:
+    """Shift probes (``shift_probe()`` results): frame-0 gain (whole / shared columns) per model, mode and shift."""
     labels = {"default": "estimated / in place", "true_displacements": "true shift given"}
     rows, shifts = [], []
-    for model, modes in probe["models"].items():
-        shifts = modes["shift_tokens"]
-        for mode, label in labels.items():
-            if mode in modes:
-                gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
-                rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
+    for probe in probes:
+        for model, modes in probe["models"].items():
+            shifts = modes["shift_tokens"]
+            for mode, label in labels.items():
+                if mode in modes:
+                    gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
+                    rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
     return table(["model", "displacements"] + [f"{k:+d}" for k in shifts], rows)
 
 
@@ -347,7 +347,7 @@ held-out clips at {crop} px decoded with their frame 0 shifted sideways by k tok
 the reference; frame-0 PSNR gain in dB over an unrelated reference, whole frame / the columns the shifted reference
 shows. "estimated / in place": the model's own decode; "true shift given": the shift passed as `displacements`.
 
-{shift_probe_table(doc)}
+{shift_probe_table([probe])}
 """
 
 
@@ -409,17 +409,8 @@ zero.
 
 def guided_shift_probe() -> str:
     files = ("reference_probe_shift_r2_ps_s2d_200.json", "reference_probe_shift_r2_ps_s2d_corr_200.json")
-    labels = {"default": "estimated / in place", "true_displacements": "true shift given"}
-    rows, shifts, doc = [], [], {}
-    for name in files:
-        doc = result(name)["correspondence"]
-        for model, modes in doc["models"].items():
-            shifts = modes["shift_tokens"]
-            for mode, label in labels.items():
-                if mode in modes:
-                    gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
-                    rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
-    head = ["model", "displacements"] + [f"{k:+d}" for k in shifts]
+    probes = [result(name)["correspondence"] for name in files]
+    doc = probes[-1]
     return f"""## Correspondence-guided attention: the shift probe at 200 steps
 
 Short runs, not the default run: `python benchmarks/quality_small.py --phase finetune --set workers=1 --set
@@ -429,9 +420,10 @@ benchmarks/reference_probe.py --correspondence OUT --models MODEL --shifts 0,1,2
 tokens ({doc["token_pixels"]} pixels each), on {doc["clips"]} clips of 128x96 pixels: whole frame / the columns the
 shifted reference shows. "estimated / in place": the model's own decode (the cost-volume estimate for the
 correspondence model, the query's own position for the other); "true shift given": the shift passed as
-`displacements`.
+`displacements`. Recorded with the first form of the estimate (every latent frame matched against the reference's
+first-frame latents, displacements not snapped); the default run above uses the current one.
 
-{table(head, rows)}
+{shift_probe_table(probes)}
 """
 
 
