@@ -343,6 +343,17 @@ def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant
     }
 
 
+def check_shift_probe(settings: Settings, media: Media) -> None:
+    """Raise ConfigError when no held-out source has room for ``eval.shift_probe``'s crop plus its largest shift."""
+    cfg = settings.eval.shift_probe
+    try:
+        shifted_clips(
+            settings, media, max(cfg.shifts) * cfg.token_pixels, cfg.clips_per_source, (cfg.crop[0], cfg.crop[1])
+        )
+    except ValueError as err:
+        raise ConfigError(f"eval.shift_probe: {err}; lower eval.shift_probe.crop or .shifts") from None
+
+
 def run_shift_probe(settings: Settings, media: Media, encoder: nn.Module, models: dict[str, nn.Module]) -> dict | None:
     """The shift probe (``eval.shift_probe``) on the headline and its comparison, where both were evaluated."""
     cfg, names = settings.eval.shift_probe, [settings.finetune.headline, settings.eval.targets["static_versus"]]
@@ -443,6 +454,8 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
         "photos": {"train": [p.name for p in media.photos], "heldout": [p.name for p in media.heldout_photos]},
     }
     doc["timing"]["data_s"] = time.perf_counter() - start
+    if "eval" in run:
+        check_shift_probe(settings, media)  # before any training: a probe crop the footage cannot give fails now
     for phase, fn in (("pretrain", run_pretrain), ("finetune", run_finetune), ("eval", run_eval)):
         if phase in run:
             t0 = time.perf_counter()

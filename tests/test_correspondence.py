@@ -174,6 +174,9 @@ class _KindedEncoder:
         g = torch.Generator().manual_seed(11)
         self.projections = [torch.randn(8, 3, generator=g) for _ in range(4)]
 
+    def check_latent_frames(self, latent_frames: int) -> None:
+        self.frame_rule.pixel_frames(latent_frames)
+
     def encode(self, clip: torch.Tensor) -> torch.Tensor:
         t = self.frame_rule.latent_frames(clip.shape[2])
         pooled = F.avg_pool3d(clip, (1, 4, 4))

@@ -54,6 +54,7 @@ def micro_config(folder: Path) -> Path:
     raw["pretrain"] |= {"steps": 3, "warmup": 1}
     raw["finetune"] |= {"steps": 2, "warmup": 1, "reference_distance": 2}
     raw["eval"] |= {"max_clips_per_source": 2, "camera_clips_per_source": 2, "camera_clips_per_photo": 2}
+    raw["eval"]["shift_probe"] = {"shifts": [1], "crop": [CROP, CROP], "clips_per_source": 1, "token_pixels": 8}
     path = folder / "micro.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -355,7 +356,8 @@ def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
     from benchmarks import reference_probe as rp
 
     settings, media = micro_media
-    clips, references, _ = rp.shifted_clips(settings, media, shift=8, per_source=1)
+    probe = rp.shifted_clips(settings, media, shift=8, per_source=1)
+    clips, references = probe.clips, probe.references
     assert clips.shape[1:] == (3, EVAL_FRAMES, CROP, CROP) and sorted(references) == list(range(-8, 9))
     torch.testing.assert_close(references[0][:, :, 0], clips[:, :, 0])
     # bikes (frames 48 x 72): the clip is cut at columns 20..52, the +8 reference at 28..60 of frame 16.

@@ -125,9 +125,9 @@ def _reference_latents(
     next groups with its causal caches, and each lives in its own feature space: on the quality benchmark's causal
     VAE a cost volume of later frames against the reference's first-frame latents is noise (2.6 cells mean error
     at zero shift); against the same-index latent frame of the reference encoded as a still clip it is 0.4-0.7
-    cells. So the reference is encoded as a still clip of ``min(t, still_frames)`` latent frames, and video latent
-    frame ``i`` is matched against its frame ``i`` (the last one for all later frames: a causal encoder's latents
-    of a still clip settle after a few frames).
+    cells. So the reference is encoded as a still clip of ``min(t, still_frames)`` latent frames (the longest count
+    the frame rule allows up to that, else ``t``), and video latent frame ``i`` is matched against its frame ``i``
+    (the last one for all later frames: a causal encoder's latents of a still clip settle after a few frames).
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
@@ -139,11 +139,21 @@ def _reference_latents(
         ``[(slice of video latent frames, B, C, R, h, w reference latents)]``, the slices covering ``0..t`` in order.
     """
     b, t = latents.shape[0], latents.shape[2]
-    n = min(t, still_frames)
+    n = next((k for k in range(min(t, still_frames), 0, -1) if _decodable(adapter, k)), t)
     clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(n), -1, -1)
     encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, n, h, w
     kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
     return [(kind, encoded[:, :, i].unflatten(0, (b, -1)).transpose(1, 2)) for i, kind in enumerate(kinds)]
+
+
+def _decodable(adapter: BackboneAdapter, latent_frames: int) -> bool:
+    """Whether the backbone's frame rule has a clip of ``latent_frames`` latent frames (CogVideoX: odd counts only;
+    MiniMax-H3: 7 + 5k); the still clip takes the longest such count up to ``still_frames``, else the video's."""
+    try:
+        adapter.check_latent_frames(latent_frames)
+    except InputError:
+        return False
+    return True
 
 
 class CorrespondenceField:
