@@ -1,12 +1,13 @@
 """Correspondence: where each video token's content lies in the reference, estimated from content or supplied.
 
 The estimate is a local cost volume on the frozen encoder's latent grid: the raw latents being decoded against the
-encoder's latents of the reference frame(s). Both live in one feature space without any training, so the estimate
-is as good at step 0 as later, and needs no downloaded weights. Per latent cell, the normalised correlation with
-every reference cell within ``+-S`` cells (summed over a ``(2m+1)^2`` patch, which makes 16-channel latents
-discriminative) is turned into a sub-cell displacement by a soft-argmax; out-of-grid candidates never count. A flat
-cost (no structure to match) averages to about zero: the attention then looks where it looked without
-correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate offset at a time.
+encoder's latents of the reference frame(s), encoded as a still clip so that each latent frame is matched in its own
+feature space. It needs no training and no downloaded weights, so it is as good at step 0 as later. Per latent
+cell, the normalised correlation with every reference cell within ``+-S`` cells (summed over a ``(2m+1)^2`` patch,
+which makes 16-channel latents discriminative) is turned into a sub-cell displacement by a soft-argmax;
+out-of-grid candidates never count. A flat cost (no structure to match) averages to about zero: the attention then
+looks where it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate
+offset at a time, plus the still clip's encoder pass.
 
 :class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
 estimate, or a caller's ``B, 2, T, H, W`` pixel flow pooled onto that grid), and hands each conditioned stage its

@@ -4,10 +4,11 @@ A local :class:`~refdecoder.blocks.AttentionScope` lets the query at ``(y, x)`` 
 ``(y + oy, x + ox)`` for ``|oy|, |ox| <= r``. Here a video query carries a displacement ``(dy, dx)`` (in tokens,
 fractional) into each reference frame, and sees the reference at ``(y + dy + oy, x + dx + ox)`` instead:
 
-- keys and values there are sampled bilinearly from the reference frame (4 taps, deformable-attention style), the
-  keys before RoPE, and then rotated as if they sat at ``(y + oy, x + ox)``: the query meets the displaced content
-  at the relative position it would have met content in place, so what attention learned at zero displacement
-  carries over unchanged;
+- the query meets the displaced content at the relative position ``(oy, ox)`` it would have met content in place,
+  so what attention learned at zero displacement carries over unchanged. Whole-token displacements (the snapped
+  default) gather the keys and values there and turn the query by ``(dy, dx)`` (RoPE rotations add); fractional
+  ones sample keys (before RoPE) and values bilinearly (4 taps, deformable-attention style) and rotate the keys as
+  if they sat at ``(y + oy, x + ox)``;
 - the locality prior (:class:`~refdecoder.blocks.LocalityBias`) is indexed by ``(oy, ox)``, the offset from the
   displaced centre;
 - a slot whose sample position leaves the grid is masked, as a neighbour outside the grid is today.
@@ -17,7 +18,7 @@ With zero displacement this is :func:`~refdecoder.blocks.attention_scope.neighbo
 (tested for radii 1-3, square and non-square grids, several reference frames, with and without the prior).
 
 Queries are grouped by grid position, a chunk of positions at a time: the ``(T-R) (2r_v+1)^2`` video keys of a
-position are gathered once for its T queries (as in today's gather), the ``R (2r+1)^2`` reference keys are sampled
+position are gathered once for its T queries (as in today's gather), the ``R (2r+1)^2`` reference keys are read
 per query; logits, a float32 softmax over both and the weighted values are computed explicitly. Memory stays linear
 in the tokens. It runs on every device (no fused kernel: the displaced gather is data-dependent).
 """
@@ -37,8 +38,8 @@ from refdecoder.blocks.rope import apply_rope, rope_at
 if TYPE_CHECKING:
     from refdecoder.blocks.locality_bias import LocalityBias
 
-# Working memory of one chunk of positions: 4x the scopes' budget, because every query samples its own reference
-# keys (4 float32 taps each), which at the quality benchmark's batch left one position per chunk (many small ops).
+# Working memory of one chunk of positions: 4x the scopes' budget, because every query reads its own reference keys
+# (budgeted as 4 float32 taps each), which at the quality benchmark's batch left one position per chunk otherwise.
 GUIDED_CHUNK_BYTES = 4 * CHUNK_BYTES
 
 __all__ = ["ReferenceGuide", "guided_neighbourhood_attention", "bilinear_tokens"]
@@ -151,7 +152,9 @@ def guided_neighbourhood_attention(
     # On the meta device (FLOP counting) nothing is allocated: one chunk, the same operations in fewer calls.
     chunk = p if q.device.type == "meta" else max(1, chunk_bytes // per_position)
     kraw_tok = k_raw.transpose(1, 2)[:, : r * p]  # B, R*P, heads, D: the reference frames' keys before RoPE
+    kref_tok = k.transpose(1, 2)[:, : r * p]  # ... after RoPE (the gather path)
     vref_tok = v.transpose(1, 2)[:, : r * p]
+    zero = torch.zeros((), device=q.device)
     batch = torch.arange(b, device=q.device)[:, None]
     times = reference_times.to(q.device).reshape(r, 1)
     frame_rows = (torch.arange(r, device=q.device) * h)[None, None, None, :, None]
@@ -167,8 +170,6 @@ def guided_neighbourhood_attention(
         if gather and not integral:
             raise ValueError("gather=True needs whole-token displacements")
         whole = integral if gather is None else gather
-    if whole:
-        k_tok, vref_tok = k.transpose(1, 2), v.transpose(1, 2)  # B, N, heads, D: the reference frames lead
     for p0 in range(0, p, chunk):
         pos = torch.arange(p0, min(p0 + chunk, p), device=q.device)
         ry, rx = (pos // w)[:, None] + oy, (pos % w)[:, None] + ox  # Pc, O: the slot relative to the query
@@ -179,9 +180,8 @@ def guided_neighbourhood_attention(
         if whole:
             rows = sy.clamp(0, h - 1).long() + frame_rows
             index = rows * w + sx.clamp(0, w - 1).long()  # B, Pc, T, R, O: token of the reference frames
-            keys = k_tok[batch, index.flatten(1)].unflatten(1, index.shape[1:])  # B, Pc, T, R, O, heads, D
+            keys = kref_tok[batch, index.flatten(1)].unflatten(1, index.shape[1:])  # B, Pc, T, R, O, heads, D
             values = vref_tok[batch, index.flatten(1)].unflatten(1, index.shape[1:])
-            zero = torch.zeros((), device=q.device)
             turn = shift[:, pos].permute(0, 2, 1, 3, 4)  # B, T, Pc, R, 2
             cos, sin = rope_at(zero, turn[..., 0], turn[..., 1], d, rope_theta)  # B, T, Pc, R, D
             turned = apply_rope(queries[:, :, :, :, None], cos[:, None], sin[:, None])  # B, heads, T, Pc, R, D
