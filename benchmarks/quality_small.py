@@ -72,7 +72,7 @@ from benchmarks.quality.settings import (  # noqa: E402
     fingerprint,
     load_settings,
 )
-from benchmarks.quality.shift_probe import shift_probe, shifted_clips  # noqa: E402
+from benchmarks.quality.shift_probe import ShiftedClips, shift_probe, shifted_clips  # noqa: E402
 from benchmarks.quality.variants import Variant  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.data import derive_seed, sample_generator  # noqa: E402
@@ -343,13 +343,12 @@ def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant
     }
 
 
-def check_shift_probe(settings: Settings, media: Media) -> None:
-    """Raise ConfigError when no held-out source has room for ``eval.shift_probe``'s crop plus its largest shift."""
+def shift_probe_clips(settings: Settings, media: Media) -> ShiftedClips:
+    """The held-out clips of ``eval.shift_probe``; ConfigError when no source has room for its crop plus shift."""
     cfg = settings.eval.shift_probe
+    shift, crop = max(cfg.shifts) * cfg.token_pixels, (cfg.crop[0], cfg.crop[1])
     try:
-        shifted_clips(
-            settings, media, max(cfg.shifts) * cfg.token_pixels, cfg.clips_per_source, (cfg.crop[0], cfg.crop[1])
-        )
+        return shifted_clips(settings, media, shift, cfg.clips_per_source, crop)
     except ValueError as err:
         raise ConfigError(f"eval.shift_probe: {err}; lower eval.shift_probe.crop or .shifts") from None
 
@@ -360,8 +359,7 @@ def run_shift_probe(settings: Settings, media: Media, encoder: nn.Module, models
     probed = {name: models[name] for name in names if name in models}
     if not probed:
         return None
-    crop = (cfg.crop[0], cfg.crop[1])
-    probe = shifted_clips(settings, media, max(cfg.shifts) * cfg.token_pixels, cfg.clips_per_source, crop)
+    probe = shift_probe_clips(settings, media)
     return shift_probe(encoder, probed, probe, cfg.shifts, cfg.token_pixels, true_displacements=True)
 
 
@@ -455,7 +453,7 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
     }
     doc["timing"]["data_s"] = time.perf_counter() - start
     if "eval" in run:
-        check_shift_probe(settings, media)  # before any training: a probe crop the footage cannot give fails now
+        shift_probe_clips(settings, media)  # before any training: a probe crop the footage cannot give fails now
     for phase, fn in (("pretrain", run_pretrain), ("finetune", run_finetune), ("eval", run_eval)):
         if phase in run:
             t0 = time.perf_counter()

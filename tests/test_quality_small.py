@@ -3,6 +3,7 @@ micro end-to-end run on the bundled clips."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -396,3 +397,19 @@ def test_the_shipped_vae_serves_the_default_settings_only(tmp_path) -> None:
     assert not qs.use_shipped_vae(settings, tmp_path / "default")  # already there: left alone
     other = qset.load_settings(qset.CONFIG, overrides=("pretrain.steps=10",))
     assert not qs.use_shipped_vae(other, tmp_path / "other") and not (tmp_path / "other").exists()
+
+
+def test_a_shift_probe_the_footage_cannot_give_fails_before_training(micro_media) -> None:
+    settings, media = micro_media
+    assert qs.shift_probe_clips(settings, media).clips.shape[-2:] == (CROP, CROP)
+    too_wide = dataclasses.replace(settings.eval.shift_probe, crop=[CROP, 80])  # the bundled frames are 72 wide
+    broken = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, shift_probe=too_wide))
+    with pytest.raises(ConfigError, match="eval.shift_probe: no source leaves room"):
+        qs.shift_probe_clips(broken, media)
+
+
+def test_follow_ratios_take_the_worse_direction_of_each_shift() -> None:
+    from benchmarks.quality.shift_probe import follow_ratios
+
+    row = {"shift_tokens": [-2, -1, 0, 1, 2], "default": {"gain_frame0": [0.5, 1.8, 2.0, 1.6, 1.0]}}
+    assert follow_ratios(row) == pytest.approx({1: 0.8, 2: 0.25})

@@ -135,12 +135,9 @@ def targets(
     if probe is not None and name in probe["models"]:
         ratios = follow_ratios(probe["models"][name])
         near = [r for k, r in ratios.items() if k <= 2]
-        for key, value in (
-            ("shift_follow_near", min(near) if near else None),
-            ("shift_follow_far", ratios[max(ratios)]),
-        ):
-            if value is not None:
-                out[key] = {"value": value, "target": goals[key], "met": value >= goals[key]}
+        measured = ({"shift_follow_near": min(near)} if near else {}) | {"shift_follow_far": ratios[max(ratios)]}
+        for key, value in measured.items():
+            out[key] = {"value": value, "target": goals[key], "met": value >= goals[key]}
     return out
 
 

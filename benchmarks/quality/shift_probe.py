@@ -99,13 +99,12 @@ def shift_probe(
     latents = encoder.encode(clips).latent_dist.mode()
     unrelated = references[0].roll(1, dims=0)  # another clip's frame 0
     offsets = sorted({s * sign for s in [0, *shifts] for sign in (1, -1)})
-    width, results = clips.shape[-1], {}
+    columns = {k: _shared(k * token, clips.shape[-1]) for k in offsets}
+    results = {}
     for name, model in models.items():
         plain = model.decode(latents, unrelated)
         base_whole = psnr(plain, clips)
-        base_shared = {
-            k: psnr(plain[..., _shared(k * token, width)], clips[..., _shared(k * token, width)]) for k in offsets
-        }
+        base_shared = {k: psnr(plain[..., cols], clips[..., cols]) for k, cols in columns.items()}
         # Displacements steer only a local scope's neighbourhoods; a global-attention model has none.
         local = model.config.transformer.attention_radius is not None
         modes = {"default": False} | ({"true_displacements": True} if true_displacements and local else {})
@@ -113,7 +112,7 @@ def shift_probe(
         for mode, given in modes.items():
             table: dict[str, list[float]] = {}
             for k in offsets:
-                offset, cols = k * token, _shared(k * token, width)
+                offset, cols = k * token, columns[k]
                 flow = None
                 if given:
                     flow = torch.zeros(clips.shape[0], 2, *clips.shape[2:])
