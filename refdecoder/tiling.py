@@ -35,9 +35,9 @@ from refdecoder.errors import ConfigError, InputError
 
 __all__ = ["Tile", "TilePlan", "plan_tiles", "blend_tiles", "iter_tiled", "token_alignment"]
 
-# decode_stream(latent_tile, reference_tile[, displacement_tile]) -> chunks of pixel frames, the same chunking for
-# every tile; the third argument only when displacements are given, so a two-argument stream serves other decodes.
-TileStream = Callable[..., Iterator[torch.Tensor]]
+# decode_stream(latent_tile, reference_tile, displacement_tile) -> chunks of pixel frames, the same chunking for every
+# tile (reference and displacement tiles are None when the decode has none).
+TileStream = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], Iterator[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def iter_tiled(
         plan: from :func:`plan_tiles` for ``latents``' spatial size.
         output_scale: s, how much larger than the plan's pixel grid the final output (and the reference) is.
         displacements: a caller's ``B, [R,] 2, T, s*H, s*W`` pixel displacements (``RefDecoder.decode``), or None;
-            each tile gets its crop, passed as ``decode_stream``'s third argument. Pixel offsets do not change
+            each tile gets its crop, ``decode_stream``'s third argument. Pixel offsets do not change
             with the crop; content displaced outside the tile's reference crop is masked like content outside the
             frame.
 
@@ -224,10 +224,8 @@ def iter_tiled(
 
     def tile_stream(tile: Tile) -> Iterator[torch.Tensor]:
         rows, cols = _latent_box(tile)
-        args = (latents[..., rows, cols], _crop(reference, plan, tile, output_scale))
-        if displacements is not None:
-            args += (_crop(displacements, plan, tile, output_scale),)
-        return decode_stream(*args)
+        crops = (_crop(pixels, plan, tile, output_scale) for pixels in (reference, displacements))
+        return decode_stream(latents[..., rows, cols], *crops)
 
     streams = [[tile_stream(t) for t in row] for row in plan.rows]
     while True:

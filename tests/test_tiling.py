@@ -75,7 +75,7 @@ def test_plain_tiled_decode_equals_diffusers_tiled_decode() -> None:
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
-def _local_stream(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
+def _local_stream(z: torch.Tensor, ref: torch.Tensor | None, moved: None = None) -> Iterator[torch.Tensor]:
     """A decoder whose every output pixel depends only on its own position: latent colour + reference pixel."""
     video = F.interpolate(z[:, :3], scale_factor=(1, 8, 8), mode="nearest") + ref[:, :, :1]
     yield from video.split(1, dim=2)  # one frame per window: the tiles must advance in lockstep
@@ -145,7 +145,7 @@ def _upscale_config() -> refdecoder.RefDecoderConfig:
     return config
 
 
-def _local_stream_2x(z: torch.Tensor, ref: torch.Tensor | None) -> Iterator[torch.Tensor]:
+def _local_stream_2x(z: torch.Tensor, ref: torch.Tensor | None, moved: None = None) -> Iterator[torch.Tensor]:
     """A position-local decoder with a 12-channel head: each sub-pixel = latent colour + its reference pixel."""
     base = F.interpolate(z[:, :3].repeat_interleave(4, 1), scale_factor=(1, 8, 8), mode="nearest")
     video = base + F.pixel_unshuffle(ref[:, :, 0], 2)[:, :, None]  # reference at 2x, folded into the 12 channels

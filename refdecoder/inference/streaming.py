@@ -215,7 +215,7 @@ def _iter_tiles(
     # With an upscale head, tiles are blended in its 3 * s**2-channel output and the mosaic is shuffled once.
     head = getattr(source, "upscale_head", None)
 
-    def stream(z: torch.Tensor, ref: torch.Tensor | None, moved: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    def stream(z: torch.Tensor, ref: torch.Tensor | None, moved: torch.Tensor | None) -> Iterator[torch.Tensor]:
         return _stream_windows(source, z, ref, size, depth_to_space=head is None, displacements=moved)
 
     scale = 1 if head is None else head.factor
