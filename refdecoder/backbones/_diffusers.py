@@ -31,6 +31,13 @@ class MeanStdLatents:
         mean, std = self._latent_statistics(latents)
         return latents * std + mean
 
+    @staticmethod
+    def tiny_statistics(kwargs: dict[str, Any], channels: int) -> None:
+        """Give a tiny test config made-up ``latents_mean`` / ``latents_std`` of length ``channels`` (distinct per
+        channel, so a normalisation that mixes channels up shows), unless it sets its own."""
+        kwargs.setdefault("latents_mean", [0.1 * i for i in range(channels)])
+        kwargs.setdefault("latents_std", [1.0 + 0.1 * i for i in range(channels)])
+
     def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``1, C, 1, 1, 1`` statistics, made in fp32 and then cast like ``like``."""
         config = self.vae.config

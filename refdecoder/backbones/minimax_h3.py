@@ -109,9 +109,7 @@ class MiniMaxH3Adapter(MeanStdLatents, DiffusersVideoAdapter):
             decoder_num_register_tokens=2, decoder_ffn_mult=2,
         )  # fmt: skip
         kwargs.update(overrides)
-        z = kwargs["latent_channels"]
-        kwargs.setdefault("latents_mean", [0.1 * i for i in range(z)])
-        kwargs.setdefault("latents_std", [1.0 + 0.1 * i for i in range(z)])
+        MeanStdLatents.tiny_statistics(kwargs, kwargs["latent_channels"])
         vae = AutoencoderKLMiniMaxH3(**kwargs)
         with torch.no_grad():
             decoder = vae.decoder

@@ -76,9 +76,7 @@ class QwenImage21Adapter(MeanStdLatents, DiffusersVideoAdapter):
             temperal_downsample=[False, True, True], scale_factor_spatial=8,
         )  # fmt: skip
         kwargs.update(overrides)
-        z = kwargs["z_dim"]
-        kwargs.setdefault("latents_mean", [0.1 * i for i in range(z)])
-        kwargs.setdefault("latents_std", [1.0 + 0.1 * i for i in range(z)])
+        MeanStdLatents.tiny_statistics(kwargs, kwargs["z_dim"])
         return AutoencoderKLQwenImage21(**kwargs)
 
     # --- geometry -------------------------------------------------------------------------------------------

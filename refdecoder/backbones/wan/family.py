@@ -93,9 +93,7 @@ class WanFamilyAdapter(MeanStdLatents, BackboneAdapter):
         """``vae_class(**defaults, **overrides)`` with made-up latent statistics of the right length."""
         kwargs = dict(dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True], **defaults)
         kwargs.update(overrides)
-        z = kwargs["z_dim"]
-        kwargs.setdefault("latents_mean", [0.1 * i for i in range(z)])
-        kwargs.setdefault("latents_std", [1.0 + 0.1 * i for i in range(z)])
+        MeanStdLatents.tiny_statistics(kwargs, kwargs["z_dim"])
         return vae_class(**kwargs)
 
     # --- geometry -------------------------------------------------------------------------------------------
