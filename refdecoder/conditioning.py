@@ -5,15 +5,17 @@
 - :class:`ReferenceFeatures` (frozen): the pixel reference tokenized once per decode, by the first stage's
   tokenizer and, with ``tokenizer.per_stage``, by each later conditioned stage's own;
 - :class:`StageConditioner`: the :class:`~refdecoder.hooks.DecodeHooks` the adapter calls. It holds the model's
-  stage modules and those features, never the model.
+  stage modules and those features, never the model nor the adapter.
 
-In each window the adapter calls ``stage(i, x, ctx)`` before up-sampling stage ``i``. The conditioner takes the
-reference's features entering stage ``i`` (stage 0: the tokenizer's; later: what the adapter's reference branch
-made of the stage before), adds stage ``i``'s own tokens of the pixels (per-stage tokenizers), runs the joint
-attention over ``[reference, video]`` when stage ``i`` is conditioned (:class:`~refdecoder.blocks.StageProjector`
-around the :class:`~refdecoder.blocks.SharedTransformer`), and passes the reference through stage ``i`` spatially
-(:meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference`) for stage ``i + 1``. After the last
-conditioned stage the reference is dropped.
+In each window the adapter's loop calls ``stage(i, x, reference, ctx)`` before up-sampling stage ``i``, with
+``reference`` the reference's features entering stage ``i`` (None at stage 0). The conditioner starts the reference
+at stage 0 with the tokenizer's features, adds stage ``i``'s own tokens of the pixels (per-stage tokenizers), runs
+the joint attention over ``[reference, video]`` when stage ``i`` is conditioned
+(:class:`~refdecoder.blocks.StageProjector` around the :class:`~refdecoder.blocks.SharedTransformer`) and returns the
+video features and the reference's. The adapter's loop carries the reference through stage ``i`` spatially with its
+own reference branch (:meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference`) into stage
+``i + 1``; the conditioner never holds or calls the adapter. After the last conditioned stage it returns no
+reference, and the loop stops carrying one.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from refdecoder.hooks import DecodeContext
+from refdecoder.errors import BackboneError
+from refdecoder.hooks import DecodeContext, check_stage_call
 
 if TYPE_CHECKING:
-    from refdecoder.backbones.base import BackboneAdapter
     from refdecoder.blocks import CorrespondenceField, ReferenceTokenizer, SharedTransformer, StageProjector
 
 __all__ = ["ReferenceFeatures", "StageConditioner"]
@@ -80,8 +82,6 @@ class StageConditioner:
         last_stage: index of the last conditioned stage; the reference stops there.
         reference_features: the decode's tokenized reference, or None for the plain decode at every stage.
         correspondence: where video content lies in the reference (correspondence-guided attention), or None.
-        adapter: whose :meth:`~refdecoder.backbones.base.BackboneAdapter.run_stage_on_reference` takes the reference
-            from one stage to the next.
     """
 
     def __init__(
@@ -92,13 +92,9 @@ class StageConditioner:
         last_stage: int,
         reference_features: ReferenceFeatures | None,
         correspondence: CorrespondenceField | None,
-        adapter: BackboneAdapter,
     ) -> None:
         self.latent_components, self.projectors, self.transformer = latent_components, projectors, transformer
         self.last_stage, self.reference_features, self.correspondence = last_stage, reference_features, correspondence
-        self.adapter = adapter
-        # The reference's features entering the next stage of the current window (set at each stage, reset at 0).
-        self._reference_into_next_stage: torch.Tensor | None = None
 
     def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """``B, C, T, h, w`` decoder-input latent through the latent components."""
@@ -106,19 +102,38 @@ class StageConditioner:
             x = component(x, ctx)
         return x
 
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        """``B, C_i, t_i, h_i, w_i`` video features entering stage ``index`` -> the same, after the joint attention."""
+    def stage(
+        self, index: int, x: torch.Tensor, reference: torch.Tensor | None, ctx: DecodeContext | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stage ``index``'s hook point (see :meth:`~refdecoder.hooks.DecodeHooks.stage`).
+
+        ``x``: ``B, C_i, t_i, h_i, w_i`` video features entering the stage; ``reference``: the reference's
+        ``B, C_i, R, h_i, w_i`` features entering it (None at stage 0, where the tokenizer's are taken). Returns
+        ``x`` after the joint attention and the reference's features after it, or None from the last conditioned
+        stage on (and without a reference).
+        """
+        ctx = check_stage_call(reference, ctx)
         if self.reference_features is None or index > self.last_stage:
-            return x
-        name, reference = f"stage{index}", self.reference_features
-        features = reference.first_stage if index == 0 else self._reference_into_next_stage
-        if name in reference.per_stage:  # tokenizer.per_stage: the pixels' own features at this stage
-            features = features + reference.per_stage[name].to(features.dtype)
+            return x, None
+        name, tokenized = f"stage{index}", self.reference_features
+        features = self._entering(index, reference)
+        if name in tokenized.per_stage:  # tokenizer.per_stage: the pixels' own features at this stage
+            features = features + tokenized.per_stage[name].to(features.dtype)
         if name in self.projectors:
             features, x = self._joint_attention(index, self.projectors[name], features, x, ctx)
-        if index < self.last_stage:
-            self._reference_into_next_stage = self.adapter.run_stage_on_reference(index, features, ctx)
-        return x
+        return x, (features if index < self.last_stage else None)
+
+    def _entering(self, index: int, reference: torch.Tensor | None) -> torch.Tensor:
+        """The reference's features entering stage ``index``: the tokenizer's at stage 0, else what the loop carried
+        (a one-line error when the loop carried none, or handed stage 0 one)."""
+        if (index == 0) != (reference is None):
+            carried = "was handed reference features" if index == 0 else "got no reference features"
+            raise BackboneError(
+                f"hooks.stage({index}) {carried}: decode_window must start each window with reference = None and "
+                "carry what each stage hook returns through self.run_stage_on_reference into the next stage "
+                "(h, reference = self.conditioned_stage(i, h, reference, hooks, ctx))"
+            )
+        return self.reference_features.first_stage if index == 0 else reference
 
     def _joint_attention(
         self, index: int, projector: StageProjector, features: torch.Tensor, x: torch.Tensor, ctx: DecodeContext

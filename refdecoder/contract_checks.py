@@ -62,11 +62,14 @@ class RecordingHooks(IdentityHooks):
         self.seen: list[tuple[int, int, torch.Tensor]] = []
         self.cut_at = cut_at
 
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+    def stage(
+        self, index: int, x: torch.Tensor, reference: torch.Tensor | None, ctx: DecodeContext | None = None
+    ) -> tuple[torch.Tensor, None]:
+        x, _ = super().stage(index, x, reference, ctx)
         if index == self.cut_at:
             x = x[:, :, :1]
         self.seen.append((ctx.window_index, index, x))
-        return x
+        return x, None
 
 
 class ConformanceCase(Protocol):

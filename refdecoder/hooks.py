@@ -4,13 +4,17 @@ A backbone adapter drives its own decoder loop and, at named places, hands the c
 
 - ``latents``: the latent entering the decoder (after ``post_quant_conv`` for Wan), once per decode, before it is
   split into windows. Training-time components (token dropout, latent degradation, LMR) attach here.
-- ``stage{i}``: the feature map entering up-sampling stage ``i``, once per window. The reference-conditioning
-  stage attaches here (:class:`refdecoder.conditioning.StageConditioner`: stage projector + shared transformer).
+- ``stage{i}``: the feature map entering up-sampling stage ``i``, once per window, together with the reference's
+  features entering it. The reference-conditioning stage attaches here
+  (:class:`refdecoder.conditioning.StageConditioner`: stage projector + shared transformer).
 
-The reference itself is not in the context: the model tokenizes it once per decode into a
-:class:`~refdecoder.conditioning.ReferenceFeatures` that the conditioner it hands the loop holds. The adapter never
-knows what is attached; it only calls :class:`DecodeHooks`. :class:`IdentityHooks` gives the plain backbone decode
-through the same loop, which is what the identity tests compare against ``vae.decode``.
+The reference travels through the adapter's window loop as a named value, ``reference``: None into stage 0 (the
+hook supplies the tokenized reference there), then whatever the hook returned, carried through the stage by the
+adapter's own reference branch (:meth:`~refdecoder.backbones.base.BackboneAdapter.conditioned_stage` does both), so
+the hooks never call back into the adapter. The reference is not in the context: the model tokenizes it once per
+decode into a :class:`~refdecoder.conditioning.ReferenceFeatures` that the conditioner it hands the loop holds. The
+adapter never knows what is attached; it only calls :class:`DecodeHooks`. :class:`IdentityHooks` gives the plain
+backbone decode through the same loop, which is what the identity tests compare against ``vae.decode``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DecodeContext", "DecodeHooks", "IdentityHooks", "plan_windows"]
+from refdecoder.errors import BackboneError
+
+__all__ = ["DecodeContext", "DecodeHooks", "IdentityHooks", "check_stage_call", "plan_windows"]
 
 
 @dataclass
@@ -70,9 +76,38 @@ class DecodeHooks(Protocol):
         """``B, C, T, h, w`` decoder-input latent -> same shape."""
         ...
 
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        """``B, C_i, t_i, h_i, w_i`` features entering stage ``index`` of the current window -> same shape."""
+    def stage(
+        self, index: int, x: torch.Tensor, reference: torch.Tensor | None, ctx: DecodeContext | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hook point before stage ``index`` of the current window.
+
+        Args:
+            index: the stage (``stage{index}``).
+            x: ``B, C_i, t_i, h_i, w_i`` video features entering the stage.
+            reference: ``B, C_i, R, h_i, w_i``, the reference's features entering the stage: None at stage 0 (the
+                hooks supply the first stage's), later what the hook returned at the stage before, carried through
+                that stage by the adapter's reference branch.
+            ctx: the decode's context; always passed (its default only lets an adapter written for the old
+                ``stage(index, x, ctx)`` get a one-line error from :func:`check_stage_call`).
+
+        Returns:
+            ``x`` after the hook (same shape), and the reference's features after it, for the adapter's reference
+            branch to carry through stage ``index`` into the next (``B, C_i, R, h_i, w_i``); None when no later
+            stage needs the reference (no reference, or past the last conditioned stage).
+        """
         ...
+
+
+def check_stage_call(reference: Any, ctx: DecodeContext | None) -> DecodeContext:
+    """``ctx`` of a ``hooks.stage`` call, or a one-line :class:`~refdecoder.errors.BackboneError` for a call made
+    as the old ``stage(index, x, ctx)`` (three arguments, one return value)."""
+    if ctx is None or isinstance(reference, DecodeContext):
+        raise BackboneError(
+            "hooks.stage was called as stage(index, x, ctx); the hook is now stage(index, x, reference, ctx) -> "
+            "(x, reference): in decode_window set reference = None before the stages and write h, reference = "
+            "self.conditioned_stage(i, h, reference, hooks, ctx) before stage i (docs/backbones.md, section 4)"
+        )
+    return ctx
 
 
 class IdentityHooks:
@@ -81,8 +116,12 @@ class IdentityHooks:
     def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         return x
 
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return x
+    def stage(
+        self, index: int, x: torch.Tensor, reference: torch.Tensor | None, ctx: DecodeContext | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """``x`` unchanged, and no reference for the stages after (the plain decode has none)."""
+        check_stage_call(reference, ctx)
+        return x, None
 
 
 def plan_windows(num_latent_frames: int, first: int, later: int | None = None) -> list[tuple[int, int]]:

@@ -226,7 +226,6 @@ class RefDecoder(nn.Module):
             last_stage=max(self.stage_indices, default=-1),
             reference_features=reference_features,
             correspondence=correspondence,
-            adapter=self.adapter,
         )
         return latents, conditioner, ctx, windows
 

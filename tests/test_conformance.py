@@ -90,9 +90,10 @@ class ToyAdapter(refdecoder.BackboneAdapter):
         return self.vae.encode(video)
 
     def decode_window(self, x, state, hooks, ctx):
-        h = _per_frame(self.vae.conv_in, x)
+        h, reference = _per_frame(self.vae.conv_in, x), None
         for i, up in enumerate(self.vae.ups):
-            h = _per_frame(up, hooks.stage(i, h, ctx))
+            h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
+            h = _per_frame(up, h)
         return _per_frame(self.vae.conv_out, h)
 
     def run_stage_on_reference(self, index, reference):
@@ -118,7 +119,8 @@ def test_an_adapter_written_in_a_test_file_conforms(registered):
 class _SkipsStage1(ToyAdapter):
     def decode_window(self, x, state, hooks, ctx):  # forgets the hook before the second stage
         h = _per_frame(self.vae.conv_in, x)
-        h = _per_frame(self.vae.ups[0], hooks.stage(0, h, ctx))
+        h, _ = self.conditioned_stage(0, h, None, hooks, ctx)
+        h = _per_frame(self.vae.ups[0], h)
         return _per_frame(self.vae.conv_out, _per_frame(self.vae.ups[1], h))
 
 

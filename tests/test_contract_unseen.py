@@ -73,10 +73,10 @@ class HunyuanVideoV1Adapter(BackboneAdapter):
 
     def decode_window(self, x, state, hooks, ctx):
         decoder = self.vae.decoder
-        h = decoder.mid_block(decoder.conv_in(x))
+        h, reference = decoder.mid_block(decoder.conv_in(x)), None
         for i, block in enumerate(decoder.up_blocks):
             if i < len(self.stages()):
-                h = hooks.stage(i, h, ctx)
+                h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
 

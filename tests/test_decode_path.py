@@ -96,10 +96,10 @@ def test_the_loop_tells_each_window_where_it_stands(frames, window):
     seen = []
 
     class Recording(IdentityHooks):
-        def stage(self, index, x, ctx):
+        def stage(self, index, x, reference, ctx):
             if index == 0:
                 seen.append((ctx.window_index, ctx.first_window, ctx.last_window))
-            return x
+            return x, None
 
     windows = model.adapter.plan_windows(frames, window)
     with torch.no_grad():

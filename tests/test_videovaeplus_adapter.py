@@ -26,9 +26,9 @@ class RecordingHooks(IdentityHooks):
         self.latent_inputs.append(x.clone())
         return x
 
-    def stage(self, index, x, ctx):
+    def stage(self, index, x, reference, ctx):
         self.stage_inputs.setdefault(index, []).append(x.clone())
-        return x
+        return x, None
 
 
 @pytest.fixture(scope="module")

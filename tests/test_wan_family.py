@@ -29,11 +29,11 @@ class RecordingHooks(IdentityHooks):
         self.stage_inputs: dict[int, list[torch.Tensor]] = {}
         self.windows: list[int] = []
 
-    def stage(self, index, x, ctx):
+    def stage(self, index, x, reference, ctx):
         self.stage_inputs.setdefault(index, []).append(x.clone())
         if index == 0:
             self.windows.append(x.shape[2])
-        return x
+        return x, None
 
 
 @pytest.fixture(scope="module", params=sorted(ADAPTERS))

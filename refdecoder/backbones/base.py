@@ -9,8 +9,9 @@ here, so an adapter writes only what is specific to its decoder:
 - the geometry (:attr:`~BackboneAdapter.latent_channels`, :attr:`~BackboneAdapter.spatial_factor`,
   :meth:`~BackboneAdapter.stages`); :meth:`~BackboneAdapter.encode` only when the VAE's posterior mode is not
   ``vae.encode(video).latent_dist.mode()`` (the diffusers convention, the default here);
-- :meth:`~BackboneAdapter.decode_window` (plus :meth:`~BackboneAdapter.decoder_input` and
-  :meth:`~BackboneAdapter.begin_decode` when the decoder has a stem to run once or caches to carry);
+- :meth:`~BackboneAdapter.decode_window`, calling :meth:`~BackboneAdapter.conditioned_stage` before each stage
+  (plus :meth:`~BackboneAdapter.decoder_input` and :meth:`~BackboneAdapter.begin_decode` when the decoder has a
+  stem to run once or caches to carry);
 - :meth:`~BackboneAdapter.run_stage_on_reference` and :meth:`~BackboneAdapter.decoder_parameters`.
 
 Backbones differ in what the contract must absorb, each through a class attribute or an overridable method here
@@ -313,7 +314,12 @@ class BackboneAdapter(abc.ABC):
 
     @abc.abstractmethod
     def decode_window(self, x: torch.Tensor, state: Any, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
-        """Decode one window: call ``hooks.stage(i, h, ctx)`` before stage ``i`` and use its return value.
+        """Decode one window: before stage ``i``, ``h, reference = self.conditioned_stage(i, h, reference, hooks,
+        ctx)``, starting each window with ``reference = None``; then run stage ``i``'s block on ``h``.
+
+        The loop carries two values from stage to stage: ``h``, the video's features, which the backbone's blocks
+        take, and ``reference``, the reference's features, which the hook returns and the reference branch carries
+        through each stage (:meth:`conditioned_stage`).
 
         Args:
             x: the window's slice of the decoder input (:meth:`window_input`).
@@ -324,6 +330,32 @@ class BackboneAdapter(abc.ABC):
         Returns:
             The window's unclamped pixel frames ``B, 3, t, H, W``.
         """
+
+    def conditioned_stage(
+        self,
+        index: int,
+        h: torch.Tensor,
+        reference: torch.Tensor | None,
+        hooks: DecodeHooks,
+        ctx: DecodeContext,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hook point before stage ``index``, and the reference carried through the stage for the next one.
+
+        Args:
+            index: the stage.
+            h: ``B, C_i, t_i, h_i, w_i`` video features entering it.
+            reference: the reference's ``B, C_i, R, h_i, w_i`` features entering it; None at stage 0.
+            hooks, ctx: what :meth:`decode_window` was handed.
+
+        Returns:
+            ``h`` after ``hooks.stage`` (the adapter's loop then runs the stage's block on it), and the reference's
+            features entering stage ``index + 1``, ``B, C_(i+1), R, h_(i+1), w_(i+1)``: what the hook returned, passed
+            through :meth:`run_stage_on_reference`; None when the hook returned none (no later stage needs it).
+        """
+        h, reference = hooks.stage(index, h, reference, ctx)
+        if reference is not None:
+            reference = self.run_stage_on_reference(index, reference, ctx)
+        return h, reference
 
     def compile_window(self, **options: Any) -> bool:
         """``torch.compile(**options)`` :meth:`decode_window` in place; False when this adapter does not.

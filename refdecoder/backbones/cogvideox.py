@@ -130,9 +130,10 @@ class CogVideoXAdapter(DiffusersVideoAdapter):
         # every SpatialNorm's zq.
         h, new["conv_in"] = decoder.conv_in(zq, conv_cache=cache.get("conv_in"))
         h, new["mid_block"] = decoder.mid_block(h, None, zq, conv_cache=cache.get("mid_block"))
+        reference = None  # the reference's features entering stage i (the hook starts them at stage 0)
         for i, block in enumerate(decoder.up_blocks):
             if block.upsamplers is not None:
-                h = hooks.stage(i, h, ctx)
+                h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
             h, new[f"up_block_{i}"] = block(h, None, zq, conv_cache=cache.get(f"up_block_{i}"))
         h, new["norm_out"] = decoder.norm_out(h, zq, conv_cache=cache.get("norm_out"))
         h, new["conv_out"] = decoder.conv_out(decoder.conv_act(h), conv_cache=cache.get("conv_out"))

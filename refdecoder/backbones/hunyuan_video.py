@@ -107,10 +107,10 @@ class HunyuanVideoAdapter(DiffusersVideoAdapter):
     def _decoder_pass(self, x: torch.Tensor, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder, stages = self.vae.decoder, len(self.stages())
         # HunyuanVideoDecoder3D.forward, with the stage hooks before the up-sampling blocks.
-        h = decoder.mid_block(decoder.conv_in(x))
+        h, reference = decoder.mid_block(decoder.conv_in(x)), None  # reference: its features entering stage i
         for i, block in enumerate(decoder.up_blocks):
             if i < stages:
-                h = hooks.stage(i, h, ctx)
+                h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))
 

@@ -84,10 +84,10 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
         decoder = self.vae.decoder
         # HunyuanVideo15Decoder3D.forward, with the stage hooks between its up-blocks.
         h = decoder.conv_in(x) + x.repeat_interleave(repeats=decoder.repeat, dim=1)
-        h = decoder.mid_block(h)
+        h, reference = decoder.mid_block(h), None  # reference: its features entering stage i
         for i, block in enumerate(decoder.up_blocks):
             if i < len(self._stages):
-                h = hooks.stage(i, h, ctx)
+                h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
             h = block(h)
         return decoder.conv_out(decoder.conv_act(decoder.norm_out(h)))
 

@@ -130,10 +130,10 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         # LTXVideoDecoder3d.forward, with the stage hooks before the up-sampling blocks.
         causal = self._causal()
         h = decoder.mid_block(decoder.conv_in(x, **causal), temb, **causal)
-        stage = 0
+        stage, reference = 0, None  # reference: its features entering the stage
         for block in decoder.up_blocks:
             if block.upsamplers is not None:
-                h, stage = hooks.stage(stage, h, ctx), stage + 1
+                (h, reference), stage = self.conditioned_stage(stage, h, reference, hooks, ctx), stage + 1
             h = block(h, temb, **causal)
         h = self._norm_out(h)
         if decoder.time_embedder is not None:

@@ -218,10 +218,11 @@ class MiniMaxH3Adapter(MeanStdLatents, DiffusersVideoAdapter):
         b, _, t, h, w = x.shape
         hidden, count, rotary = self._tokens(x)
         hooked = dict(zip(self.hooked_blocks(), range(len(self.hooked_blocks()))))
+        reference = None  # the reference's features entering the next hooked block
         for k, block in enumerate(self.vae.decoder.transformer_blocks):
             if k in hooked:
                 grid = rearrange(hidden[:, :count], "b (t h w) c -> b c t h w", t=t, h=h)
-                grid = hooks.stage(hooked[k], grid, ctx)
+                grid, reference = self.conditioned_stage(hooked[k], grid, reference, hooks, ctx)
                 hidden = torch.cat([rearrange(grid, "b c t h w -> b (t h w) c"), hidden[:, count:]], dim=1)
             hidden = block(hidden, rotary)
         return self._unpatchify(hidden, count, (t, h, w))

@@ -135,10 +135,11 @@ class QwenImage21Adapter(MeanStdLatents, DiffusersVideoAdapter):
         stages = {block: k for k, block in enumerate(self._hooked_blocks())}
         # QwenImage21Decoder3d.forward on single frames, as vae.decode runs it for frame 0 (first_chunk=True, no
         # cache: the image path), with the stage hooks before the up-sampling blocks.
-        h = decoder.mid_block(decoder.conv_in(_images(x)))
+        h, reference = decoder.mid_block(decoder.conv_in(_images(x))), None  # reference: entering stage i
         for i, block in enumerate(decoder.up_blocks):
             if i in stages:
-                h = _images(hooks.stage(stages[i], _video(h, batch), ctx))
+                video, reference = self.conditioned_stage(stages[i], _video(h, batch), reference, hooks, ctx)
+                h = _images(video)
             h = block(h, first_chunk=True)
         h = decoder.conv_out(decoder.nonlinearity(decoder.norm_out(h)))
         return _video(h, batch)

@@ -94,10 +94,11 @@ class StableVideoDiffusionAdapter(DiffusersVideoAdapter):
             decoder.conv_in(rearrange(x, "b c t h w -> (b t) c h w")), image_only_indicator=indicator
         )
         h = h.to(next(decoder.up_blocks.parameters()).dtype)  # TemporalDecoder.forward's cast to the up-blocks' dtype
-        stages = len(self.stages())
+        stages, reference = len(self.stages()), None  # reference: its features entering stage i
         for i, block in enumerate(decoder.up_blocks):
             if i < stages:  # the hooks see frames on their own axis
-                video = hooks.stage(i, rearrange(h, "(b t) c h w -> b c t h w", b=batch), ctx)
+                video = rearrange(h, "(b t) c h w -> b c t h w", b=batch)
+                video, reference = self.conditioned_stage(i, video, reference, hooks, ctx)
                 h = rearrange(video, "b c t h w -> (b t) c h w")
             h = block(h, image_only_indicator=indicator)
         h = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(h)))

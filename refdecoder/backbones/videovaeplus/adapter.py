@@ -143,12 +143,12 @@ class VideoVAEPlusAdapter(BackboneAdapter):
 
     def decode_window(self, z: torch.Tensor, state: None, hooks: DecodeHooks, ctx: DecodeContext) -> torch.Tensor:
         decoder = self.vae.decoder
-        h = decoder.forward_stem(z)
+        h, reference = decoder.forward_stem(z), None  # reference: its features entering the next stage
         for level in reversed(range(decoder.num_levels)):
             if level in _STAGE_LEVELS:
-                h = hooks.stage(_STAGE_LEVELS.index(level), h, ctx)
+                h, reference = self.conditioned_stage(_STAGE_LEVELS.index(level), h, reference, hooks, ctx)
             h = decoder.forward_level(level, h)
-        h = hooks.stage(_HEAD_STAGE, h, ctx)
+        h, _ = hooks.stage(_HEAD_STAGE, h, reference, ctx)  # the last stage: no level after it for the reference
         return decoder.forward_head(h)
 
     def run_stage_on_reference(

@@ -151,9 +151,10 @@ class WanFamilyAdapter(MeanStdLatents, BackboneAdapter):
         decoder, cursor = self.vae.decoder, [0]
         h = _cached_conv(decoder.conv_in, x, cache, cursor)
         h = decoder.mid_block(h, feat_cache=cache, feat_idx=cursor)
+        reference = None  # the reference's features entering stage i (the hook starts them at stage 0)
         for i, block in enumerate(decoder.up_blocks):
             if i < len(self._stages):
-                h = hooks.stage(i, h, ctx)
+                h, reference = self.conditioned_stage(i, h, reference, hooks, ctx)
             h = self._run_up_block(block, h, cache, cursor, ctx.first_window)
         h = decoder.nonlinearity(decoder.norm_out(h))
         h = _cached_conv(decoder.conv_out, h, cache, cursor)
