@@ -158,3 +158,42 @@ def test_broken_adapters_are_caught(registered, adapter, check, reason):
     (found,) = [c for c in checks_for("toy") if c.__name__ == check]
     with pytest.raises(AssertionError, match=reason):
         found(Conformance("toy"))
+
+
+class _OldStageHook(ToyAdapter):
+    def decode_window(self, x, state, hooks, ctx):  # written for the old hook, hooks.stage(i, h, ctx) -> h
+        h = _per_frame(self.vae.conv_in, x)
+        for i, up in enumerate(self.vae.ups):
+            h = _per_frame(up, hooks.stage(i, h, ctx))
+        return _per_frame(self.vae.conv_out, h)
+
+
+class _DropsTheReference(ToyAdapter):
+    def decode_window(self, x, state, hooks, ctx):  # never carries the reference the hook returns
+        h = _per_frame(self.vae.conv_in, x)
+        for i, up in enumerate(self.vae.ups):
+            h, _ = self.conditioned_stage(i, h, None, hooks, ctx)
+            h = _per_frame(up, h)
+        return _per_frame(self.vae.conv_out, h)
+
+
+@pytest.mark.parametrize(
+    "adapter, with_reference, reason",
+    [
+        (_OldStageHook, False, "the hook is now stage(index, x, reference, ctx) -> (x, reference)"),
+        (_OldStageHook, True, "the hook is now stage(index, x, reference, ctx) -> (x, reference)"),
+        (_DropsTheReference, True, "hooks.stage(1) got no reference features"),
+    ],
+)
+def test_a_loop_that_does_not_carry_the_reference_says_how_to_fix_it(registered, adapter, with_reference, reason):
+    """A decode_window of the old hook contract (three arguments, one return value), in the plain decode and the
+    conditioned one, or one that drops the reference the hook returns: one BackboneError line, not a TypeError."""
+    registered("toy", adapter)
+    model = refdecoder.wrap(ToyVAE(), "tiny", backbone="toy")
+    assert tuple(model.stage_indices) == (0, 1)  # stage 1 needs the reference the loop carries
+    z = torch.randn(1, 4, 2, 4, 4)
+    reference = torch.rand(1, 3, 1, 16, 16) * 2 - 1 if with_reference else None
+    with pytest.raises(refdecoder.BackboneError) as err, torch.no_grad():
+        model.decode(z, reference=reference)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+    assert "conditioned_stage(i, h, reference, hooks, ctx)" in str(err.value)

@@ -121,3 +121,42 @@ def test_the_cycle_check_finds_every_kind_of_import(tmp_path):
     assert sorted(import_cycles(graph)) == [["pkg.a", "pkg.b"], ["pkg.c", "pkg.sub.d"]]
     assert _closed_path(graph, {"pkg.a", "pkg.b"}) == ["pkg.a", "pkg.b", "pkg.a"]
     assert import_cycles({"x": {"y"}, "y": set()}) == []
+
+
+def adapter_references(source: str) -> list[str]:
+    """The names in ``source``'s code (docstrings and comments aside) by which it could reach a backbone adapter:
+    any name, attribute, parameter or import naming an adapter, its reference branch or the ``backbones`` package."""
+    reaching = {"run_stage_on_reference", "conditioned_stage", "decode_window"}
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        name = {
+            ast.Name: lambda n: n.id,
+            ast.Attribute: lambda n: n.attr,
+            ast.arg: lambda n: n.arg,
+            ast.alias: lambda n: n.name,
+            ast.ImportFrom: lambda n: n.module or "",
+        }.get(type(node), lambda n: "")(node)
+        if "adapter" in name.lower() or name in reaching or name.startswith("refdecoder.backbones"):
+            found.add(name)
+    return sorted(found)
+
+
+def test_the_conditioner_never_calls_back_into_the_adapter():
+    """The adapter's loop calls the conditioner and carries the reference between stages itself: the conditioner
+    holds no adapter and calls none of its methods (no callback cycle on the decode path)."""
+    source = (ROOT / "refdecoder" / "conditioning.py").read_text()
+    assert adapter_references(source) == []
+    assert "run_stage_on_reference" in source  # the docstrings may say who runs it; the code never does
+
+
+def test_the_callback_check_finds_each_way_back_to_the_adapter():
+    source = (ROOT / "refdecoder" / "conditioning.py").read_text()
+    mutants = {
+        "self.adapter.run_stage_on_reference(index, features, ctx)": ["adapter", "run_stage_on_reference"],
+        "from refdecoder.backbones.base import BackboneAdapter": ["BackboneAdapter", "refdecoder.backbones.base"],
+        "def hold(owner: BackboneAdapter) -> None: ...": ["BackboneAdapter"],
+        "def hold(backbone_adapter) -> None: ...": ["backbone_adapter"],
+        "owner.conditioned_stage(0, x, None, hooks, ctx)": ["conditioned_stage"],
+    }
+    for line, names in mutants.items():
+        assert adapter_references(f"{source}\n{line}\n") == names, line
