@@ -106,3 +106,23 @@ def test_the_loop_tells_each_window_where_it_stands(frames, window):
         model.adapter.decode_windows(latents_for(model.vae, frames), Recording(), DecodeContext(), windows)
     last = len(windows) - 1
     assert seen == [(k, k == 0, k == last) for k in range(len(windows))]
+
+
+def test_the_stage_hook_hands_the_loop_the_reference_up_to_the_last_conditioned_stage(monkeypatch):
+    """Stage 0 gets no reference (the hook starts it), each later stage up to the last conditioned one the reference
+    at its own grid, also through an unconditioned stage between; from the last conditioned stage on, none."""
+    model = _model((0, 2), per_stage=False)
+    specs, hook, seen = model.adapter.stages(), StageConditioner.stage, []
+
+    def recording(self, index, x, reference, ctx=None):
+        x, out = hook(self, index, x, reference, ctx)
+        seen.append((index, None if reference is None else tuple(reference.shape), out is None or out.shape))
+        return x, out
+
+    monkeypatch.setattr(StageConditioner, "stage", recording)
+    z = latents_for(model.vae, 2)
+    with torch.no_grad():
+        model.decode(z, reference=reference_for(z, frames=2), window=2)
+    h, w = (s * model.adapter.spatial_factor for s in z.shape[-2:])
+    grid = [(1, spec.channels, 2, h // spec.scale, w // spec.scale) for spec in specs]
+    assert len(specs) == 3 and seen == [(0, None, grid[0]), (1, grid[1], grid[1]), (2, grid[2], True)]
