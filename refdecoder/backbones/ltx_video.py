@@ -133,7 +133,8 @@ class LTXVideoAdapter(DiffusersVideoAdapter):
         stage, reference = 0, None  # reference: its features entering the stage
         for block in decoder.up_blocks:
             if block.upsamplers is not None:
-                (h, reference), stage = self.conditioned_stage(stage, h, reference, hooks, ctx), stage + 1
+                h, reference = self.conditioned_stage(stage, h, reference, hooks, ctx)
+                stage += 1
             h = block(h, temb, **causal)
         h = self._norm_out(h)
         if decoder.time_embedder is not None:
