@@ -34,7 +34,7 @@ import torch
 
 from refdecoder.blocks.latent_degradation import DegradationProxy, freeze_as_constants, latent_blur
 from refdecoder.errors import ConfigError, DataError
-from refdecoder.hooks import DecodeContext
+from refdecoder.hooks import DecodeContext, IdentityHooks
 
 logger = logging.getLogger("refdecoder.recipes.train_degrader")
 
@@ -79,12 +79,11 @@ class _Captured(Exception):
     """Carries the decoder-input latent out of an adapter's decode loop."""
 
 
-class _CaptureHooks:
+class _CaptureHooks(IdentityHooks):
+    """Stops the decode at the ``latents`` hook (no stage is ever reached)."""
+
     def latents(self, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         raise _Captured(x)
-
-    def stage(self, index: int, x: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return x
 
 
 def hook_space(model: torch.nn.Module) -> Space:
