@@ -228,11 +228,19 @@ class CorrespondenceConfig:
     # gather, no bilinear blur of the detail it carries, about half the attention cost); where the cost volume is
     # flat the soft-argmax averages to near zero and rounds to exactly zero, i.e. today's in-place neighbourhood.
     snap: bool = True
-    # Latent frames of the still clip the reference is encoded as, so that each latent frame of the video is matched
-    # in its own feature space (later frames use the last): 1 encodes one pixel frame (cheapest, and later frames of
-    # a temporally compressing VAE are then matched across spaces: 2.6 cells mean error at zero shift on the quality
-    # benchmark), 4 encodes pixel_frames(4) (13 for Wan; 0.4-1.0 cells). It is most of the estimate's cost.
-    still_frames: int = 4
+    # How the reference reaches each latent frame's feature space (a temporally compressing encoder codes frame 0
+    # and later frames differently; matched across spaces a later frame's estimate is noise, 2.6-3.8 cells mean
+    # error on the quality benchmark). "still_clip": the reference encoded as a still clip of still_frames latent
+    # frames (0.34-0.71 cells at 4; pixel_frames(4) = 13 Wan frames through the encoder, +37% of a 17-frame
+    # decode's FLOPs). "fitted": the reference encoded as one image and mapped per sample by the channel map that
+    # takes the video's own latent frame 0 to each later frame (0.40-0.78 cells; +4%), less exact: the quality
+    # benchmark's `corr` model gains 0.14 dB less on camera moves at frames 4+ with it (docs/architecture.md).
+    frame_spaces: Literal["still_clip", "fitted"] = "still_clip"
+    still_frames: int = 4  # latent frames of the still clip ("still_clip"); later frames use its last
+    # Confidence-weighted box average of the field over (2q+1)^2 latent cells: flat cells, whose correlations nearly
+    # tie, take their textured neighbours' displacement instead of falling back to zero (0: off). 2 raised the
+    # rounded-exact frame-0 estimates under 1-4 token shifts from 57-66% to 76-84% of the probe's cells.
+    smooth_radius: int = 2
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), f"correspondence.enabled must be a bool, got {self.enabled!r}")
@@ -249,6 +257,16 @@ class CorrespondenceConfig:
         _check(
             isinstance(self.match_radius, int) and self.match_radius >= 0,
             f"correspondence.match_radius must be an int >= 0, got {self.match_radius!r}",
+        )
+        _check(
+            isinstance(self.smooth_radius, int)
+            and not isinstance(self.smooth_radius, bool)
+            and self.smooth_radius >= 0,
+            f"correspondence.smooth_radius must be an int >= 0, got {self.smooth_radius!r}",
+        )
+        _check(
+            self.frame_spaces in ("fitted", "still_clip"),
+            f"correspondence.frame_spaces must be 'fitted' or 'still_clip', got {self.frame_spaces!r}",
         )
 
 

@@ -244,10 +244,19 @@ class RefDecoder(nn.Module):
                 "of 1; pass a reference, or leave displacements out"
             )
         c = self.config.correspondence
-        search = (c.search_radius, c.temperature, c.match_radius)
+        search = (c.search_radius, c.temperature, c.match_radius, c.smooth_radius)
         size = self.output_size(latents.shape[-2:])
         return correspondence_field(
-            self.adapter, latents, reference, windows, size, search, displacements, c.snap, c.still_frames
+            self.adapter,
+            latents,
+            reference,
+            windows,
+            size,
+            search,
+            displacements,
+            snap=c.snap,
+            still_frames=c.still_frames,
+            frame_spaces=c.frame_spaces,
         )
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:

@@ -52,6 +52,41 @@ def test_the_estimate_stays_inside_the_search_window_and_grid():
     assert both.shape == (1, 2, 2, 1, 6, 7) and both[0, 1].abs().max() < 0.05  # the video matches itself in place
 
 
+@pytest.mark.parametrize("shift", [(0, 2), (1, -1), (-2, 0)])
+def test_flat_cells_take_their_confident_neighbours_displacement(shift):
+    """A textured scene with a flat patch, shifted against its reference: the patch's own correlations tie, so its
+    soft-argmax falls back towards zero; with ``smooth_radius`` it takes the shift of the texture around it, and
+    the textured cells keep theirs."""
+    big = textured(1, 16, 24, 28, seed=3)
+    big[:, :, 10:15, 12:17] = 0.3  # flat: every candidate inside it correlates alike
+    dy, dx = shift
+    reference, video = big[:, :, 4:20, 4:24], big[:, :, 4 + dy : 20 + dy, 4 + dx : 24 + dx]
+    flat = (slice(7 - dy, 10 - dy), slice(9 - dx, 12 - dx))  # video cells deep inside the flat patch
+    truth = torch.tensor([dy, dx], dtype=torch.float32)[:, None, None]
+    plain = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1)[0, 0, :, 0]
+    smoothed = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1, smooth_radius=2)[
+        0, 0, :, 0
+    ]
+    assert (plain[:, flat[0], flat[1]] - truth).abs().mean() > 0.5  # without smoothing the flat cells miss
+    assert (smoothed[:, flat[0], flat[1]] - truth).abs().max() < 0.5
+    inner = (slice(5, -5), slice(5, -5))
+    textured_cells = (smoothed - truth).abs()[:, inner[0], inner[1]]
+    assert textured_cells.mean() < 0.1
+
+
+def test_a_flat_scene_smoothed_stays_in_place():
+    """Nothing confident anywhere: the smoothed field is the plain mean of near-zero soft-argmaxes."""
+    video = torch.full((1, 8, 1, 6, 7), 0.5) + 1e-3 * textured(1, 8, 6, 7)[:, :, None]
+    field = cost_volume_displacement(video, video, 2, 0.5, 1, smooth_radius=2)
+    assert field.abs().max() < 0.5
+
+
+def test_smoothing_a_lone_candidate_is_finite():
+    video = textured(1, 8, 1, 1)[:, :, None]  # a 1x1 grid: one in-grid candidate, an infinite margin
+    field = cost_volume_displacement(video, video, 2, 0.02, 1, smooth_radius=1)
+    assert torch.isfinite(field).all() and field.abs().max() == 0
+
+
 class _Adapter:
     """What the field reads from an adapter: Wan's causal frame rule and stages doubling time."""
 
@@ -186,10 +221,12 @@ class _KindedEncoder:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("frame_spaces", ["fitted", "still_clip"])
 @pytest.mark.parametrize("shift_px", [0, 8, -12])
-def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px):
+def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px, frame_spaces):
     """A still scene shifted against its reference: every latent frame finds the shift, also the later ones coded
-    in other feature spaces (each is matched against the same frame of the reference encoded as a still clip)."""
+    in other feature spaces (the reference mapped into each by the channel map fitted on the video's own frames,
+    or encoded as a still clip and matched frame by frame)."""
     adapter = _KindedEncoder()
     g = torch.Generator().manual_seed(7)
     scene = torch.rand(1, 3, 64, 96, generator=g) * 2 - 1
@@ -197,15 +234,16 @@ def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px):
     moved = scene[..., 16:48, 32 + shift_px : 80 + shift_px]  # frame pixel x shows reference pixel x + shift_px
     latents = adapter.encode(moved[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(6), -1, -1))
     field = refdecoder.blocks.correspondence.correspondence_field(
-        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1)
+        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1), frame_spaces=frame_spaces
     )
     cells = slice(4, -4)  # columns whose content the reference shows (and whose match fits), whatever the sign
     dx, dy = field.pixels[0, 0, 1, :, 1:-1, cells], field.pixels[0, 0, 0, :, 1:-1, cells]
     assert (dx - shift_px).abs().mean(dim=(1, 2)).max() < 1.0, dx.mean(dim=(1, 2))  # every latent frame, in px
     assert dy.abs().mean() < 1.0
-    # still_frames=1 (one encoded frame, the cheapest) matches later frames across feature spaces: they miss.
+    # A still clip of one frame, unmapped (what either way does without its bringing into the frames' spaces),
+    # matches later frames across feature spaces: they miss.
     cheap = refdecoder.blocks.correspondence.correspondence_field(
-        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1), still_frames=1
+        adapter, latents, ref, [(0, 6)], (32, 48), (4, 0.02, 1), frame_spaces="still_clip", still_frames=1
     )
     missed = (cheap.pixels[0, 0, 1, 1:, 1:-1, cells] - shift_px).abs().mean(dim=(1, 2))
     assert missed.mean() > 2.0, missed
@@ -215,6 +253,14 @@ def test_later_latent_frames_are_matched_in_their_own_feature_space(shift_px):
 def test_still_frames_is_checked(bad):
     with pytest.raises(ConfigError, match="still_frames"):
         CorrespondenceConfig(still_frames=bad)
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"), [("smooth_radius", -1), ("smooth_radius", 1.5), ("smooth_radius", True), ("frame_spaces", "x")]
+)
+def test_smoothing_and_frame_spaces_are_checked(key, bad):
+    with pytest.raises(ConfigError, match=key):
+        CorrespondenceConfig(**{key: bad})
 
 
 @torch.no_grad()
