@@ -93,10 +93,10 @@ def small_flops() -> dict:
     config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
     configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
     guided = {}
-    for name, still_frames in ((CORRESPONDENCE, 4), (CORRESPONDENCE_CHEAP, 1)):
+    for name, frame_spaces in ((CORRESPONDENCE, "still_clip"), (CORRESPONDENCE_CHEAP, "fitted")):
         guided[name] = config.copy()
         guided[name].correspondence.enabled = True
-        guided[name].correspondence.still_frames = still_frames
+        guided[name].correspondence.frame_spaces = frame_spaces
     row = flops_row(build_wan("meta"), 17, (480, 832), configs | guided)
     without = row["radius 2 + bias + per-stage space-to-depth tokenizers"]
     for name, with_correspondence in guided.items():
@@ -108,9 +108,10 @@ def small_flops() -> dict:
     return row
 
 
-# The default correspondence (the reference encoded as a still clip of 4 latent frames) and its cheapest form.
+# The default correspondence (the reference encoded as a still clip of 4 latent frames) and its cheap form (one
+# encoded image mapped into the later frames' feature spaces).
 CORRESPONDENCE = "radius 2 + bias + per-stage space-to-depth tokenizers + correspondence"
-CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (still_frames 1)"
+CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (frame_spaces fitted)"
 
 
 def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
@@ -120,7 +121,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     average ((2m+1)^2). The guided attention, snapped (default): per video token and layer, the query turned by its
     displacement (RoPE, 6 x width; the keys and values are gathered, not computed); not snapped: per reference slot
     4 bilinear taps of keys and values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One
-    reference frame. The still clip's encoder pass is counted by the FLOP counter.
+    reference frame. With ``smooth_radius``: per cell the top-2 candidates and two box averages. The encoder pass
+    of the reference and the fitted frame-space maps' matrix products are counted by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
     adapter, c, tf = model.adapter, config.correspondence, config.transformer
@@ -128,6 +130,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     h, w = (s // adapter.spatial_factor for s in size)
     candidates = (2 * c.search_radius + 1) ** 2
     total = t * h * w * candidates * (2 * adapter.latent_channels + (2 * c.match_radius + 1) ** 2)
+    if c.smooth_radius:  # per cell: the top-2 over the candidates, and 3 channels through two box averages
+        total += t * h * w * (candidates + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
     slots = (2 * tf.attention_radius + 1) ** 2
     specs = adapter.stages()
     windows = adapter.plan_windows(t, model.window_size(torch.empty(1, 1, t, h, w, device="meta")))
