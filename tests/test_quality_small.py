@@ -387,6 +387,49 @@ def test_correspondence_gains_are_zero_for_a_decoder_that_ignores_its_reference(
         assert len(gains) == 12 and all(abs(g) < 1e-4 for g in gains)
 
 
+def test_the_estimate_benchmark_scores_against_the_true_shift(micro, micro_media, monkeypatch) -> None:
+    """The scoring of ``benchmarks/correspondence_estimate.py``: an estimate that returns the true shift is exact
+    everywhere with no error; one that stays in place is exact only at shift 0 and misses by k cells."""
+    from benchmarks import correspondence_estimate as ce
+
+    _, out, _ = micro
+    settings, media = micro_media
+    vae = qs.load_vae(out / qs.PRETRAINED)
+    doc = ce.estimate_errors(vae, settings, [0, 1, -1], media)  # the real estimate runs on every setting
+    assert set(doc["frame0"]) == set(ce.FRAME0) and set(doc["later_frames"]) == set(ce.LATER)
+    current: dict = {}
+
+    def fake(adapter, latents, reference, **settings):
+        b, _, t, h, w = latents.shape
+        cells = torch.zeros(b, 2, t, h, w)
+        cells[:, 1] = current["dx"]
+        return cells
+
+    monkeypatch.setattr(ce, "estimate_cells", fake)
+    for k in (0, 1, -1):
+        current["dx"] = -k  # video cell x shows reference cell x - k
+        row = ce.estimate_errors(vae, settings, [k], media)
+        assert all(r["exact"] == [1.0] and r["mean_error"] == [0.0] for r in row["frame0"].values())
+        assert all(r == [0.0] for r in row["later_frames"].values())
+        current["dx"] = 0.0  # in place
+        row = ce.estimate_errors(vae, settings, [k], media)
+        assert all(r["exact"] == [float(k == 0)] and r["mean_error"] == [abs(k)] for r in row["frame0"].values())
+
+
+def test_the_estimate_benchmark_reproduces_the_runs_gains_with_the_default_spaces(micro, micro_media) -> None:
+    from benchmarks import correspondence_estimate as ce
+
+    config, out, doc = micro
+    settings, media = micro_media
+    baseline, headline = settings.finetune.default_variants[0], doc["headline"]
+    gains = ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media)["gains_db"]
+    assert set(gains) == {"still_clip", "fitted"}
+    run = doc["gains"][f"{headline} - {baseline}"]
+    for group in ("static", "motion"):  # the default spaces: what the run's own eval measured
+        for key in ("psnr", "psnr_0", "psnr_4+"):
+            assert gains["still_clip"][group][key] == pytest.approx(run[group][key], abs=1e-6)
+
+
 # --- the shipped pretrained VAE -----------------------------------------------------------------------------------
 def test_the_shipped_vae_serves_the_default_settings_only(tmp_path) -> None:
     settings = qset.load_settings(qset.CONFIG)

@@ -1,0 +1,160 @@
+"""How good is the correspondence estimate? Its error in latent cells on the shift probe's clips, per setting.
+
+    python benchmarks/correspondence_estimate.py [--vae DIR] [--run OUT [--model corr --baseline baseline]]
+
+The quality benchmark's natural held-out probe clips (``eval.shift_probe`` of its recipe: 128x96 px, 8 px per
+latent cell of its pretrained VAE, the shipped one by default) are encoded, and each clip's frame 0 cut ``k``
+cells further right is the reference: video cell ``x`` shows reference cell ``x - k``, so the true displacement
+of frame 0 is ``dx = -k``, ``dy = 0``. The estimate (:func:`refdecoder.blocks.correspondence.correspondence_field`,
+the library's defaults unless varied) is measured on the columns the shifted reference shows:
+
+- **frame 0** (the reference's own feature space): the share of cells whose rounded displacement is exact and the
+  mean ``|dx error|``, without and with the confidence-weighted smoothing (``smooth_radius``);
+- **latent frames 1+**: the mean ``|dx + k|`` with the reference's frame-0 latents matched across feature spaces
+  (unmapped), mapped by ``frame_spaces: fitted``, and encoded as a still clip (``still_clip``). The clips' own
+  motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values.
+
+``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
+correspondence variant (``--model``) under each ``frame_spaces``, its weights unchanged, and reports its PSNR gain
+over the plain variant (``--baseline``) as ``quality_small.py`` groups them.
+
+Writes ``benchmarks/results/correspondence_estimate.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import refdecoder  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402
+from benchmarks.quality.data import Media, eval_plan, load_media, render_heldout  # noqa: E402
+from benchmarks.quality.evaluation import reconstruct, summarise  # noqa: E402
+from benchmarks.quality.settings import CONFIG, ROOT, Settings, load_settings  # noqa: E402
+from benchmarks.quality_small import PRETRAINED, SHIPPED, load_vae, shift_probe_clips  # noqa: E402
+from refdecoder.backbones.wan import WanAdapter  # noqa: E402
+from refdecoder.blocks.correspondence import correspondence_field  # noqa: E402
+from refdecoder.config import CorrespondenceConfig  # noqa: E402
+from refdecoder.metrics import psnr  # noqa: E402
+
+# Settings of the estimate compared at frame 0 (smoothing) and at later latent frames (feature spaces).
+FRAME0 = {"smooth_radius 0": {"smooth_radius": 0}, "smooth_radius 2": {"smooth_radius": 2}}
+LATER = {
+    "unmapped (still_frames 1)": {"frame_spaces": "still_clip", "still_frames": 1},
+    "fitted": {"frame_spaces": "fitted"},
+    "still_clip (still_frames 4)": {"frame_spaces": "still_clip", "still_frames": 4},
+}
+
+
+def estimate_cells(adapter: WanAdapter, latents: torch.Tensor, reference: torch.Tensor, **settings) -> torch.Tensor:
+    """``B, 2, t, h, w`` displacement in latent cells of ``latents`` into the ``B, 3, 1, H, W`` ``reference``."""
+    c = dataclasses.replace(CorrespondenceConfig(enabled=True), **settings)
+    t, h, w = latents.shape[2:]
+    size = (h * adapter.spatial_factor, w * adapter.spatial_factor)
+    search = (c.search_radius, c.temperature, c.match_radius, c.smooth_radius)
+    field = correspondence_field(
+        adapter, latents, reference, [(0, t)], size, search, frame_spaces=c.frame_spaces, still_frames=c.still_frames
+    )
+    return field.pixels[:, 0] / adapter.spatial_factor
+
+
+def shown(cells: torch.Tensor, k: int) -> torch.Tensor:
+    """The columns of ``..., w`` cells whose content a reference shifted by ``k`` cells shows."""
+    return cells[..., max(0, k) : cells.shape[-1] + min(0, k)]
+
+
+@torch.no_grad()
+def estimate_errors(vae: torch.nn.Module, settings: Settings, shifts: list[int], media: Media | None = None) -> dict:
+    """Frame-0 exactness and later-frame errors of the estimate per setting and shift (see the module doc)."""
+    probe = shift_probe_clips(settings, media or load_media(settings.data))
+    cell, adapter = settings.eval.shift_probe.token_pixels, WanAdapter(vae)
+    if cell != adapter.spatial_factor:
+        raise SystemExit(
+            f"eval.shift_probe.token_pixels ({cell}) must equal the VAE's cell ({adapter.spatial_factor} px)"
+        )
+    latents = vae.encode(probe.clips).latent_dist.mode()
+    rows: dict = {"frame0": {}, "later_frames": {}}
+    for k in shifts:
+        reference = probe.references[k * cell]
+        for name, varied in FRAME0.items():
+            cells = shown(estimate_cells(adapter, latents[:, :, :1], reference, **varied)[:, :, 0], k)
+            exact = ((cells[:, 1].round() == -k) & (cells[:, 0].round() == 0)).float().mean().item()
+            error = (cells[:, 1] + k).abs().mean().item()
+            rows["frame0"].setdefault(name, {"exact": [], "mean_error": []})
+            rows["frame0"][name]["exact"].append(exact)
+            rows["frame0"][name]["mean_error"].append(error)
+        for name, varied in LATER.items():
+            cells = shown(estimate_cells(adapter, latents, reference, **varied)[:, 1, 1:], k)
+            rows["later_frames"].setdefault(name, []).append((cells + k).abs().mean().item())
+        print(
+            f"k={k:+d} frame 0 exact "
+            + " ".join(f"{n}: {r['exact'][-1]:.2f}" for n, r in rows["frame0"].items())
+            + " | frames 1+ mean |error| "
+            + " ".join(f"{n}: {r[-1]:.2f}" for n, r in rows["later_frames"].items()),
+            flush=True,
+        )
+    return {"clips": probe.clips.shape[0], "crop": list(probe.clips.shape[-2:]), "cell_pixels": cell} | rows
+
+
+@torch.no_grad()
+def heldout_gains(
+    settings: Settings, out: Path, model_name: str, baseline_name: str, media: Media | None = None
+) -> dict:
+    """PSNR gains of the saved ``model_name`` over ``baseline_name`` per ``frame_spaces`` (weights unchanged)."""
+    media = media or load_media(settings.data)
+    clips, size = eval_plan(media, settings), settings.eval.batch
+    encoder = load_vae(out / PRETRAINED).eval()
+    batches = [render_heldout(media, settings, clips[i : i + size]) for i in range(0, len(clips), size)]
+    latents = [encoder.encode(video).latent_dist.mode() for video in batches]
+    target = torch.cat(batches)
+
+    def summary(model: torch.nn.Module) -> dict:
+        preds = torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
+        return summarise({"psnr": psnr(preds, target)}, clips)
+
+    base = summary(load_vae(out / baseline_name).eval())
+    model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
+    result = {}
+    for spaces in ("still_clip", "fitted"):
+        model.config.correspondence.frame_spaces = spaces
+        ours = summary(model)
+        parts = {g: (ours[g], base[g]) for g in ("static", "motion") if g in ours}
+        if "camera" in ours.get("motion", {}).get("by_part", {}):
+            parts["camera"] = (ours["motion"]["by_part"]["camera"], base["motion"]["by_part"]["camera"])
+        result[spaces] = {
+            group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+") if key in a}
+            for group, (a, b) in parts.items()
+        }
+        print(f"{model_name} frame_spaces {spaces}: {result[spaces]}", flush=True)
+    return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", type=Path, default=SHIPPED, help="diffusers AutoencoderKLWan folder")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the quality_small recipe")
+    parser.add_argument("--shifts", default="0,1,-1,2,-2,4,-4", help="reference shifts in latent cells")
+    parser.add_argument("--run", type=Path, help="a quality_small.py output folder: also the held-out gains")
+    parser.add_argument("--model", default="corr", help="the correspondence variant in --run")
+    parser.add_argument("--baseline", default="baseline", help="the plain variant in --run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.config)
+    shifts = [int(s) for s in args.shifts.split(",")]
+    estimate = estimate_errors(load_vae(args.vae).eval(), settings, shifts)
+    doc = {"vae": str(args.vae.resolve().relative_to(ROOT)), "shift_cells": shifts, "estimate": estimate}
+    if args.run is not None:
+        doc["heldout"] = heldout_gains(settings, args.run, args.model, args.baseline)
+    print(f"wrote {write_json('correspondence_estimate', doc, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
