@@ -229,17 +229,15 @@ class CorrespondenceConfig:
     # flat the soft-argmax averages to near zero and rounds to exactly zero, i.e. today's in-place neighbourhood.
     snap: bool = True
     # How the reference reaches each latent frame's feature space (a temporally compressing encoder codes frame 0
-    # and later frames differently; matched across spaces a later frame's estimate is noise, 2.6-3.8 cells mean
-    # error on the quality benchmark). "still_clip": the reference encoded as a still clip of still_frames latent
-    # frames (0.34-0.71 cells at 4; pixel_frames(4) = 13 Wan frames through the encoder, +37% of a 17-frame
-    # decode's FLOPs). "fitted": the reference encoded as one image and mapped per sample by the channel map that
-    # takes the video's own latent frame 0 to each later frame (0.40-0.78 cells; +4%), less exact: the quality
-    # benchmark's `corr` model gains 0.14 dB less on camera moves at frames 4+ with it (docs/architecture.md).
+    # and later frames differently). "still_clip": the reference encoded as a still clip of still_frames latent
+    # frames (pixel_frames(4) = 13 Wan frames through the encoder: 1.41x the FLOPs of the same 17-frame decode
+    # without correspondence). "fitted": the reference encoded as one image and mapped per sample by the channel
+    # map that takes the video's own latent frame 0 to each later frame (1.04x; less exact). Errors by setting:
+    # benchmarks/README.md, "The correspondence estimate".
     frame_spaces: Literal["still_clip", "fitted"] = "still_clip"
     still_frames: int = 4  # latent frames of the still clip ("still_clip"); later frames use its last
     # Confidence-weighted box average of the field over (2q+1)^2 latent cells: flat cells, whose correlations nearly
-    # tie, take their textured neighbours' displacement instead of falling back to zero (0: off). 2 raised the
-    # rounded-exact frame-0 estimates under 1-4 token shifts from 57-66% to 76-84% of the probe's cells.
+    # tie, take their textured neighbours' displacement instead of falling back to zero (0: off).
     smooth_radius: int = 2
 
     def __post_init__(self) -> None:

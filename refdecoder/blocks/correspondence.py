@@ -102,9 +102,8 @@ def _confident_average(field: torch.Tensor, correlations: torch.Tensor, radius: 
     A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``:
     ``N, K, h, w`` patch-averaged cosines, ``-inf`` off the grid). A textured cell has one clear peak and keeps
     about its own displacement; a cell in a flat region (sky, a wall) has a near-tie, so its soft-argmax falls
-    back towards zero, and it takes its confident neighbours' displacement instead: under a shift of the
-    reference by 1-4 tokens this raised the exact (rounded) frame-0 estimates of the quality benchmark's probe
-    from 57-66% to 76-84% of the cells. Where no cell of the box is confident the plain mean is kept.
+    back towards zero, and it takes its confident neighbours' displacement instead (measured by
+    ``benchmarks/correspondence_estimate.py``). Where no cell of the box is confident the plain mean is kept.
     """
     best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
@@ -159,8 +158,8 @@ def _reference_latents(
 
     A temporally compressing encoder codes its first latent frame from one pixel group and the later ones from the
     next groups with its causal caches, and each lives in its own feature space: on the quality benchmark's causal
-    VAE a cost volume of later frames against the reference's first-frame latents is noise (2.6-3.8 cells mean
-    error). Two ways to bring the reference into each frame's space:
+    VAE a cost volume of later frames against the reference's first-frame latents is noise (2.4-3.7 cells mean
+    error, ``benchmarks/correspondence_estimate.py``). Two ways to bring the reference into each frame's space:
 
     - ``"fitted"``: the reference is encoded as one image (latent frame 0's space) and, per sample, mapped into
       latent frame ``i``'s space by the affine channel map that best takes the video's own latent frame 0 to its
@@ -172,7 +171,7 @@ def _reference_latents(
       ``pixel_frames(still_frames)`` frames through the encoder (13 for Wan at 4).
 
     Mean error at latent frames 1+ on the probe's natural clips (frame 0 shifted by 0-4 cells as the reference,
-    the clips' own motion counted as error): fitted 0.40-0.78 cells, still clip of 4 frames 0.34-0.71.
+    the clips' own motion counted as error): fitted 0.18-0.95 cells, still clip of 4 frames 0.18-0.69.
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
