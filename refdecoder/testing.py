@@ -141,10 +141,11 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
     return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
 
 
-def _with_correspondence(c: Conformance) -> dict[str, object]:
+def _with_correspondence(c: Conformance, frame_spaces: str = "still_clip") -> dict[str, object]:
     """Config overrides: the preset with a radius-1 scope and correspondence-guided reference attention on."""
     transformer = replace(refdecoder.preset(c.preset).transformer, attention_radius=1, locality_bias=True)
-    return {"transformer": transformer, "correspondence": CorrespondenceConfig(enabled=True, search_radius=2)}
+    correspondence = CorrespondenceConfig(enabled=True, search_radius=2, frame_spaces=frame_spaces)
+    return {"transformer": transformer, "correspondence": correspondence}
 
 
 # --- the checks ---------------------------------------------------------------------------------------------------
@@ -187,6 +188,12 @@ def check_identity_at_init(c: Conformance) -> None:
         out = model.decode(z, reference=c.reference(model, z), window=window)
         diff = max_diff(out, model.adapter.plain_decode(z, window))
         assert diff <= TOLERANCE, f"{c.backbone}: correspondence, window {window}: max diff {diff} at init"
+    # The fitted frame spaces encode the reference as the shortest clip the frame rule allows and fit maps on the
+    # video's own latent frames: they run on every frame rule.
+    model = c.wrap(**_with_correspondence(c, frame_spaces="fitted"))
+    z = c.latents(model, max(c.latent_frames))
+    diff = max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
+    assert diff <= TOLERANCE, f"{c.backbone}: correspondence with fitted frame spaces: max diff {diff} at init"
 
 
 @torch.no_grad()
