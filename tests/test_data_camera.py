@@ -32,6 +32,42 @@ def test_whole_pixel_pans_are_exact_crops():
         torch.testing.assert_close(out[:, i], frames[:, i, top : top + 6, left : left + 8], atol=1e-5, rtol=0)
 
 
+def test_the_flow_of_a_pan_is_the_pan_in_pixels():
+    path = still([(8.0, 6.0), (11.0, 4.0), (14.5, 7.0)], (12, 24), (6, 8))  # (x, y) centres
+    flow = path.flow_to(0)
+    assert flow.shape == (2, 3, 6, 8)
+    for t, (dx, dy) in enumerate([(0.0, 0.0), (3.0, -2.0), (6.5, 1.0)]):  # frame t's pixel p is frame 0's p + d
+        torch.testing.assert_close(flow[1, t], torch.full((6, 8), dx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(flow[0, t], torch.full((6, 8), dy), atol=1e-5, rtol=0)
+    torch.testing.assert_close(path.flow_to(2)[1, 0], torch.full((6, 8), -6.5), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_frame_warped_by_its_flow_is_the_reference_frame(seed):
+    """Drawn moves (pan, zoom, rotation): sampling pose 0 at ``p + flow_t(p)`` gives pose t at ``p``."""
+    g = gen(seed)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 96, 128, generator=g) * 2 - 1, 9, 1, 4)[0]
+    path = camera_path(CameraMotion(pan=0.2, zoom=0.2, rotation=5.0), (96, 128), (48, 64), range(5), 5, g)
+    video = render_camera(smooth[:, None], path)  # 3, 5, 48, 64
+    flow = path.flow_to(0)
+    ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(64.0), indexing="ij")
+    x = (xs + flow[1] + 0.5) / 64 * 2 - 1
+    y = (ys + flow[0] + 0.5) / 48 * 2 - 1
+    grid = torch.stack([x, y], dim=-1)  # T, H, W, 2
+    warped = torch.nn.functional.grid_sample(
+        video[:, :1].transpose(0, 1).expand(5, -1, -1, -1), grid, align_corners=False
+    ).transpose(0, 1)
+    inside = ((x.abs() < 0.9) & (y.abs() < 0.9))[None]  # away from pose 0's border
+    error = (warped - video).abs()[inside.expand_as(video)]
+    assert error.mean() < 0.01, error.mean()
+    # A flow of the wrong sign misses.
+    wrong = torch.stack([(xs - flow[1] + 0.5) / 64 * 2 - 1, (ys - flow[0] + 0.5) / 48 * 2 - 1], dim=-1)
+    missed = torch.nn.functional.grid_sample(
+        video[:, :1].transpose(0, 1).expand(5, -1, -1, -1), wrong, align_corners=False
+    ).transpose(0, 1)
+    assert (missed - video)[:, 1:].abs().mean() > 5 * error.mean()
+
+
 def test_half_pixel_pans_resample_between_pixels():
     frames = torch.rand(3, 1, 8, 8) * 2 - 1
     out = render_camera(frames, still([(4.5, 4.0)], (8, 8), (4, 4)))  # half a pixel right of the crop at left 2

@@ -87,6 +87,23 @@ class CameraPath:
         row_y = torch.stack([sin * w / hs, cos * h / hs, 2 * self.centre[:, 1] / hs - 1], dim=1)
         return torch.stack([row_x, row_y], dim=1)
 
+    def flow_to(self, frame: int = 0) -> torch.Tensor:
+        """Where each output pixel's content lies in the output of pose ``frame``: the move's exact optical flow.
+
+        Returns:
+            ``2, T, H, W`` float32 ``(dy, dx)`` in output pixels: pixel ``(y, x)`` of posed frame ``t`` shows the
+            source point that frame ``frame`` shows at ``(y + dy, x + dx)`` (possibly outside it). With ``frame``
+            the reference, this is what ``RefDecoder.decode(displacements=...)`` takes for a rendered clip.
+        """
+        (h, w), a = self.size, self.affine().double()
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        # Pixel centres in the normalised coordinates of F.affine_grid(align_corners=False).
+        pixels = torch.stack([(xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1], dim=-1).reshape(-1, 2).double()
+        source = torch.einsum("tij,nj->tni", a[:, :, :2], pixels) + a[:, None, :, 2]  # T, N, (x, y)
+        seen = torch.einsum("ij,tnj->tni", torch.linalg.inv(a[frame, :, :2]), source - a[frame, :, 2])
+        moved = (seen - pixels) * torch.tensor([w / 2, h / 2], dtype=torch.float64)  # T, N, (dx, dy) in pixels
+        return moved.flip(-1).permute(2, 0, 1).reshape(2, -1, h, w).float()
+
     def fits(self) -> bool:
         """Whether every pose keeps the whole output crop inside the source frame."""
         ext_x, ext_y = _half_extents(self.scale, self.angle, self.size)
