@@ -16,7 +16,9 @@ the library's defaults unless varied) is measured on the columns the shifted ref
 
 ``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
 correspondence variant (``--model``) under each ``frame_spaces``, its weights unchanged, and reports its PSNR gain
-over the plain variant (``--baseline``) as ``quality_small.py`` groups them.
+over the plain variant (``--baseline``) as ``quality_small.py`` groups them; and its rendered camera moves with the
+estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``) and with zero displacement:
+how much of what is left at later frames the estimate costs.
 
 Writes ``benchmarks/results/correspondence_estimate.json`` (or ``--out``).
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import refdecoder  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
-from benchmarks.quality.data import Media, eval_plan, load_media, render_heldout  # noqa: E402
+from benchmarks.quality.data import Media, eval_plan, heldout_camera_flows, load_media, render_heldout  # noqa: E402
 from benchmarks.quality.evaluation import reconstruct, summarise  # noqa: E402
 from benchmarks.quality.settings import CONFIG, ROOT, Settings, load_settings  # noqa: E402
 from benchmarks.quality_small import PRETRAINED, SHIPPED, load_vae, shift_probe_clips  # noqa: E402
@@ -132,7 +134,38 @@ def heldout_gains(
             for group, (a, b) in parts.items()
         }
         print(f"{model_name} frame_spaces {spaces}: {result[spaces]}", flush=True)
-    return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result}
+    model.config.correspondence.frame_spaces = "still_clip"
+    camera = camera_flow_gains(model, load_vae(out / baseline_name).eval(), encoder, media, settings, clips)
+    return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera
+
+
+def camera_flow_gains(
+    model: refdecoder.RefDecoder,
+    baseline: torch.nn.Module,
+    encoder: torch.nn.Module,
+    media: Media,
+    settings: Settings,
+    clips: list,
+) -> dict:
+    """PSNR gains on the rendered camera moves with the estimate, their exact flow and zero displacement."""
+    moves = [c for c in clips if c.part == "camera"]
+    if not moves:
+        return {}
+    video = render_heldout(media, settings, moves)
+    flow = heldout_camera_flows(media, settings, moves)
+    latents = encoder.encode(video).latent_dist.mode()
+    base = psnr(reconstruct(baseline, latents, video), video)
+    rows = {}
+    for name, given in (("estimate", None), ("true flow", flow), ("zero", torch.zeros_like(flow))):
+        gain = psnr(model.decode(latents, video[:, :, :1], displacements=given), video) - base
+        rows[name] = {
+            "psnr": gain.mean().item(),
+            "psnr_0": gain[:, 0].mean().item(),
+            "psnr_4+": gain[:, 4:].mean().item(),
+        }
+        print(f"camera moves, {name}: {rows[name]}", flush=True)
+    last_frame_px = flow[:, :, -1].norm(dim=1).mean().item()
+    return {"camera_moves": len(moves), "camera_flow_mean_px_last_frame": last_frame_px, "camera_gains_db": rows}
 
 
 def main() -> None:

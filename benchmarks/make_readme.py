@@ -451,6 +451,19 @@ Held-out gains (dB over `{h["baseline"]}`) of the default run's saved `{h["model
 
 {table(names, rows)}
 """
+        if "camera_gains_db" in h:
+            camera = [
+                [name] + [f"{g[k]:+.2f}" for k in ("psnr", "psnr_0", "psnr_4+")]
+                for name, g in h["camera_gains_db"].items()
+            ]
+            moved = h["camera_flow_mean_px_last_frame"]
+            heldout += f"""
+Its {h["camera_moves"]} rendered camera moves (mean flow at the last frame {moved:.1f} px) decoded with the estimate,
+with each move's exact flow as `displacements` (`CameraPath.flow_to`) and with zero displacement (dB over
+`{h["baseline"]}`):
+
+{table(["displacements", "all", "frame 0", "frames 4+"], camera)}
+"""
     return f"""## The correspondence estimate
 
 `python benchmarks/correspondence_estimate.py --run OUT` (`correspondence_estimate.json`): the estimate alone, on

@@ -422,12 +422,30 @@ def test_the_estimate_benchmark_reproduces_the_runs_gains_with_the_default_space
     config, out, doc = micro
     settings, media = micro_media
     baseline, headline = settings.finetune.default_variants[0], doc["headline"]
-    gains = ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media)["gains_db"]
+    measured = ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media)
+    gains = measured["gains_db"]
     assert set(gains) == {"still_clip", "fitted"}
     run = doc["gains"][f"{headline} - {baseline}"]
     for group in ("static", "motion"):  # the default spaces: what the run's own eval measured
         for key in ("psnr", "psnr_0", "psnr_4+"):
             assert gains["still_clip"][group][key] == pytest.approx(run[group][key], abs=1e-6)
+    # The camera moves decoded with the estimate are the run's own camera part too; the exact flow and zero differ.
+    models = doc["eval"]["models"]
+    parts = [models[name]["motion"]["by_part"]["camera"]["psnr"] for name in (headline, baseline)]
+    rows = measured["camera_gains_db"]
+    assert set(rows) == {"estimate", "true flow", "zero"}
+    assert rows["estimate"]["psnr"] == pytest.approx(parts[0] - parts[1], abs=1e-5)
+
+
+def test_heldout_camera_flows_are_for_camera_moves_only(micro_media) -> None:
+    settings, media = micro_media
+    clips = qd.eval_plan(media, settings)
+    moves = [c for c in clips if c.part == "camera"]
+    flows = qd.heldout_camera_flows(media, settings, moves)
+    assert flows.shape == (len(moves), 2, EVAL_FRAMES, CROP, CROP) and flows[:, :, 0].abs().max() < 1e-4
+    assert flows[:, :, -1].abs().amax(dim=(1, 2, 3)).min() > 0  # every move moves by its last frame
+    with pytest.raises(ValueError, match="not a camera move"):
+        qd.heldout_camera_flows(media, settings, [c for c in clips if c.seed is None][:1])
 
 
 # --- the shipped pretrained VAE -----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from benchmarks.quality.media import opencv_samples
 from benchmarks.quality.settings import ROOT, DataSettings, Settings
 from refdecoder.data import (
     CameraMotion,
+    CameraPath,
     camera_path,
     derive_seed,
     probe,
@@ -203,8 +204,14 @@ def _move(
         top, left = (h - crop) // 2, (w - crop) // 2
         still = window[..., top : top + crop, left : left + crop].expand(-1, len(times), -1, -1)  # a photo: 1 frame
         return still.float().div(127.5).sub(1.0)
-    path = camera_path(camera, tuple(window.shape[-2:]), (crop, crop), times, frames, sample_generator(seed))
-    return render_camera(window, path)
+    return render_camera(window, _camera_path(window, camera, crop, times, frames, seed))
+
+
+def _camera_path(
+    window: torch.Tensor, camera: CameraMotion, crop: int, times: list[float], frames: int, seed: int
+) -> CameraPath:
+    """The seeded camera move over ``window`` (``3, T, h, w``) that :func:`_move` renders."""
+    return camera_path(camera, tuple(window.shape[-2:]), (crop, crop), times, frames, sample_generator(seed))
 
 
 def plan_digest(plan: list) -> str:
@@ -272,8 +279,27 @@ def render_heldout(media: Media, settings: Settings, clips: list[HeldOut]) -> to
             part = video.frames[:, c.t0 : c.t0 + data.span(frames, video.stride) : video.stride]
             out.append(part[..., c.top : c.top + data.crop, c.left : c.left + data.crop].float().div(127.5).sub(1.0))
             continue
-        source = media.heldout_photos[c.index] if c.kind == "p" else media.videos[c.index]
-        w = data.window(data.eval_camera)
-        still = source.frames[:, c.t0 : c.t0 + 1, c.top : c.top + w, c.left : c.left + w]
-        out.append(_move(still, data.eval_camera, data.crop, list(range(frames)), frames, c.seed))
+        out.append(
+            _move(_camera_window(media, settings, c), data.eval_camera, data.crop, list(range(frames)), frames, c.seed)
+        )
     return torch.stack(out)
+
+
+def heldout_camera_flows(media: Media, settings: Settings, clips: list[HeldOut]) -> torch.Tensor:
+    """``B, 2, eval_frames, crop, crop`` ``(dy, dx)`` px: each held-out camera move's exact flow to its frame 0 (the
+    reference), as :func:`render_heldout` poses it (what ``RefDecoder.decode(displacements=...)`` takes)."""
+    data, frames, flows = settings.data, settings.data.eval_frames, []
+    for c in clips:
+        if c.seed is None:
+            raise ValueError(f"{c.source} {c.part} is not a camera move: its flow is unknown")
+        window = _camera_window(media, settings, c)
+        path = _camera_path(window, data.eval_camera, data.crop, list(range(frames)), frames, c.seed)
+        flows.append(path.flow_to(0))
+    return torch.stack(flows)
+
+
+def _camera_window(media: Media, settings: Settings, c: HeldOut) -> torch.Tensor:
+    """The still source window a held-out camera move is rendered from: ``3, 1, w, w`` uint8."""
+    source = media.heldout_photos[c.index] if c.kind == "p" else media.videos[c.index]
+    w = settings.data.window(settings.data.eval_camera)
+    return source.frames[:, c.t0 : c.t0 + 1, c.top : c.top + w, c.left : c.left + w]
