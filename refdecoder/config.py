@@ -240,6 +240,12 @@ class CorrespondenceConfig:
     # tie, take their textured neighbours' displacement instead of falling back to zero (0: off).
     smooth_radius: int = 2
 
+    @property
+    def search(self) -> tuple[int, float, int, int]:
+        """``(search_radius, temperature, match_radius, smooth_radius)``, the estimate's settings in the order
+        :func:`~refdecoder.blocks.correspondence.cost_volume_displacement` takes them."""
+        return self.search_radius, self.temperature, self.match_radius, self.smooth_radius
+
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), f"correspondence.enabled must be a bool, got {self.enabled!r}")
         _check(

@@ -244,7 +244,6 @@ class RefDecoder(nn.Module):
                 "of 1; pass a reference, or leave displacements out"
             )
         c = self.config.correspondence
-        search = (c.search_radius, c.temperature, c.match_radius, c.smooth_radius)
         size = self.output_size(latents.shape[-2:])
         return correspondence_field(
             self.adapter,
@@ -252,7 +251,7 @@ class RefDecoder(nn.Module):
             reference,
             windows,
             size,
-            search,
+            c.search,
             displacements,
             snap=c.snap,
             still_frames=c.still_frames,

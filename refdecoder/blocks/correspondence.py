@@ -163,8 +163,8 @@ def _reference_latents(
 
     - ``"fitted"``: the reference is encoded as one image (latent frame 0's space) and, per sample, mapped into
       latent frame ``i``'s space by the affine channel map that best takes the video's own latent frame 0 to its
-      latent frame ``i`` (least squares over the cells, :func:`_frame_space_maps`). A per-cell channel map cannot
-      move content, so the clip's motion does not leak into it. Costs one image through the encoder.
+      latent frame ``i`` (least squares over the cells, :func:`_mapped_into_later_frames`). A per-cell channel map
+      cannot move content, so the clip's motion does not leak into it. Costs one image through the encoder.
     - ``"still_clip"``: the reference is encoded as a still clip of ``min(t, still_frames)`` latent frames (the
       longest count the frame rule allows up to that, else ``t``) and video latent frame ``i`` is matched against
       its frame ``i`` (the last one for all later frames: a still clip's latents settle after a few frames). Costs
@@ -195,40 +195,39 @@ def _reference_latents(
         kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
         return [(kind, per_frame[:, :, :, i]) for i, kind in enumerate(kinds)]
     first = per_frame[:, :, :, 0]  # B, C, R, h, w
-    maps = _frame_space_maps(latents)
-    return [(slice(0, 1), first)] + [
-        (slice(i, i + 1), _apply_map(weights, first).to(latents.dtype)) for i, weights in enumerate(maps, start=1)
-    ]
+    later = _mapped_into_later_frames(latents, first)
+    return [(slice(0, 1), first)] + [(slice(i, i + 1), mapped) for i, mapped in enumerate(later, start=1)]
 
 
-def _frame_space_maps(latents: torch.Tensor, ridge: float = 1e-3) -> list[torch.Tensor]:
-    """Per sample, the affine channel map from latent frame 0's feature space to each later frame's.
+def _mapped_into_later_frames(
+    latents: torch.Tensor, reference: torch.Tensor, ridge: float = 1e-3
+) -> list[torch.Tensor]:
+    """Per sample, ``reference`` mapped from latent frame 0's feature space into each later latent frame's.
 
     Args:
         latents: ``B, C, t, h, w`` the latents being decoded.
+        reference: ``B, C, R, h, w`` reference latents in latent frame 0's space.
         ridge: Tikhonov term, relative to the mean diagonal of the normal equations (keeps a flat frame solvable).
 
     Returns:
-        ``t - 1`` float32 maps ``B, C + 1, C`` (the last input row is the bias): frame ``i``'s cells are predicted as
-        ``[frame 0's cell, 1] @ map``, fitted by least squares over the ``h * w`` cells.
+        ``t - 1`` tensors like ``reference``: for frame ``i``, ``[reference cell, 1] @ map_i``, with ``map_i``
+        (``B, C + 1, C``, the last input row the bias) fitted by least squares to take each of the video's
+        ``h * w`` cells of frame 0 to the same cell of frame ``i``.
     """
-    source = _with_bias(latents[:, :, 0].flatten(2).float())  # B, C+1, N
+
+    def with_bias(cells: torch.Tensor) -> torch.Tensor:  # B, C, N -> B, C + 1, N (a row of ones)
+        return torch.cat([cells, torch.ones_like(cells[:, :1])], dim=1)
+
+    source = with_bias(latents[:, :, 0].flatten(2).float())  # B, C+1, h*w
     normal = source @ source.mT
     eye = torch.eye(normal.shape[-1], device=normal.device)
     normal = normal + ridge * normal.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-    targets = [latents[:, :, i].flatten(2).float() for i in range(1, latents.shape[2])]  # B, C, N each
-    return [torch.linalg.solve(normal, source @ target.mT) for target in targets]
-
-
-def _with_bias(cells: torch.Tensor) -> torch.Tensor:
-    """``B, C, ...`` -> ``B, C + 1, ...`` with a row of ones (the affine map's bias input)."""
-    return torch.cat([cells, torch.ones_like(cells[:, :1])], dim=1)
-
-
-def _apply_map(weights: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``B, C + 1, C`` map applied to every cell of ``B, C, R, h, w`` reference latents."""
-    mapped = torch.einsum("bdc,bdn->bcn", weights, _with_bias(reference.flatten(2).float()))
-    return mapped.reshape(reference.shape)
+    cells = with_bias(reference.flatten(2).float())  # B, C+1, R*h*w
+    mapped = []
+    for i in range(1, latents.shape[2]):
+        weights = torch.linalg.solve(normal, source @ latents[:, :, i].flatten(2).float().mT)  # B, C+1, C
+        mapped.append(torch.einsum("bdc,bdn->bcn", weights, cells).reshape(reference.shape).to(latents.dtype))
+    return mapped
 
 
 def _decodable(adapter: BackboneAdapter, latent_frames: int) -> bool:
