@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
 from benchmarks.common import write_json  # noqa: E402
 from benchmarks.quality.data import Media, eval_plan, heldout_camera_flows, load_media, render_heldout  # noqa: E402
-from benchmarks.quality.evaluation import reconstruct, summarise  # noqa: E402
+from benchmarks.quality.evaluation import by_distance, reconstruct, summarise  # noqa: E402
 from benchmarks.quality.settings import CONFIG, ROOT, Settings, load_settings  # noqa: E402
 from benchmarks.quality_small import PRETRAINED, SHIPPED, load_vae, shift_probe_clips  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
@@ -59,9 +59,8 @@ def estimate_cells(adapter: WanAdapter, latents: torch.Tensor, reference: torch.
     c = dataclasses.replace(CorrespondenceConfig(enabled=True), **settings)
     t, h, w = latents.shape[2:]
     size = (h * adapter.spatial_factor, w * adapter.spatial_factor)
-    search = (c.search_radius, c.temperature, c.match_radius, c.smooth_radius)
     field = correspondence_field(
-        adapter, latents, reference, [(0, t)], size, search, frame_spaces=c.frame_spaces, still_frames=c.still_frames
+        adapter, latents, reference, [(0, t)], size, c.search, frame_spaces=c.frame_spaces, still_frames=c.still_frames
     )
     return field.pixels[:, 0] / adapter.spatial_factor
 
@@ -108,7 +107,8 @@ def estimate_errors(vae: torch.nn.Module, settings: Settings, shifts: list[int],
 def heldout_gains(
     settings: Settings, out: Path, model_name: str, baseline_name: str, media: Media | None = None
 ) -> dict:
-    """PSNR gains of the saved ``model_name`` over ``baseline_name`` per ``frame_spaces`` (weights unchanged)."""
+    """PSNR gains of the saved ``model_name`` over ``baseline_name`` per ``frame_spaces`` (weights unchanged), and on
+    the rendered camera moves with their exact flow and with zero displacement."""
     media = media or load_media(settings.data)
     clips, size = eval_plan(media, settings), settings.eval.batch
     encoder = load_vae(out / PRETRAINED).eval()
@@ -116,56 +116,62 @@ def heldout_gains(
     latents = [encoder.encode(video).latent_dist.mode() for video in batches]
     target = torch.cat(batches)
 
-    def summary(model: torch.nn.Module) -> dict:
-        preds = torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
-        return summarise({"psnr": psnr(preds, target)}, clips)
+    def per_frame_psnr(model: torch.nn.Module) -> torch.Tensor:  # N, T
+        return psnr(torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)]), target)
 
-    base = summary(load_vae(out / baseline_name).eval())
+    base = per_frame_psnr(load_vae(out / baseline_name).eval())
+    base_summary = summarise({"psnr": base}, clips)
     model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
-    result = {}
+    result, per_frame = {}, {}
     for spaces in ("still_clip", "fitted"):
         model.config.correspondence.frame_spaces = spaces
-        ours = summary(model)
-        parts = {g: (ours[g], base[g]) for g in ("static", "motion") if g in ours}
+        per_frame[spaces] = per_frame_psnr(model)
+        ours = summarise({"psnr": per_frame[spaces]}, clips)
+        parts = {g: (ours[g], base_summary[g]) for g in ("static", "motion") if g in ours}
         if "camera" in ours.get("motion", {}).get("by_part", {}):
-            parts["camera"] = (ours["motion"]["by_part"]["camera"], base["motion"]["by_part"]["camera"])
+            parts["camera"] = (ours["motion"]["by_part"]["camera"], base_summary["motion"]["by_part"]["camera"])
         result[spaces] = {
-            group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+") if key in a}
-            for group, (a, b) in parts.items()
+            group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+")} for group, (a, b) in parts.items()
         }
         print(f"{model_name} frame_spaces {spaces}: {result[spaces]}", flush=True)
     model.config.correspondence.frame_spaces = "still_clip"
-    camera = camera_flow_gains(model, load_vae(out / baseline_name).eval(), encoder, media, settings, clips)
+    camera = camera_flow_gains(
+        model, base, per_frame["still_clip"], torch.cat(latents), target, media, settings, clips
+    )
     return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera
 
 
 def camera_flow_gains(
     model: refdecoder.RefDecoder,
-    baseline: torch.nn.Module,
-    encoder: torch.nn.Module,
+    base: torch.Tensor,
+    estimated: torch.Tensor,
+    latents: torch.Tensor,
+    target: torch.Tensor,
     media: Media,
     settings: Settings,
     clips: list,
 ) -> dict:
-    """PSNR gains on the rendered camera moves with the estimate, their exact flow and zero displacement."""
-    moves = [c for c in clips if c.part == "camera"]
-    if not moves:
+    """Gains on the rendered camera moves with the estimate, their exact flow and zero displacement.
+
+    ``base`` and ``estimated``: the plain variant's and the model's (with its own estimate) ``N, T`` per-frame PSNR
+    on ``clips``; ``latents``, ``target``: every clip's latents and frames, in ``clips``' order. Gains are
+    differences of :func:`~benchmarks.quality.evaluation.by_distance` means, as the benchmark's own.
+    """
+    rows = torch.tensor([c.part == "camera" for c in clips])
+    if not rows.any():
         return {}
-    video = render_heldout(media, settings, moves)
-    flow = heldout_camera_flows(media, settings, moves)
-    latents = encoder.encode(video).latent_dist.mode()
-    base = psnr(reconstruct(baseline, latents, video), video)
-    rows = {}
-    for name, given in (("estimate", None), ("true flow", flow), ("zero", torch.zeros_like(flow))):
-        gain = psnr(model.decode(latents, video[:, :, :1], displacements=given), video) - base
-        rows[name] = {
-            "psnr": gain.mean().item(),
-            "psnr_0": gain[:, 0].mean().item(),
-            "psnr_4+": gain[:, 4:].mean().item(),
-        }
-        print(f"camera moves, {name}: {rows[name]}", flush=True)
+    flow = heldout_camera_flows(media, settings, [c for c, moved in zip(clips, rows) if moved])
+    video, scores = target[rows], {"estimate": estimated[rows]}
+    for name, given in (("true flow", flow), ("zero", torch.zeros_like(flow))):
+        scores[name] = psnr(model.decode(latents[rows], video[:, :, :1], displacements=given), video)
+    every = torch.ones(len(video), dtype=torch.bool)
+    plain = by_distance({"psnr": base[rows]}, every)
+    table = {}
+    for name, score in scores.items():
+        table[name] = {k: v - plain[k] for k, v in by_distance({"psnr": score}, every).items()}
+        print(f"camera moves, {name}: {table[name]}", flush=True)
     last_frame_px = flow[:, :, -1].norm(dim=1).mean().item()
-    return {"camera_moves": len(moves), "camera_flow_mean_px_last_frame": last_frame_px, "camera_gains_db": rows}
+    return {"camera_moves": len(flow), "camera_flow_mean_px_last_frame": last_frame_px, "camera_gains_db": table}
 
 
 def main() -> None:
