@@ -40,6 +40,7 @@ def cost_volume_displacement(
     temperature: float,
     match_radius: int = 1,
     smooth_radius: int = 0,
+    global_prior: float = 0.0,
 ) -> torch.Tensor:
     """Displacement of every video cell into every reference frame, from a local cost volume and a soft-argmax.
 
@@ -51,6 +52,9 @@ def cost_volume_displacement(
         match_radius: m, correlations are averaged over a ``(2m+1)^2`` patch around each cell before the softmax.
         smooth_radius: q, each cell's displacement is replaced by the mean over a ``(2q+1)^2`` box of its
             neighbours' weighted by their confidence (:func:`_confident_average`); 0 keeps every cell's own.
+        global_prior: weight of each frame's global translation (:func:`_global_translation`) in that average, in
+            units of the frame's mean confidence; cells with no confident neighbour take it instead of about zero
+            (0: off; needs ``smooth_radius >= 1``).
 
     Returns:
         ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
@@ -91,19 +95,24 @@ def cost_volume_displacement(
         weights = torch.softmax(correlations / temperature, dim=1)
         field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
         if smooth_radius and len(offsets) > 1:
-            field = _confident_average(field, correlations, smooth_radius)
+            field = _confident_average(field, correlations, smooth_radius, global_prior)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
 
 
-def _confident_average(field: torch.Tensor, correlations: torch.Tensor, radius: int) -> torch.Tensor:
+def _confident_average(
+    field: torch.Tensor, correlations: torch.Tensor, radius: int, global_prior: float = 0.0
+) -> torch.Tensor:
     """``N, 2, h, w`` displacements averaged over ``(2q+1)^2`` boxes, each cell weighted by its confidence.
 
     A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``:
     ``N, K, h, w`` patch-averaged cosines, ``-inf`` off the grid). A textured cell has one clear peak and keeps
     about its own displacement; a cell in a flat region (sky, a wall) has a near-tie, so its soft-argmax falls
     back towards zero, and it takes its confident neighbours' displacement instead (measured by
-    ``benchmarks/correspondence_estimate.py``). Where no cell of the box is confident the plain mean is kept.
+    ``benchmarks/correspondence_estimate.py``). Where no cell of the box is confident the plain mean is kept, or,
+    with ``global_prior`` > 0, mostly the frame's global translation (:func:`_global_translation`), which enters
+    every box as a pseudo-cell of ``global_prior`` times the frame's mean confidence: a pan or a shifted reference
+    then reaches the flat cells too, while confident cells (a moving object) keep their own.
     """
     best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
@@ -113,7 +122,30 @@ def _confident_average(field: torch.Tensor, correlations: torch.Tensor, radius: 
     def box(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(x, size, 1, radius, count_include_pad=False)
 
-    return box(field * confidence) / box(confidence)
+    if global_prior <= 0:
+        return box(field * confidence) / box(confidence)
+    prior = global_prior * confidence.mean(dim=(2, 3), keepdim=True)
+    return (box(field * confidence) + prior * _global_translation(field, confidence)) / (box(confidence) + prior)
+
+
+def _global_translation(
+    field: torch.Tensor, confidence: torch.Tensor, iterations: int = 5, scale: float = 0.5
+) -> torch.Tensor:
+    """Per frame, the displacement most of the confident cells share: a robust, confidence-weighted mean.
+
+    Starts from the confidence-weighted mean of ``field`` (``N, 2, h, w``; ``confidence``: ``N, 1, h, w``) and
+    re-weights ``iterations - 1`` times by a Cauchy function of each cell's distance from it (``scale`` cells), so a
+    moving object or the cells whose content left the reference do not drag the frame's motion. A pan, or a
+    reference shifted against the video, is one translation; still content gives zero. An affine fit (zoom, turn)
+    was measured worse: the truncated estimates where content left the reference read as a zoom
+    (``benchmarks/correspondence_estimate.py``). Returns ``N, 2, 1, 1``.
+    """
+    values, weights = field.flatten(2), confidence.flatten(1)  # N, 2, h*w and N, h*w
+    for _ in range(iterations):
+        mean = (values * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)  # N, 2
+        distance = (values - mean[..., None]).square().sum(1)  # N, h*w, squared cells
+        weights = confidence.flatten(1) / (1.0 + distance / scale**2)
+    return mean[..., None, None]
 
 
 def pixel_flow_to_latent_grid(
@@ -296,7 +328,7 @@ def correspondence_field(
     reference: torch.Tensor,
     windows: list[tuple[int, int]],
     output_size: tuple[int, int],
-    search: tuple[int, float, int] | tuple[int, float, int, int] | None,
+    search: tuple | None,
     displacements: torch.Tensor | None = None,
     snap: bool = False,
     still_frames: int = 4,
@@ -310,7 +342,7 @@ def correspondence_field(
         reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size ``output_size``.
         windows: the decode's latent-frame windows.
         output_size: ``(H, W)`` of the decoded frames.
-        search: ``(search_radius, temperature, match_radius[, smooth_radius])`` of
+        search: ``(search_radius, temperature, match_radius[, smooth_radius[, global_prior]])`` of
             :func:`cost_volume_displacement`; used when no ``displacements`` are given.
         displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
         snap: round every stage's displacements to whole tokens (see :class:`CorrespondenceField`).
