@@ -241,10 +241,11 @@ class CorrespondenceConfig:
     # tie, take their textured neighbours' displacement instead of falling back to zero (0: off).
     smooth_radius: int = 2
     # Each latent frame's global translation (a robust confidence-weighted mean of the field: a pan, or a displaced
-    # reference) joins that average as a pseudo-cell of this many times the frame's mean confidence: cells with no
-    # confident neighbour follow the frame's motion instead of falling back to zero (0: off; needs smooth_radius
-    # >= 1). 1.0: frame-0 cells exact at 1-4 cell shifts 0.95-0.99 instead of 0.76-0.84 (benchmarks/README.md).
-    global_prior: float = 1.0
+    # reference) joins that average with the weight of this many boxes of the frame's mean confidence, gated off
+    # where a cell's own correlations contradict it (a moving object keeps its own): cells with no confident
+    # neighbour follow the frame's motion instead of falling back to zero (0: off; needs smooth_radius >= 1).
+    # Measured by benchmarks/correspondence_estimate.py (benchmarks/README.md, "The correspondence estimate").
+    global_prior: float = 3.0
 
     @property
     def search(self) -> tuple[int, float, int, int, float]:

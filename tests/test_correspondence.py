@@ -74,11 +74,47 @@ def test_flat_cells_take_their_confident_neighbours_displacement(shift):
     assert textured_cells.mean() < 0.1
 
 
-def test_a_flat_scene_smoothed_stays_in_place():
-    """Nothing confident anywhere: the smoothed field is the plain mean of near-zero soft-argmaxes."""
+@pytest.mark.parametrize("global_prior", [0.0, 1.0])
+def test_a_flat_scene_smoothed_stays_in_place(global_prior):
+    """Nothing confident anywhere: the smoothed field (and the frame's translation) stays near zero."""
     video = torch.full((1, 8, 1, 6, 7), 0.5) + 1e-3 * textured(1, 8, 6, 7)[:, :, None]
-    field = cost_volume_displacement(video, video, 2, 0.5, 1, smooth_radius=2)
+    field = cost_volume_displacement(video, video, 2, 0.5, 1, smooth_radius=2, global_prior=global_prior)
     assert field.abs().max() < 0.5
+
+
+@pytest.mark.parametrize("shift", [(0, 2), (-1, 0), (1, -2)])
+def test_a_wide_flat_region_follows_the_frames_translation(shift):
+    """A flat region wider than the smoothing box: no confident neighbour reaches its centre, so without the global
+    prior it stays near zero; with it, it takes the shift the textured rest of the frame shows."""
+    big = textured(1, 16, 28, 32, seed=5)
+    big[:, :, 8:20, 10:22] = 0.3
+    dy, dx = shift
+    reference, video = big[:, :, 4:24, 4:28], big[:, :, 4 + dy : 24 + dy, 4 + dx : 28 + dx]
+    centre = (slice(8 - dy, 12 - dy), slice(10 - dx, 14 - dx))  # video cells deep inside the flat region
+    truth = torch.tensor([dy, dx], dtype=torch.float32)[:, None, None]
+
+    def estimate(prior: float) -> torch.Tensor:
+        field = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1, 1, prior)
+        return field[0, 0, :, 0]
+
+    assert (estimate(0.0)[:, centre[0], centre[1]] - truth).abs().amax(0).mean() > 0.5
+    followed = estimate(1.0)
+    assert (followed[:, centre[0], centre[1]] - truth).abs().max() < 0.25
+    assert (followed - truth).abs()[:, 5:-5, 5:-5].mean() < 0.1  # the textured cells keep theirs
+
+
+def test_a_moving_object_keeps_its_own_displacement_under_the_global_prior():
+    """The background pans by 2 cells, a textured object inside it moves the other way: the frame's translation is
+    the background's (the robust mean is not dragged towards the object), and the object's cells keep their own."""
+    big = textured(1, 16, 28, 32, seed=7)
+    reference = big[:, :, 4:24, 4:28]
+    video = big[:, :, 4:24, 6:30].clone()  # background: dx = +2
+    video[:, :, 7:13, 8:14] = big[:, :, 11:17, 11:17]  # object: video cell (y, x) shows reference (y, x - 1)
+    field = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1, 1, 1.0)[0, 0, :, 0]
+    object_cells, background = field[:, 8:12, 9:13], field[:, 14:-4, 4:-4]
+    torch.testing.assert_close(object_cells[1], torch.full_like(object_cells[1], -1.0), atol=0.25, rtol=0)
+    torch.testing.assert_close(background[1], torch.full_like(background[1], 2.0), atol=0.25, rtol=0)
+    assert object_cells[0].abs().max() < 0.25 and background[0].abs().max() < 0.25
 
 
 def test_smoothing_a_lone_candidate_is_finite():
@@ -256,8 +292,12 @@ def test_still_frames_is_checked(bad):
 
 
 @pytest.mark.parametrize(
-    ("key", "bad"), [("smooth_radius", -1), ("smooth_radius", 1.5), ("smooth_radius", True), ("frame_spaces", "x")]
-)
+    ("key", "bad"),
+    [
+        ("smooth_radius", -1), ("smooth_radius", 1.5), ("smooth_radius", True), ("frame_spaces", "x"),
+        ("global_prior", -0.5), ("global_prior", float("nan")), ("global_prior", True), ("global_prior", "1"),
+    ],
+)  # fmt: skip
 def test_smoothing_and_frame_spaces_are_checked(key, bad):
     with pytest.raises(ConfigError, match=key):
         CorrespondenceConfig(**{key: bad})

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +55,8 @@ def cost_volume_displacement(
         smooth_radius: q, each cell's displacement is replaced by the mean over a ``(2q+1)^2`` box of its
             neighbours' weighted by their confidence (:func:`_confident_average`); 0 keeps every cell's own.
         global_prior: weight of each frame's global translation (:func:`_global_translation`) in that average, in
-            units of the frame's mean confidence; cells with no confident neighbour take it instead of about zero
-            (0: off; needs ``smooth_radius >= 1``).
+            boxes of the frame's mean confidence, where the cell's own correlations do not contradict it: cells
+            with no confident neighbour take it instead of about zero (0: off; needs ``smooth_radius >= 1``).
 
     Returns:
         ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
@@ -95,24 +97,26 @@ def cost_volume_displacement(
         weights = torch.softmax(correlations / temperature, dim=1)
         field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
         if smooth_radius and len(offsets) > 1:
-            field = _confident_average(field, correlations, smooth_radius, global_prior)
+            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
 
 
 def _confident_average(
-    field: torch.Tensor, correlations: torch.Tensor, radius: int, global_prior: float = 0.0
+    field: torch.Tensor, correlations: torch.Tensor, radius: int, global_prior: float = 0.0, temperature: float = 1.0
 ) -> torch.Tensor:
     """``N, 2, h, w`` displacements averaged over ``(2q+1)^2`` boxes, each cell weighted by its confidence.
 
     A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``:
-    ``N, K, h, w`` patch-averaged cosines, ``-inf`` off the grid). A textured cell has one clear peak and keeps
-    about its own displacement; a cell in a flat region (sky, a wall) has a near-tie, so its soft-argmax falls
-    back towards zero, and it takes its confident neighbours' displacement instead (measured by
-    ``benchmarks/correspondence_estimate.py``). Where no cell of the box is confident the plain mean is kept, or,
-    with ``global_prior`` > 0, mostly the frame's global translation (:func:`_global_translation`), which enters
-    every box as a pseudo-cell of ``global_prior`` times the frame's mean confidence: a pan or a shifted reference
-    then reaches the flat cells too, while confident cells (a moving object) keep their own.
+    ``N, K, h, w`` patch-averaged cosines over the ``(2S+1)^2`` offsets, row-major from ``(-S, -S)``, ``-inf`` off
+    the grid). A textured cell has one clear peak and keeps about its own displacement; a cell in a flat region
+    (sky, a wall) has a near-tie, so its soft-argmax falls back towards zero, and it takes its confident
+    neighbours' displacement instead (measured by ``benchmarks/correspondence_estimate.py``). Where no cell of the
+    box is confident the plain mean is kept, or, with ``global_prior`` > 0, mostly the frame's global translation
+    (:func:`_global_translation`): it joins each box with the weight of ``global_prior`` boxes of the frame's mean
+    confidence, times ``exp(-(best - c) / temperature)`` where ``c`` is the cell's own correlation at the
+    translation (rounded). A flat cell, whose correlations tie, takes it; a cell whose own evidence contradicts it
+    (a moving object's, best well above ``c``) keeps its own, as without the prior.
     """
     best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
@@ -124,8 +128,13 @@ def _confident_average(
 
     if global_prior <= 0:
         return box(field * confidence) / box(confidence)
-    prior = global_prior * confidence.mean(dim=(2, 3), keepdim=True)
-    return (box(field * confidence) + prior * _global_translation(field, confidence)) / (box(confidence) + prior)
+    translation = _global_translation(field, confidence)  # N, 2, 1, 1
+    s = (math.isqrt(correlations.shape[1]) - 1) // 2
+    dy, dx = translation.round().clamp(-s, s).long().unbind(1)  # N, 1, 1 each
+    index = ((dy + s) * (2 * s + 1) + dx + s)[:, None].expand(-1, 1, *correlations.shape[-2:])
+    contradiction = (best[:, None] - correlations.gather(1, index)).clamp(0.0, 2.0)  # an off-grid one: 2
+    prior = global_prior * confidence.mean(dim=(2, 3), keepdim=True) * torch.exp(-contradiction / temperature)
+    return (box(field * confidence) + prior * translation) / (box(confidence) + prior)
 
 
 def _global_translation(
