@@ -121,7 +121,9 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     average ((2m+1)^2). The guided attention, snapped (default): per video token and layer, the query turned by its
     displacement (RoPE, 6 x width; the keys and values are gathered, not computed); not snapped: per reference slot
     4 bilinear taps of keys and values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One
-    reference frame. With ``smooth_radius``: per cell the top-2 candidates and two box averages. The encoder pass
+    reference frame. With ``smooth_radius``: per cell the top-2 candidates and two box averages; with
+    ``global_prior`` also the frame's robust translation (5 re-weighted means, ~12 operations per cell each) and the
+    gate (a gathered correlation, a difference and an exponential) and blend (~10 per cell). The encoder pass
     of the reference and the fitted frame-space maps' matrix products are counted by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
@@ -132,6 +134,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     total = t * h * w * candidates * (2 * adapter.latent_channels + (2 * c.match_radius + 1) ** 2)
     if c.smooth_radius:  # per cell: the top-2 over the candidates, and 3 channels through two box averages
         total += t * h * w * (candidates + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
+        if c.global_prior:
+            total += t * h * w * (5 * 12 + 10)
     slots = (2 * tf.attention_radius + 1) ** 2
     specs = adapter.stages()
     windows = adapter.plan_windows(t, model.window_size(torch.empty(1, 1, t, h, w, device="meta")))

@@ -9,13 +9,15 @@ of frame 0 is ``dx = -k``, ``dy = 0``. The estimate (:func:`refdecoder.blocks.co
 the library's defaults unless varied) is measured on the columns the shifted reference shows:
 
 - **frame 0** (the reference's own feature space): the share of cells whose rounded displacement is exact and the
-  mean ``|dx error|``, without and with the confidence-weighted smoothing (``smooth_radius``);
+  mean ``|dx error|``, without and with the confidence-weighted smoothing (``smooth_radius``) and the frame's
+  global translation in it (``global_prior``);
 - **latent frames 1+**: the mean ``|dx + k|`` with the reference's frame-0 latents matched across feature spaces
   (unmapped), mapped by ``frame_spaces: fitted``, and encoded as a still clip (``still_clip``). The clips' own
   motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values.
 
 ``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
-correspondence variant (``--model``) under each ``frame_spaces``, its weights unchanged, and reports its PSNR gain
+correspondence variant (``--model``) under each ``frame_spaces`` and without the global prior, its weights
+unchanged, and reports its PSNR gain
 over the plain variant (``--baseline``) as ``quality_small.py`` groups them; and its rendered camera moves with the
 estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``) and with zero displacement:
 how much of what is left at later frames the estimate costs.
@@ -45,12 +47,24 @@ from refdecoder.blocks.correspondence import correspondence_field  # noqa: E402
 from refdecoder.config import CorrespondenceConfig  # noqa: E402
 from refdecoder.metrics import psnr  # noqa: E402
 
-# Settings of the estimate compared at frame 0 (smoothing) and at later latent frames (feature spaces).
-FRAME0 = {"smooth_radius 0": {"smooth_radius": 0}, "smooth_radius 2": {"smooth_radius": 2}}
+# Settings of the estimate compared at frame 0 (smoothing, the global prior) and at later latent frames (feature
+# spaces); every other setting is the library's default.
+FRAME0 = {
+    "smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0},
+    "smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
+    "smooth_radius 2, global_prior 3": {"smooth_radius": 2, "global_prior": 3.0},
+}
 LATER = {
     "unmapped (still_frames 1)": {"frame_spaces": "still_clip", "still_frames": 1},
     "fitted": {"frame_spaces": "fitted"},
     "still_clip (still_frames 4)": {"frame_spaces": "still_clip", "still_frames": 4},
+}
+# The saved model decoded on the held-out clips with its own settings (first: the camera rows' "estimate") and with
+# one changed.
+HELDOUT = {
+    "as trained": {},
+    "frame_spaces fitted": {"frame_spaces": "fitted"},
+    "global_prior 0": {"global_prior": 0.0},
 }
 
 
@@ -107,8 +121,8 @@ def estimate_errors(vae: torch.nn.Module, settings: Settings, shifts: list[int],
 def heldout_gains(
     settings: Settings, out: Path, model_name: str, baseline_name: str, media: Media | None = None
 ) -> dict:
-    """PSNR gains of the saved ``model_name`` over ``baseline_name`` per ``frame_spaces`` (weights unchanged), and on
-    the rendered camera moves with their exact flow and with zero displacement."""
+    """PSNR gains of the saved ``model_name`` over ``baseline_name`` per estimate setting (:data:`HELDOUT`, weights
+    unchanged), and on the rendered camera moves with their exact flow and with zero displacement."""
     media = media or load_media(settings.data)
     clips, size = eval_plan(media, settings), settings.eval.batch
     encoder = load_vae(out / PRETRAINED).eval()
@@ -122,9 +136,10 @@ def heldout_gains(
     base = per_frame_psnr(load_vae(out / baseline_name).eval())
     base_summary = summarise({"psnr": base}, clips)
     model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
+    trained = model.config.correspondence
     result, per_frame = {}, {}
-    for spaces in ("still_clip", "fitted"):
-        model.config.correspondence.frame_spaces = spaces
+    for spaces, varied in HELDOUT.items():
+        model.config.correspondence = dataclasses.replace(trained, **varied)
         per_frame[spaces] = per_frame_psnr(model)
         ours = summarise({"psnr": per_frame[spaces]}, clips)
         parts = {g: (ours[g], base_summary[g]) for g in ("static", "motion") if g in ours}
@@ -133,10 +148,10 @@ def heldout_gains(
         result[spaces] = {
             group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+")} for group, (a, b) in parts.items()
         }
-        print(f"{model_name} frame_spaces {spaces}: {result[spaces]}", flush=True)
-    model.config.correspondence.frame_spaces = "still_clip"
+        print(f"{model_name} {spaces}: {result[spaces]}", flush=True)
+    model.config.correspondence = trained
     camera = camera_flow_gains(
-        model, base, per_frame["still_clip"], torch.cat(latents), target, media, settings, clips
+        model, base, per_frame[next(iter(HELDOUT))], torch.cat(latents), target, media, settings, clips
     )
     return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera
 

@@ -8,8 +8,9 @@ weights, so it is as good at step 0 as later. Per latent cell, the normalised co
 cell within ``+-S`` cells (summed over a ``(2m+1)^2`` patch, which makes 16-channel latents discriminative) is
 turned into a sub-cell displacement by a soft-argmax; out-of-grid candidates never count. Cells in flat regions,
 whose correlations nearly tie, then take their confident neighbours' displacement (a confidence-weighted box
-average); where nothing nearby is confident the soft-argmax averages to about zero and the attention looks where
-it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate offset at a
+average) and, where their own correlations do not contradict it, the frame's global translation (a pan, a
+displaced reference); where nothing in the frame is confident the field stays about zero and the attention looks
+where it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate offset at a
 time, plus the reference's encoder pass (one image with the fitted maps).
 
 :class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
@@ -20,9 +21,8 @@ part: the window's frames, resampled onto the stage's token grid, in tokens of t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
