@@ -64,7 +64,7 @@ LATER = {
 HELDOUT = {
     "as trained": {},
     "frame_spaces fitted": {"frame_spaces": "fitted"},
-    "global_prior 0": {"global_prior": 0.0},
+    "global_prior 3": {"global_prior": 3.0},
 }
 
 

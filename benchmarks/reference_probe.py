@@ -22,7 +22,8 @@
    its reach. ``--crop H,W`` probes wider crops than the benchmark's (the decoders are convolutional and attend with
    RoPE, so any size decodes): at 64 px a 4-token (32 px) shift leaves half the content out of the reference. Gains
    are given over whole frames and over the shared columns (those whose content the displaced reference shows).
-   ``--true-displacements`` also decodes with the shift given as ``decode(displacements=...)``.
+   ``--true-displacements`` also decodes with the shift given as ``decode(displacements=...)``; ``--global-prior G``
+   decodes the correspondence variants with ``correspondence.global_prior`` G, their weights unchanged.
 
 Writes ``benchmarks/results/reference_probe.json`` (or ``--out``). Video tensors are ``B, 3, T, H, W`` in [-1, 1].
 """
@@ -30,6 +31,7 @@ Writes ``benchmarks/results/reference_probe.json`` (or ``--out``). Video tensors
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -146,12 +148,17 @@ def correspondence(
     per_source: int,
     crop: tuple[int, int] | None = None,
     true_displacements: bool = False,
+    global_prior: float | None = None,
 ) -> dict:
-    """The shift probe (:mod:`benchmarks.quality.shift_probe`) on saved variants of a ``quality_small.py`` folder."""
+    """The shift probe (:mod:`benchmarks.quality.shift_probe`) on saved variants of a ``quality_small.py`` folder;
+    ``global_prior`` (not None) replaces the correspondence variants' ``correspondence.global_prior``."""
     settings = load_settings(config)
     probe = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
     encoder = load_vae(out / PRETRAINED).eval()
     models = {name: refdecoder.load(load_vae(out / PRETRAINED), out / name).eval() for name in names}
+    for model in models.values():
+        if global_prior is not None and model.config.correspondence.enabled:  # weights unchanged
+            model.config.correspondence = dataclasses.replace(model.config.correspondence, global_prior=global_prior)
     return shift_probe(encoder, models, probe, [s for s in shifts if s], token, true_displacements)
 
 
@@ -175,6 +182,9 @@ def main() -> None:
     parser.add_argument(
         "--true-displacements", action="store_true", help="also decode with the shift given as displacements"
     )
+    parser.add_argument(
+        "--global-prior", type=float, help="decode correspondence variants with this correspondence.global_prior"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -186,7 +196,7 @@ def main() -> None:
         models = [current_name(n) for n in args.models.split(",")]  # old names map, with a warning
         payload["correspondence"] = correspondence(
             args.correspondence, models, args.config, shifts, args.token_pixels,
-            args.clips_per_source, crop, args.true_displacements,
+            args.clips_per_source, crop, args.true_displacements, args.global_prior,
         )  # fmt: skip
     elif args.vae is None:
         parser.error("give --vae (checks 1 and 2) or --correspondence (check 3)")

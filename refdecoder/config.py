@@ -244,8 +244,9 @@ class CorrespondenceConfig:
     # reference) joins that average with the weight of this many boxes of the frame's mean confidence, gated off
     # where a cell's own correlations contradict it (a moving object keeps its own): cells with no confident
     # neighbour follow the frame's motion instead of falling back to zero (0: off; needs smooth_radius >= 1).
-    # Measured by benchmarks/correspondence_estimate.py (benchmarks/README.md, "The correspondence estimate").
-    global_prior: float = 3.0
+    # 3.0 follows a displaced reference further; off by default, as trained with it the default run's held-out
+    # gains were 0.01-0.03 dB lower (docs/architecture.md, "Correspondence").
+    global_prior: float = 0.0
 
     @property
     def search(self) -> tuple[int, float, int, int, float]:

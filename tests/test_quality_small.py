@@ -474,3 +474,15 @@ def test_follow_ratios_take_the_worse_direction_of_each_shift() -> None:
 
     row = {"shift_tokens": [-2, -1, 0, 1, 2], "default": {"gain_frame0": [0.5, 1.8, 2.0, 1.6, 1.0]}}
     assert follow_ratios(row) == pytest.approx({1: 0.8, 2: 0.25})
+
+
+def test_the_probe_decodes_correspondence_variants_with_a_given_global_prior(micro, monkeypatch) -> None:
+    from benchmarks import reference_probe as rp
+
+    config, out, doc = micro
+    headline, seen = doc["headline"], {}
+    monkeypatch.setattr(rp, "shift_probe", lambda encoder, models, *args, **kwargs: seen.update(models) or {})
+    for given, expected in ((None, 0.0), (2.5, 2.5)):  # None: as saved (the default, off)
+        rp.correspondence(out, [headline], config, shifts=[0, 1], token=8, per_source=1, global_prior=given)
+        settings = seen[headline].config.correspondence
+        assert settings.enabled and settings.global_prior == expected
