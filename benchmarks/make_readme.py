@@ -447,8 +447,8 @@ def correspondence_estimate() -> str:
         names = ["estimate", "motion all", "motion frame 0", "motion frames 4+", "camera frames 4+", "static all"]
         heldout = f"""
 Held-out gains (dB over `{h["baseline"]}`) of the default run's saved `{h["model"]}` (trained with the defaults:
-`still_clip`, `global_prior` 3; `--run` its output folder) decoded as trained, with `frame_spaces: fitted` and
-without the global prior, its weights unchanged:
+`still_clip`, no global prior; `--run` its output folder) decoded as trained, with `frame_spaces: fitted` and with
+`global_prior: 3`, its weights unchanged:
 
 {table(names, rows)}
 """
@@ -471,7 +471,7 @@ with each move's exact flow as `displacements` (`CameraPath.flow_to`) and with z
 the shipped pretrained VAE and the shift probe's {est["clips"]} natural held-out clips ({crop} px), each clip's
 frame 0 shifted by k latent cells ({est["cell_pixels"]} px) as the reference. Frame 0 (the reference's own feature
 space), the share of the shown columns' cells whose rounded displacement is exact, without and with the
-confidence-weighted smoothing, and with the frame's global translation in it (the default):
+confidence-weighted smoothing (the default), and with the frame's global translation in it (`global_prior`):
 
 {table(head, frame0)}
 
