@@ -51,20 +51,19 @@ def test_each_frame_warped_by_its_flow_is_the_reference_frame(seed):
     video = render_camera(smooth[:, None], path)  # 3, 5, 48, 64
     flow = path.flow_to(0)
     ys, xs = torch.meshgrid(torch.arange(48.0), torch.arange(64.0), indexing="ij")
-    x = (xs + flow[1] + 0.5) / 64 * 2 - 1
-    y = (ys + flow[0] + 0.5) / 48 * 2 - 1
-    grid = torch.stack([x, y], dim=-1)  # T, H, W, 2
-    warped = torch.nn.functional.grid_sample(
-        video[:, :1].transpose(0, 1).expand(5, -1, -1, -1), grid, align_corners=False
-    ).transpose(0, 1)
+
+    def pose0_at(dy: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pose 0 sampled at ``p + (dy, dx)`` for every frame: ``3, T, H, W``, and the normalised x, y sampled."""
+        x, y = (xs + dx + 0.5) / 64 * 2 - 1, (ys + dy + 0.5) / 48 * 2 - 1
+        frames = video[:, :1].transpose(0, 1).expand(5, -1, -1, -1)
+        grid = torch.stack([x, y], dim=-1)  # T, H, W, 2
+        return torch.nn.functional.grid_sample(frames, grid, align_corners=False).transpose(0, 1), x, y
+
+    warped, x, y = pose0_at(flow[0], flow[1])
     inside = ((x.abs() < 0.9) & (y.abs() < 0.9))[None]  # away from pose 0's border
     error = (warped - video).abs()[inside.expand_as(video)]
     assert error.mean() < 0.01, error.mean()
-    # A flow of the wrong sign misses.
-    wrong = torch.stack([(xs - flow[1] + 0.5) / 64 * 2 - 1, (ys - flow[0] + 0.5) / 48 * 2 - 1], dim=-1)
-    missed = torch.nn.functional.grid_sample(
-        video[:, :1].transpose(0, 1).expand(5, -1, -1, -1), wrong, align_corners=False
-    ).transpose(0, 1)
+    missed, _, _ = pose0_at(-flow[0], -flow[1])  # a flow of the wrong sign misses
     assert (missed - video)[:, 1:].abs().mean() > 5 * error.mean()
 
 

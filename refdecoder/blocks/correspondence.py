@@ -21,7 +21,6 @@ part: the window's frames, resampled onto the stage's token grid, in tokens of t
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,20 +96,25 @@ def cost_volume_displacement(
         weights = torch.softmax(correlations / temperature, dim=1)
         field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
         if smooth_radius and len(offsets) > 1:
-            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature)
+            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, s)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
 
 
 def _confident_average(
-    field: torch.Tensor, correlations: torch.Tensor, radius: int, global_prior: float = 0.0, temperature: float = 1.0
+    field: torch.Tensor,
+    correlations: torch.Tensor,
+    radius: int,
+    global_prior: float,
+    temperature: float,
+    search_radius: int,
 ) -> torch.Tensor:
     """``N, 2, h, w`` displacements averaged over ``(2q+1)^2`` boxes, each cell weighted by its confidence.
 
-    A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``:
-    ``N, K, h, w`` patch-averaged cosines over the ``(2S+1)^2`` offsets, row-major from ``(-S, -S)``, ``-inf`` off
-    the grid). A textured cell has one clear peak and keeps about its own displacement; a cell in a flat region
-    (sky, a wall) has a near-tie, so its soft-argmax falls back towards zero, and it takes its confident
+    A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``: ``N, K,
+    h, w`` patch-averaged cosines over the ``(2S+1)^2`` offsets, S = ``search_radius``, row-major from ``(-S, -S)``,
+    ``-inf`` off the grid). A textured cell has one clear peak and keeps about its own displacement; a cell in a
+    flat region (sky, a wall) has a near-tie, so its soft-argmax falls back towards zero, and it takes its confident
     neighbours' displacement instead (measured by ``benchmarks/correspondence_estimate.py``). Where no cell of the
     box is confident the plain mean is kept, or, with ``global_prior`` > 0, mostly the frame's global translation
     (:func:`_global_translation`): it joins each box with the weight of ``global_prior`` boxes of the frame's mean
@@ -129,7 +133,7 @@ def _confident_average(
     if global_prior <= 0:
         return box(field * confidence) / box(confidence)
     translation = _global_translation(field, confidence)  # N, 2, 1, 1
-    s = (math.isqrt(correlations.shape[1]) - 1) // 2
+    s = search_radius
     dy, dx = translation.round().clamp(-s, s).long().unbind(1)  # N, 1, 1 each
     index = ((dy + s) * (2 * s + 1) + dx + s)[:, None].expand(-1, 1, *correlations.shape[-2:])
     contradiction = (best[:, None] - correlations.gather(1, index)).clamp(0.0, 2.0)  # an off-grid one: 2
@@ -337,7 +341,7 @@ def correspondence_field(
     reference: torch.Tensor,
     windows: list[tuple[int, int]],
     output_size: tuple[int, int],
-    search: tuple | None,
+    search: tuple[int, float, int] | tuple[int, float, int, int] | tuple[int, float, int, int, float] | None,
     displacements: torch.Tensor | None = None,
     snap: bool = False,
     still_frames: int = 4,
