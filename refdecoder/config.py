@@ -283,6 +283,10 @@ class CorrespondenceConfig:
             and self.global_prior >= 0,
             f"correspondence.global_prior must be a finite number >= 0, got {self.global_prior!r}",
         )
+        _check(  # the translation joins the smoothing's box average: without it the prior would do nothing
+            not (self.global_prior and self.smooth_radius == 0),
+            f"correspondence.global_prior ({self.global_prior}) needs smooth_radius >= 1; set one or global_prior: 0",
+        )
         _check(
             self.frame_spaces in ("fitted", "still_clip"),
             f"correspondence.frame_spaces must be 'fitted' or 'still_clip', got {self.frame_spaces!r}",

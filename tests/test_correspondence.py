@@ -303,6 +303,13 @@ def test_smoothing_and_frame_spaces_are_checked(key, bad):
         CorrespondenceConfig(**{key: bad})
 
 
+def test_a_global_prior_without_smoothing_is_refused():
+    """The translation joins the smoothing's average: with ``smooth_radius: 0`` it would silently do nothing."""
+    with pytest.raises(ConfigError, match="global_prior .* needs smooth_radius >= 1"):
+        CorrespondenceConfig(global_prior=3.0, smooth_radius=0)
+    CorrespondenceConfig(global_prior=0.0, smooth_radius=0)  # off: no smoothing needed
+
+
 @torch.no_grad()
 def test_snapped_fields_are_whole_tokens_and_tiled_streams_take_displacements():
     from refdecoder.inference import decode_video
