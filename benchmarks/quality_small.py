@@ -2,6 +2,7 @@
 
     python benchmarks/quality_small.py [--quick] [--phase all|pretrain|finetune|eval] [--fresh] [--out DIR]
                                        [--set KEY=VALUE ...] [--variants a,b] [--results FILE.json|DIR/]
+    python benchmarks/quality_small.py --retarget FILE.json    # judge a finished run against the recipe's targets
 
 Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its ``quick:`` overrides).
 
@@ -397,6 +398,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--results", help="also copy the JSON (and grid PNG) here: a .json path or a folder (benchmarks/results/)"
     )
+    p.add_argument(
+        "--retarget",
+        type=Path,
+        metavar="FILE.json",
+        help="judge a finished run's JSON against the recipe's eval.targets again (rewrites its targets only)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
@@ -478,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result document it writes to ``OUT/quality_small.json``."""
     args = parse_args(argv)
     settings = load_settings(args.config, args.quick, tuple(args.overrides))
+    if args.retarget:
+        return retarget(args.retarget, settings, args.argv)
     out = args.out or ROOT / "runs" / ("quality_small_quick" if args.quick else "quality_small")
     variants = select_variants(settings, args.variants)
     with deterministic(settings.threads):
@@ -492,6 +501,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         copy = write_json("quality_small", doc, results_file(args.results))
         if (out / GRID).is_file():
             shutil.copyfile(out / GRID, copy.with_suffix(".png"))
+    return doc
+
+
+def retarget(path: Path, settings: Settings, argv: list[str]) -> dict[str, Any]:
+    """Judge the run recorded in ``path`` against ``settings.eval.targets`` again, from its own numbers.
+
+    The targets are a function of the evaluation's results (:func:`~benchmarks.quality.evaluation.targets`), so a
+    recipe whose targets changed re-judges a finished run without training or evaluating anything. Everything else
+    in the file (timings, machine, measurements) stays as the run wrote it; ``retargeted`` records the command.
+    """
+    try:
+        doc = json.loads(path.read_text())
+        models, deltas, probe = doc["eval"]["models"], doc["gains"], doc["eval"].get("shift_probe")
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"--retarget {path}: not a finished quality_small run ({err!r})") from err
+    missing = [v for v in (settings.finetune.headline, settings.eval.targets["static_versus"]) if v not in models]
+    if missing:
+        raise ConfigError(f"--retarget {path}: the run evaluated no {missing}; it cannot be judged by this recipe")
+    doc["targets"] = targets(models, deltas, settings, probe)
+    doc["settings"]["eval"]["targets"] = settings.eval.targets
+    doc["retargeted"] = {"argv": argv}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)  # the whole file or the old one, never half of it
     return doc
 
 

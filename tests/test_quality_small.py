@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,31 @@ def test_results_copy_accepts_a_folder_or_a_file(tmp_path: Path) -> None:
     assert qs.results_file(f"{tmp_path}/mine.json") == tmp_path / "mine.json"
 
 
+def test_targets_read_the_camera_part_and_the_shown_columns() -> None:
+    """Each target from its own rows: the camera part's frames 4+, the probe's whole frames and its shown columns."""
+    settings = qset.load_settings(qset.CONFIG)
+    head, base, versus = settings.finetune.headline, "baseline", settings.eval.targets["static_versus"]
+
+    def stats(psnr_4: float, camera_4: float, static: float) -> dict:
+        motion = {"psnr": 1.0, "psnr_0": 2.0, "psnr_4+": psnr_4, "by_part": {"camera": {"psnr_4+": camera_4}}}
+        return {"motion": motion, "static": {"psnr": static}}
+
+    models = {head: stats(0.5, 0.9, 20.0), base: stats(0.1, 0.2, 19.0), versus: stats(0.4, 0.3, 20.05)}
+    deltas = {f"{head} - {base}": {"motion": {"psnr": 1.3, "psnr_0": 2.2, "psnr_4+": 0.4}}}
+    whole = [0.5, 1.0, 1.6, 2.0, 1.8, 1.2, 0.8]  # shifts -4 -2 -1 0 1 2 4: worse of +-k over the in-place 2.0
+    shown = [1.2, 1.7, 1.9, 2.0, 1.9, 1.8, 1.4]
+    row = {"shift_tokens": [-4, -2, -1, 0, 1, 2, 4], "default": {"gain_frame0": whole, "gain_frame0_shared": shown}}
+    out = qe.targets(models, deltas, settings, {"models": {head: row}})
+    assert out["camera_psnr_4+"] == {"value": pytest.approx(0.7), "target": 0.8, "met": False}
+    assert out["motion_psnr_0_gain"]["value"] == 2.2 and out["motion_psnr_0_gain"]["met"] is False  # 2.2 < 2.30
+    assert out[f"static_psnr_vs_{versus}"]["value"] == pytest.approx(-0.05) and out[f"static_psnr_vs_{versus}"]["met"]
+    assert out["shift_follow_near"]["value"] == pytest.approx(0.5) and out["shift_follow_far"]["value"] == 0.25
+    assert out["shift_follow_near_shown"]["value"] == pytest.approx(0.85) and out["shift_follow_near_shown"]["met"]
+    assert out["shift_follow_far_shown"]["value"] == pytest.approx(0.6) and out["shift_follow_far_shown"]["met"]
+    del models[base]["motion"]["by_part"]  # no camera moves evaluated: no camera target, the others stay
+    assert "camera_psnr_4+" not in qe.targets(models, deltas, settings, {"models": {head: row}})
+
+
 # --- micro end-to-end run -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
@@ -272,6 +298,34 @@ def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
             assert gain[group][metric] == pytest.approx(expected)
     target = doc["targets"]["motion_psnr_4+_gain"]
     assert target["value"] == pytest.approx(gain["motion"]["psnr_4+"]) and target["met"] == (target["value"] >= 0.3)
+
+
+def test_retarget_judges_a_finished_run_again_from_its_own_numbers(micro: tuple[Path, Path, dict], tmp_path) -> None:
+    config, out, doc = micro
+    run = tmp_path / "run.json"
+    shutil.copyfile(out / qs.RESULTS, run)
+    raw = yaml.safe_load(config.read_text())
+    raw["eval"]["targets"] |= {"motion_psnr": 99.0, "camera_psnr_4+": -99.0}  # unreachable / always met
+    stricter = tmp_path / "stricter.yaml"
+    stricter.write_text(yaml.safe_dump(raw))
+    before = json.loads(run.read_text())
+    again = qs.main(["--config", str(stricter), "--retarget", str(run)])
+    saved = json.loads(run.read_text())
+    assert saved == json.loads(json.dumps(again)) and saved["retargeted"]["argv"][-1] == str(run)
+    motion = before["targets"]["motion_psnr_gain"]
+    assert saved["targets"]["motion_psnr_gain"] == {**motion, "target": 99.0, "met": False}
+    assert saved["targets"]["camera_psnr_4+"]["met"] is True
+    assert saved["settings"]["eval"]["targets"]["motion_psnr"] == 99
+    kept = ("timing", "machine", "eval", "gains", "finetune")
+    assert all(saved[k] == before[k] for k in kept)  # nothing measured is touched
+    run.write_text("{")  # not a finished run: refused, the file left as it is
+    with pytest.raises(ConfigError, match="not a finished quality_small run"):
+        qs.main(["--config", str(stricter), "--retarget", str(run)])
+    assert run.read_text() == "{"
+    del before["eval"]["models"][doc["headline"]]
+    run.write_text(json.dumps(before))
+    with pytest.raises(ConfigError, match="evaluated no"):
+        qs.main(["--config", str(stricter), "--retarget", str(run)])
 
 
 def _baseline_of(doc: dict, name: str) -> str:

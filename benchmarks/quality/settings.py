@@ -182,14 +182,15 @@ class EvalSettings:
     camera_clips_per_source: int  # camera moves rendered over held-out frames of each video
     camera_clips_per_photo: int  # camera moves over each held-out photo
     grid_clips: int
-    # The headline variant's targets: motion_psnr, motion_psnr_0, motion_psnr_4+ (gains over its baseline, dB), and
-    # static_versus / static_margin (its static PSNR must be >= that variant's minus the margin).
+    # The headline variant's targets: motion_psnr, motion_psnr_0, motion_psnr_4+, camera_psnr_4+ (gains over its
+    # baseline, dB), static_versus / static_margin (its static PSNR must be >= that variant's minus the margin), and
+    # the shift probe's follow ratios shift_follow_near / _far (whole frames) and *_shown (the shown columns).
     targets: dict[str, Any]
     shift_probe: ShiftProbeSettings
 
     def __post_init__(self) -> None:
-        keys = {"motion_psnr", "motion_psnr_0", "motion_psnr_4+", "static_versus", "static_margin"}
-        keys |= {"shift_follow_near", "shift_follow_far"}
+        keys = {"motion_psnr", "motion_psnr_0", "motion_psnr_4+", "camera_psnr_4+", "static_versus", "static_margin"}
+        keys |= {"shift_follow_near", "shift_follow_far", "shift_follow_near_shown", "shift_follow_far_shown"}
         if set(self.targets) != keys:
             raise ConfigError(f"eval.targets needs exactly {sorted(keys)}, got {sorted(self.targets)}")
 
