@@ -331,7 +331,9 @@ Default run (headline `{doc["headline"]}`): {minutes["total_s"]:.1f} min in all 
 
 {tables}
 
-Targets of the headline (`targets` in the JSON; `shift_follow_*` are fractions of the in-place gain):
+Targets of the headline (`targets` in the JSON, limits from `eval.targets` of the recipe; `--retarget FILE.json`
+judges a finished run against changed limits; `shift_follow_*` are fractions of the in-place frame-0 gain, over
+whole frames and, `*_shown`, over the columns the displaced reference shows):
 
 {table(["target", "measured", "limit", ""], targets)}
 {shift_probe_section(doc)}"""
