@@ -1,6 +1,7 @@
 """How good is the correspondence estimate? Its error in latent cells on the shift probe's clips, per setting.
 
-    python benchmarks/correspondence_estimate.py [--vae DIR] [--run OUT [--model corr --baseline baseline]]
+    python benchmarks/correspondence_estimate.py [--vae DIR] [--run OUT [--model corr --baseline baseline
+                                                 --untrained s2d]]
 
 The quality benchmark's natural held-out probe clips (``eval.shift_probe`` of its recipe: 128x96 px, 8 px per
 latent cell of its pretrained VAE, the shipped one by default) are encoded, and each clip's frame 0 cut ``k``
@@ -20,7 +21,8 @@ correspondence variant (``--model``) under each ``frame_spaces`` and without the
 unchanged, and reports its PSNR gain
 over the plain variant (``--baseline``) as ``quality_small.py`` groups them; and its rendered camera moves with the
 estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``) and with zero displacement:
-how much of what is left at later frames the estimate costs.
+how much of what is left at later frames the estimate costs. ``--untrained`` names a variant trained without
+correspondence (``s2d``): it is decoded without and with the estimate, weights unchanged (``decode_only``).
 
 Writes ``benchmarks/results/correspondence_estimate.json`` (or ``--out``).
 """
@@ -45,6 +47,7 @@ from benchmarks.quality_small import PRETRAINED, SHIPPED, load_vae, shift_probe_
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
 from refdecoder.blocks.correspondence import correspondence_field  # noqa: E402
 from refdecoder.config import CorrespondenceConfig  # noqa: E402
+from refdecoder.errors import ConfigError  # noqa: E402
 from refdecoder.metrics import psnr  # noqa: E402
 
 # Settings of the estimate compared at frame 0 (smoothing, the global prior) and at later latent frames (feature
@@ -119,10 +122,18 @@ def estimate_errors(vae: torch.nn.Module, settings: Settings, shifts: list[int],
 
 @torch.no_grad()
 def heldout_gains(
-    settings: Settings, out: Path, model_name: str, baseline_name: str, media: Media | None = None
+    settings: Settings,
+    out: Path,
+    model_name: str,
+    baseline_name: str,
+    media: Media | None = None,
+    untrained_name: str | None = None,
 ) -> dict:
     """PSNR gains of the saved ``model_name`` over ``baseline_name`` per estimate setting (:data:`HELDOUT`, weights
-    unchanged), and on the rendered camera moves with their exact flow and with zero displacement."""
+    unchanged), and on the rendered camera moves with their exact flow and with zero displacement.
+
+    ``untrained_name``: a variant trained without correspondence (otherwise the same), decoded without and with the
+    model's estimate (``decode_only``): how much of the gain the estimate gives without training for it."""
     media = media or load_media(settings.data)
     clips, size = eval_plan(media, settings), settings.eval.batch
     encoder = load_vae(out / PRETRAINED).eval()
@@ -137,23 +148,40 @@ def heldout_gains(
     base_summary = summarise({"psnr": base}, clips)
     model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
     trained = model.config.correspondence
+
+    def gains_of(scores: torch.Tensor) -> dict:  # per group (and the motion group's camera moves) over the baseline
+        ours = summarise({"psnr": scores}, clips)
+        parts = {g: (ours[g], base_summary[g]) for g in ("static", "motion") if g in ours}
+        if "camera" in ours.get("motion", {}).get("by_part", {}):
+            parts["camera"] = (ours["motion"]["by_part"]["camera"], base_summary["motion"]["by_part"]["camera"])
+        return {
+            group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+")} for group, (a, b) in parts.items()
+        }
+
     result, per_frame = {}, {}
     for spaces, varied in HELDOUT.items():
         model.config.correspondence = dataclasses.replace(trained, **varied)
         per_frame[spaces] = per_frame_psnr(model)
-        ours = summarise({"psnr": per_frame[spaces]}, clips)
-        parts = {g: (ours[g], base_summary[g]) for g in ("static", "motion") if g in ours}
-        if "camera" in ours.get("motion", {}).get("by_part", {}):
-            parts["camera"] = (ours["motion"]["by_part"]["camera"], base_summary["motion"]["by_part"]["camera"])
-        result[spaces] = {
-            group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+")} for group, (a, b) in parts.items()
-        }
+        result[spaces] = gains_of(per_frame[spaces])
         print(f"{model_name} {spaces}: {result[spaces]}", flush=True)
     model.config.correspondence = trained
+    decode_only = {}
+    if untrained_name is not None:
+        other = refdecoder.load(load_vae(out / PRETRAINED), out / untrained_name).eval()
+        if other.config.correspondence.enabled:
+            raise ConfigError(
+                f"--untrained {untrained_name} was trained with correspondence; name one trained without"
+            )
+        rows = {}
+        for label, enabled in (("without", False), ("with the estimate", True)):
+            other.config.correspondence = dataclasses.replace(trained, enabled=enabled)
+            rows[label] = gains_of(per_frame_psnr(other))
+            print(f"{untrained_name} {label}: {rows[label]}", flush=True)
+        decode_only = {"decode_only": {"model": untrained_name, "gains_db": rows}}
     camera = camera_flow_gains(
         model, base, per_frame[next(iter(HELDOUT))], torch.cat(latents), target, media, settings, clips
     )
-    return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera
+    return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera | decode_only
 
 
 def camera_flow_gains(
@@ -197,6 +225,9 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a quality_small.py output folder: also the held-out gains")
     parser.add_argument("--model", default="corr", help="the correspondence variant in --run")
     parser.add_argument("--baseline", default="baseline", help="the plain variant in --run")
+    parser.add_argument(
+        "--untrained", help="a variant in --run trained without correspondence: also decoded with the estimate"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -206,7 +237,7 @@ def main() -> None:
     estimate = estimate_errors(load_vae(args.vae).eval(), settings, shifts)
     doc = {"vae": str(args.vae.resolve().relative_to(ROOT)), "shift_cells": shifts, "estimate": estimate}
     if args.run is not None:
-        doc["heldout"] = heldout_gains(settings, args.run, args.model, args.baseline)
+        doc["heldout"] = heldout_gains(settings, args.run, args.model, args.baseline, untrained_name=args.untrained)
     print(f"wrote {write_json('correspondence_estimate', doc, args.out)}")
 
 

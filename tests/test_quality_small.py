@@ -476,13 +476,18 @@ def test_the_estimate_benchmark_reproduces_the_runs_gains_as_trained(micro, micr
     config, out, doc = micro
     settings, media = micro_media
     baseline, headline = settings.finetune.default_variants[0], doc["headline"]
-    measured = ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media)
-    gains = measured["gains_db"]
-    assert set(gains) == set(ce.HELDOUT)
-    run = doc["gains"][f"{headline} - {baseline}"]
-    for group in ("static", "motion"):  # the settings it trained with: what the run's own eval measured
-        for key in ("psnr", "psnr_0", "psnr_4+"):
-            assert gains["as trained"][group][key] == pytest.approx(run[group][key], abs=1e-6)
+    untrained = settings.eval.targets["static_versus"]  # the same architecture trained without correspondence
+    measured = ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media, untrained)
+    gains, decode_only = measured["gains_db"], measured["decode_only"]
+    assert set(gains) == set(ce.HELDOUT) and decode_only["model"] == untrained
+    assert set(decode_only["gains_db"]) == {"without", "with the estimate"}
+    for name, row in ((headline, gains["as trained"]), (untrained, decode_only["gains_db"]["without"])):
+        run = doc["gains"][f"{name} - {baseline}"]
+        for group in ("static", "motion"):  # the settings it trained with: what the run's own eval measured
+            for key in ("psnr", "psnr_0", "psnr_4+"):
+                assert row[group][key] == pytest.approx(run[group][key], abs=1e-6)
+    with pytest.raises(ConfigError, match="trained with correspondence"):
+        ce.heldout_gains(qset.load_settings(config), out, headline, baseline, media, headline)
     # The camera moves decoded with the estimate are the run's own camera part too; the exact flow and zero differ.
     models = doc["eval"]["models"]
     parts = [models[name]["motion"]["by_part"]["camera"]["psnr"] for name in (headline, baseline)]
