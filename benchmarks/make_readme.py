@@ -454,6 +454,18 @@ Held-out gains (dB over `{h["baseline"]}`) of the default run's saved `{h["model
 
 {table(names, rows)}
 """
+        if "decode_only" in h:
+            only = h["decode_only"]
+            rows = [
+                [label] + [f"{gains[g][k]:+.2f}" for g, k in cols if g in gains]
+                for label, gains in only["gains_db"].items()
+            ]
+            heldout += f"""
+The same architecture trained without correspondence (`{only["model"]}`, `--untrained`), decoded without and with
+the estimate (the settings above, as trained), its weights unchanged:
+
+{table(["estimate"] + names[1:], rows)}
+"""
         if "camera_gains_db" in h:
             camera = [
                 [name] + [f"{g[k]:+.2f}" for k in ("psnr", "psnr_0", "psnr_4+")]
@@ -469,7 +481,8 @@ with each move's exact flow as `displacements` (`CameraPath.flow_to`) and with z
 """
     return f"""## The correspondence estimate
 
-`python benchmarks/correspondence_estimate.py --run OUT` (`correspondence_estimate.json`): the estimate alone, on
+`python benchmarks/correspondence_estimate.py --run OUT --untrained s2d` (`correspondence_estimate.json`): the
+estimate alone, on
 the shipped pretrained VAE and the shift probe's {est["clips"]} natural held-out clips ({crop} px), each clip's
 frame 0 shifted by k latent cells ({est["cell_pixels"]} px) as the reference. Frame 0 (the reference's own feature
 space), the share of the shown columns' cells whose rounded displacement is exact, without and with the
