@@ -154,10 +154,11 @@ def _global_translation(
     (``benchmarks/correspondence_estimate.py``). Returns ``N, 2, 1, 1``.
     """
     values, weights = field.flatten(2), confidence.flatten(1)  # N, 2, h*w and N, h*w
-    for _ in range(iterations):
-        mean = (values * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)  # N, 2
+    mean = (values * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)  # N, 2
+    for _ in range(iterations - 1):
         distance = (values - mean[..., None]).square().sum(1)  # N, h*w, squared cells
-        weights = confidence.flatten(1) / (1.0 + distance / scale**2)
+        robust = confidence.flatten(1) / (1.0 + distance / scale**2)
+        mean = (values * robust[:, None]).sum(2) / robust.sum(1, keepdim=True)
     return mean[..., None, None]
 
 
