@@ -514,13 +514,14 @@ def retarget(path: Path, settings: Settings, argv: list[str]) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
         models, deltas, probe = doc["eval"]["models"], doc["gains"], doc["eval"].get("shift_probe")
+        recorded = doc["settings"]["eval"]  # where the limits it is judged against are recorded
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"--retarget {path}: not a finished quality_small run ({err!r})") from err
     missing = [v for v in (settings.finetune.headline, settings.eval.targets["static_versus"]) if v not in models]
     if missing:
         raise ConfigError(f"--retarget {path}: the run evaluated no {missing}; it cannot be judged by this recipe")
     doc["targets"] = targets(models, deltas, settings, probe)
-    doc["settings"]["eval"]["targets"] = settings.eval.targets
+    recorded["targets"] = settings.eval.targets
     doc["retargeted"] = {"argv": argv}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")

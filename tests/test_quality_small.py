@@ -322,6 +322,9 @@ def test_retarget_judges_a_finished_run_again_from_its_own_numbers(micro: tuple[
     with pytest.raises(ConfigError, match="not a finished quality_small run"):
         qs.main(["--config", str(stricter), "--retarget", str(run)])
     assert run.read_text() == "{"
+    run.write_text(json.dumps({k: v for k, v in before.items() if k != "settings"}))  # no limits recorded
+    with pytest.raises(ConfigError, match="not a finished quality_small run"):
+        qs.main(["--config", str(stricter), "--retarget", str(run)])
     del before["eval"]["models"][doc["headline"]]
     run.write_text(json.dumps(before))
     with pytest.raises(ConfigError, match="evaluated no"):
