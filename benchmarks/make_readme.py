@@ -482,11 +482,11 @@ with each move's exact flow as `displacements` (`CameraPath.flow_to`) and with z
     return f"""## The correspondence estimate
 
 `python benchmarks/correspondence_estimate.py --run OUT --untrained s2d` (`correspondence_estimate.json`): the
-estimate alone, on
-the shipped pretrained VAE and the shift probe's {est["clips"]} natural held-out clips ({crop} px), each clip's
-frame 0 shifted by k latent cells ({est["cell_pixels"]} px) as the reference. Frame 0 (the reference's own feature
-space), the share of the shown columns' cells whose rounded displacement is exact, without and with the
-confidence-weighted smoothing (the default), and with the frame's global translation in it (`global_prior`):
+estimate alone, on the shipped pretrained VAE and the shift probe's {est["clips"]} natural held-out clips
+({crop} px), each clip's frame 0 shifted by k latent cells ({est["cell_pixels"]} px) as the reference. Frame 0
+(the reference's own feature space), the share of the shown columns' cells whose rounded displacement is exact,
+without and with the confidence-weighted smoothing (the default), and with the frame's global translation in it
+(`global_prior`):
 
 {table(head, frame0)}
 
