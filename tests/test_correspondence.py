@@ -117,6 +117,34 @@ def test_a_moving_object_keeps_its_own_displacement_under_the_global_prior():
     assert object_cells[0].abs().max() < 0.25 and background[0].abs().max() < 0.25
 
 
+@pytest.mark.parametrize("dx", [2, -2, 3])
+def test_cells_whose_match_lies_on_the_reference_border_find_it(dx):
+    """Video cells matching the reference's first or last column: their patch reaches off the reference grid. The
+    patch mean is over the candidates on the grid, so the true match is not handicapped against in-grid wrong ones
+    (a zero for each off-grid candidate made these cells miss)."""
+    big = textured(4, 16, 16, 30, seed=11)
+    reference = big[:, :, :, 5:25]
+    video = big[:, :, :, 5 + dx : 25 + dx]  # video cell (y, x) shows reference cell (y, x + dx)
+    field = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1)[:, 0, 1, 0]
+    border = -dx if dx < 0 else 19 - dx  # the video column showing the reference's first / last column
+    assert (field[:, 1:-1, border] - dx).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("dx", [2, -2, 3, -3])
+def test_cells_the_reference_does_not_show_do_not_drag_their_neighbours(dx):
+    """A shifted copy whose unshown columns hold the reference's own cells there under noise: those cells match
+    displacement 0 with a clear margin but clearly worse than a true match. Confidence counts how well the best
+    candidate matches, so the smoothing does not spread their displacement into the shown cells beside them."""
+    big = textured(4, 16, 16, 30, seed=13)
+    reference = big[:, :, :, 5:25]
+    video = big[:, :, :, 5 + dx : 25 + dx].clone()
+    band = slice(20 - dx, 20) if dx > 0 else slice(0, -dx)  # video columns the reference does not show
+    video[:, :, :, band] = reference[:, :, :, band] + 0.3 * textured(4, 16, 16, abs(dx), seed=14)
+    field = cost_volume_displacement(video[:, :, None], reference[:, :, None], 3, 0.02, 1, smooth_radius=2)
+    shown = field[:, 0, 1, 0, :, slice(0, 20 - dx) if dx > 0 else slice(-dx, 20)]
+    assert (shown.round() == dx).all()
+
+
 def test_smoothing_a_lone_candidate_is_finite():
     video = textured(1, 8, 1, 1)[:, :, None]  # a 1x1 grid: one in-grid candidate, an infinite margin
     field = cost_volume_displacement(video, video, 2, 0.02, 1, smooth_radius=1)

@@ -5,8 +5,9 @@ encoder's latents of the reference frame(s), brought into each latent frame's ow
 compressing encoder codes its first and later latent frames differently): by a per-sample channel map fitted from
 the video's own frames, or by encoding the reference as a still clip. It needs no training and no downloaded
 weights, so it is as good at step 0 as later. Per latent cell, the normalised correlation with every reference
-cell within ``+-S`` cells (summed over a ``(2m+1)^2`` patch, which makes 16-channel latents discriminative) is
-turned into a sub-cell displacement by a soft-argmax; out-of-grid candidates never count. Cells in flat regions,
+cell within ``+-S`` cells (averaged over the ``(2m+1)^2`` patch cells whose candidates lie on the reference grid,
+which makes 16-channel latents discriminative) is turned into a sub-cell displacement by a soft-argmax;
+out-of-grid candidates never count. Cells in flat regions,
 whose correlations nearly tie, then take their confident neighbours' displacement (a confidence-weighted box
 average) and, where their own correlations do not contradict it, the frame's global translation (a pan, a
 displaced reference); where nothing in the frame is confident the field stays about zero and the attention looks
@@ -88,10 +89,14 @@ def cost_volume_displacement(
         for dy, dx in offsets:
             candidate = padded[:, :, j : j + 1, s + dy : s + dy + h, s + dx : s + dx + w]
             cost = (video * candidate).sum(1).flatten(0, 1)[:, None]  # B*T, 1, h, w
+            in_grid = inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w]  # 1, 1, h, w: candidate on the grid
             if match_radius:
-                cost = F.avg_pool2d(cost, 2 * match_radius + 1, 1, match_radius, count_include_pad=False)
-            valid = inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w] > 0
-            costs.append(cost.masked_fill(~valid, float("-inf")))
+                # The mean over the patch's candidates that lie on the reference grid: a zero for each one off it
+                # would handicap the true match of a cell next to the reference's border against in-grid wrong ones.
+                size = 2 * match_radius + 1
+                cost = F.avg_pool2d(cost, size, 1, match_radius, count_include_pad=False)
+                cost = cost / F.avg_pool2d(in_grid, size, 1, match_radius, count_include_pad=False).clamp_min(1e-6)
+            costs.append(cost.masked_fill(in_grid == 0, float("-inf")))
         correlations = torch.cat(costs, 1)  # B*T, K, h, w
         weights = torch.softmax(correlations / temperature, dim=1)
         field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
@@ -113,9 +118,12 @@ def _confident_average(
 
     A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``: ``N, K,
     h, w`` patch-averaged cosines over the ``(2S+1)^2`` offsets, S = ``search_radius``, row-major from ``(-S, -S)``,
-    ``-inf`` off the grid). A textured cell has one clear peak and keeps about its own displacement; a cell in a
-    flat region (sky, a wall) has a near-tie, so its soft-argmax falls back towards zero, and it takes its confident
-    neighbours' displacement instead (measured by ``benchmarks/correspondence_estimate.py``). Where no cell of the
+    ``-inf`` off the grid), times ``exp(-(1 - best) / temperature)``: how well that best candidate matches. A
+    textured cell has one clear peak and keeps about its own displacement; a cell in a flat region (sky, a wall) has
+    a near-tie, so its soft-argmax falls back towards zero, and it takes its confident neighbours' displacement
+    instead; a cell whose content the reference does not show (it left the frame, or sits next to the reference's
+    border, where the encoder's padding changes the latents) matches even its best candidate clearly worse than a
+    true match and gives way too (measured by ``benchmarks/correspondence_estimate.py``). Where no cell of the
     box is confident the plain mean is kept, or, with ``global_prior`` > 0, mostly the frame's global translation
     (:func:`_global_translation`): it joins each box with the weight of ``global_prior`` boxes of the frame's mean
     confidence, times ``exp(-(best - c) / temperature)`` where ``c`` is the cell's own correlation at the
@@ -125,6 +133,10 @@ def _confident_average(
     best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
     confidence = ((best - runner_up).clamp(0.0, 2.0) + 1e-4).square()[:, None]
+    # ... times how well that best candidate matches: on the quality benchmark's latents a cell whose content the
+    # reference does not show still finds a candidate at a cosine of ~0.92, with a clear margin, against ~1.0 for a
+    # true match; by its margin alone it would spread its arbitrary displacement into the shown cells beside it.
+    confidence = confidence * torch.exp((best.clamp(max=1.0)[:, None] - 1.0) / temperature)
     size = 2 * radius + 1
 
     def box(x: torch.Tensor) -> torch.Tensor:
