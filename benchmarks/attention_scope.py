@@ -117,23 +117,27 @@ CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (frame_spaces fitted)"
 def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
     """What the FLOP counter (matmuls, convolutions, attention) leaves out of correspondence, counted by hand.
 
-    The cost volume: per latent cell, reference frame and candidate, a C-channel dot product (2C) and its patch
-    average ((2m+1)^2). The guided attention, snapped (default): per video token and layer, the query turned by its
-    displacement (RoPE, 6 x width; the keys and values are gathered, not computed); not snapped: per reference slot
-    4 bilinear taps of keys and values (4 x 2 x 2 x width) and the RoPE of the sampled key (6 x width). One
-    reference frame. With ``smooth_radius``: per cell the top-2 candidates and two box averages; with
-    ``global_prior`` also the frame's robust translation (5 re-weighted means, ~12 operations per cell each) and the
-    gate (a gathered correlation, a difference and an exponential) and blend (~10 per cell). The encoder pass
-    of the reference and the fitted frame-space maps' matrix products are counted by the FLOP counter.
+    The cost volume: per latent cell, reference frame and candidate, a C-channel dot product (2C), its patch
+    average ((2m+1)^2) and the division by the share of the patch on the reference grid (1; that share is a patch
+    average per cell and candidate, once). The guided attention, snapped (default): per video token and layer, the
+    query turned by its displacement (RoPE, 6 x width; the keys and values are gathered, not computed); not
+    snapped: per reference slot 4 bilinear taps of keys and values (4 x 2 x 2 x width) and the RoPE of the sampled
+    key (6 x width). One reference frame. With ``smooth_radius``: per cell the top-2 candidates, the confidence
+    (~5) and two box averages; with ``global_prior`` also the frame's robust translation (5 re-weighted means, ~12
+    operations per cell each) and the gate (a gathered correlation, a difference and an exponential) and blend
+    (~10 per cell). The encoder pass of the reference and the fitted frame-space maps' matrix products are counted
+    by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
     adapter, c, tf = model.adapter, config.correspondence, config.transformer
     t = adapter.frame_rule.latent_frames(frames)
     h, w = (s // adapter.spatial_factor for s in size)
     candidates = (2 * c.search_radius + 1) ** 2
-    total = t * h * w * candidates * (2 * adapter.latent_channels + (2 * c.match_radius + 1) ** 2)
-    if c.smooth_radius:  # per cell: the top-2 over the candidates, and 3 channels through two box averages
-        total += t * h * w * (candidates + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
+    patch = (2 * c.match_radius + 1) ** 2 if c.match_radius else 0
+    total = t * h * w * candidates * (2 * adapter.latent_channels + patch + (1 if patch else 0))
+    total += h * w * candidates * patch  # the share of each candidate's patch on the grid
+    if c.smooth_radius:  # per cell: the top-2 over the candidates, the confidence, 3 channels through two box averages
+        total += t * h * w * (candidates + 5 + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
         if c.global_prior:
             total += t * h * w * (5 * 12 + 10)
     slots = (2 * tf.attention_radius + 1) ** 2
