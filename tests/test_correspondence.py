@@ -145,6 +145,18 @@ def test_cells_the_reference_does_not_show_do_not_drag_their_neighbours(dx):
     assert (shown.round() == dx).all()
 
 
+@pytest.mark.parametrize("temperature", [0.02, 0.005, 0.001])
+@pytest.mark.parametrize("global_prior", [0.0, 1.0])
+def test_content_that_matches_nothing_gives_a_finite_field(temperature, global_prior):
+    """Unrelated or blank content: every cell's best cosine is far below a true match's, so its match factor
+    ``exp(-(1 - best) / temperature)`` would underflow to 0 at small temperatures and the smoothing would divide
+    0 by 0. The field stays finite and inside the search window."""
+    reference = textured(2, 8, 6, 7, seed=21)[:, :, None]
+    for video in (textured(2, 8, 6, 7, seed=22)[:, :, None], torch.zeros(2, 8, 1, 6, 7)):
+        field = cost_volume_displacement(video, reference, 2, temperature, 1, 2, global_prior)
+        assert torch.isfinite(field).all() and field.abs().max() <= 2
+
+
 def test_smoothing_a_lone_candidate_is_finite():
     video = textured(1, 8, 1, 1)[:, :, None]  # a 1x1 grid: one in-grid candidate, an infinite margin
     field = cost_volume_displacement(video, video, 2, 0.02, 1, smooth_radius=1)

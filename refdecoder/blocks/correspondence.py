@@ -136,7 +136,10 @@ def _confident_average(
     # ... times how well that best candidate matches: on the quality benchmark's latents a cell whose content the
     # reference does not show still finds a candidate at a cosine of ~0.92, with a clear margin, against ~1.0 for a
     # true match; by its margin alone it would spread its arbitrary displacement into the shown cells beside it.
-    confidence = confidence * torch.exp((best.clamp(max=1.0)[:, None] - 1.0) / temperature)
+    # The exponent is floored so that a box of cells that all match badly (unrelated content, a small temperature)
+    # keeps a finite, margin-weighted average instead of 0 / 0: exp(-60) times the margin floor stays a normal float.
+    fit = ((best.clamp(max=1.0)[:, None] - 1.0) / temperature).clamp(min=-60.0)
+    confidence = confidence * torch.exp(fit)
     size = 2 * radius + 1
 
     def box(x: torch.Tensor) -> torch.Tensor:
