@@ -4,15 +4,14 @@ The estimate is a local cost volume on the frozen encoder's latent grid: the raw
 encoder's latents of the reference frame(s), brought into each latent frame's own feature space (a temporally
 compressing encoder codes its first and later latent frames differently): by a per-sample channel map fitted from
 the video's own frames, or by encoding the reference as a still clip. It needs no training and no downloaded
-weights, so it is as good at step 0 as later. Per latent cell, the normalised correlation with every reference
-cell within ``+-S`` cells (averaged over the ``(2m+1)^2`` patch cells whose candidates lie on the reference grid,
-which makes 16-channel latents discriminative) is turned into a sub-cell displacement by a soft-argmax;
-out-of-grid candidates never count. Cells in flat regions,
-whose correlations nearly tie, then take their confident neighbours' displacement (a confidence-weighted box
-average) and, where their own correlations do not contradict it, the frame's global translation (a pan, a
-displaced reference); where nothing in the frame is confident the field stays about zero and the attention looks
-where it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2`` multiply-adds, one candidate offset at a
-time, plus the reference's encoder pass (one image with the fitted maps).
+weights, so it is as good at step 0 as later. Per latent cell, the normalised correlation with every reference cell
+within ``+-S`` cells (averaged over the ``(2m+1)^2`` patch cells whose candidates lie on the reference grid, which
+makes 16-channel latents discriminative) is turned into a sub-cell displacement by a soft-argmax; out-of-grid
+candidates never count. Cells in flat regions, whose correlations nearly tie, then take their confident neighbours'
+displacement (a confidence-weighted box average) and, where their own correlations do not contradict it, the frame's
+global translation (a pan, a displaced reference); where nothing in the frame is confident the field stays about
+zero and the attention looks where it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2``
+multiply-adds, one candidate offset at a time, plus the reference's encoder pass (one image with the fitted maps).
 
 :class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
 estimate, or a caller's ``B, 2, T, H, W`` pixel flow pooled onto that grid), and hands each conditioned stage its
@@ -83,20 +82,26 @@ def cost_volume_displacement(
     shifts = torch.tensor(offsets, dtype=torch.float32, device=video.device)  # K, 2
     padded = F.pad(reference, (s, s, s, s))
     inside = F.pad(torch.ones(1, 1, h, w, device=video.device), (s, s, s, s))
+    size = 2 * match_radius + 1
+
+    def patch_mean(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, size, 1, match_radius, count_include_pad=False)
+
+    # Per offset, the same for every reference frame: which cells' candidates lie on the reference grid and, with a
+    # patch, the share of each cell's patch whose candidates do. Correlations are averaged over those candidates
+    # only: a zero for each one off the grid would handicap the true match of a cell next to the reference's border
+    # against in-grid wrong ones.
+    in_grid = [inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in offsets]  # 1, 1, h, w each
+    shares = [patch_mean(g).clamp_min(1e-6) if match_radius else None for g in in_grid]
     out = torch.empty(b, reference.shape[2], 2, t, h, w, device=video.device)
     for j in range(reference.shape[2]):
         costs = []
-        for dy, dx in offsets:
+        for (dy, dx), grid, share in zip(offsets, in_grid, shares):
             candidate = padded[:, :, j : j + 1, s + dy : s + dy + h, s + dx : s + dx + w]
             cost = (video * candidate).sum(1).flatten(0, 1)[:, None]  # B*T, 1, h, w
-            in_grid = inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w]  # 1, 1, h, w: candidate on the grid
-            if match_radius:
-                # The mean over the patch's candidates that lie on the reference grid: a zero for each one off it
-                # would handicap the true match of a cell next to the reference's border against in-grid wrong ones.
-                size = 2 * match_radius + 1
-                cost = F.avg_pool2d(cost, size, 1, match_radius, count_include_pad=False)
-                cost = cost / F.avg_pool2d(in_grid, size, 1, match_radius, count_include_pad=False).clamp_min(1e-6)
-            costs.append(cost.masked_fill(in_grid == 0, float("-inf")))
+            if share is not None:
+                cost = patch_mean(cost) / share
+            costs.append(cost.masked_fill(grid == 0, float("-inf")))
         correlations = torch.cat(costs, 1)  # B*T, K, h, w
         weights = torch.softmax(correlations / temperature, dim=1)
         field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
