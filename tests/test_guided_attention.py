@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refdecoder.blocks import AttentionScope, LocalityBias, neighbourhood_attention
-from refdecoder.blocks.guided_attention import bilinear_tokens, guided_neighbourhood_attention
+from refdecoder.blocks.guided_attention import bilinear_tokens, guided_neighbourhood_attention, take_tokens
 from refdecoder.blocks.rope import apply_rope, rope_at, rope_tables
 
 HEADS, HEAD_DIM, THETA = 2, 12, 10000.0
@@ -166,6 +166,20 @@ def test_bilinear_taps_are_exact_at_integers_and_linear_between():
     assert torch.equal(got[:, 2], grid[:, 3, 1])  # frame 1, row 0
     between = 0.5 * (0.75 * grid[:, 1, 2] + 0.25 * grid[:, 1, 3]) + 0.5 * (0.75 * grid[:, 2, 2] + 0.25 * grid[:, 2, 3])
     torch.testing.assert_close(got[:, 3], between)
+
+
+def test_take_tokens_is_per_sample_indexing_forward_and_backward():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 10, 2, 4, generator=g, requires_grad=True)  # B, M, heads, D
+    index = torch.randint(0, 10, (3, 5, 6), generator=g)  # repeats included: gradients must accumulate
+    got = take_tokens(tokens, index)
+    expected = tokens[torch.arange(3)[:, None, None], index]
+    assert got.shape == (3, 5, 6, 2, 4) and torch.equal(got, expected)
+    upstream = torch.randn(got.shape, generator=g)
+    (by_take,) = torch.autograd.grad(got, tokens, upstream)
+    (by_indexing,) = torch.autograd.grad(expected, tokens, upstream)
+    torch.testing.assert_close(by_take, by_indexing, rtol=0, atol=1e-6)
+    assert by_take[0].abs().sum() > 0 and by_take[2].abs().sum() > 0  # every sample receives its own gradient
 
 
 def test_wrong_displacement_shape_is_refused():
