@@ -84,6 +84,7 @@ from refdecoder.training.schedule import warmup_cosine  # noqa: E402
 
 PHASES = ("pretrain", "finetune", "eval")
 PRETRAINED = "vae_pretrained"
+PRETRAINED_NAME = "pretrained"  # the pretrained VAE's name among the evaluated models
 # The default settings' pretrained VAE, made by `--fresh` (settings digest in its meta file): runs with those settings
 # fine-tune and evaluate only.
 SHIPPED = Path(__file__).resolve().parent / "assets" / "quality_small_vae"
@@ -319,29 +320,119 @@ def load_model(settings: Settings, out: Path, variant: Variant) -> nn.Module:
     return refdecoder.load(load_vae(out / PRETRAINED), out / variant.name).eval()
 
 
-@torch.no_grad()
 def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant]) -> dict:
-    """Metrics of the pretrained VAE and every variant on the held-out clips; writes the PNG grid."""
+    """Metrics of the pretrained VAE and every variant on the held-out clips, and the shift probe; writes the grid.
+
+    The work is split into jobs (one model's held-out clips, one model's shift probe) that run in ``workers``
+    spawned processes of ``threads`` threads each, longest first; each job computes what it would compute alone,
+    so the results are the same bit for bit whatever the number of workers.
+    """
     clips, size = eval_plan(media, settings), settings.eval.batch
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     encoder = load_vae(out / PRETRAINED).eval()
     batches = [render_heldout(media, settings, clips[i : i + size]) for i in range(0, len(clips), size)]
-    latents = [encoder.encode(video).latent_dist.mode() for video in batches]
-    models = {"pretrained": encoder} | {v.name: load_model(settings, out, v) for v in variants}
-    results, predictions, lpips_note = evaluate(models, latents, batches, clips)
+    with torch.no_grad():
+        latents = [encoder.encode(video).latent_dist.mode() for video in batches]
     shown = grid_clips(settings, clips)
-    crops = {name: preds[shown] for name, preds in predictions.items()} | {"ground truth": torch.cat(batches)[shown]}
+    heldout = HeldOutSet(latents, batches, clips, shown)
+    names = [v.name for v in variants]
+    probed = [
+        n for n in dict.fromkeys((settings.finetune.headline, settings.eval.targets["static_versus"])) if n in names
+    ]
+    probe = shift_probe_clips(settings, media) if probed else None
+    # The probes decode their clips 15 times at a larger crop: they take longest, so they go first.
+    jobs = [EvalJob("probe", n) for n in probed] + [EvalJob("heldout", n) for n in [PRETRAINED_NAME, *names]]
+    done = run_eval_jobs(settings, out, variants, jobs, heldout, probe)
+    rows = {job.model: done[job] for job in jobs if job.kind == "heldout"}
+    crops = {name: preds for name, (_, preds, _) in rows.items()} | {"ground truth": torch.cat(batches)[shown]}
     titles = [f"{clips[i].source} {clips[i].part}" for i in shown]
     write_grid(out / GRID, crops, titles, settings.data.eval_frames)
     counts = {g: sum(c.group == g for c in clips) for g in dict.fromkeys(c.group for c in clips)}
+    probes = [done[job] for job in jobs if job.kind == "probe"]
     return {
         "clips": counts,
         "heldout": [dataclasses.astuple(c) for c in clips],
-        "lpips": lpips_note,
+        "lpips": rows[PRETRAINED_NAME][2],
         "reference": "frame 0",
-        "models": results,
-        "shift_probe": run_shift_probe(settings, media, encoder, models),
+        "models": {name: results for name, (results, _, _) in rows.items()},
+        "shift_probe": probes[0] | {"models": {n: p["models"][n] for p in probes for n in p["models"]}}
+        if probes
+        else None,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalJob:
+    """One unit of evaluation work: ``kind`` ``heldout`` (the held-out clips) or ``probe`` (the shift probe) of one
+    model (``pretrained`` or a variant's name)."""
+
+    kind: str
+    model: str
+
+
+@dataclasses.dataclass
+class HeldOutSet:
+    """The held-out clips as every held-out job decodes them: ``latents`` and ``batches`` (``B, 3, T, H, W`` in
+    [-1, 1]) per batch, the clips' descriptions, and the indices of the clips shown in the grid."""
+
+    latents: list[torch.Tensor]
+    batches: list[torch.Tensor]
+    clips: list
+    shown: list[int]
+
+
+def run_eval_jobs(
+    settings: Settings,
+    out: Path,
+    variants: list[Variant],
+    jobs: list[EvalJob],
+    heldout: HeldOutSet,
+    probe: ShiftedClips | None,
+) -> dict[EvalJob, Any]:
+    """Every job's result, in this process (``workers`` 1) or in ``workers`` spawned processes."""
+
+    def inputs(job: EvalJob) -> HeldOutSet | ShiftedClips:  # what the job decodes (sent to a worker: only that)
+        return heldout if job.kind == "heldout" else probe
+
+    if settings.workers == 1:
+        return {job: eval_job(settings, out, variants, job, inputs(job)) for job in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    logger.info("evaluating in %d jobs, %d at a time", len(jobs), settings.workers)
+    pool = ProcessPoolExecutor(
+        max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
+    )
+    with pool:
+        futures = {job: pool.submit(_eval_job_in_worker, settings, out, variants, job, inputs(job)) for job in jobs}
+        return {job: future.result() for job, future in futures.items()}
+
+
+def _eval_job_in_worker(*args: Any) -> Any:
+    with deterministic(args[0].threads):
+        return eval_job(*args)
+
+
+@torch.no_grad()
+def eval_job(
+    settings: Settings, out: Path, variants: list[Variant], job: EvalJob, clips: HeldOutSet | ShiftedClips
+) -> Any:
+    """A held-out job on ``clips`` (a :class:`HeldOutSet`): ``(metrics, reconstructions of the grid's clips, LPIPS
+    note)``; a probe job on ``clips`` (:class:`ShiftedClips`): the shift probe's document for its one model
+    (:func:`~benchmarks.quality.shift_probe.shift_probe`)."""
+    t0 = time.perf_counter()
+    if job.model == PRETRAINED_NAME:
+        model = load_vae(out / PRETRAINED).eval()
+    else:
+        model = load_model(settings, out, next(v for v in variants if v.name == job.model))
+    if job.kind == "heldout":
+        results, preds, note = evaluate(model, clips.latents, clips.batches, clips.clips)
+        result = (results, preds[clips.shown], note)
+    else:
+        cfg, encoder = settings.eval.shift_probe, load_vae(out / PRETRAINED).eval()
+        result = shift_probe(encoder, {job.model: model}, clips, cfg.shifts, cfg.token_pixels, true_displacements=True)
+    logger.info("evaluated %s of %s in %.0f s", job.kind, job.model, time.perf_counter() - t0)
+    return result
 
 
 def shift_probe_clips(settings: Settings, media: Media) -> ShiftedClips:
@@ -352,16 +443,6 @@ def shift_probe_clips(settings: Settings, media: Media) -> ShiftedClips:
         return shifted_clips(settings, media, shift, cfg.clips_per_source, crop)
     except ValueError as err:
         raise ConfigError(f"eval.shift_probe: {err}; lower eval.shift_probe.crop or .shifts") from None
-
-
-def run_shift_probe(settings: Settings, media: Media, encoder: nn.Module, models: dict[str, nn.Module]) -> dict | None:
-    """The shift probe (``eval.shift_probe``) on the headline and its comparison, where both were evaluated."""
-    cfg, names = settings.eval.shift_probe, [settings.finetune.headline, settings.eval.targets["static_versus"]]
-    probed = {name: models[name] for name in names if name in models}
-    if not probed:
-        return None
-    probe = shift_probe_clips(settings, media)
-    return shift_probe(encoder, probed, probe, cfg.shifts, cfg.token_pixels, true_displacements=True)
 
 
 def grid_clips(settings: Settings, clips: list) -> list[int]:

@@ -409,6 +409,17 @@ def test_side_by_side_fine_tuning_saves_the_same_weights_as_one_by_one(
         qset.load_settings(config, overrides=("workers=0",))
 
 
+def test_side_by_side_evaluation_gives_the_same_numbers_as_one_by_one(micro: tuple[Path, Path, dict]) -> None:
+    config, out, doc = micro
+    settings = qset.load_settings(config)
+    assert settings.workers == 2  # the micro run evaluated in two worker processes
+    probed = {settings.finetune.headline, settings.eval.targets["static_versus"]}
+    assert set(doc["eval"]["shift_probe"]["models"]) == probed and len(probed) == 2
+    assert set(doc["eval"]["models"]) == {"pretrained", *settings.finetune.default_variants}
+    alone = qs.main(["--config", str(config), "--out", str(out), "--phase", "eval", "--set", "workers=1"])
+    assert json.loads(json.dumps(alone["eval"])) == json.loads(json.dumps(doc["eval"]))
+
+
 # --- the correspondence probe (benchmarks/reference_probe.py) -----------------------------------------------------
 def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
     from benchmarks import reference_probe as rp

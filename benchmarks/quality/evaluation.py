@@ -74,19 +74,16 @@ def summarise(per_frame: dict[str, torch.Tensor], clips: list[HeldOut]) -> dict[
 
 
 def evaluate(
-    models: dict[str, nn.Module], latents: list[torch.Tensor], batches: list[torch.Tensor], clips: list[HeldOut]
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """Metrics of every model; also returns each model's reconstructions and which LPIPS was used."""
+    model: nn.Module, latents: list[torch.Tensor], batches: list[torch.Tensor], clips: list[HeldOut]
+) -> tuple[dict[str, Any], torch.Tensor, str]:
+    """One model's metrics on the held-out clips; also its reconstructions and which LPIPS was used."""
     lpips, lpips_note = lpips_metric()
     target = torch.cat(batches)
-    results, predictions = {}, {}
-    for name, model in models.items():
-        preds = torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
-        per_frame = {"psnr": psnr(preds, target), "ssim": ssim(preds, target)}
-        if lpips is not None:
-            per_frame["lpips"] = torch.cat([lpips_distance(p[None], t[None], lpips) for p, t in zip(preds, target)])
-        results[name], predictions[name] = summarise(per_frame, clips), preds
-    return results, predictions, lpips_note
+    preds = torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
+    per_frame = {"psnr": psnr(preds, target), "ssim": ssim(preds, target)}
+    if lpips is not None:
+        per_frame["lpips"] = torch.cat([lpips_distance(p[None], t[None], lpips) for p, t in zip(preds, target)])
+    return summarise(per_frame, clips), preds, lpips_note
 
 
 def gains(models: dict[str, dict], variants: list[Variant]) -> dict[str, dict]:
