@@ -22,7 +22,9 @@ Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its 
 3. eval: held-out clips with frame 0 as the reference, in groups ``static`` (natural held-out clips of the
    original sources), ``motion`` (natural clips of the footage with motion, and camera moves over held-out frames)
    and ``photos`` (camera moves over held-out photos); PSNR / SSIM by distance from the reference frame
-   (0, 1-3, 4+). Writes ``OUT/quality_small.json`` (with the ``headline`` variant and its targets) and a PNG grid.
+   (0, 1-3, 4+), and the shift probe (``eval.shift_probe``) of the headline and its comparison. Each model's
+   held-out clips and each probe are one job; with ``workers`` > 1 the jobs run side by side (same numbers). Writes
+   ``OUT/quality_small.json`` (with the ``headline`` variant and its targets) and a PNG grid.
 
 Training uses L1 only: the LPIPS trunk weights cannot be downloaded here, and a random-trunk LPIPS is meaningless.
 Video tensors are ``B, 3, T, H, W`` in [-1, 1] throughout. Runs are bit-identical for a given seed and thread count.

@@ -211,3 +211,16 @@ def test_no_private_benchmark_module_is_shared_between_scripts() -> None:
             importers.setdefault(found[0] or found[1], set()).add(str(path.relative_to(ROOT)))
     shared = {module: files for module, files in importers.items() if len(files) > 1}
     assert shared == {}
+
+
+def test_benchmark_json_records_the_cpu_model(tmp_path: Path) -> None:
+    from benchmarks import common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU @ 2.0GHz\nflags\t: fpu\n")
+    assert common.cpu_model(info) == "Example CPU @ 2.0GHz"
+    info.write_text("processor\t: 0\nflags\t: fpu\n")  # a kernel that names no model (some ARM machines)
+    assert common.cpu_model(info) is None
+    assert common.cpu_model(tmp_path / "missing") is None
+    written = json.loads(common.write_json("probe", {"x": 1}, tmp_path / "probe.json").read_text())
+    assert written["x"] == 1 and set(written["machine"]) >= {"cpu", "cpu_model", "cpu_count", "threads"}

@@ -201,7 +201,7 @@ class Settings:
 
     seed: int
     threads: int
-    workers: int  # variants fine-tuned side by side, one process of ``threads`` threads each
+    workers: int  # processes of ``threads`` threads each: variants fine-tuned, evaluation jobs run side by side
     budget_minutes: float
     data: DataSettings
     vae: VaeSettings
