@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from refdecoder.blocks import AttentionScope, LocalityBias, neighbourhood_attention
-from refdecoder.blocks.guided_attention import bilinear_tokens, guided_neighbourhood_attention, take_tokens
+from refdecoder.blocks.guided_attention import (
+    GUIDED_CHUNK_BYTES,
+    ReferenceGuide,
+    bilinear_tokens,
+    guided_neighbourhood_attention,
+    take_tokens,
+)
 from refdecoder.blocks.rope import apply_rope, rope_at, rope_tables
 
 HEADS, HEAD_DIM, THETA = 2, 12, 10000.0
@@ -180,6 +186,20 @@ def test_take_tokens_is_per_sample_indexing_forward_and_backward():
     (by_indexing,) = torch.autograd.grad(expected, tokens, upstream)
     torch.testing.assert_close(by_take, by_indexing, rtol=0, atol=1e-6)
     assert by_take[0].abs().sum() > 0 and by_take[2].abs().sum() > 0  # every sample receives its own gradient
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+def test_a_stage_guide_reads_integrality_once_and_decodes_as_each_layer_looking(fractional):
+    scope = AttentionScope((3, 4, 5), 1, 2)
+    q, k, k_raw, v = inputs(scope.grid)
+    displacement = 2 * torch.randn(2, 1, 2, 2, 4, 5, generator=torch.Generator().manual_seed(3))
+    displacement = displacement if fractional else displacement.round()
+    guide = ReferenceGuide.for_stage(displacement, torch.arange(1), THETA)
+    assert guide.integral is (not fractional)
+    told = guided_neighbourhood_attention(
+        q, k, k_raw, v, scope, displacement, guide.reference_times, THETA, integral=guide.integral
+    )
+    assert torch.equal(told, guided(q, k, k_raw, v, scope, displacement, chunk_bytes=GUIDED_CHUNK_BYTES))
 
 
 def test_wrong_displacement_shape_is_refused():

@@ -54,11 +54,21 @@ class ReferenceGuide:
             :func:`guided_neighbourhood_attention`).
         reference_times: ``(R,)`` RoPE time positions of the reference frames.
         rope_theta: RoPE base.
+        integral: whether every displacement is a whole number of tokens (None: each layer looks). Found once per
+            stage call by :meth:`for_stage`, so the stage's layers do not each read it back from the device.
     """
 
     displacement: torch.Tensor
     reference_times: torch.Tensor
     rope_theta: float
+    integral: bool | None = None
+
+    @classmethod
+    def for_stage(cls, displacement: torch.Tensor, reference_times: torch.Tensor, rope_theta: float) -> ReferenceGuide:
+        """The guide of one stage call, ``integral`` read once (not on the meta device, which holds no values)."""
+        meta = displacement.device.type == "meta"
+        integral = None if meta else bool((displacement == displacement.round()).all())
+        return cls(displacement, reference_times, rope_theta, integral)
 
 
 def take_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -119,6 +129,7 @@ def guided_neighbourhood_attention(
     bias: LocalityBias | None = None,
     chunk_bytes: int = GUIDED_CHUNK_BYTES,
     gather: bool | None = None,
+    integral: bool | None = None,
 ) -> torch.Tensor:
     """Neighbourhood attention whose reference neighbourhoods are centred on displaced positions.
 
@@ -135,6 +146,8 @@ def guided_neighbourhood_attention(
         chunk_bytes: working-memory budget of one chunk of query tokens.
         gather: read reference tokens at whole-token positions by a plain gather (``True``) or bilinearly
             (``False``); ``None`` gathers when every displacement is a whole number of tokens. Both agree there.
+        integral: whether every displacement is a whole number of tokens, where the caller knows
+            (:attr:`ReferenceGuide.integral`); None: looked up here (one read back from the device per call).
 
     Returns:
         ``B, heads, N, head_dim``.
@@ -182,7 +195,8 @@ def guided_neighbourhood_attention(
     if q.device.type == "meta":  # FLOP counting: no values to look at; the snapped default gathers
         whole = gather is not False
     else:
-        integral = bool((shift == shift.round()).all())
+        if integral is None:
+            integral = bool((shift == shift.round()).all())
         if gather and not integral:
             raise ValueError("gather=True needs whole-token displacements")
         whole = integral if gather is None else gather

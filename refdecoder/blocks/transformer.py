@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         if guide is not None:
             out = guided_neighbourhood_attention(
                 q, k_rotated, k, v, scope, guide.displacement, guide.reference_times, guide.rope_theta,
-                self.locality_bias,
+                self.locality_bias, integral=guide.integral,
             )  # fmt: skip
         elif scope is None:
             out = attention(q, k_rotated, v)
@@ -224,7 +224,7 @@ class SharedTransformer(nn.Module):
             if scope.is_global:
                 raise InputError("displacements need a local attention_radius (global attention has no neighbourhood)")
             times = torch.arange(t) if time_positions is None else time_positions.reshape(-1)
-            guide = ReferenceGuide(displacement, times[:num_reference], self.rope.theta)
+            guide = ReferenceGuide.for_stage(displacement, times[:num_reference], self.rope.theta)
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if checkpointed:
