@@ -306,6 +306,8 @@ def quality() -> str:
     minutes = {k: timing[k] / 60 for k in ("data_s", "pretrain_s", "finetune_s", "eval_s", "total_s") if k in timing}
     # A run that starts from the shipped pretrained VAE (benchmarks/assets/quality_small_vae) has no pretraining.
     shipped = "the shipped pretrained VAE"
+    cpu = f" on {doc['machine']['cpu_model']}" if doc["machine"].get("cpu_model") else ""  # recorded since b9f6c50
+    workers = doc["settings"]["workers"]
     pretraining = f"pretraining {minutes['pretrain_s']:.1f}" if "pretrain_s" in minutes else shipped
     targets = [
         [key, f"{v['value']:+.2f}", f"{v['target']:+.2f}", "met" if v["met"] else "NOT met"]
@@ -327,7 +329,7 @@ on one machine (a test compares saved weights byte for byte); across machines it
 
 Default run (headline `{doc["headline"]}`): {minutes["total_s"]:.1f} min in all (data {minutes["data_s"]:.1f},
 {pretraining}, fine-tuning {minutes["finetune_s"]:.1f}, evaluation
-{minutes["eval_s"]:.1f}), {timing["threads"]} thread per process.
+{minutes["eval_s"]:.1f}), {timing["threads"]} thread per process, {workers} processes side by side{cpu}.
 
 {tables}
 
