@@ -1,7 +1,7 @@
 """The one config builder (refdecoder.config_builder): model config, training config and benchmark settings alike.
 
 Also: a model saved by the code before the builder existed (commit 9b91a67, ``tests/data/saved_9b91a67``) still
-loads and decodes bit-identically.
+loads and decodes as it did (bit-identically on the machine that saved it, to rounding on others).
 """
 
 from __future__ import annotations
@@ -114,12 +114,15 @@ def test_the_benchmark_settings_use_the_same_builder(tmp_path):
     assert settings.load_settings(overrides=("finetune.lr=2e-4",)).finetune.lr == 2e-4
 
 
-def test_a_model_saved_before_the_builder_decodes_bit_identically():
+def test_a_model_saved_before_the_builder_decodes_as_it_did():
     case = load_file(SAVED / "decode.safetensors")
     model = refdecoder.load(tiny_wan(), SAVED / "model").eval()
     with torch.no_grad():
         decoded = model.decode(case["latents"], reference=case["reference"])
-    assert torch.equal(decoded, case["decoded"])
+    # Bit-identical on the machine that saved the case; another CPU's kernels round differently (2.3e-6 seen on an
+    # AMD EPYC against the Xeon's case). A config read differently (another layer, radius, tokenizer) moves it by
+    # orders of magnitude more.
+    torch.testing.assert_close(decoded, case["decoded"], rtol=0, atol=2e-5)
 
 
 def test_the_default_preset_is_the_recommended_one_and_differs_from_small_only_there():
