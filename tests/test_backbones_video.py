@@ -188,3 +188,38 @@ def test_decode_overhead_counts_every_video_backbone_on_the_meta_device():
         rule = get_backbone(name).frame_rule
         row = flops_row(vae, rule.first + 2 * rule.step, (64, 64), {"tiny": "tiny"})  # the third-shortest clip
         assert row["plain_decoder_tflop"] > 0 and row["tiny"]["ratio_to_plain"] > 1, (name, row)
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_a_batch_of_two_clips_decodes_and_encodes_as_each_clip_alone(name):
+    # HunyuanVideo 1.5's mid-block attention in diffusers raises on batches (its mask meets the heads axis): the
+    # adapter runs it one sample at a time.
+    model = _wrap(name, perturb=True)
+    frames = 3 if name == "cogvideox" else 2
+    latents = torch.cat([_latents(model, frames, seed=0), _latents(model, frames, seed=5)])
+    reference = torch.cat([_reference(1), _reference(2)])
+    with torch.no_grad():
+        both = model.decode(latents, reference)
+        alone = torch.cat([model.decode(latents[i : i + 1], reference[i : i + 1]) for i in range(2)])
+        torch.testing.assert_close(both, alone, rtol=1e-4, atol=1e-4)
+        video = both.clamp(-1, 1)
+        encoded = model.adapter.encode(video)
+        torch.testing.assert_close(
+            encoded, torch.cat([model.adapter.encode(video[i : i + 1]) for i in range(2)]), rtol=1e-4, atol=1e-4
+        )
+
+
+def test_hunyuan_video15_attention_per_sample_is_kept_by_copies_and_applied_once():
+    import copy
+
+    vae = get_backbone("hunyuan-video-1.5").build_tiny().eval()
+    latents = torch.randn(2, 4, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = torch.cat([vae.decode(latents[i : i + 1]).sample for i in range(2)])  # the stock block, batch 1
+        refdecoder.wrap(vae, "tiny").unwrap()  # the VAE keeps the per-sample block (it only adds batches)
+        refdecoder.wrap(vae, "tiny")  # wrapping again does not wrap the wrapper
+        torch.testing.assert_close(vae.decode(latents).sample, alone, rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(vae)
+        randomize_(list(twin.parameters()), scale=0.1)  # the copy's block must use the copy's weights
+        assert not torch.allclose(twin.decode(latents).sample, alone, atol=1e-3)
+        torch.testing.assert_close(vae.decode(latents).sample, alone, rtol=1e-5, atol=1e-5)

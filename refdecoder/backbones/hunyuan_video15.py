@@ -17,10 +17,15 @@ per-stage settings are written for three, and on the H/32 grid it would need a (
 per token.
 diffusers leaves the output unclamped, and so do ``plain_decode`` and ``RefDecoder.decode`` (``output_clamp``). Latents
 are normalised with ``config.scaling_factor`` (the pipeline decodes ``z / scaling_factor``).
+
+Batches: diffusers' mid-block attention (``HunyuanVideo15AttnBlock``, diffusers 0.42) raises on any batch of more
+than one clip, in ``vae.encode`` and ``vae.decode`` alike; the adapter makes the VAE's attention blocks run one sample
+at a time (:func:`_attention_per_sample`), which is what a correct batched block computes.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -47,6 +52,7 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__(vae)
+        _attention_per_sample(vae)
         self._stages = self._build_stages()
 
     # --- identification -------------------------------------------------------------------------------------
@@ -97,6 +103,30 @@ class HunyuanVideo15Adapter(DiffusersVideoAdapter):
         # One frame through the block is the image path: causal replicate padding sees only itself, and the DC-AE
         # up-sampler keeps frame 0 one frame. Reference frames are folded into the batch so they never mix in time.
         return each_frame_alone(self.vae.decoder.up_blocks[index], reference)
+
+
+def _attention_per_sample(vae: nn.Module) -> None:
+    """Make ``vae``'s causal attention blocks (``HunyuanVideo15AttnBlock``) take a batch one sample at a time.
+
+    The block hands ``scaled_dot_product_attention`` a ``B, L, L`` mask for ``B, 1, L, L`` queries, so the mask's
+    batch axis meets the heads axis and a batch of two or more raises (a fix, ``attn_mask.unsqueeze(1)``, is open
+    upstream as diffusers PR 13133). Every sample's attention stays within the sample, so one at a time is what a
+    correct batched block gives; a batch of one runs the block unchanged. The instance's own ``forward`` is replaced
+    (its ``vae.encode`` / ``vae.decode`` then take batches too, also after ``unwrap()``), once; copies
+    (``copy.deepcopy``) keep it, bound to the copy.
+    """
+    for module in vae.modules():
+        replaced = getattr(module.forward, "__func__", None) is _per_sample_forward
+        if type(module).__name__ == "HunyuanVideo15AttnBlock" and not replaced:
+            module.forward = types.MethodType(_per_sample_forward, module)
+
+
+def _per_sample_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``type(block).forward`` on ``x`` (``B, C, T, H, W``) one sample at a time."""
+    forward = type(block).forward
+    if x.shape[0] == 1:
+        return forward(block, x)
+    return torch.cat([forward(block, sample) for sample in x.split(1)])
 
 
 def _time_reason(vae: nn.Module) -> str | None:
