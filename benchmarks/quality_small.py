@@ -253,17 +253,21 @@ def run_finetune(settings: Settings, media: Media, out: Path, variants: list[Var
 def finetune_side_by_side(settings: Settings, out: Path, variants: list[Variant], latents: dict) -> dict[str, dict]:
     """``finetune_variant`` of every variant in ``settings.workers`` spawned processes (each loads the media itself:
     cheaper than sending it). RefDecoder variants go first: they take longest, so the plain ones fill the gaps."""
+    order = sorted(variants, key=lambda v: v.kind == "plain")
+    logger.info("fine-tuning %s, %d at a time", ", ".join(v.name for v in order), settings.workers)
+    with worker_pool(settings) as pool:
+        futures = {v.name: pool.submit(_finetune_in_worker, settings, out, v, latents[v.motion]) for v in order}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def worker_pool(settings: Settings) -> Any:
+    """``settings.workers`` spawned processes (a ``ProcessPoolExecutor``) that log as this one does; each job sets
+    its own thread count (:func:`deterministic`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    order = sorted(variants, key=lambda v: v.kind == "plain")
-    logger.info("fine-tuning %s, %d at a time", ", ".join(v.name for v in order), settings.workers)
-    pool = ProcessPoolExecutor(
-        max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
-    )
-    with pool:
-        futures = {v.name: pool.submit(_finetune_in_worker, settings, out, v, latents[v.motion]) for v in order}
-        return {name: future.result() for name, future in futures.items()}
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=settings.workers, mp_context=context, initializer=_worker_logging)
 
 
 def _worker_logging() -> None:
@@ -398,14 +402,8 @@ def run_eval_jobs(
 
     if settings.workers == 1:
         return {job: eval_job(settings, out, variants, job, inputs(job)) for job in jobs}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     logger.info("evaluating in %d jobs, %d at a time", len(jobs), settings.workers)
-    pool = ProcessPoolExecutor(
-        max_workers=settings.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_logging
-    )
-    with pool:
+    with worker_pool(settings) as pool:
         futures = {job: pool.submit(_eval_job_in_worker, settings, out, variants, job, inputs(job)) for job in jobs}
         return {job: future.result() for job, future in futures.items()}
 
