@@ -2,6 +2,7 @@
 
     python benchmarks/attention_scope.py [--repeats 3] [--threads 1] [--out benchmarks/results/attention_scope.json]
     python benchmarks/attention_scope.py --flops-only --out benchmarks/results/attention_scope_flops.json
+    python benchmarks/attention_scope.py --dense-crossover --out benchmarks/results/attention_scope_crossover.json
 
 1. Time: a 2-layer, 256-wide (4 heads x 64) shared transformer, forward only, on the stage-0 token grid of 17
    frames at 480x832 plus one reference frame (6 x 30 x 52 = 9,360 tokens), for every scope: global, per position
@@ -14,6 +15,10 @@
    and for the recommended configuration, against the plain decoder (``--flops-only``: this part alone); that
    configuration with correspondence-guided reference attention against the same without it (the counter's
    matmuls, convolutions and attention, plus the elementwise cost volume and bilinear taps counted by hand).
+4. Dense against gathered, on CPU (``--dense-crossover``: this part alone): forward and backward seconds of one
+   radius-2 attention call with the locality bias, computed dense (the ``N x N`` mask) and by the neighbourhood
+   gather, on small grids, interleaved, median of ``--repeats`` rounds after a warm-up, under deterministic
+   algorithms (as training runs). Where the dense computation wins decides ``DENSE_TOKENS``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,39 @@ def scope_memory(grid: tuple[int, int, int], heads: int, head_dim: int) -> dict[
             scoped_attention(q, k, v, AttentionScope(grid, 1, r, rv), bias)
         out[name] = meter.peak
     return out
+
+
+CROSSOVER_GRIDS = ((10, 8, 8), (4, 12, 12), (6, 10, 12), (3, 16, 16), (8, 10, 12), (4, 16, 16), (6, 16, 16))
+CROSSOVER_SHAPES = ((1, 4), (2, 4), (2, 8))  # (batch, heads), head_dim 64
+
+
+def dense_crossover(repeats: int) -> list[dict]:
+    """Per grid and (batch, heads): median fwd+bwd seconds of radius-2 attention with the bias, dense and gathered."""
+    torch.use_deterministic_algorithms(True)  # as the training recipes and the quality benchmark run
+    rows = []
+    for batch, heads in CROSSOVER_SHAPES:
+        for grid in CROSSOVER_GRIDS:
+            scope, n = AttentionScope(grid, 1, 2), math.prod(grid)
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(batch, heads, n, 64, generator=generator) for _ in range(3))
+            bias = LocalityBias(heads, 2)
+            times: dict[str, list[float]] = {"dense": [], "gather": []}
+            for _ in range(repeats + 1):  # the first round warms up
+                for backend, seconds in times.items():
+                    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                    start = time.perf_counter()
+                    scoped_attention(*leaves, scope, bias, backend=backend).sum().backward()
+                    seconds.append(time.perf_counter() - start)
+            dense, gather = (statistics.median(times[backend][1:]) for backend in ("dense", "gather"))
+            rows.append(
+                {"batch": batch, "heads": heads, "grid": grid, "tokens": n, "dense_s": dense, "gather_s": gather}
+            )
+            print(
+                f"batch {batch}, {heads} heads, grid {grid} ({n:4d} tokens): dense {dense * 1e3:6.1f} ms, "
+                f"gather {gather * 1e3:6.1f} ms ({gather / dense:.2f}x dense)",
+                flush=True,
+            )
+    return rows
 
 
 def small_flops() -> dict:
@@ -174,7 +212,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--flops-only", action="store_true", help="only the FLOPs part (meta device, seconds)")
+    parser.add_argument("--dense-crossover", action="store_true", help="only the dense-against-gather part (CPU)")
     args = parser.parse_args()
+    if args.dense_crossover:
+        torch.set_num_threads(args.threads)
+        rows = dense_crossover(max(args.repeats, 5))
+        payload = {
+            "attention": "radius 2, locality bias, 1 reference frame, head_dim 64, forward and backward",
+            "repeats": max(args.repeats, 5),
+            "rows": rows,
+        }
+        print(f"wrote {write_json('attention_scope_crossover', payload, args.out)}")
+        return
     if args.flops_only:
         flops = small_flops()
         print_flops(flops)

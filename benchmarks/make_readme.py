@@ -270,7 +270,25 @@ attention call at grid {doc["memory_grid"]}, meta device (the dense mask a local
 {flops["plain_decoder_tflop"]:.1f} T.
 
 {table(head, rows)}
+
+{dense_crossover()}
 """
+
+
+def dense_crossover() -> str:
+    """Dense against gathered local attention on small CPU grids: where ``DENSE_TOKENS`` comes from."""
+    doc = result("attention_scope_crossover.json")
+    shapes = sorted({(row["batch"], row["heads"]) for row in doc["rows"]})
+    grids = sorted({(row["tokens"], tuple(row["grid"])) for row in doc["rows"]})
+    ratio = {(row["batch"], row["heads"], tuple(row["grid"])): row["gather_s"] / row["dense_s"] for row in doc["rows"]}
+    rows = [[f"{tokens} {list(grid)}", *(f"{ratio[(b, h, grid)]:.2f}" for b, h in shapes)] for tokens, grid in grids]
+    head = ["tokens [grid]", *(f"batch {b} x {h} heads" for b, h in shapes)]
+    return f"""Dense or gathered, on CPU: `python benchmarks/attention_scope.py --dense-crossover --threads 1`
+(`attention_scope_crossover.json`): {doc["attention"]}, gather seconds over dense seconds (below 1: the gather is
+faster), median of {doc["repeats"]} interleaved rounds, deterministic algorithms. `scoped_attention` runs a local scope
+dense on CPU up to `DENSE_TOKENS` tokens (while its logits fit in `DENSE_BYTES`), gathered beyond.
+
+{table(head, rows)}"""
 
 
 def data_throughput() -> str:

@@ -20,7 +20,7 @@ from refdecoder.blocks import (
     scoped_attention,
 )
 from refdecoder.blocks.attention import kernels_used, sdpa_kernel_name
-from refdecoder.blocks.attention_scope import flex_available
+from refdecoder.blocks.attention_scope import DENSE_BYTES, DENSE_TOKENS, flex_available
 from refdecoder.errors import ConfigError
 from refdecoder.profiling import LiveTensorMeter
 
@@ -192,6 +192,29 @@ def test_flex_attention_is_the_cuda_default_and_trains():
     torch.testing.assert_close(out, scoped_attention(q, k, v, scope, bias, backend="gather"), atol=1e-4, rtol=1e-4)
     out.sum().backward()
     assert bias.table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "grid", "path"),
+    [
+        (2, 4, (10, 8, 8), "dense"),  # the quality benchmark's training grids
+        (1, 4, (3, 16, 16), "dense"),  # DENSE_TOKENS itself
+        (1, 4, (4, 16, 16), "gather"),  # more tokens: its logits would still fit in DENSE_BYTES
+        (64, 8, (10, 8, 8), "gather"),  # few tokens, but the dense logits of the batch are too large
+        (2, 4, (10, 8, 8), "per-position"),  # radius 0 never runs dense
+    ],
+)
+def test_small_grids_run_dense_on_the_cpu_and_larger_ones_gather(fresh_kernel_log, batch, heads, grid, path):
+    scope = AttentionScope(grid, 1, 0 if path == "per-position" else 2)
+    n = math.prod(grid)
+    if path != "per-position":  # the cases sit on either side of the limits they name
+        assert (n <= DENSE_TOKENS and 8 * batch * heads * n * n <= DENSE_BYTES) == (path == "dense")
+    with torch.device("meta"):
+        q, k, v = (torch.empty(batch, heads, n, HEAD_DIM) for _ in range(3))
+    scoped_attention(q, k, v, scope)
+    assert [k for k in kernels_used() if k.startswith("scope:")] == [
+        f"scope:{path} (meta, float32, head_dim {HEAD_DIM})"
+    ]
 
 
 @pytest.fixture

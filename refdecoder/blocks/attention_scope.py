@@ -43,6 +43,7 @@ __all__ = [
     "flex_available",
     "CHUNK_BYTES",
     "DENSE_BYTES",
+    "DENSE_TOKENS",
 ]
 
 logger = logging.getLogger("refdecoder")
@@ -50,9 +51,13 @@ logger = logging.getLogger("refdecoder")
 Backend = Literal["auto", "gather", "flex", "dense"]
 # Working memory of one chunk of neighbourhood / biased global attention (gathered keys and values, logits).
 CHUNK_BYTES = 16 * 2**20
-# A local scope whose dense float32 logits and weights (8 bytes per query-key pair, batch and heads included) fit
-# in this many bytes runs dense on CPU: at such sizes SDPA over the whole grid trains about 2x faster than the
-# gather, whose backward scatters (measured on the quality benchmark's 640-token grids).
+# A local scope of at most DENSE_TOKENS tokens whose dense float32 logits and weights (8 bytes per query-key pair,
+# batch and heads included) fit in DENSE_BYTES runs dense on CPU. Training (forward and backward) of one radius-2
+# attention call, dense against the gather, with batch x heads of 8 and 16: dense 1.3-1.5x faster at 576-640
+# tokens, even at 768, the gather faster beyond (1.4-1.6x at 1024 tokens, about 2x at 1536); with batch x heads of
+# 4 the gather is about as fast from 576 tokens on (`python benchmarks/attention_scope.py --dense-crossover`,
+# benchmarks/results/attention_scope_crossover.json).
+DENSE_TOKENS = 768
 DENSE_BYTES = 64 * 2**20
 
 
@@ -267,16 +272,17 @@ def neighbourhood_attention(
         pos = slice(p0, min(p0 + chunk, h * w))
         pc = pos.stop - pos.start
         tokens = slots.tokens[pos]
-        # Batch dims (B, heads * Pc): every position of the chunk is its own short attention.
-        keys, values = (x[:, :, tokens].flatten(1, 2) for x in (k, v))  # B, heads*Pc, S, D
+        # Batch dims (B, heads * Pc): every position of the chunk is its own short attention. Keys and values are
+        # taken by index_select (backward: an index_add), not by advanced indexing, whose backward is an
+        # accumulating index_put: fwd+bwd 20-30% faster on CPU, the same values and gradients bit for bit.
+        keys, values = (x.index_select(2, tokens.flatten()).reshape(b, heads * pc, s, d) for x in (k, v))
         queries = grid_q[:, :, :, pos].transpose(2, 3).reshape(b, heads * pc, t, d)
         mask = torch.zeros(1, 1, pc, 1, s, dtype=q.dtype, device=q.device)
         mask.masked_fill_(~slots.valid[pos][None, None, :, None, :], float("-inf"))
         if logit_bias is not None:
             mask = mask + logit_bias[None, :, None, None, :]
         mask = mask.expand(b, heads, pc, 1, s).reshape(b, heads * pc, 1, s)
-        part = attention(queries, keys, values, mask)
-        out[:, :, :, pos] = part.reshape(b, heads, pc, t, d).transpose(2, 3)
+        out[:, :, :, pos] = attention(queries, keys, values, mask).reshape(b, heads, pc, t, d).transpose(2, 3)
     return out.reshape(b, heads, n, d)
 
 
@@ -364,7 +370,7 @@ def scoped_attention(
 
     ``backend="auto"``: global without a bias -> :func:`~refdecoder.blocks.attention` (no mask); on CUDA with
     flex_attention -> :func:`flex_neighbourhood_attention`; else global with a bias -> chunked dense bias, and
-    local -> :func:`neighbourhood_attention` (a grid whose dense logits fit in :data:`DENSE_BYTES` runs dense).
+    local -> :func:`neighbourhood_attention` (a small grid runs dense: :data:`DENSE_TOKENS`, :data:`DENSE_BYTES`).
     ``"gather"``, ``"flex"`` and ``"dense"`` (the ``N x N`` definition) force one computation.
     """
     t, h, w = scope.grid
@@ -394,6 +400,7 @@ def _scope_path(q: torch.Tensor, scope: AttentionScope, backend: Backend) -> str
     if scope.is_global:
         return "chunked-bias"
     both_zero = scope.reference_radius == 0 and scope.video_frame_radius == 0
-    if backend == "auto" and not both_zero and 8 * q.shape[0] * q.shape[1] * q.shape[2] ** 2 <= DENSE_BYTES:
-        return "dense"  # see DENSE_BYTES
+    b, heads, n = q.shape[:3]
+    if backend == "auto" and not both_zero and n <= DENSE_TOKENS and 8 * b * heads * n**2 <= DENSE_BYTES:
+        return "dense"  # see DENSE_TOKENS
     return "per-position" if both_zero else "gather"
