@@ -327,6 +327,8 @@ def quality() -> str:
     cpu = f" on {doc['machine']['cpu_model']}" if doc["machine"].get("cpu_model") else ""  # recorded since b9f6c50
     workers = doc["settings"]["workers"]
     pretraining = f"pretraining {minutes['pretrain_s']:.1f}" if "pretrain_s" in minutes else shipped
+    # Part timings are recorded since the fine-tune encodes side by side: the clips' latents, then the training.
+    encoding = f" (encoding the clips {timing['finetune_encode_s'] / 60:.1f})" if "finetune_encode_s" in timing else ""
     targets = [
         [key, f"{v['value']:+.2f}", f"{v['target']:+.2f}", "met" if v["met"] else "NOT met"]
         for key, v in doc["targets"].items()
@@ -346,7 +348,7 @@ photographs). Gains over the plain decoder fine-tuned on the same clips are in b
 on one machine (a test compares saved weights byte for byte); across machines it is not bit-identical.
 
 Default run (headline `{doc["headline"]}`): {minutes["total_s"]:.1f} min in all (data {minutes["data_s"]:.1f},
-{pretraining}, fine-tuning {minutes["finetune_s"]:.1f}, evaluation
+{pretraining}, fine-tuning {minutes["finetune_s"]:.1f}{encoding}, evaluation
 {minutes["eval_s"]:.1f}), {timing["threads"]} thread per process, {workers} processes side by side{cpu}.
 
 {tables}

@@ -14,11 +14,11 @@ Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its 
    silently reused).
 2. finetune: from that checkpoint, with the encoder frozen, every variant trains for the same steps on the same
    clips in the same order (variants that share a ``motion`` setting render the same clips; latents are encoded
-   once per setting) with the same schedule and learning rates: the decoder at ``lr * decoder_lr_ratio``, the
-   added modules at ``lr``. Plain variants are baselines (the decoder alone); RefDecoder variants decode with a
-   reference (``first``, ``random`` or ``far``). Plain models are saved with diffusers ``save_pretrained``,
-   RefDecoders with ``RefDecoder.save_pretrained`` (decoder included): ``refdecoder reconstruct --vae
-   OUT/vae_pretrained --weights OUT/<variant>`` works on any clip.
+   once per setting, split over the worker processes) with the same schedule and learning rates: the decoder at
+   ``lr * decoder_lr_ratio``, the added modules at ``lr``. Plain variants are baselines (the decoder alone);
+   RefDecoder variants decode with a reference (``first``, ``random`` or ``far``). Plain models are saved with
+   diffusers ``save_pretrained``, RefDecoders with ``RefDecoder.save_pretrained`` (decoder included):
+   ``refdecoder reconstruct --vae OUT/vae_pretrained --weights OUT/<variant>`` works on any clip.
 3. eval: held-out clips with frame 0 as the reference, in groups ``static`` (natural held-out clips of the
    original sources), ``motion`` (natural clips of the footage with motion, and camera moves over held-out frames)
    and ``photos`` (camera moves over held-out photos); PSNR / SSIM by distance from the reference frame
@@ -93,6 +93,8 @@ SHIPPED = Path(__file__).resolve().parent / "assets" / "quality_small_vae"
 META = "quality_small_meta.json"
 RESULTS = "quality_small.json"
 GRID = "quality_small_grid.png"
+# Key under which a phase returns its own part timings; run_phases moves them to the run's `timing`.
+PHASE_TIMING = "_timing"
 logger = logging.getLogger("refdecoder.benchmarks.quality_small")
 
 
@@ -232,22 +234,46 @@ def run_finetune(settings: Settings, media: Media, out: Path, variants: list[Var
     ft, frames = settings.finetune, settings.data.train_frames
     read_meta(out / PRETRAINED, fingerprint(settings, "pretrain"), "pretrained VAE", "run --phase pretrain first")
     plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, frames, ft.reference_distance)
-    encoder = load_vae(out / PRETRAINED).eval()
-    latents: dict[bool, list[torch.Tensor]] = {}
-    for motion in dict.fromkeys(v.motion for v in variants):
-        # The encoder is frozen: one encoding per set of clips serves every variant.
-        with torch.no_grad():
-            latents[motion] = [
-                encoder.encode(render_training(media, settings, step, frames, motion, "first")[0]).latent_dist.mode()
-                for step in plan
-            ]
+    t0 = time.perf_counter()
+    latents = encode_training_clips(settings, media, out, plan, list(dict.fromkeys(v.motion for v in variants)))
+    encode_s, t0 = time.perf_counter() - t0, time.perf_counter()
     if settings.workers == 1 or len(variants) == 1:
         logs = {v.name: finetune_variant(settings, media, out, v, plan, latents[v.motion]) for v in variants}
     else:
         logs = finetune_side_by_side(settings, out, variants, latents)
     for log in logs.values():
         log["data_order"] = plan_digest(plan)
-    return {v.name: logs[v.name] for v in variants}
+    timing = {"finetune_encode_s": encode_s, "finetune_train_s": time.perf_counter() - t0}
+    return {v.name: logs[v.name] for v in variants} | {PHASE_TIMING: timing}
+
+
+def encode_training_clips(
+    settings: Settings, media: Media, out: Path, plan: list, motions: list[bool | None]
+) -> dict[bool | None, list[torch.Tensor]]:
+    """Per ``motion`` setting, every step's latents (the encoder is frozen: one encoding serves every variant that
+    renders the same clips). With ``workers`` > 1 the steps are split into ``workers`` runs encoded side by side;
+    every batch is encoded alone with ``threads`` threads, so the latents are the same bit for bit."""
+    if settings.workers == 1:
+        return {motion: _encode_steps(settings, media, out, plan, motion) for motion in motions}
+    size = -(-len(plan) // settings.workers)
+    runs = [plan[i : i + size] for i in range(0, len(plan), size)]
+    with worker_pool(settings) as pool:
+        futures = {m: [pool.submit(_encode_steps_in_worker, settings, out, run, m) for run in runs] for m in motions}
+        return {m: [latent for future in parts for latent in future.result()] for m, parts in futures.items()}
+
+
+@torch.no_grad()
+def _encode_steps(settings: Settings, media: Media, out: Path, steps: list, motion: bool | None) -> list[torch.Tensor]:
+    encoder, frames = load_vae(out / PRETRAINED).eval(), settings.data.train_frames
+    return [
+        encoder.encode(render_training(media, settings, step, frames, motion, "first")[0]).latent_dist.mode()
+        for step in steps
+    ]
+
+
+def _encode_steps_in_worker(settings: Settings, out: Path, steps: list, motion: bool | None) -> list[torch.Tensor]:
+    with deterministic(settings.threads):
+        return _encode_steps(settings, load_media(settings.data), out, steps, motion)
 
 
 def finetune_side_by_side(settings: Settings, out: Path, variants: list[Variant], latents: dict) -> dict[str, dict]:
@@ -348,7 +374,9 @@ def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant
     probe = shift_probe_clips(settings, media) if probed else None
     # The probes decode their clips 15 times at a larger crop: they take longest, so they go first.
     jobs = [EvalJob("probe", n) for n in probed] + [EvalJob("heldout", n) for n in [PRETRAINED_NAME, *names]]
-    done = run_eval_jobs(settings, out, variants, jobs, heldout, probe)
+    done_with_seconds = run_eval_jobs(settings, out, variants, jobs, heldout, probe)
+    done = {job: result for job, (result, _) in done_with_seconds.items()}
+    job_seconds = {f"{job.kind} {job.model}": seconds for job, (_, seconds) in done_with_seconds.items()}
     rows = {job.model: done[job] for job in jobs if job.kind == "heldout"}
     crops = {name: preds for name, (_, preds, _) in rows.items()} | {"ground truth": torch.cat(batches)[shown]}
     titles = [f"{clips[i].source} {clips[i].part}" for i in shown]
@@ -364,6 +392,7 @@ def run_eval(settings: Settings, media: Media, out: Path, variants: list[Variant
         "shift_probe": probes[0] | {"models": {n: p["models"][n] for p in probes for n in p["models"]}}
         if probes
         else None,
+        PHASE_TIMING: {"eval_jobs_s": job_seconds},
     }
 
 
@@ -420,7 +449,7 @@ def eval_job(
     """A held-out job on ``clips`` (a :class:`HeldOutSet`): ``(metrics, reconstructions of the grid's clips, LPIPS
     note)``; a probe job on ``clips`` (:class:`ShiftedClips`): the shift probe's document for its one model
     (:func:`~benchmarks.quality.shift_probe.shift_probe`)."""
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # the job's seconds go to the run's timing (`eval_jobs_s`)
     if job.model == PRETRAINED_NAME:
         model = load_vae(out / PRETRAINED).eval()
     else:
@@ -431,8 +460,9 @@ def eval_job(
     else:
         cfg, encoder = settings.eval.shift_probe, load_vae(out / PRETRAINED).eval()
         result = shift_probe(encoder, {job.model: model}, clips, cfg.shifts, cfg.token_pixels, true_displacements=True)
-    logger.info("evaluated %s of %s in %.0f s", job.kind, job.model, time.perf_counter() - t0)
-    return result
+    seconds = time.perf_counter() - t0
+    logger.info("evaluated %s of %s in %.0f s", job.kind, job.model, seconds)
+    return result, seconds
 
 
 def shift_probe_clips(settings: Settings, media: Media) -> ShiftedClips:
@@ -547,6 +577,7 @@ def run_phases(settings: Settings, args: argparse.Namespace, out: Path, variants
             t0 = time.perf_counter()
             doc[phase] = fn(settings, media, out) if phase == "pretrain" else fn(settings, media, out, variants)
             doc["timing"][f"{phase}_s"] = time.perf_counter() - t0
+            doc["timing"] |= doc[phase].pop(PHASE_TIMING, {})
     # Logs of phases run earlier (cached outputs) complete the document, so a resumed run reports everything.
     if "pretrain" not in doc and (out / PRETRAINED / META).is_file():
         doc["pretrain"] = json.loads((out / PRETRAINED / META).read_text())["log"] | {"cached": True}

@@ -291,6 +291,12 @@ def test_micro_run_writes_every_output(micro: tuple[Path, Path, dict]) -> None:
     assert json.loads((out / qs.RESULTS).read_text())["eval"] == json.loads(json.dumps(doc["eval"]))
     assert len({log["data_order"] for log in doc["finetune"].values()}) == 1  # same clips, same order
     models = doc["eval"]["models"]
+    # Part timings: the fine-tune's encoding and training, and every evaluation job (each probe, each model's clips).
+    timing = doc["timing"]
+    assert timing["finetune_encode_s"] + timing["finetune_train_s"] <= timing["finetune_s"]
+    probed = {settings.finetune.headline, settings.eval.targets["static_versus"]}
+    assert set(timing["eval_jobs_s"]) == {f"probe {n}" for n in probed} | {f"heldout {n}" for n in models}
+    assert all(seconds > 0 for seconds in timing["eval_jobs_s"].values())
     gain = doc["gains"][f"{doc['headline']} - {baseline}"]
     for group in ("static", "motion", "photos"):
         for metric in ("psnr", "psnr_0", "psnr_1-3", "psnr_4+", "ssim_4+"):
