@@ -247,6 +247,11 @@ class CorrespondenceConfig:
     # 3.0 follows a displaced reference further; off by default, as trained with it the default run's held-out
     # gains were 0.01-0.03 dB lower (docs/architecture.md, "Correspondence").
     global_prior: float = 0.0
+    # The field holds one displacement per latent frame, and a latent frame decodes to several frames (4 on Wan).
+    # On: a stage after temporal upsampling gives each of its frames its own, linear in time between the latent
+    # frames' values (each at the middle of its frames), so the reference follows content that moves within a latent
+    # frame's frames (a pan); off: all of them take their latent frame's. Stages at the latent rate are the same.
+    per_frame: bool = False
 
     @property
     def search(self) -> tuple[int, float, int, int, float]:
@@ -262,6 +267,7 @@ class CorrespondenceConfig:
         )
         _check(self.temperature > 0, f"correspondence.temperature must be > 0, got {self.temperature!r}")
         _check(isinstance(self.snap, bool), f"correspondence.snap must be a bool, got {self.snap!r}")
+        _check(isinstance(self.per_frame, bool), f"correspondence.per_frame must be a bool, got {self.per_frame!r}")
         _check(
             isinstance(self.still_frames, int) and not isinstance(self.still_frames, bool) and self.still_frames >= 1,
             f"correspondence.still_frames must be an int >= 1, got {self.still_frames!r}",

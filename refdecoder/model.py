@@ -256,6 +256,7 @@ class RefDecoder(nn.Module):
             snap=c.snap,
             still_frames=c.still_frames,
             frame_spaces=c.frame_spaces,
+            per_frame=c.per_frame,
         )
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:

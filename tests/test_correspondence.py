@@ -204,6 +204,37 @@ def test_the_field_reaches_each_stage_in_its_tokens():
         torch.testing.assert_close(tokens[0, 0, 1, moved[0]], torch.full((h, w), 8.0 / token_px))
 
 
+@pytest.mark.parametrize("first_window", [True, False])
+def test_per_frame_fields_follow_motion_within_a_latent_frame(first_window):
+    """A pan at constant speed, seen once per latent frame (at the middle of the frames it decodes to): with
+    ``per_frame`` every frame of a stage after temporal upsampling takes its own displacement, the pan's."""
+    adapter, speed = _Adapter().adapter, 2.0  # px per frame, to the right
+    n = 3
+    counts = [0] + [adapter.stage_frames(len(adapter.stages()), j, first_window) for j in range(1, n + 1)]
+    middles = [(counts[j] + counts[j + 1] - 1) / 2 for j in range(n)]
+    pixels = torch.zeros(1, 1, 2, n, 4, 6)
+    pixels[:, :, 1] = speed * torch.tensor(middles).reshape(n, 1, 1)
+    fields = {on: CorrespondenceField(pixels, (32, 48), [(0, n)], adapter, per_frame=on) for on in (False, True)}
+    latent_rate = 0
+    for index, scale in enumerate((8, 4, 2)):
+        frames = adapter.stage_frames(index, n, first_window)
+        features = torch.zeros(1, 4, frames, 32 // scale, 48 // scale)
+        off, on = (fields[flag].stage(index, features, (1, 1, 1), 0, first_window) for flag in (False, True))
+        if frames == n:  # the latent rate: nothing to share out
+            latent_rate += 1
+            assert torch.equal(on, off)
+            continue
+        stage_counts = [0] + [adapter.stage_frames(index, j, first_window) for j in range(1, n + 1)]
+        per_pixel_frame = (counts[-1] - 1) / max(frames - 1, 1) if frames > 1 else 1.0
+        expected = speed * torch.arange(frames, dtype=torch.float32) * per_pixel_frame / scale  # tokens of 1 cell
+        if stage_counts[-1] == counts[-1]:  # the output rate: the pan itself, frame by frame
+            torch.testing.assert_close(on[0, 0, 1, :, 0, 0], expected, atol=1e-5, rtol=0)
+        assert on[0, 0, 1, :, 0, 0].unique().numel() == frames  # every frame its own
+        assert off[0, 0, 1, :, 0, 0].unique().numel() == n  # one value per latent frame
+        assert torch.all(on[0, 0, 0] == 0)
+    assert latent_rate == 1
+
+
 def test_correspondence_needs_a_local_radius():
     config = refdecoder.preset("tiny")
     config.correspondence.enabled = True
@@ -256,6 +287,24 @@ def test_decode_with_caller_displacements():
         model.decode(z, ref, displacements=torch.zeros(1, 2, frames - 1, 32, 48))
     with pytest.raises(InputError, match="need a reference"):
         model.decode(z, displacements=moved)
+
+
+@torch.no_grad()
+def test_per_frame_displacements_change_the_decode_only_where_they_change_in_time():
+    model = _model(enabled=False)
+    z = latents_for(model.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    frames = model.adapter.frame_rule.pixel_frames(3)
+    steady = torch.zeros(1, 2, frames, 32, 48)
+    steady[:, 1] = 16.0
+    pan = steady.clone()
+    pan[:, 1] = 4.0 * torch.arange(frames, dtype=torch.float32).reshape(frames, 1, 1)  # 4 px per frame
+    decoded = {}
+    for per_frame in (False, True):
+        model.config.correspondence.per_frame = per_frame
+        decoded[per_frame] = [model.decode(z, ref, displacements=d, clamp=False) for d in (steady, pan)]
+    torch.testing.assert_close(decoded[True][0], decoded[False][0], atol=1e-6, rtol=0)  # the same every frame
+    assert (decoded[True][1] - decoded[False][1]).abs().max() > 1e-3  # a pan: later frames follow it
 
 
 @torch.no_grad()
@@ -336,6 +385,7 @@ def test_still_frames_is_checked(bad):
     [
         ("smooth_radius", -1), ("smooth_radius", 1.5), ("smooth_radius", True), ("frame_spaces", "x"),
         ("global_prior", -0.5), ("global_prior", float("nan")), ("global_prior", True), ("global_prior", "1"),
+        ("per_frame", 1), ("per_frame", "yes"),
     ],
 )  # fmt: skip
 def test_smoothing_and_frame_spaces_are_checked(key, bad):

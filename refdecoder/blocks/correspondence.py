@@ -316,6 +316,10 @@ class CorrespondenceField:
         adapter: the backbone adapter (stage frame counts per window).
         snap: round each stage's field to whole tokens of that stage's grid (the attention then gathers reference
             tokens at their centres instead of sampling them bilinearly).
+        per_frame: a stage with more frames than latent frames (after temporal upsampling) gives each frame its
+            own displacement, linear in time between the latent frames' values (each taken at the middle of the
+            frames it decodes to, and extended along the nearest two beyond the first and last middle); without,
+            every frame takes its latent frame's value.
     """
 
     def __init__(
@@ -325,9 +329,10 @@ class CorrespondenceField:
         windows: list[tuple[int, int]],
         adapter: BackboneAdapter,
         snap: bool = False,
+        per_frame: bool = False,
     ) -> None:
         self.pixels, self.output_size, self.windows, self.adapter = pixels, output_size, windows, adapter
-        self.snap = snap
+        self.snap, self.per_frame = snap, per_frame
 
     def stage(
         self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
@@ -335,17 +340,21 @@ class CorrespondenceField:
         """The field for stage ``index``'s video features ``B, C, T_i, H_i, W_i`` of window ``window_index``.
 
         Returns ``B, R, 2, T_i, ceil(H_i / ph), ceil(W_i / pw)`` in tokens of the stage's grid (temporal patch 1):
-        each stage frame takes the latent frame it decodes from, each token the mean over its stage cells.
+        each stage frame takes the latent frame it decodes from (with ``per_frame``, its own value in time between
+        the latent frames'), each token the mean over its stage cells.
         """
         start, stop = self.windows[window_index]
         frames, (height, width) = video.shape[2], video.shape[-2:]
         n = stop - start
         counts = [0] + [self.adapter.stage_frames(index, j, first_window) for j in range(1, n + 1)]
-        if counts[-1] == frames:
+        if counts[-1] == frames and self.per_frame and n > 1 and frames > n:
+            weights = _time_weights(counts).to(self.pixels.device)  # T_i, n
+            field = torch.einsum("brcjhw,fj->brcfhw", self.pixels[:, :, :, start:stop], weights)
+        elif counts[-1] == frames:
             latent = [start + next(j for j in range(n) if counts[j] <= f < counts[j + 1]) for f in range(frames)]
+            field = self.pixels[:, :, :, latent]  # B, R, 2, T_i, h, w
         else:  # a backbone decoding in its own layout: spread the window's latent frames evenly
-            latent = [start + f * n // frames for f in range(frames)]
-        field = self.pixels[:, :, :, latent]  # B, R, 2, T_i, h, w
+            field = self.pixels[:, :, :, [start + f * n // frames for f in range(frames)]]
         flat = F.interpolate(field.flatten(0, 3)[:, None], size=(height, width), mode="bilinear", align_corners=False)
         _, ph, pw = patch
         tokens = F.avg_pool2d(flat, (ph, pw), ceil_mode=True)
@@ -354,6 +363,23 @@ class CorrespondenceField:
         ).reshape(1, 1, 2, 1, 1, 1)
         displacement = tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
         return displacement.round() if self.snap else displacement
+
+
+def _time_weights(counts: list[int]) -> torch.Tensor:
+    """``T, n`` float32 weights taking ``n`` latent frames' values to the ``T = counts[-1]`` frames of a stage.
+
+    Latent frame ``j`` decodes to stage frames ``[counts[j], counts[j + 1])`` and its value is placed at their
+    middle; every stage frame is linear between the two middles around it (beyond the first or last middle, along
+    the first or last two). A stage frame at a middle takes that latent frame's value exactly.
+    """
+    n = len(counts) - 1
+    middles = [(counts[j] + counts[j + 1] - 1) / 2 for j in range(n)]
+    weights = torch.zeros(counts[-1], n)
+    for f in range(counts[-1]):
+        k = min(max(sum(m <= f for m in middles) - 1, 0), n - 2)  # the segment [middles[k], middles[k + 1]]
+        alpha = (f - middles[k]) / (middles[k + 1] - middles[k])
+        weights[f, k], weights[f, k + 1] = 1 - alpha, alpha
+    return weights
 
 
 def correspondence_field(
@@ -367,6 +393,7 @@ def correspondence_field(
     snap: bool = False,
     still_frames: int = 4,
     frame_spaces: str = "still_clip",
+    per_frame: bool = False,
 ) -> CorrespondenceField:
     """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
 
@@ -383,6 +410,8 @@ def correspondence_field(
         still_frames: latent frames of the still clip the reference is encoded as (``frame_spaces="still_clip"``).
         frame_spaces: how the reference reaches each latent frame's feature space, ``"fitted"`` or ``"still_clip"``
             (see :func:`_reference_latents`).
+        per_frame: stages after temporal upsampling give each frame its own displacement, in time between the
+            latent frames' (see :class:`CorrespondenceField`).
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
     if displacements is not None:
@@ -402,4 +431,4 @@ def correspondence_field(
         pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
             1, 1, 2, 1, 1, 1
         )
-    return CorrespondenceField(pixels, output_size, windows, adapter, snap)
+    return CorrespondenceField(pixels, output_size, windows, adapter, snap, per_frame)
