@@ -17,10 +17,11 @@ the library's defaults unless varied) is measured on the columns the shifted ref
   motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values.
 
 ``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
-correspondence variant (``--model``) under each ``frame_spaces`` and without the global prior, its weights
-unchanged, and reports its PSNR gain
+correspondence variant (``--model``) under each ``frame_spaces``, with the global prior and with ``per_frame``
+switched, its weights unchanged, and reports its PSNR gain
 over the plain variant (``--baseline``) as ``quality_small.py`` groups them; and its rendered camera moves with the
-estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``) and with zero displacement:
+estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``; also with ``per_frame``
+switched) and with zero displacement:
 how much of what is left at later frames the estimate costs. ``--untrained`` names a variant trained without
 correspondence (``s2d``): it is decoded without and with the estimate, weights unchanged (``decode_only``).
 
@@ -63,12 +64,20 @@ LATER = {
     "still_clip (still_frames 4)": {"frame_spaces": "still_clip", "still_frames": 4},
 }
 # The saved model decoded on the held-out clips with its own settings (first: the camera rows' "estimate") and with
-# one changed.
+# one changed; None: per_frame switched from what the model was trained with.
 HELDOUT = {
     "as trained": {},
     "frame_spaces fitted": {"frame_spaces": "fitted"},
     "global_prior 3": {"global_prior": 3.0},
+    "per_frame switched": None,
 }
+
+
+def switched(trained: CorrespondenceConfig) -> tuple[str, CorrespondenceConfig]:
+    """The trained settings with ``per_frame`` the other way, and a label saying which way."""
+    return f"per_frame {'off' if trained.per_frame else 'on'}", dataclasses.replace(
+        trained, per_frame=not trained.per_frame
+    )
 
 
 def estimate_cells(adapter: WanAdapter, latents: torch.Tensor, reference: torch.Tensor, **settings) -> torch.Tensor:
@@ -160,7 +169,10 @@ def heldout_gains(
 
     result, per_frame = {}, {}
     for spaces, varied in HELDOUT.items():
-        model.config.correspondence = dataclasses.replace(trained, **varied)
+        if varied is None:
+            spaces, model.config.correspondence = switched(trained)
+        else:
+            model.config.correspondence = dataclasses.replace(trained, **varied)
         per_frame[spaces] = per_frame_psnr(model)
         result[spaces] = gains_of(per_frame[spaces])
         print(f"{model_name} {spaces}: {result[spaces]}", flush=True)
@@ -205,8 +217,17 @@ def camera_flow_gains(
         return {}
     flow = heldout_camera_flows(media, settings, [c for c, moved in zip(clips, rows) if moved])
     video, scores = target[rows], {"estimate": estimated[rows]}
-    for name, given in (("true flow", flow), ("zero", torch.zeros_like(flow))):
-        scores[name] = psnr(model.decode(latents[rows], video[:, :, :1], displacements=given), video)
+    trained = model.config.correspondence
+    label, other = switched(trained)
+    given = {
+        "true flow": (flow, trained),
+        f"true flow, {label}": (flow, other),
+        "zero": (torch.zeros_like(flow), trained),
+    }
+    for name, (displacements, config) in given.items():
+        model.config.correspondence = config
+        scores[name] = psnr(model.decode(latents[rows], video[:, :, :1], displacements=displacements), video)
+    model.config.correspondence = trained
     every = torch.ones(len(video), dtype=torch.bool)
     plain = by_distance({"psnr": base[rows]}, every)
     table = {}

@@ -471,8 +471,8 @@ def correspondence_estimate() -> str:
         names = ["estimate", "motion all", "motion frame 0", "motion frames 4+", "camera frames 4+", "static all"]
         heldout = f"""
 Held-out gains (dB over `{h["baseline"]}`) of the default run's saved `{h["model"]}` (trained with the defaults:
-`still_clip`, no global prior; `--run` its output folder) decoded as trained, with `frame_spaces: fitted` and with
-`global_prior: 3`, its weights unchanged:
+`still_clip`, no global prior; `--run` its output folder) decoded as trained, with `frame_spaces: fitted`, with
+`global_prior: 3` and, where the JSON has the row, with `per_frame` switched, its weights unchanged:
 
 {table(names, rows)}
 """
@@ -496,8 +496,8 @@ the estimate (the settings above, as trained), its weights unchanged:
             moved = h["camera_flow_mean_px_last_frame"]
             heldout += f"""
 Its {h["camera_moves"]} rendered camera moves (mean flow at the last frame {moved:.1f} px) decoded with the estimate,
-with each move's exact flow as `displacements` (`CameraPath.flow_to`) and with zero displacement (dB over
-`{h["baseline"]}`):
+with each move's exact flow as `displacements` (`CameraPath.flow_to`; where the JSON has the row, also with
+`per_frame` switched) and with zero displacement (dB over `{h["baseline"]}`):
 
 {table(["displacements", "all", "frame 0", "frames 4+"], camera)}
 """
