@@ -269,13 +269,17 @@ def _model(enabled: bool) -> refdecoder.RefDecoder:
     return model
 
 
-@torch.no_grad()
-def test_decode_with_caller_displacements():
+def _caller_displacement_case() -> tuple[refdecoder.RefDecoder, torch.Tensor, torch.Tensor, int]:
+    """A model without its own estimate, 3 latent frames of 4x6 cells, their reference, and the pixel frame count."""
     model = _model(enabled=False)
     z = latents_for(model.vae, 3, h=4, w=6)
-    ref = reference_for(z)
+    return model, z, reference_for(z), model.adapter.frame_rule.pixel_frames(3)
+
+
+@torch.no_grad()
+def test_decode_with_caller_displacements():
+    model, z, ref, frames = _caller_displacement_case()
     plain = model.decode(z, ref)
-    frames = model.adapter.frame_rule.pixel_frames(3)
     zero = model.decode(z, ref, displacements=torch.zeros(1, 2, frames, 32, 48))
     assert (zero - plain).abs().max() <= 1e-5  # zero displacement = today's attention
     moved = torch.zeros(1, 2, frames, 32, 48)
@@ -291,10 +295,7 @@ def test_decode_with_caller_displacements():
 
 @torch.no_grad()
 def test_per_frame_displacements_change_the_decode_only_where_they_change_in_time():
-    model = _model(enabled=False)
-    z = latents_for(model.vae, 3, h=4, w=6)
-    ref = reference_for(z)
-    frames = model.adapter.frame_rule.pixel_frames(3)
+    model, z, ref, frames = _caller_displacement_case()
     steady = torch.zeros(1, 2, frames, 32, 48)
     steady[:, 1] = 16.0
     pan = steady.clone()
@@ -405,10 +406,7 @@ def test_snapped_fields_are_whole_tokens_and_tiled_streams_take_displacements():
     from refdecoder.inference import decode_video
     from refdecoder.tiling import plan_tiles
 
-    model = _model(enabled=False)
-    z = latents_for(model.vae, 3, h=4, w=6)
-    ref = reference_for(z)
-    frames = model.adapter.frame_rule.pixel_frames(3)
+    model, z, ref, frames = _caller_displacement_case()
     moved = torch.full((1, 2, frames, 32, 48), 5.0)  # 5 px: fractional on every stage grid
     snapped = model.decode(z, ref, displacements=moved)
     model.config.correspondence.snap = False
