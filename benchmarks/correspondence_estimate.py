@@ -1,7 +1,7 @@
 """How good is the correspondence estimate? Its error in latent cells on the shift probe's clips, per setting.
 
     python benchmarks/correspondence_estimate.py [--vae DIR] [--run OUT [--model corr --baseline baseline
-                                                 --untrained s2d]]
+                                                 --untrained s2d]] [--set KEY=VALUE ...]
 
 The quality benchmark's natural held-out probe clips (``eval.shift_probe`` of its recipe: 128x96 px, 8 px per
 latent cell of its pretrained VAE, the shipped one by default) are encoded, and each clip's frame 0 cut ``k``
@@ -249,11 +249,15 @@ def main() -> None:
     parser.add_argument(
         "--untrained", help="a variant in --run trained without correspondence: also decoded with the estimate"
     )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="a recipe setting changed for this measurement (e.g. data.eval_motion.pan=0.9: faster camera moves)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, overrides=tuple(args.overrides))
     shifts = [int(s) for s in args.shifts.split(",")]
     estimate = estimate_errors(load_vae(args.vae).eval(), settings, shifts)
     doc = {"vae": str(args.vae.resolve().relative_to(ROOT)), "shift_cells": shifts, "estimate": estimate}
