@@ -64,12 +64,11 @@ LATER = {
     "still_clip (still_frames 4)": {"frame_spaces": "still_clip", "still_frames": 4},
 }
 # The saved model decoded on the held-out clips with its own settings (first: the camera rows' "estimate") and with
-# one changed; None: per_frame switched from what the model was trained with.
+# one changed; then with per_frame switched from what it was trained with (`switched`).
 HELDOUT = {
     "as trained": {},
     "frame_spaces fitted": {"frame_spaces": "fitted"},
     "global_prior 3": {"global_prior": 3.0},
-    "per_frame switched": None,
 }
 
 
@@ -168,11 +167,10 @@ def heldout_gains(
         }
 
     result, per_frame = {}, {}
-    for spaces, varied in HELDOUT.items():
-        if varied is None:
-            spaces, model.config.correspondence = switched(trained)
-        else:
-            model.config.correspondence = dataclasses.replace(trained, **varied)
+    decodes = {name: dataclasses.replace(trained, **varied) for name, varied in HELDOUT.items()}
+    decodes.update([switched(trained)])
+    for spaces, config in decodes.items():
+        model.config.correspondence = config
         per_frame[spaces] = per_frame_psnr(model)
         result[spaces] = gains_of(per_frame[spaces])
         print(f"{model_name} {spaces}: {result[spaces]}", flush=True)

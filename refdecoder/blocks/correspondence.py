@@ -21,6 +21,7 @@ part: the window's frames, resampled onto the stage's token grid, in tokens of t
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -347,14 +348,14 @@ class CorrespondenceField:
         frames, (height, width) = video.shape[2], video.shape[-2:]
         n = stop - start
         counts = [0] + [self.adapter.stage_frames(index, j, first_window) for j in range(1, n + 1)]
-        if counts[-1] == frames and self.per_frame and n > 1 and frames > n:
-            weights = _time_weights(counts).to(self.pixels.device)  # T_i, n
+        if counts[-1] != frames:  # a backbone decoding in its own layout: spread the window's latent frames evenly
+            field = self.pixels[:, :, :, [start + f * n // frames for f in range(frames)]]
+        elif self.per_frame and n > 1 and frames > n:  # more frames than latent frames: each its own value
+            weights = _time_weights(tuple(counts)).to(self.pixels.device)  # T_i, n
             field = torch.einsum("brcjhw,fj->brcfhw", self.pixels[:, :, :, start:stop], weights)
-        elif counts[-1] == frames:
+        else:
             latent = [start + next(j for j in range(n) if counts[j] <= f < counts[j + 1]) for f in range(frames)]
             field = self.pixels[:, :, :, latent]  # B, R, 2, T_i, h, w
-        else:  # a backbone decoding in its own layout: spread the window's latent frames evenly
-            field = self.pixels[:, :, :, [start + f * n // frames for f in range(frames)]]
         flat = F.interpolate(field.flatten(0, 3)[:, None], size=(height, width), mode="bilinear", align_corners=False)
         _, ph, pw = patch
         tokens = F.avg_pool2d(flat, (ph, pw), ceil_mode=True)
@@ -365,8 +366,10 @@ class CorrespondenceField:
         return displacement.round() if self.snap else displacement
 
 
-def _time_weights(counts: list[int]) -> torch.Tensor:
-    """``T, n`` float32 weights taking ``n`` latent frames' values to the ``T = counts[-1]`` frames of a stage.
+@functools.lru_cache(maxsize=64)
+def _time_weights(counts: tuple[int, ...]) -> torch.Tensor:
+    """``T, n`` float32 weights taking ``n`` latent frames' values to the ``T = counts[-1]`` frames of a stage (cached:
+    every stage and window of a decode asks again; callers must not modify the tensor).
 
     Latent frame ``j`` decodes to stage frames ``[counts[j], counts[j + 1])`` and its value is placed at their
     middle; every stage frame is linear between the two middles around it (beyond the first or last middle, along
