@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import refdecoder  # noqa: E402
@@ -149,17 +150,33 @@ def correspondence(
     crop: tuple[int, int] | None = None,
     true_displacements: bool = False,
     global_prior: float | None = None,
+    correspondence_settings: dict | None = None,
 ) -> dict:
     """The shift probe (:mod:`benchmarks.quality.shift_probe`) on saved variants of a ``quality_small.py`` folder;
-    ``global_prior`` (not None) replaces the correspondence variants' ``correspondence.global_prior``."""
+    ``global_prior`` (not None) replaces the correspondence variants' ``correspondence.global_prior``, and
+    ``correspondence_settings`` any of their ``correspondence`` fields (weights unchanged either way)."""
     settings = load_settings(config)
     probe = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
     encoder = load_vae(out / PRETRAINED).eval()
     models = {name: refdecoder.load(load_vae(out / PRETRAINED), out / name).eval() for name in names}
     for model in models.values():
-        if global_prior is not None and model.config.correspondence.enabled:  # weights unchanged
-            model.config.correspondence = dataclasses.replace(model.config.correspondence, global_prior=global_prior)
+        changes = dict(correspondence_settings or {}) | (
+            {} if global_prior is None else {"global_prior": global_prior}
+        )
+        if changes and model.config.correspondence.enabled:  # weights unchanged
+            model.config.correspondence = dataclasses.replace(model.config.correspondence, **changes)
     return shift_probe(encoder, models, probe, [s for s in shifts if s], token, true_displacements)
+
+
+def parse_assignments(items: list[str], parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE`` strings as a dict, each value read as YAML (``true``, ``3.0``, ``still_clip``)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--correspondence-set takes KEY=VALUE, got {item!r}")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
 
 
 def main() -> None:
@@ -185,6 +202,14 @@ def main() -> None:
     parser.add_argument(
         "--global-prior", type=float, help="decode correspondence variants with this correspondence.global_prior"
     )
+    parser.add_argument(
+        "--correspondence-set",
+        dest="correspondence_settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="decode correspondence variants with correspondence.KEY = VALUE (YAML), e.g. sub_token_shift=true",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -197,6 +222,7 @@ def main() -> None:
         payload["correspondence"] = correspondence(
             args.correspondence, models, args.config, shifts, args.token_pixels,
             args.clips_per_source, crop, args.true_displacements, args.global_prior,
+            parse_assignments(args.correspondence_settings, parser),
         )  # fmt: skip
     elif args.vae is None:
         parser.error("give --vae (checks 1 and 2) or --correspondence (check 3)")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from refdecoder.blocks.sub_token_shift import remainder_in_cells, shift_features
 from refdecoder.errors import BackboneError
 from refdecoder.hooks import DecodeContext, check_stage_call
 
@@ -142,10 +143,23 @@ class StageConditioner:
 
         Reference frames go first on the time axis, so they take RoPE time positions ``0..R-1``.
         """
-        num_frames, displacement = self.reference_features.num_frames, None
-        if self.correspondence is not None:  # where each video token's content lies in the reference
-            displacement = self.correspondence.stage(
-                index, x, projector.patch_size, ctx.window_index, ctx.first_window
+        num_frames, displacement, shift = self.reference_features.num_frames, None, None
+        field, stage_args = self.correspondence, (index, x, projector.patch_size, ctx.window_index, ctx.first_window)
+        if field is not None and field.sub_token_shift:
+            displacement, remainder = field.stage_split(*stage_args)
+            shift = remainder_in_cells(remainder[:, 0], projector.patch_size, x.shape[-2:])
+            if shift.device.type != "meta" and not shift.any():  # every token whole: the stage as without
+                shift = None
+        elif field is not None:  # where each video token's content lies in the reference
+            displacement = field.stage(*stage_args)
+        # Moved by the remainder, each video token shows its content where the gathered reference token does.
+        video = x if shift is None else shift_features(x, -shift)
+        joint = projector(torch.cat([features.to(x.dtype), video], dim=2), self.transformer, num_frames, displacement)
+        reference_out, video_out = joint[:, :, :num_frames], joint[:, :, num_frames:]
+        if shift is not None:  # the update back onto the frame's own grid; the skip path is never resampled
+            video_out = (
+                x + shift_features(video_out - video, shift)
+                if projector.residual
+                else shift_features(video_out, shift)
             )
-        joint = projector(torch.cat([features.to(x.dtype), x], dim=2), self.transformer, num_frames, displacement)
-        return joint[:, :, :num_frames], joint[:, :, num_frames:]
+        return reference_out, video_out

@@ -252,12 +252,23 @@ class CorrespondenceConfig:
     # frames' values (each at the middle of its frames), so the reference follows content that moves within a latent
     # frame's frames (a pan); off: all of them take their latent frame's. Stages at the latent rate are the same.
     per_frame: bool = False
+    # With snap: each video frame's stage features are moved by the part of its displacement that rounding drops
+    # before the joint attention, and the attention's update moved back (refdecoder/blocks/sub_token_shift.py), so
+    # content displaced by a fraction of a token sits inside each video token where the gathered reference token
+    # shows it. Needs snap; the first reference frame's remainder moves the video.
+    sub_token_shift: bool = False
+    # The estimate below a latent cell: the best candidate refined by a parabola through its neighbours' correlations
+    # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one.
+    subcell: bool = False
 
     @property
-    def search(self) -> tuple[int, float, int, int, float]:
-        """``(search_radius, temperature, match_radius, smooth_radius, global_prior)``, the estimate's settings in
-        the order :func:`~refdecoder.blocks.correspondence.cost_volume_displacement` takes them."""
-        return self.search_radius, self.temperature, self.match_radius, self.smooth_radius, self.global_prior
+    def search(self) -> tuple[int, float, int, int, float, bool]:
+        """``(search_radius, temperature, match_radius, smooth_radius, global_prior, subcell)``, the estimate's
+        settings in the order :func:`~refdecoder.blocks.correspondence.cost_volume_displacement` takes them."""
+        return (
+            self.search_radius, self.temperature, self.match_radius, self.smooth_radius, self.global_prior,
+            self.subcell,
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), f"correspondence.enabled must be a bool, got {self.enabled!r}")
@@ -268,6 +279,15 @@ class CorrespondenceConfig:
         _check(self.temperature > 0, f"correspondence.temperature must be > 0, got {self.temperature!r}")
         _check(isinstance(self.snap, bool), f"correspondence.snap must be a bool, got {self.snap!r}")
         _check(isinstance(self.per_frame, bool), f"correspondence.per_frame must be a bool, got {self.per_frame!r}")
+        _check(
+            isinstance(self.sub_token_shift, bool),
+            f"correspondence.sub_token_shift must be a bool, got {self.sub_token_shift!r}",
+        )
+        _check(isinstance(self.subcell, bool), f"correspondence.subcell must be a bool, got {self.subcell!r}")
+        _check(
+            self.snap or not self.sub_token_shift,
+            "correspondence.sub_token_shift needs correspondence.snap: it moves the video by what snapping drops",
+        )
         _check(
             isinstance(self.still_frames, int) and not isinstance(self.still_frames, bool) and self.still_frames >= 1,
             f"correspondence.still_frames must be an int >= 1, got {self.still_frames!r}",

@@ -257,6 +257,7 @@ class RefDecoder(nn.Module):
             still_frames=c.still_frames,
             frame_spaces=c.frame_spaces,
             per_frame=c.per_frame,
+            sub_token_shift=c.sub_token_shift,
         )
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:

@@ -141,14 +141,16 @@ def _per_stage_tokenizer(c: Conformance) -> TokenizerConfig:
     return replace(refdecoder.preset(c.preset).tokenizer, per_stage=True)
 
 
-def _with_correspondence(
-    c: Conformance, frame_spaces: str = "still_clip", per_frame: bool = False
-) -> dict[str, object]:
-    """Config overrides: the preset with a radius-1 scope and correspondence-guided reference attention on."""
+# The correspondence options a check runs with besides the defaults: each only moves which reference keys are seen
+# or, with the sub-token shift, what the zero-init update is resampled from; one run covers both.
+CORRESPONDENCE_OPTIONS = ({}, {"per_frame": True, "sub_token_shift": True})
+
+
+def _with_correspondence(c: Conformance, frame_spaces: str = "still_clip", **options: bool) -> dict[str, object]:
+    """Config overrides: the preset with a radius-1 scope and correspondence-guided reference attention on (with
+    ``options``, fields of :class:`~refdecoder.config.CorrespondenceConfig`)."""
     transformer = replace(refdecoder.preset(c.preset).transformer, attention_radius=1, locality_bias=True)
-    correspondence = CorrespondenceConfig(
-        enabled=True, search_radius=2, frame_spaces=frame_spaces, per_frame=per_frame
-    )
+    correspondence = CorrespondenceConfig(enabled=True, search_radius=2, frame_spaces=frame_spaces, **options)
     return {"transformer": transformer, "correspondence": correspondence}
 
 
@@ -186,15 +188,15 @@ def check_identity_at_init(c: Conformance) -> None:
     z = c.latents(model, c.short)
     diff = max_diff(model.decode(z, reference=c.reference(model, z)), model.adapter.plain_decode(z))
     assert diff <= TOLERANCE, f"{c.backbone}: per-stage tokenizers: max diff {diff} at init"
-    # Correspondence-guided attention only moves which reference keys are seen, which zero-init updates hide (also
-    # with a displacement per frame).
-    for per_frame in (False, True):
-        model = c.wrap(**_with_correspondence(c, per_frame=per_frame))
+    # Correspondence-guided attention only moves which reference keys are seen, and the sub-token shift what the
+    # update is resampled from: zero-init updates hide both (also with a displacement per frame).
+    for options in CORRESPONDENCE_OPTIONS:
+        model = c.wrap(**_with_correspondence(c, **options))
         for window in c.windows:
             out = model.decode(z, reference=c.reference(model, z), window=window)
             diff = max_diff(out, model.adapter.plain_decode(z, window))
             assert diff <= TOLERANCE, (
-                f"{c.backbone}: correspondence (per_frame {per_frame}), window {window}: max diff {diff} at init"
+                f"{c.backbone}: correspondence {options}, window {window}: max diff {diff} at init"
             )
     # The fitted frame spaces encode the reference as the shortest clip the frame rule allows and fit maps on the
     # video's own latent frames: they run on every frame rule.
@@ -216,14 +218,14 @@ def check_streaming(c: Conformance) -> None:
         # Both run the same windows through the same loop: anything but bit-equality is a bug.
         assert torch.equal(streamed, whole), f"{c.backbone}: window {window}: streamed != whole"
     # With correspondence each window takes its own frames of the field (per frame: in time between the window's
-    # own latent frames): the same holds.
-    for per_frame in (False, True):
-        model = c.wrap(perturb=True, **_with_correspondence(c, per_frame=per_frame))
+    # own latent frames; with the sub-token shift, its own remainders): the same holds.
+    for options in CORRESPONDENCE_OPTIONS:
+        model = c.wrap(perturb=True, **_with_correspondence(c, **options))
         for window in c.windows:
             whole = model.decode(z, reference=ref, window=window)
             streamed = torch.cat(list(model.iter_decode(z, reference=ref, window=window)), dim=2)
             assert torch.equal(streamed, whole), (
-                f"{c.backbone}: correspondence (per_frame {per_frame}), window {window}: streamed != whole"
+                f"{c.backbone}: correspondence {options}, window {window}: streamed != whole"
             )
 
 

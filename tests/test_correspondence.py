@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import refdecoder
 from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
+from refdecoder.blocks.sub_token_shift import shift_features
 from refdecoder.config import CorrespondenceConfig, RefDecoderConfig
 from refdecoder.errors import ConfigError, InputError
 from refdecoder.frames import FrameRule
@@ -420,3 +421,33 @@ def test_snapped_fields_are_whole_tokens_and_tiled_streams_take_displacements():
     torch.testing.assert_close(tiled, streamed, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="pass a reference"):
         decode_video(model, z, displacements=moved)
+
+
+@pytest.mark.parametrize(("shift", "soft_rounds"), [((0.25, -0.4), True), ((1.3, 0.75), True), ((-0.5, 0.0), False)])
+def test_subcell_refinement_finds_a_fraction_of_a_cell(shift, soft_rounds):
+    """A smooth scene sampled a fraction of a cell away: the parabola through the best candidate's neighbours
+    finds the fraction where the low-temperature soft-argmax rounds it towards a whole cell (not at half a cell,
+    where the two candidates tie and it averages them); whole shifts stay whole."""
+    big = textured(2, 16, 40, 44, seed=5)
+    big = F.avg_pool2d(big, 3, 1, 1, count_include_pad=False)  # smoother: bilinear sampling keeps its content
+    reference = big[:, :, 8:32, 8:36]
+    dy, dx = shift
+    moved = shift_features(big[:, :, None], torch.tensor([dy, dx]).reshape(1, 2, 1, 1, 1).expand(2, 2, 1, 40, 44))
+    video = moved[:, :, :, 8:32, 8:36]  # video cell (y, x) = reference at (y + dy, x + dx)
+    truth = torch.tensor([dy, dx]).reshape(1, 1, 2, 1, 1, 1)
+
+    def error(subcell: bool) -> float:
+        field = cost_volume_displacement(video, reference[:, :, None], 3, 0.02, 1, subcell=subcell)
+        return (field - truth)[..., 5:-5, 5:-5].abs().median().item()
+
+    assert error(subcell=True) < 0.1
+    if soft_rounds:
+        assert error(subcell=False) > 2 * error(subcell=True)
+    whole = cost_volume_displacement(video.roll(1, -1), video, 3, 0.02, 1, subcell=True)[..., 5:-5, 5:-5]
+    assert (whole[:, :, 1] + 1).abs().median() < 0.05 and whole[:, :, 0].abs().median() < 0.05
+
+
+def test_subcell_is_checked_and_reaches_the_estimate():
+    with pytest.raises(ConfigError, match="subcell must be a bool"):
+        CorrespondenceConfig(subcell="yes")
+    assert CorrespondenceConfig(subcell=True).search[-1] is True

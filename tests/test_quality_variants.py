@@ -43,7 +43,7 @@ def test_every_kept_variant_resolves_to_the_config_it_had_before() -> None:
     settings = qset.load_settings()
     resolved = settings.finetune.resolved
     assert len(BEFORE["variants"]) == 16
-    added_since = {"corr_frames"}  # variants added after the record, which it cannot hold
+    added_since = {"corr_frames", "corr_sub"}  # variants added after the record, which it cannot hold
     assert set(resolved) - {RENAMED.get(n, n) for n in BEFORE["variants"]} == added_since
     for old, before in BEFORE["variants"].items():
         variant = resolved[RENAMED.get(old, old)]
@@ -52,8 +52,10 @@ def test_every_kept_variant_resolves_to_the_config_it_had_before() -> None:
             now |= {"added_lr": variant.added_lr, "config": _drop_version(variant.config.to_dict())}
         assert _subset_differences(before, now) == [], old
     renamed = [RENAMED.get(n, n) for n in BEFORE["default_variants"]]
-    assert settings.finetune.default_variants == renamed == ["baseline", "s2d", "corr"]
-    assert settings.finetune.headline == RENAMED[BEFORE["headline"]]
+    assert renamed == ["baseline", "s2d", "corr"]
+    # The headline moved on since the record: corr with the sub-token shift replaces corr among the defaults.
+    assert settings.finetune.default_variants == ["baseline", "s2d", "corr_sub"]
+    assert RENAMED[BEFORE["headline"]] == "corr" and settings.finetune.headline == "corr_sub"
     assert settings.eval.targets["static_versus"] == RENAMED[BEFORE["static_versus"]]
 
 
@@ -123,8 +125,9 @@ def test_the_decoder_lr_ratio_decides_whether_the_decoder_trains(tmp_path: Path)
     raw["finetune"]["decoder_lr_ratio"] = 0.0
     with pytest.raises(ConfigError, match=r"finetune\.variants\.baseline: a plain variant needs finetune\.decoder_lr"):
         _load(tmp_path, raw)
-    raw["finetune"]["variants"] = {k: v for k, v in raw["finetune"]["variants"].items() if v.get("kind") != "plain"}
-    raw["finetune"]["default_variants"] = ["s2d", "corr"]
+    variants = {k: v for k, v in raw["finetune"]["variants"].items() if v.get("kind") != "plain"}
+    raw["finetune"]["variants"] = variants
+    raw["finetune"]["default_variants"] = [v for v in raw["finetune"]["default_variants"] if v in variants]
     assert not any(v.config.train_decoder for v in _load(tmp_path, raw).finetune.resolved.values() if v.config)
     raw["finetune"]["base"]["set"]["train_decoder"] = True
     with pytest.raises(ConfigError, match=r"finetune\.base\.set\.train_decoder is set by"):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from refdecoder.errors import InputError
+from refdecoder.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from refdecoder.backbones.base import BackboneAdapter
@@ -43,6 +43,7 @@ def cost_volume_displacement(
     match_radius: int = 1,
     smooth_radius: int = 0,
     global_prior: float = 0.0,
+    subcell: bool = False,
 ) -> torch.Tensor:
     """Displacement of every video cell into every reference frame, from a local cost volume and a soft-argmax.
 
@@ -57,6 +58,9 @@ def cost_volume_displacement(
         global_prior: weight of each frame's global translation (:func:`_global_translation`) in that average, in
             boxes of the frame's mean confidence, where the cell's own correlations do not contradict it: cells
             with no confident neighbour take it instead of about zero (0: off; needs ``smooth_radius >= 1``).
+        subcell: instead of the soft-argmax, the best candidate refined by the vertex of a parabola through its
+            correlation and its two neighbours' along each axis (:func:`_parabolic_peak`): a soft-argmax at a low
+            temperature rounds content displaced by a fraction of a cell towards a whole cell.
 
     Returns:
         ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
@@ -104,12 +108,43 @@ def cost_volume_displacement(
                 cost = patch_mean(cost) / share
             costs.append(cost.masked_fill(grid == 0, float("-inf")))
         correlations = torch.cat(costs, 1)  # B*T, K, h, w
-        weights = torch.softmax(correlations / temperature, dim=1)
-        field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
+        if subcell:
+            field = _parabolic_peak(correlations, s)
+        else:
+            weights = torch.softmax(correlations / temperature, dim=1)
+            field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
         if smooth_radius and len(offsets) > 1:
             field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, s)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
+
+
+def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Tensor:
+    """``N, 2, h, w`` offsets of each cell's best candidate, refined below a cell by a parabola per axis.
+
+    ``correlations``: ``N, K, h, w`` over the ``(2S+1)^2`` offsets, row-major from ``(-S, -S)``, ``-inf`` off the
+    grid. Along each axis the parabola through the best correlation ``c0`` and its neighbours ``a`` (one cell less)
+    and ``b`` (one more) peaks at ``(a - b) / (2 (a - 2 c0 + b))`` cells from the best, kept within half a cell; the
+    offset stays whole where a neighbour is off the grid or beyond the search window, or the three do not bend down.
+    """
+    n, _, h, w = correlations.shape
+    side = 2 * search_radius + 1
+    best = correlations.argmax(1)  # N, h, w
+    row, col = best // side, best % side
+
+    def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # correlation at candidate (r, c); -inf beyond it
+        inside = (r >= 0) & (r < side) & (c >= 0) & (c < side)
+        index = (r.clamp(0, side - 1) * side + c.clamp(0, side - 1))[:, None]
+        return correlations.gather(1, index)[:, 0].masked_fill(~inside, float("-inf"))
+
+    peak = at(row, col)
+    out = []
+    for index, (a, b) in ((row, (at(row - 1, col), at(row + 1, col))), (col, (at(row, col - 1), at(row, col + 1)))):
+        bend = a - 2 * peak + b
+        usable = torch.isfinite(a) & torch.isfinite(b) & (bend < -1e-6)
+        vertex = 0.5 * (a - b) / torch.where(usable, bend, torch.full_like(bend, -1.0))
+        out.append(index.float() - search_radius + torch.where(usable, vertex, 0.0).clamp(-0.5, 0.5))
+    return torch.stack(out, 1)
 
 
 def _confident_average(
@@ -321,6 +356,8 @@ class CorrespondenceField:
             own displacement, linear in time between the latent frames' values (each taken at the middle of the
             frames it decodes to, and extended along the nearest two beyond the first and last middle); without,
             every frame takes its latent frame's value.
+        sub_token_shift: with ``snap``, the stages move each video frame by the part of its displacement that
+            rounding drops (:mod:`~refdecoder.blocks.sub_token_shift`, via :meth:`stage_split`).
     """
 
     def __init__(
@@ -331,9 +368,12 @@ class CorrespondenceField:
         adapter: BackboneAdapter,
         snap: bool = False,
         per_frame: bool = False,
+        sub_token_shift: bool = False,
     ) -> None:
+        if sub_token_shift and not snap:
+            raise ConfigError("correspondence.sub_token_shift needs snap: it moves the video by what snapping drops")
         self.pixels, self.output_size, self.windows, self.adapter = pixels, output_size, windows, adapter
-        self.snap, self.per_frame = snap, per_frame
+        self.snap, self.per_frame, self.sub_token_shift = snap, per_frame, sub_token_shift
 
     def stage(
         self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
@@ -342,8 +382,24 @@ class CorrespondenceField:
 
         Returns ``B, R, 2, T_i, ceil(H_i / ph), ceil(W_i / pw)`` in tokens of the stage's grid (temporal patch 1):
         each stage frame takes the latent frame it decodes from (with ``per_frame``, its own value in time between
-        the latent frames'), each token the mean over its stage cells.
+        the latent frames'), each token the mean over its stage cells; rounded to whole tokens with ``snap``.
         """
+        displacement = self._on_stage_grid(index, video, patch, window_index, first_window)
+        return displacement.round() if self.snap else displacement
+
+    def stage_split(
+        self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`stage`'s field split into whole tokens and the remainder rounding drops (each in ``[-0.5, 0.5]``),
+        both ``B, R, 2, T_i, h, w`` (``correspondence.sub_token_shift`` moves the video by the remainder)."""
+        displacement = self._on_stage_grid(index, video, patch, window_index, first_window)
+        whole = displacement.round()
+        return whole, displacement - whole
+
+    def _on_stage_grid(
+        self, index: int, video: torch.Tensor, patch: tuple[int, int, int], window_index: int, first_window: bool
+    ) -> torch.Tensor:
+        """:meth:`stage` before rounding."""
         start, stop = self.windows[window_index]
         frames, (height, width) = video.shape[2], video.shape[-2:]
         n = stop - start
@@ -362,8 +418,7 @@ class CorrespondenceField:
         scale = torch.tensor(
             [ph * self.output_size[0] / height, pw * self.output_size[1] / width], device=tokens.device
         ).reshape(1, 1, 2, 1, 1, 1)
-        displacement = tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
-        return displacement.round() if self.snap else displacement
+        return tokens.reshape(*field.shape[:4], *tokens.shape[-2:]) / scale
 
 
 @functools.lru_cache(maxsize=64)
@@ -391,12 +446,13 @@ def correspondence_field(
     reference: torch.Tensor,
     windows: list[tuple[int, int]],
     output_size: tuple[int, int],
-    search: tuple[int, float, int] | tuple[int, float, int, int] | tuple[int, float, int, int, float] | None,
+    search: tuple | None,
     displacements: torch.Tensor | None = None,
     snap: bool = False,
     still_frames: int = 4,
     frame_spaces: str = "still_clip",
     per_frame: bool = False,
+    sub_token_shift: bool = False,
 ) -> CorrespondenceField:
     """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
 
@@ -406,7 +462,7 @@ def correspondence_field(
         reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size ``output_size``.
         windows: the decode's latent-frame windows.
         output_size: ``(H, W)`` of the decoded frames.
-        search: ``(search_radius, temperature, match_radius[, smooth_radius[, global_prior]])`` of
+        search: ``(search_radius, temperature, match_radius[, smooth_radius[, global_prior[, subcell]]])`` of
             :func:`cost_volume_displacement`; used when no ``displacements`` are given.
         displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
         snap: round every stage's displacements to whole tokens (see :class:`CorrespondenceField`).
@@ -415,6 +471,7 @@ def correspondence_field(
             (see :func:`_reference_latents`).
         per_frame: stages after temporal upsampling give each frame its own displacement, in time between the
             latent frames' (see :class:`CorrespondenceField`).
+        sub_token_shift: move each video frame by the sub-token remainder (see :class:`CorrespondenceField`).
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
     if displacements is not None:
@@ -434,4 +491,4 @@ def correspondence_field(
         pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
             1, 1, 2, 1, 1, 1
         )
-    return CorrespondenceField(pixels, output_size, windows, adapter, snap, per_frame)
+    return CorrespondenceField(pixels, output_size, windows, adapter, snap, per_frame, sub_token_shift)
