@@ -14,7 +14,10 @@ the library's defaults unless varied) is measured on the columns the shifted ref
   global translation in it (``global_prior``);
 - **latent frames 1+**: the mean ``|dx + k|`` with the reference's frame-0 latents matched across feature spaces
   (unmapped), mapped by ``frame_spaces: fitted``, and encoded as a still clip (``still_clip``). The clips' own
-  motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values.
+  motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values;
+- **below a cell** (``subcell``): frame 0 with the reference shifted by 2, 4 and 6 px of an 8-px cell, the median
+  estimate and the mean ``|dx error|`` in cells with the soft-argmax and with ``subcell``, each without and with the
+  smoothing.
 
 ``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
 correspondence variant (``--model``) under each ``frame_spaces``, with the global prior and with ``per_frame``
@@ -57,6 +60,15 @@ FRAME0 = {
     "smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0},
     "smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
     "smooth_radius 2, global_prior 3": {"smooth_radius": 2, "global_prior": 3.0},
+}
+# Frame 0 displaced by a fraction of a cell (px of an 8-px cell): the soft-argmax against the sub-cell parabola
+# (`subcell`), each unsmoothed and smoothed (the library's smooth_radius 2); the global prior off throughout.
+SUBCELL_PIXELS = (2, 4, 6)
+SUBCELL = {
+    "soft-argmax, smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0},
+    "subcell, smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0, "subcell": True},
+    "soft-argmax, smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
+    "subcell, smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0, "subcell": True},
 }
 LATER = {
     "unmapped (still_frames 1)": {"frame_spaces": "still_clip", "still_frames": 1},
@@ -125,6 +137,20 @@ def estimate_errors(vae: torch.nn.Module, settings: Settings, shifts: list[int],
             + " ".join(f"{n}: {r[-1]:.2f}" for n, r in rows["later_frames"].items()),
             flush=True,
         )
+    rows["subcell"] = {"pixels": list(SUBCELL_PIXELS)}
+    for px in SUBCELL_PIXELS:  # the reference px to the right: the true dx is -px / cell cells on every column shown
+        truth, shown_columns = -px / cell, slice(-(-px // cell), None)
+        for name, varied in SUBCELL.items():
+            dx = estimate_cells(adapter, latents[:, :, :1], probe.references[px], **varied)[:, 1, 0, :, shown_columns]
+            row = rows["subcell"].setdefault(name, {"median": [], "mean_error": []})
+            row["median"].append(dx.median().item())
+            row["mean_error"].append((dx - truth).abs().mean().item())
+        print(
+            f"{px} px ({truth:+.3f} cells) median dx / mean |error| "
+            + " ".join(f"{n}: {r['median'][-1]:+.3f} / {r['mean_error'][-1]:.3f}" for n, r in rows["subcell"].items()
+                       if n != "pixels"),
+            flush=True,
+        )  # fmt: skip
     return {"clips": probe.clips.shape[0], "crop": list(probe.clips.shape[-2:]), "cell_pixels": cell} | rows
 
 

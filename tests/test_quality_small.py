@@ -471,6 +471,7 @@ def test_the_estimate_benchmark_scores_against_the_true_shift(micro, micro_media
     vae = qs.load_vae(out / qs.PRETRAINED)
     doc = ce.estimate_errors(vae, settings, [0, 1, -1], media)  # the real estimate runs on every setting
     assert set(doc["frame0"]) == set(ce.FRAME0) and set(doc["later_frames"]) == set(ce.LATER)
+    assert set(doc["subcell"]) == set(ce.SUBCELL) | {"pixels"}
     current: dict = {}
 
     def fake(adapter, latents, reference, **settings):
@@ -488,6 +489,11 @@ def test_the_estimate_benchmark_scores_against_the_true_shift(micro, micro_media
         current["dx"] = 0.0  # in place
         row = ce.estimate_errors(vae, settings, [k], media)
         assert all(r["exact"] == [float(k == 0)] and r["mean_error"] == [abs(k)] for r in row["frame0"].values())
+    # Below a cell, an estimate in place misses each shift by its fraction of a cell.
+    cell = settings.eval.shift_probe.token_pixels
+    for name in ce.SUBCELL:
+        assert row["subcell"][name]["median"] == [0.0] * len(ce.SUBCELL_PIXELS)
+        assert row["subcell"][name]["mean_error"] == pytest.approx([px / cell for px in ce.SUBCELL_PIXELS])
 
 
 def test_the_estimate_benchmark_reproduces_the_runs_gains_as_trained(micro, micro_media) -> None:

@@ -26,6 +26,7 @@ from refdecoder.blocks.norms import ChannelRMSNorm, FP32LayerNorm, RMSNorm
 from refdecoder.blocks.reference_tokenizer import ReferenceTokenizer, space_to_depth
 from refdecoder.blocks.rope import RotaryEmbedding3D, apply_rope, rope_at, rope_axis_dims, rope_tables
 from refdecoder.blocks.stage_projector import StageProjector
+from refdecoder.blocks.sub_token_shift import remainder_in_cells, shift_features
 from refdecoder.blocks.token_dropout import LatentTokenDropout, latent_token_dropout
 from refdecoder.blocks.transformer import FeedForward, SelfAttention, SharedTransformer, TransformerBlock
 from refdecoder.blocks.upscale_head import UpscaleConfig, UpscaleHead, attach_upscale_head
@@ -45,6 +46,8 @@ __all__ = [
     "pixel_flow_to_latent_grid",
     "ReferenceGuide",
     "guided_neighbourhood_attention",
+    "remainder_in_cells",
+    "shift_features",
     "ChannelRMSNorm",
     "FP32LayerNorm",
     "RMSNorm",
