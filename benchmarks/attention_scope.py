@@ -131,10 +131,15 @@ def small_flops() -> dict:
     config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
     configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
     guided = {}
-    for name, frame_spaces in ((CORRESPONDENCE, "still_clip"), (CORRESPONDENCE_CHEAP, "fitted")):
+    for name, frame_spaces, shift in (
+        (CORRESPONDENCE, "still_clip", False),
+        (CORRESPONDENCE_CHEAP, "fitted", False),
+        (CORRESPONDENCE_SHIFT, "still_clip", True),
+    ):
         guided[name] = config.copy()
         guided[name].correspondence.enabled = True
         guided[name].correspondence.frame_spaces = frame_spaces
+        guided[name].correspondence.sub_token_shift = guided[name].correspondence.subcell = shift
     row = flops_row(build_wan("meta"), 17, (480, 832), configs | guided)
     without = row["radius 2 + bias + per-stage space-to-depth tokenizers"]
     for name, with_correspondence in guided.items():
@@ -150,6 +155,7 @@ def small_flops() -> dict:
 # encoded image mapped into the later frames' feature spaces).
 CORRESPONDENCE = "radius 2 + bias + per-stage space-to-depth tokenizers + correspondence"
 CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (frame_spaces fitted)"
+CORRESPONDENCE_SHIFT = CORRESPONDENCE + " (sub_token_shift, subcell)"
 
 
 def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
@@ -163,7 +169,9 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     key (6 x width). One reference frame. With ``smooth_radius``: per cell the top-2 candidates, the confidence
     (~5) and two box averages; with ``global_prior`` also the frame's robust translation (5 re-weighted means, ~12
     operations per cell each) and the gate (a gathered correlation, a difference and an exponential) and blend
-    (~10 per cell). The encoder pass of the reference and the fitted frame-space maps' matrix products are counted
+    (~10 per cell). With ``subcell``: per cell the arg-max and, per axis, a parabola through three correlations
+    (~8). With ``sub_token_shift``: per conditioned stage and video cell, C channels moved there and back by
+    bilinear sampling (2 x 4 taps x 2) plus the update's difference and sum (2). The encoder pass of the reference and the fitted frame-space maps' matrix products are counted
     by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
@@ -178,6 +186,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
         total += t * h * w * (candidates + 5 + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
         if c.global_prior:
             total += t * h * w * (5 * 12 + 10)
+    if c.subcell:
+        total += t * h * w * (candidates + 2 * 8)
     slots = (2 * tf.attention_radius + 1) ** 2
     specs = adapter.stages()
     windows = adapter.plan_windows(t, model.window_size(torch.empty(1, 1, t, h, w, device="meta")))
@@ -188,6 +198,8 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
             tokens = model.projectors[specs[i].name].token_count(video, grid_h, grid_w)
             per_token = 6 * tf.width if c.snap else slots * (16 * tf.width + 6 * tf.width)
             total += tokens * tf.depth * per_token
+            if c.sub_token_shift:
+                total += video * grid_h * grid_w * specs[i].channels * (2 * 4 * 2 + 2)
     model.unwrap()
     return total
 
