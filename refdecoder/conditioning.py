@@ -153,13 +153,13 @@ class StageConditioner:
         elif field is not None:  # where each video token's content lies in the reference
             displacement = field.stage(*stage_args)
         # Moved by the remainder, each video token shows its content where the gathered reference token does.
-        video = x if shift is None else shift_features(x, -shift)
+        video = x if shift is None else shift_features(x, -shift, "nearest")
         joint = projector(torch.cat([features.to(x.dtype), video], dim=2), self.transformer, num_frames, displacement)
         reference_out, video_out = joint[:, :, :num_frames], joint[:, :, num_frames:]
         if shift is not None:  # the update back onto the frame's own grid; the skip path is never resampled
             video_out = (
-                x + shift_features(video_out - video, shift)
+                x + shift_features(video_out - video, shift, "nearest")
                 if projector.residual
-                else shift_features(video_out, shift)
+                else shift_features(video_out, shift, "nearest")
             )
         return reference_out, video_out

@@ -52,10 +52,8 @@ def test_every_kept_variant_resolves_to_the_config_it_had_before() -> None:
             now |= {"added_lr": variant.added_lr, "config": _drop_version(variant.config.to_dict())}
         assert _subset_differences(before, now) == [], old
     renamed = [RENAMED.get(n, n) for n in BEFORE["default_variants"]]
-    assert renamed == ["baseline", "s2d", "corr"]
-    # The headline moved on since the record: corr with the sub-token shift replaces corr among the defaults.
-    assert settings.finetune.default_variants == ["baseline", "s2d", "corr_sub"]
-    assert RENAMED[BEFORE["headline"]] == "corr" and settings.finetune.headline == "corr_sub"
+    assert settings.finetune.default_variants == renamed == ["baseline", "s2d", "corr"]
+    assert settings.finetune.headline == RENAMED[BEFORE["headline"]]
     assert settings.eval.targets["static_versus"] == RENAMED[BEFORE["static_versus"]]
 
 

@@ -45,14 +45,16 @@ def test_shift_features_reads_each_cell_at_its_shifted_position():
     assert bf16.dtype == torch.bfloat16
 
 
-def test_remainder_in_cells_moves_each_token_as_one_piece():
+def test_remainder_in_cells_moves_each_token_as_one_piece_by_whole_cells():
     remainder = torch.tensor([[0.25, -0.5, 0.1], [0.0, 0.4, -0.2]]).reshape(1, 1, 1, 2, 3).repeat(1, 2, 1, 1, 1)
     remainder[:, 1] *= -1
     cells = remainder_in_cells(remainder, (1, 2, 3), (3, 8))  # partial last token row and column
     assert cells.shape == (1, 2, 1, 3, 8)
     for y in range(3):
         for x in range(8):
-            torch.testing.assert_close(cells[0, :, 0, y, x], remainder[0, :, 0, y // 2, x // 3] * torch.tensor([2, 3]))
+            expected = (remainder[0, :, 0, y // 2, x // 3] * torch.tensor([2, 3])).round()
+            torch.testing.assert_close(cells[0, :, 0, y, x], expected)
+    assert not remainder_in_cells(remainder, (1, 1, 1), (2, 3)).any()  # tokens of one cell never move
 
 
 def _field(dy_px: float, dx_px: float, frames: int = 3) -> tuple[CorrespondenceField, torch.nn.Module]:
@@ -68,20 +70,20 @@ def test_the_moved_video_shows_what_the_gathered_reference_token_shows():
     """Video cell ``p`` shows the reference at ``p + d``; snapped, the attention reads the reference token ``n`` =
     round(d) tokens away. Moved by the remainder, the video shows inside each token what that reference token shows,
     exactly where it shows it; unmoved, or moved the wrong way, it does not."""
-    index, patch = 2, (1, 2, 2)  # the tiny Wan's stage 2: cells of 2 px, tokens of 2x2 cells (4 px)
-    field, model = _field(dy_px=-3.0, dx_px=9.0)  # -0.75 and 2.25 tokens: whole -1 and 2, remainder 0.25 and 0.25
+    index, patch = 2, (1, 4, 4)  # the tiny Wan's stage 2: cells of 2 px, tokens of 4x4 cells (8 px)
+    field, model = _field(dy_px=-6.0, dx_px=10.0)  # -0.75 and 1.25 tokens: whole -1 and 1, remainder 0.25 and 0.25
     frames = model.adapter.stage_frames(index, 3, True)
-    d_cells = (-1.5, 4.5)
-    video = ramp_on_grid(16, 24, *d_cells, frames=frames)  # the reference is ramp_on_grid(16, 24)
+    video = ramp_on_grid(16, 24, -3.0, 5.0, frames=frames)  # the reference is ramp_on_grid(16, 24)
     whole, remainder = field.stage_split(index, video, patch, 0, True)
-    assert torch.all(whole[:, 0, 0] == -1) and torch.all(whole[:, 0, 1] == 2)
+    assert torch.all(whole[:, 0, 0] == -1) and torch.all(whole[:, 0, 1] == 1)
     torch.testing.assert_close(remainder[:, 0], torch.full_like(remainder[:, 0], 0.25))
     assert torch.equal(field.stage(index, video, patch, 0, True), whole)
-    shift = remainder_in_cells(remainder[:, 0], patch, (16, 24))
-    gathered = ramp_on_grid(16, 24, -2.0, 4.0, frames=frames)  # the reference n tokens (2n cells) away
+    shift = remainder_in_cells(remainder[:, 0], patch, (16, 24))  # one cell each way
+    gathered = ramp_on_grid(16, 24, -4.0, 4.0, frames=frames)  # the reference n tokens (4n cells) away
     margin = 3
-    torch.testing.assert_close(interior(shift_features(video, -shift), margin), interior(gathered, margin))
-    for wrong in (video, shift_features(video, shift)):
+    moved = shift_features(video, -shift, "nearest")
+    torch.testing.assert_close(interior(moved, margin), interior(gathered, margin))
+    for wrong in (video, shift_features(video, shift, "nearest")):
         assert (interior(wrong, margin) - interior(gathered, margin)).abs().max() > 0.4
 
 
@@ -117,11 +119,12 @@ def _stage(dy_px: float, dx_px: float, residual: bool = True) -> tuple[_Recorder
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_the_conditioner_moves_the_video_one_way_and_the_update_back(residual):
-    recorder, video, out = _stage(dy_px=4.0, dx_px=-28.0, residual=residual)  # 0.25 and -1.75 tokens of 16 px
+    # 0.4375 and -1.5625 tokens of 16 px: whole 0 and -2, remainder 0.4375 tokens = 0.875 cells -> 1 cell
+    recorder, video, out = _stage(dy_px=7.0, dx_px=-25.0, residual=residual)
     assert torch.all(recorder.displacement[:, 0, 0] == 0) and torch.all(recorder.displacement[:, 0, 1] == -2)
-    shift = torch.tensor([0.5, 0.5]).reshape(1, 2, 1, 1, 1).expand(1, 2, video.shape[2], 4, 6)  # remainder, cells
-    torch.testing.assert_close(recorder.seen[:, :, 1:], shift_features(video, -shift))
-    back = shift_features(recorder.update, shift)
+    shift = torch.ones(1, 2, video.shape[2], 4, 6)  # the remainder in whole cells
+    torch.testing.assert_close(recorder.seen[:, :, 1:], shift_features(video, -shift, "nearest"))
+    back = shift_features(recorder.update, shift, "nearest")
     if residual:  # the skip path is the frame's own features, never resampled
         torch.testing.assert_close(out - video, back)
         assert (back - recorder.update).abs().max() > 0.01  # the check can tell an update left where it was
@@ -129,8 +132,9 @@ def test_the_conditioner_moves_the_video_one_way_and_the_update_back(residual):
         torch.testing.assert_close(out, back)
 
 
-def test_whole_token_displacements_leave_the_stage_as_without_the_shift():
-    recorder, video, out = _stage(dy_px=16.0, dx_px=-32.0)
+@pytest.mark.parametrize(("dy_px", "dx_px"), [(16.0, -32.0), (3.0, -35.0)])
+def test_remainders_under_half_a_cell_leave_the_stage_as_without_the_shift(dy_px, dx_px):
+    recorder, video, out = _stage(dy_px, dx_px)  # whole tokens, or remainders of 3 px in cells of 8 px
     assert torch.equal(recorder.seen[:, :, 1:], video)
     assert torch.equal(out, video + recorder.update)
 
