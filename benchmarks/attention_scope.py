@@ -170,9 +170,9 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     (~5) and two box averages; with ``global_prior`` also the frame's robust translation (5 re-weighted means, ~12
     operations per cell each) and the gate (a gathered correlation, a difference and an exponential) and blend
     (~10 per cell). With ``subcell``: per cell the arg-max and, per axis, a parabola through three correlations
-    (~8). With ``sub_token_shift``: per conditioned stage and video cell, C channels moved there and back by
-    bilinear sampling (2 x 4 taps x 2) plus the update's difference and sum (2). The encoder pass of the reference and the fitted frame-space maps' matrix products are counted
-    by the FLOP counter.
+    (~8). With ``sub_token_shift``: per conditioned stage and video cell, C channels copied there and back (whole
+    cells: 2 reads) plus the update's difference and sum (2). The encoder pass of the reference and the fitted
+    frame-space maps' matrix products are counted by the FLOP counter.
     """
     model = refdecoder.wrap(build_wan("meta"), config)
     adapter, c, tf = model.adapter, config.correspondence, config.transformer
@@ -199,7 +199,7 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
             per_token = 6 * tf.width if c.snap else slots * (16 * tf.width + 6 * tf.width)
             total += tokens * tf.depth * per_token
             if c.sub_token_shift:
-                total += video * grid_h * grid_w * specs[i].channels * (2 * 4 * 2 + 2)
+                total += video * grid_h * grid_w * specs[i].channels * (2 + 2)
     model.unwrap()
     return total
 
