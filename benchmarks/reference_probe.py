@@ -23,7 +23,9 @@
    RoPE, so any size decodes): at 64 px a 4-token (32 px) shift leaves half the content out of the reference. Gains
    are given over whole frames and over the shared columns (those whose content the displaced reference shows).
    ``--true-displacements`` also decodes with the shift given as ``decode(displacements=...)``; ``--global-prior G``
-   decodes the correspondence variants with ``correspondence.global_prior`` G, their weights unchanged.
+   decodes the correspondence variants with ``correspondence.global_prior`` G, and ``--correspondence-set KEY=VALUE``
+   (repeatable) with any ``correspondence`` field changed, their weights unchanged. ``--token-pixels 2`` probes
+   shifts of 2, 4, ... px on the benchmark's 8-px tokens (a fraction of a token).
 
 Writes ``benchmarks/results/reference_probe.json`` (or ``--out``). Video tensors are ``B, 3, T, H, W`` in [-1, 1].
 """
@@ -48,6 +50,7 @@ from benchmarks.quality.names import current_name  # noqa: E402
 from benchmarks.quality.settings import CONFIG, load_settings  # noqa: E402
 from benchmarks.quality.shift_probe import shift_probe, shifted_clips  # noqa: E402
 from benchmarks.quality_small import PRETRAINED, load_vae  # noqa: E402
+from refdecoder.config import CorrespondenceConfig  # noqa: E402
 from refdecoder.data import read_clip  # noqa: E402
 
 CROP = 64
@@ -169,13 +172,15 @@ def correspondence(
 
 
 def parse_assignments(items: list[str], parser: argparse.ArgumentParser) -> dict:
-    """``KEY=VALUE`` strings as a dict, each value read as YAML (``true``, ``3.0``, ``still_clip``)."""
+    """``KEY=VALUE`` strings as a dict, each value read as YAML (``true``, ``3.0``, ``still_clip``); each key a field
+    of :class:`~refdecoder.config.CorrespondenceConfig` (else the parser's one-line error)."""
+    fields = {f.name for f in dataclasses.fields(CorrespondenceConfig)}
     settings = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--correspondence-set takes KEY=VALUE, got {item!r}")
-        settings[key.strip()] = yaml.safe_load(value)
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in fields:
+            parser.error(f"--correspondence-set takes KEY=VALUE with KEY one of {sorted(fields)}, got {item!r}")
+        settings[key] = yaml.safe_load(value)
     return settings
 
 

@@ -156,7 +156,7 @@ class StageConditioner:
         video = x if shift is None else shift_features(x, -shift, "nearest")
         joint = projector(torch.cat([features.to(x.dtype), video], dim=2), self.transformer, num_frames, displacement)
         reference_out, video_out = joint[:, :, :num_frames], joint[:, :, num_frames:]
-        if shift is not None:  # the update back onto the frame's own grid; the skip path is never resampled
+        if shift is not None:  # the update back onto the frame's own grid; the skip path is never moved
             video_out = (
                 x + shift_features(video_out - video, shift, "nearest")
                 if projector.residual

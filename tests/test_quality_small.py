@@ -443,6 +443,19 @@ def test_shifted_references_show_the_clip_displaced(micro_media) -> None:
         rp.shifted_clips(settings, media, shift=40, per_source=1)
 
 
+def test_correspondence_settings_of_the_probe_are_parsed_and_checked() -> None:
+    import argparse
+
+    from benchmarks import reference_probe as rp
+
+    parser = argparse.ArgumentParser()
+    settings = rp.parse_assignments(["sub_token_shift=true", " global_prior = 3.0", "frame_spaces=fitted"], parser)
+    assert settings == {"sub_token_shift": True, "global_prior": 3.0, "frame_spaces": "fitted"}
+    for bad in ("sub_token_shift", "sub_token_shfit=true"):
+        with pytest.raises(SystemExit):
+            rp.parse_assignments([bad], parser)
+
+
 def test_correspondence_gains_are_zero_for_a_decoder_that_ignores_its_reference(micro, micro_media) -> None:
     from benchmarks import reference_probe as rp
 

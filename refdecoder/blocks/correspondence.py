@@ -127,7 +127,6 @@ def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Ten
     and ``b`` (one more) peaks at ``(a - b) / (2 (a - 2 c0 + b))`` cells from the best, kept within half a cell; the
     offset stays whole where a neighbour is off the grid or beyond the search window, or the three do not bend down.
     """
-    n, _, h, w = correlations.shape
     side = 2 * search_radius + 1
     best = correlations.argmax(1)  # N, h, w
     row, col = best // side, best % side
