@@ -162,10 +162,8 @@ def correspondence(
     probe = shifted_clips(settings, load_media(settings.data), max(shifts) * token, per_source, crop)
     encoder = load_vae(out / PRETRAINED).eval()
     models = {name: refdecoder.load(load_vae(out / PRETRAINED), out / name).eval() for name in names}
+    changes = dict(correspondence_settings or {}) | ({} if global_prior is None else {"global_prior": global_prior})
     for model in models.values():
-        changes = dict(correspondence_settings or {}) | (
-            {} if global_prior is None else {"global_prior": global_prior}
-        )
         if changes and model.config.correspondence.enabled:  # weights unchanged
             model.config.correspondence = dataclasses.replace(model.config.correspondence, **changes)
     return shift_probe(encoder, models, probe, [s for s in shifts if s], token, true_displacements)

@@ -252,10 +252,11 @@ class CorrespondenceConfig:
     # frames' values (each at the middle of its frames), so the reference follows content that moves within a latent
     # frame's frames (a pan); off: all of them take their latent frame's. Stages at the latent rate are the same.
     per_frame: bool = False
-    # With snap: each video frame's stage features are moved by the part of its displacement that rounding drops
-    # before the joint attention, and the attention's update moved back (refdecoder/blocks/sub_token_shift.py), so
-    # content displaced by a fraction of a token sits inside each video token where the gathered reference token
-    # shows it. Needs snap; the first reference frame's remainder moves the video.
+    # With snap: each video frame's stage features are moved by the part of its displacement that rounding drops (in
+    # whole cells of the stage) before the joint attention, and the attention's update moved back
+    # (refdecoder/blocks/sub_token_shift.py), so content displaced by a fraction of a token sits inside each video
+    # token where the gathered reference token shows it. Needs snap; the first reference frame's remainder moves the
+    # video. Measured on the quality benchmark, it gained no more than without (docs/architecture.md).
     sub_token_shift: bool = False
     # The estimate below a latent cell: the best candidate refined by a parabola through its neighbours' correlations
     # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one.

@@ -168,3 +168,6 @@ def test_the_shift_needs_snapping():
         CorrespondenceConfig(snap=False, sub_token_shift=True)
     with pytest.raises(ConfigError, match="sub_token_shift must be a bool"):
         CorrespondenceConfig(sub_token_shift=1)
+    model = refdecoder.wrap(tiny_wan(), "tiny")  # a field made directly, without a config
+    with pytest.raises(ConfigError, match="sub_token_shift needs snap"):
+        CorrespondenceField(torch.zeros(1, 1, 2, 3, 4, 6), (32, 48), [(0, 3)], model.adapter, sub_token_shift=True)

@@ -128,7 +128,7 @@ def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Ten
     offset stays whole where a neighbour is off the grid or beyond the search window, or the three do not bend down.
     """
     side = 2 * search_radius + 1
-    best = correlations.argmax(1)  # N, h, w
+    peak, best = correlations.max(1)  # N, h, w each
     row, col = best // side, best % side
 
     def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # correlation at candidate (r, c); -inf beyond it
@@ -136,7 +136,6 @@ def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Ten
         index = (r.clamp(0, side - 1) * side + c.clamp(0, side - 1))[:, None]
         return correlations.gather(1, index)[:, 0].masked_fill(~inside, float("-inf"))
 
-    peak = at(row, col)
     out = []
     for index, (a, b) in ((row, (at(row - 1, col), at(row + 1, col))), (col, (at(row, col - 1), at(row, col + 1)))):
         bend = a - 2 * peak + b
