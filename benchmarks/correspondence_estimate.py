@@ -60,6 +60,7 @@ FRAME0 = {
     "smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0},
     "smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
     "smooth_radius 2, global_prior 3": {"smooth_radius": 2, "global_prior": 3.0},
+    "smooth_radius 2, subcell": {"smooth_radius": 2, "global_prior": 0.0, "subcell": True},
 }
 # Frame 0 displaced by a fraction of a cell (px of an 8-px cell): the soft-argmax against the sub-cell parabola
 # (`subcell`), each unsmoothed and smoothed (the library's smooth_radius 2); the global prior off throughout.

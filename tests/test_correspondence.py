@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import refdecoder
+from refdecoder.blocks import correspondence
 from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
 from refdecoder.blocks.sub_token_shift import shift_features
 from refdecoder.config import CorrespondenceConfig, RefDecoderConfig
@@ -148,20 +149,25 @@ def test_cells_the_reference_does_not_show_do_not_drag_their_neighbours(dx):
 
 @pytest.mark.parametrize("temperature", [0.02, 0.005, 0.001])
 @pytest.mark.parametrize("global_prior", [0.0, 1.0])
-def test_content_that_matches_nothing_gives_a_finite_field(temperature, global_prior):
+@pytest.mark.parametrize("subcell", [False, True])
+def test_content_that_matches_nothing_gives_a_finite_field(temperature, global_prior, subcell):
     """Unrelated or blank content: every cell's best cosine is far below a true match's, so its match factor
     ``exp(-(1 - best) / temperature)`` would underflow to 0 at small temperatures and the smoothing would divide
     0 by 0. The field stays finite and inside the search window."""
     reference = textured(2, 8, 6, 7, seed=21)[:, :, None]
     for video in (textured(2, 8, 6, 7, seed=22)[:, :, None], torch.zeros(2, 8, 1, 6, 7)):
-        field = cost_volume_displacement(video, reference, 2, temperature, 1, 2, global_prior)
+        field = cost_volume_displacement(video, reference, 2, temperature, 1, 2, global_prior, subcell)
         assert torch.isfinite(field).all() and field.abs().max() <= 2
 
 
-def test_smoothing_a_lone_candidate_is_finite():
-    video = textured(1, 8, 1, 1)[:, :, None]  # a 1x1 grid: one in-grid candidate, an infinite margin
-    field = cost_volume_displacement(video, video, 2, 0.02, 1, smooth_radius=1)
-    assert torch.isfinite(field).all() and field.abs().max() == 0
+@pytest.mark.parametrize("subcell", [False, True])
+@pytest.mark.parametrize("size", [1, 2])
+def test_smoothing_a_lone_candidate_is_finite(subcell, size):
+    """A grid with no rival candidate (1x1), or with subcell none beyond the best's neighbours (2x2): an infinite
+    margin, clamped."""
+    video = textured(1, 8, size, size)[:, :, None]
+    field = cost_volume_displacement(video, video, 2, 0.02, 1, smooth_radius=1, subcell=subcell)
+    assert torch.isfinite(field).all() and field.abs().max() <= (0.5 if subcell else 1e-6)
 
 
 class _Adapter:
@@ -445,6 +451,25 @@ def test_subcell_refinement_finds_a_fraction_of_a_cell(shift, soft_rounds):
         assert error(subcell=False) > 2 * error(subcell=True)
     whole = cost_volume_displacement(video.roll(1, -1), video, 3, 0.02, 1, subcell=True)[..., 5:-5, 5:-5]
     assert (whole[:, :, 1] + 1).abs().median() < 0.05 and whole[:, :, 0].abs().median() < 0.05
+
+
+def test_smoothing_keeps_the_weight_of_cells_half_a_cell_away(monkeypatch):
+    """Content displaced by half a cell matches the two cells it straddles about equally; with ``subcell`` the
+    smoothing's confidence is the margin over rivals beyond the best's neighbours, so those cells keep their weight
+    and the smoothed field stays at half a cell (with the margin over the runner-up, the old rule, it does not)."""
+    big = textured(2, 16, 40, 44, seed=5)
+    reference = big[:, :, 8:32, 8:36]
+    moved = shift_features(big[:, :, None], torch.tensor([0.0, -0.5]).reshape(1, 2, 1, 1, 1).expand(2, 2, 1, 40, 44))
+    video = moved[:, :, :, 8:32, 8:36]
+
+    def error() -> float:
+        field = cost_volume_displacement(video, reference[:, :, None], 3, 0.02, 1, smooth_radius=2, subcell=True)
+        return (field[:, 0, 1, ..., 5:-5, 5:-5] + 0.5).abs().mean().item()
+
+    assert error() < 0.015
+    second_best = correspondence._rival
+    monkeypatch.setattr(correspondence, "_rival", lambda c, s, beyond_peak: second_best(c, s, False))
+    assert error() > 0.02
 
 
 def test_subcell_is_checked_and_reaches_the_estimate():

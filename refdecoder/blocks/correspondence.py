@@ -60,7 +60,9 @@ def cost_volume_displacement(
             with no confident neighbour take it instead of about zero (0: off; needs ``smooth_radius >= 1``).
         subcell: instead of the soft-argmax, the best candidate refined by the vertex of a parabola through its
             correlation and its two neighbours' along each axis (:func:`_parabolic_peak`): a soft-argmax at a low
-            temperature rounds content displaced by a fraction of a cell towards a whole cell.
+            temperature rounds content displaced by a fraction of a cell towards a whole cell. The smoothing's
+            confidence then measures the best candidate's margin over rivals beyond its neighbours
+            (:func:`_confident_average`).
 
     Returns:
         ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
@@ -114,7 +116,7 @@ def cost_volume_displacement(
             weights = torch.softmax(correlations / temperature, dim=1)
             field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
         if smooth_radius and len(offsets) > 1:
-            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, s)
+            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, s, subcell)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
 
@@ -152,6 +154,7 @@ def _confident_average(
     global_prior: float,
     temperature: float,
     search_radius: int,
+    rival_beyond_peak: bool = False,
 ) -> torch.Tensor:
     """``N, 2, h, w`` displacements averaged over ``(2q+1)^2`` boxes, each cell weighted by its confidence.
 
@@ -168,8 +171,14 @@ def _confident_average(
     confidence, times ``exp(-(best - c) / temperature)`` where ``c`` is the cell's own correlation at the
     translation (rounded). A flat cell, whose correlations tie, takes it; a cell whose own evidence contradicts it
     (a moving object's, best well above ``c``) keeps its own, as without the prior.
+
+    With ``rival_beyond_peak`` (``subcell``) the runner-up is the best candidate more than one cell (on either axis)
+    from the best: content displaced by half a cell matches the two cells it straddles about equally, so a margin
+    over the best's own neighbour would take that cell's weight exactly where its displacement is half a cell, and
+    the average would lean towards whole cells (``benchmarks/correspondence_estimate.py``, its ``subcell`` rows).
     """
-    best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
+    best = correlations.amax(1)
+    runner_up = _rival(correlations, search_radius, rival_beyond_peak)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
     confidence = ((best - runner_up).clamp(0.0, 2.0) + 1e-4).square()[:, None]
     # ... times how well that best candidate matches: on the quality benchmark's latents a cell whose content the
@@ -193,6 +202,18 @@ def _confident_average(
     contradiction = (best[:, None] - correlations.gather(1, index)).clamp(0.0, 2.0)  # an off-grid one: 2
     prior = global_prior * confidence.mean(dim=(2, 3), keepdim=True) * torch.exp(-contradiction / temperature)
     return (box(field * confidence) + prior * translation) / (box(confidence) + prior)
+
+
+def _rival(correlations: torch.Tensor, search_radius: int, beyond_peak: bool) -> torch.Tensor:
+    """``N, h, w`` runner-up correlation of ``N, K, h, w`` candidates (row-major ``(2S+1)^2`` offsets): the second
+    best, or with ``beyond_peak`` the best more than one cell from the best candidate (``-inf`` where none is)."""
+    if not beyond_peak:
+        return correlations.topk(2, dim=1).values[:, 1]
+    side = 2 * search_radius + 1
+    best = correlations.argmax(1, keepdim=True)  # N, 1, h, w
+    candidates = torch.arange(side * side, device=correlations.device)[None, :, None, None]
+    near = ((candidates // side - best // side).abs() <= 1) & ((candidates % side - best % side).abs() <= 1)
+    return correlations.masked_fill(near, float("-inf")).amax(1)
 
 
 def _global_translation(
