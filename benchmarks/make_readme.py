@@ -87,7 +87,7 @@ def shift_probe_table(probes: list[dict[str, Any]]) -> str:
                 if mode in modes:
                     gains = zip(modes[mode]["gain_frame0"], modes[mode]["gain_frame0_shared"])
                     rows.append([model, label] + [f"{w:+.2f} / {c:+.2f}" for w, c in gains])
-    return table(["model", "displacements"] + [f"{k:+d}" for k in shifts], rows)
+    return table(["model", "displacements"] + [f"{k:+g}" for k in shifts], rows)
 
 
 def backbones_block() -> str:

@@ -468,7 +468,7 @@ def eval_job(
 def shift_probe_clips(settings: Settings, media: Media) -> ShiftedClips:
     """The held-out clips of ``eval.shift_probe``; ConfigError when no source has room for its crop plus shift."""
     cfg = settings.eval.shift_probe
-    shift, crop = max(cfg.shifts) * cfg.token_pixels, (cfg.crop[0], cfg.crop[1])
+    shift, crop = round(max(cfg.shifts) * cfg.token_pixels), (cfg.crop[0], cfg.crop[1])
     try:
         return shifted_clips(settings, media, shift, cfg.clips_per_source, crop)
     except ValueError as err:

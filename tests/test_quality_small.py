@@ -56,7 +56,7 @@ def micro_config(folder: Path) -> Path:
     raw["pretrain"] |= {"steps": 3, "warmup": 1}
     raw["finetune"] |= {"steps": 2, "warmup": 1, "reference_distance": 2}
     raw["eval"] |= {"max_clips_per_source": 2, "camera_clips_per_source": 2, "camera_clips_per_photo": 2}
-    raw["eval"]["shift_probe"] = {"shifts": [1], "crop": [CROP, CROP], "clips_per_source": 1, "token_pixels": 8}
+    raw["eval"]["shift_probe"] = {"shifts": [0.5, 1], "crop": [CROP, CROP], "clips_per_source": 1, "token_pixels": 8}
     path = folder / "micro.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -421,6 +421,8 @@ def test_side_by_side_evaluation_gives_the_same_numbers_as_one_by_one(micro: tup
     assert settings.workers == 2  # the micro run evaluated in two worker processes
     probed = {settings.finetune.headline, settings.eval.targets["static_versus"]}
     assert set(doc["eval"]["shift_probe"]["models"]) == probed and len(probed) == 2
+    for rows in doc["eval"]["shift_probe"]["models"].values():  # half a token (4 px) probed beside whole ones
+        assert rows["shift_tokens"] == [-1, -0.5, 0, 0.5, 1] and len(rows["default"]["gain_frame0"]) == 5
     assert set(doc["eval"]["models"]) == {"pretrained", *settings.finetune.default_variants}
     alone = qs.main(["--config", str(config), "--out", str(out), "--phase", "eval", "--set", "workers=1"])
     assert json.loads(json.dumps(alone["eval"])) == json.loads(json.dumps(doc["eval"]))
@@ -569,6 +571,28 @@ def test_a_shift_probe_the_footage_cannot_give_fails_before_training(micro_media
     broken = dataclasses.replace(settings, eval=dataclasses.replace(settings.eval, shift_probe=too_wide))
     with pytest.raises(ConfigError, match="eval.shift_probe: no source leaves room"):
         qs.shift_probe_clips(broken, media)
+
+
+def test_a_half_token_shift_is_reported_not_judged() -> None:
+    """A shift of half a token (whole pixels) is probed and reported; the near target reads 1-2 tokens only. A
+    fraction that is not whole pixels is refused."""
+    settings = qset.load_settings(qset.CONFIG)
+    head = settings.finetune.headline
+    whole = [0.5, 1.0, 1.6, 0.1, 2.0, 0.2, 1.8, 1.2, 0.8]  # shifts -4 -2 -1 -0.5 0 0.5 1 2 4
+    row = {
+        "shift_tokens": [-4, -2, -1, -0.5, 0, 0.5, 1, 2, 4],
+        "default": {"gain_frame0": whole, "gain_frame0_shared": whole},
+    }
+    models = {name: {"motion": {"psnr": 1.0, "psnr_0": 2.0, "psnr_4+": 0.5}} for name in (head, "baseline")}
+    deltas = {f"{head} - baseline": {"motion": {"psnr": 1.3, "psnr_0": 2.2, "psnr_4+": 0.4}}}
+    out = qe.targets(models, deltas, settings, {"models": {head: row}})
+    assert out["shift_follow_near"]["value"] == pytest.approx(0.5) and out["shift_follow_far"]["value"] == 0.25
+    probe = dict(shifts=[0.5, 1], crop=[32, 32], clips_per_source=1, token_pixels=8)
+    assert qset.ShiftProbeSettings(**probe).shifts == [0.5, 1]
+    with pytest.raises(ConfigError, match="not whole pixels"):
+        qset.ShiftProbeSettings(**(probe | {"shifts": [0.3, 1]}))
+    with pytest.raises(ConfigError, match="shifts > 0"):
+        qset.ShiftProbeSettings(**(probe | {"shifts": [0, 1]}))
 
 
 def test_follow_ratios_take_the_worse_direction_of_each_shift() -> None:

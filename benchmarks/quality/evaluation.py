@@ -141,7 +141,7 @@ def targets(
     if probe is not None and name in probe["models"]:
         for metric, suffix in (("gain_frame0", ""), ("gain_frame0_shared", "_shown")):
             ratios = follow_ratios(probe["models"][name], metric)
-            near = [r for k, r in ratios.items() if k <= 2]
+            near = [r for k, r in ratios.items() if 1 <= k <= 2]  # whole tokens: a fraction is reported only
             if near:
                 record(f"shift_follow_near{suffix}", min(near))
             record(f"shift_follow_far{suffix}", ratios[max(ratios)])

@@ -161,15 +161,20 @@ class FinetuneSettings:
 class ShiftProbeSettings:
     """The shift probe of the eval phase (:mod:`benchmarks.quality.shift_probe`) on the headline and its comparison."""
 
-    shifts: list[int]  # tokens, each in both directions (and 0)
+    shifts: list[float]  # tokens, each in both directions (and 0); a fraction of one must be whole pixels
     crop: list[int]  # probe crop (height, width) in px; wider than the benchmark's so a shifted reference overlaps
     clips_per_source: int
     token_pixels: int  # output pixels per token of the shift (a latent cell of the benchmark's VAE)
 
     def __post_init__(self) -> None:
-        if not self.shifts or min(self.shifts) < 1 or len(self.crop) != 2 or min(self.crop) < 1:
+        if not self.shifts or min(self.shifts) <= 0 or len(self.crop) != 2 or min(self.crop) < 1:
             raise ConfigError(
-                f"eval.shift_probe needs shifts >= 1 and crop [height, width], got {self.shifts} and {self.crop}"
+                f"eval.shift_probe needs shifts > 0 and crop [height, width], got {self.shifts} and {self.crop}"
+            )
+        fractional = [s for s in self.shifts if float(s * self.token_pixels) != round(s * self.token_pixels)]
+        if fractional:
+            raise ConfigError(
+                f"eval.shift_probe.shifts {fractional} are not whole pixels at {self.token_pixels} px per token"
             )
 
 

@@ -76,7 +76,7 @@ def shift_probe(
     encoder: nn.Module,
     models: dict[str, nn.Module],
     probe: ShiftedClips,
-    shifts: list[int],
+    shifts: list[float],
     token: int,
     true_displacements: bool = False,
 ) -> dict:
@@ -86,7 +86,8 @@ def shift_probe(
         encoder: the benchmark's pretrained VAE (encodes the clips once).
         models: RefDecoders to probe, by name.
         probe: from :func:`shifted_clips` with ``shift >= max(shifts) * token``.
-        shifts: shifts in tokens (each in both directions; 0 is always included).
+        shifts: shifts in tokens (each in both directions; 0 is always included); a fraction of a token (0.5: half
+            of one) is whole pixels.
         token: output pixels per token.
         true_displacements: also decode with the shift given as displacements (``dx = -offset`` px, every frame).
 
@@ -99,7 +100,8 @@ def shift_probe(
     latents = encoder.encode(clips).latent_dist.mode()
     unrelated = references[0].roll(1, dims=0)  # another clip's frame 0
     offsets = sorted({s * sign for s in [0, *shifts] for sign in (1, -1)})
-    columns = {k: _shared(k * token, clips.shape[-1]) for k in offsets}
+    pixels = {k: round(k * token) for k in offsets}
+    columns = {k: _shared(pixels[k], clips.shape[-1]) for k in offsets}
     results = {}
     for name, model in models.items():
         plain = model.decode(latents, unrelated)
@@ -112,7 +114,7 @@ def shift_probe(
         for mode, given in modes.items():
             table: dict[str, list[float]] = {}
             for k in offsets:
-                offset, cols = k * token, columns[k]
+                offset, cols = pixels[k], columns[k]
                 flow = None
                 if given:
                     flow = torch.zeros(clips.shape[0], 2, *clips.shape[2:])
@@ -127,7 +129,7 @@ def shift_probe(
             rows[mode] = table
             print(
                 f"{name} [{mode}] frame-0 gain, whole / shared columns:",
-                " ".join(f"{k:+d}:{a:+.2f}/{b:+.2f}" for k, a, b in zip(offsets, table["gain_frame0"],
+                " ".join(f"{k:+g}:{a:+.2f}/{b:+.2f}" for k, a, b in zip(offsets, table["gain_frame0"],
                                                                          table["gain_frame0_shared"])),
             )  # fmt: skip
         results[name] = rows | {"psnr_unrelated": base_whole.mean().item()}
