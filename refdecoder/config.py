@@ -259,7 +259,8 @@ class CorrespondenceConfig:
     # video. Measured on the quality benchmark, it gained no more than without (docs/architecture.md).
     sub_token_shift: bool = False
     # The estimate below a latent cell: the best candidate refined by a parabola through its neighbours' correlations
-    # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one.
+    # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one; the
+    # smoothing then weighs each cell by its margin over candidates beyond the best's neighbours.
     subcell: bool = False
 
     @property
