@@ -256,7 +256,8 @@ class CorrespondenceConfig:
     # whole cells of the stage) before the joint attention, and the attention's update moved back
     # (refdecoder/blocks/sub_token_shift.py), so content displaced by a fraction of a token sits inside each video
     # token where the gathered reference token shows it. Needs snap; the first reference frame's remainder moves the
-    # video. Measured on the quality benchmark, it gained no more than without (docs/architecture.md).
+    # video. Measured on the quality benchmark: with the built-in estimate it gained no more than without; with
+    # exact caller displacements it gained more on camera moves (docs/architecture.md, "Correspondence").
     sub_token_shift: bool = False
     # The estimate below a latent cell: the best candidate refined by a parabola through its neighbours' correlations
     # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one; the

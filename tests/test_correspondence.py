@@ -467,8 +467,8 @@ def test_smoothing_keeps_the_weight_of_cells_half_a_cell_away(monkeypatch):
         return (field[:, 0, 1, ..., 5:-5, 5:-5] + 0.5).abs().mean().item()
 
     assert error() < 0.015
-    second_best = correspondence._rival
-    monkeypatch.setattr(correspondence, "_rival", lambda c, s, beyond_peak: second_best(c, s, False))
+    second_best = correspondence._best_and_rival
+    monkeypatch.setattr(correspondence, "_best_and_rival", lambda c, s, beyond_peak: second_best(c, s, False))
     assert error() > 0.02
 
 

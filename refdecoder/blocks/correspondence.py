@@ -177,8 +177,7 @@ def _confident_average(
     over the best's own neighbour would take that cell's weight exactly where its displacement is half a cell, and
     the average would lean towards whole cells (``benchmarks/correspondence_estimate.py``, its ``subcell`` rows).
     """
-    best = correlations.amax(1)
-    runner_up = _rival(correlations, search_radius, rival_beyond_peak)
+    best, runner_up = _best_and_rival(correlations, search_radius, rival_beyond_peak)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
     confidence = ((best - runner_up).clamp(0.0, 2.0) + 1e-4).square()[:, None]
     # ... times how well that best candidate matches: on the quality benchmark's latents a cell whose content the
@@ -204,16 +203,20 @@ def _confident_average(
     return (box(field * confidence) + prior * translation) / (box(confidence) + prior)
 
 
-def _rival(correlations: torch.Tensor, search_radius: int, beyond_peak: bool) -> torch.Tensor:
-    """``N, h, w`` runner-up correlation of ``N, K, h, w`` candidates (row-major ``(2S+1)^2`` offsets): the second
-    best, or with ``beyond_peak`` the best more than one cell from the best candidate (``-inf`` where none is)."""
+def _best_and_rival(
+    correlations: torch.Tensor, search_radius: int, beyond_peak: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N, h, w`` best and runner-up correlations of ``N, K, h, w`` candidates (row-major ``(2S+1)^2`` offsets): the
+    runner-up is the second best, or with ``beyond_peak`` the best more than one cell from the best candidate
+    (``-inf`` where none is)."""
     if not beyond_peak:
-        return correlations.topk(2, dim=1).values[:, 1]
+        best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
+        return best, runner_up
     side = 2 * search_radius + 1
-    best = correlations.argmax(1, keepdim=True)  # N, 1, h, w
+    best, index = correlations.max(1, keepdim=True)  # N, 1, h, w each
     candidates = torch.arange(side * side, device=correlations.device)[None, :, None, None]
-    near = ((candidates // side - best // side).abs() <= 1) & ((candidates % side - best % side).abs() <= 1)
-    return correlations.masked_fill(near, float("-inf")).amax(1)
+    near = ((candidates // side - index // side).abs() <= 1) & ((candidates % side - index % side).abs() <= 1)
+    return best[:, 0], correlations.masked_fill(near, float("-inf")).amax(1)
 
 
 def _global_translation(
