@@ -131,15 +131,17 @@ def small_flops() -> dict:
     config.tokenizer.per_stage, config.tokenizer.kind = True, "space_to_depth"
     configs["radius 2 + bias + per-stage space-to-depth tokenizers"] = config
     guided = {}
-    for name, frame_spaces, shift in (
-        (CORRESPONDENCE, "still_clip", False),
-        (CORRESPONDENCE_CHEAP, "fitted", False),
-        (CORRESPONDENCE_SHIFT, "still_clip", True),
+    for name, frame_spaces, shift, half_cell in (
+        (CORRESPONDENCE, "still_clip", False, False),
+        (CORRESPONDENCE_CHEAP, "fitted", False, False),
+        (CORRESPONDENCE_SHIFT, "still_clip", True, False),
+        (CORRESPONDENCE_HALF, "still_clip", True, True),
     ):
         guided[name] = config.copy()
         guided[name].correspondence.enabled = True
         guided[name].correspondence.frame_spaces = frame_spaces
         guided[name].correspondence.sub_token_shift = guided[name].correspondence.subcell = shift
+        guided[name].correspondence.half_cell = half_cell
     row = flops_row(build_wan("meta"), 17, (480, 832), configs | guided)
     without = row["radius 2 + bias + per-stage space-to-depth tokenizers"]
     for name, with_correspondence in guided.items():
@@ -156,6 +158,7 @@ def small_flops() -> dict:
 CORRESPONDENCE = "radius 2 + bias + per-stage space-to-depth tokenizers + correspondence"
 CORRESPONDENCE_CHEAP = CORRESPONDENCE + " (frame_spaces fitted)"
 CORRESPONDENCE_SHIFT = CORRESPONDENCE + " (sub_token_shift, subcell)"
+CORRESPONDENCE_HALF = CORRESPONDENCE + " (sub_token_shift, subcell, half_cell)"
 
 
 def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames: int, size: tuple[int, int]) -> int:
@@ -178,10 +181,11 @@ def correspondence_elementwise_flops(config: refdecoder.RefDecoderConfig, frames
     adapter, c, tf = model.adapter, config.correspondence, config.transformer
     t = adapter.frame_rule.latent_frames(frames)
     h, w = (s // adapter.spatial_factor for s in size)
-    candidates = (2 * c.search_radius + 1) ** 2
+    whole = (2 * c.search_radius + 1) ** 2
+    candidates = whole * (4 if c.half_cell else 1)  # half_cell: each whole offset once per half-cell phase
     patch = (2 * c.match_radius + 1) ** 2 if c.match_radius else 0
     total = t * h * w * candidates * (2 * adapter.latent_channels + patch + (1 if patch else 0))
-    total += h * w * candidates * patch  # the share of each candidate's patch on the grid
+    total += h * w * whole * patch  # the share of each whole offset's patch on the grid (the same for every phase)
     if c.smooth_radius:  # per cell: the top-2 over the candidates, the confidence, 3 channels through two box averages
         total += t * h * w * (candidates + 5 + 2 * 3 * (2 * c.smooth_radius + 1) ** 2)
         if c.global_prior:

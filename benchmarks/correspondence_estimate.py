@@ -17,11 +17,11 @@ the library's defaults unless varied) is measured on the columns the shifted ref
   motion since frame 0 counts as error here, alike for every setting: compare settings, not absolute values;
 - **below a cell** (``subcell``): frame 0 with the reference shifted by 2, 4 and 6 px of an 8-px cell, the median
   estimate and the mean ``|dx error|`` in cells with the soft-argmax and with ``subcell``, each without and with the
-  smoothing.
+  smoothing, and with ``half_cell`` (candidates half a cell apart).
 
 ``--run OUT`` (a ``quality_small.py`` output folder) also decodes the benchmark's held-out clips with a saved
-correspondence variant (``--model``) under each ``frame_spaces``, with the global prior and with ``per_frame``
-switched, its weights unchanged, and reports its PSNR gain
+correspondence variant (``--model``) under each ``frame_spaces``, with the global prior, with ``half_cell`` and with
+``per_frame`` switched, its weights unchanged, and reports its PSNR gain
 over the plain variant (``--baseline``) as ``quality_small.py`` groups them; and its rendered camera moves with the
 estimate, with each move's exact flow as ``displacements`` (``CameraPath.flow_to``; also with ``per_frame``
 switched) and with zero displacement:
@@ -61,6 +61,12 @@ FRAME0 = {
     "smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
     "smooth_radius 2, global_prior 3": {"smooth_radius": 2, "global_prior": 3.0},
     "smooth_radius 2, subcell": {"smooth_radius": 2, "global_prior": 0.0, "subcell": True},
+    "smooth_radius 2, subcell, half_cell": {
+        "smooth_radius": 2,
+        "global_prior": 0.0,
+        "subcell": True,
+        "half_cell": True,
+    },
 }
 # Frame 0 displaced by a fraction of a cell (px of an 8-px cell): the soft-argmax against the sub-cell parabola
 # (`subcell`), each unsmoothed and smoothed (the library's smooth_radius 2); the global prior off throughout.
@@ -70,6 +76,19 @@ SUBCELL = {
     "subcell, smooth_radius 0": {"smooth_radius": 0, "global_prior": 0.0, "subcell": True},
     "soft-argmax, smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0},
     "subcell, smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0, "subcell": True},
+    "half_cell, soft-argmax, smooth_radius 2": {"smooth_radius": 2, "global_prior": 0.0, "half_cell": True},
+    "half_cell, subcell, smooth_radius 0": {
+        "smooth_radius": 0,
+        "global_prior": 0.0,
+        "subcell": True,
+        "half_cell": True,
+    },
+    "half_cell, subcell, smooth_radius 2": {
+        "smooth_radius": 2,
+        "global_prior": 0.0,
+        "subcell": True,
+        "half_cell": True,
+    },
 }
 LATER = {
     "unmapped (still_frames 1)": {"frame_spaces": "still_clip", "still_frames": 1},
@@ -82,6 +101,7 @@ HELDOUT = {
     "as trained": {},
     "frame_spaces fitted": {"frame_spaces": "fitted"},
     "global_prior 3": {"global_prior": 3.0},
+    "half_cell": {"half_cell": True},
 }
 
 
@@ -98,7 +118,15 @@ def estimate_cells(adapter: WanAdapter, latents: torch.Tensor, reference: torch.
     t, h, w = latents.shape[2:]
     size = (h * adapter.spatial_factor, w * adapter.spatial_factor)
     field = correspondence_field(
-        adapter, latents, reference, [(0, t)], size, c.search, frame_spaces=c.frame_spaces, still_frames=c.still_frames
+        adapter,
+        latents,
+        reference,
+        [(0, t)],
+        size,
+        c.search,
+        frame_spaces=c.frame_spaces,
+        still_frames=c.still_frames,
+        half_cell=c.half_cell,
     )
     return field.pixels[:, 0] / adapter.spatial_factor
 

@@ -263,6 +263,11 @@ class CorrespondenceConfig:
     # instead of the soft-argmax, which at a low temperature rounds a fraction of a cell towards a whole one; the
     # smoothing then weighs each cell by its margin over candidates beyond the best's neighbours.
     subcell: bool = False
+    # The estimate's candidates half a cell apart: the reference is also encoded with its content moved half a cell
+    # down, right and both (4 images per reference frame through the encoder instead of 1, 4x the cost volume), so
+    # content displaced by a fraction of a cell is matched by features the encoder made for content there, instead
+    # of being placed between whole-cell candidates. Adds no weights: a decode-time switch for a trained model too.
+    half_cell: bool = False
 
     @property
     def search(self) -> tuple[int, float, int, int, float, bool]:
@@ -287,6 +292,7 @@ class CorrespondenceConfig:
             f"correspondence.sub_token_shift must be a bool, got {self.sub_token_shift!r}",
         )
         _check(isinstance(self.subcell, bool), f"correspondence.subcell must be a bool, got {self.subcell!r}")
+        _check(isinstance(self.half_cell, bool), f"correspondence.half_cell must be a bool, got {self.half_cell!r}")
         _check(
             self.snap or not self.sub_token_shift,
             "correspondence.sub_token_shift needs correspondence.snap: it moves the video by what snapping drops",

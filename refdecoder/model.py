@@ -258,6 +258,7 @@ class RefDecoder(nn.Module):
             frame_spaces=c.frame_spaces,
             per_frame=c.per_frame,
             sub_token_shift=c.sub_token_shift,
+            half_cell=c.half_cell,
         )
 
     def output_size(self, latent_size: Sequence[int]) -> tuple[int, int]:

@@ -21,6 +21,7 @@ part: the window's frames, resampled onto the stage's token grid, in tokens of t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,13 @@ from refdecoder.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from refdecoder.backbones.base import BackboneAdapter
 
-__all__ = ["cost_volume_displacement", "pixel_flow_to_latent_grid", "CorrespondenceField", "correspondence_field"]
+__all__ = [
+    "cost_volume_displacement",
+    "half_cell_phases",
+    "pixel_flow_to_latent_grid",
+    "CorrespondenceField",
+    "correspondence_field",
+]
 
 
 def cost_volume_displacement(
@@ -44,6 +51,7 @@ def cost_volume_displacement(
     smooth_radius: int = 0,
     global_prior: float = 0.0,
     subcell: bool = False,
+    half_cell: bool = False,
 ) -> torch.Tensor:
     """Displacement of every video cell into every reference frame, from a local cost volume and a soft-argmax.
 
@@ -63,6 +71,11 @@ def cost_volume_displacement(
             temperature rounds content displaced by a fraction of a cell towards a whole cell. The smoothing's
             confidence then measures the best candidate's margin over rivals beyond its neighbours
             (:func:`_confident_average`).
+        half_cell: ``reference`` is ``B, C, 4R, h, w``: each reference frame's features followed by those of the
+            same frame with its content moved half a cell down, right, and both (:func:`half_cell_phases`, in that
+            order). Candidates then lie on a half-cell grid, ``(4S+2)^2`` of them from ``-S - 1/2`` to ``S``: a
+            fraction of a cell is found between candidates half a cell apart, each matched by features the encoder
+            made from content at that position, instead of between whole cells.
 
     Returns:
         ``B, R, 2, T, h, w`` float32 ``(dy, dx)`` in cells: video cell ``(t, y, x)`` matches reference frame ``j`` at
@@ -78,15 +91,21 @@ def cost_volume_displacement(
             f"correspondence needs one grid for video and reference, got {tuple(video.shape[-2:])} and "
             f"{tuple(reference.shape[-2:])}"
         )
+    phases = len(HALF_CELL_PHASES) if half_cell else 1
+    if reference.shape[2] % phases:
+        raise InputError(
+            f"half_cell needs {phases} feature maps per reference frame, got {reference.shape[2]} reference maps"
+        )
     b, _, t, h, w = video.shape
     s = search_radius
+    grid = _CandidateGrid.half_cells(s) if half_cell else _CandidateGrid.whole_cells(s)
     video, reference = video.float(), reference.float()
     # Centre both on the reference's channel means (latents carry a large constant part), then unit length per cell.
     centre = reference.mean(dim=(2, 3, 4), keepdim=True)
     video = F.normalize(video - centre, dim=1)
     reference = F.normalize(reference - centre, dim=1)
     offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
-    shifts = torch.tensor(offsets, dtype=torch.float32, device=video.device)  # K, 2
+    shifts = grid.shifts.to(video.device)  # K, 2
     padded = F.pad(reference, (s, s, s, s))
     inside = F.pad(torch.ones(1, 1, h, w, device=video.device), (s, s, s, s))
     size = 2 * match_radius + 1
@@ -100,36 +119,106 @@ def cost_volume_displacement(
     # against in-grid wrong ones.
     in_grid = [inside[:, :, s + dy : s + dy + h, s + dx : s + dx + w] for dy, dx in offsets]  # 1, 1, h, w each
     shares = [patch_mean(g).clamp_min(1e-6) if match_radius else None for g in in_grid]
-    out = torch.empty(b, reference.shape[2], 2, t, h, w, device=video.device)
-    for j in range(reference.shape[2]):
-        costs = []
-        for (dy, dx), grid, share in zip(offsets, in_grid, shares):
-            candidate = padded[:, :, j : j + 1, s + dy : s + dy + h, s + dx : s + dx + w]
-            cost = (video * candidate).sum(1).flatten(0, 1)[:, None]  # B*T, 1, h, w
-            if share is not None:
-                cost = patch_mean(cost) / share
-            costs.append(cost.masked_fill(grid == 0, float("-inf")))
-        correlations = torch.cat(costs, 1)  # B*T, K, h, w
+    out = torch.empty(b, reference.shape[2] // phases, 2, t, h, w, device=video.device)
+    for j in range(out.shape[1]):
+        per_phase = []
+        for phase in range(phases):
+            costs = []
+            for (dy, dx), inside_grid, share in zip(offsets, in_grid, shares):
+                candidate = padded[:, :, j * phases + phase, None, s + dy : s + dy + h, s + dx : s + dx + w]
+                cost = (video * candidate).sum(1).flatten(0, 1)[:, None]  # B*T, 1, h, w
+                if share is not None:
+                    cost = patch_mean(cost) / share
+                costs.append(cost.masked_fill(inside_grid == 0, float("-inf")))
+            per_phase.append(torch.cat(costs, 1))  # B*T, (2S+1)^2, h, w
+        correlations = grid.interleave(per_phase)  # B*T, K, h, w
         if subcell:
-            field = _parabolic_peak(correlations, s)
+            field = _parabolic_peak(correlations, grid)
         else:
             weights = torch.softmax(correlations / temperature, dim=1)
             field = torch.einsum("nkhw,kc->nchw", weights, shifts)  # B*T, 2, h, w
-        if smooth_radius and len(offsets) > 1:
-            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, s, subcell)
+        if smooth_radius and len(shifts) > 1:
+            field = _confident_average(field, correlations, smooth_radius, global_prior, temperature, grid, subcell)
         out[:, j] = field.unflatten(0, (b, t)).transpose(1, 2)
     return out
 
 
-def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Tensor:
-    """``N, 2, h, w`` offsets of each cell's best candidate, refined below a cell by a parabola per axis.
+# Half-cell phases of a reference frame, (down, right) in half cells: as is, down, right, both.
+HALF_CELL_PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
 
-    ``correlations``: ``N, K, h, w`` over the ``(2S+1)^2`` offsets, row-major from ``(-S, -S)``, ``-inf`` off the
-    grid. Along each axis the parabola through the best correlation ``c0`` and its neighbours ``a`` (one cell less)
-    and ``b`` (one more) peaks at ``(a - b) / (2 (a - 2 c0 + b))`` cells from the best, kept within half a cell; the
-    offset stays whole where a neighbour is off the grid or beyond the search window, or the three do not bend down.
+
+def half_cell_phases(frames: torch.Tensor, cell: int) -> torch.Tensor:
+    """``N, 3, H, W`` images -> ``N * 4, 3, H, W``: each followed by itself with its content moved half a cell
+    (``cell // 2`` px) down, right, and both (:data:`HALF_CELL_PHASES`; the uncovered border repeats the edge).
+
+    Encoded, they give the reference's features at half-cell offsets as the encoder makes them for content there,
+    which the half-cell cost volume (``cost_volume_displacement(half_cell=True)``) matches the video against.
     """
-    side = 2 * search_radius + 1
+    if cell % 2:
+        raise InputError(f"half_cell needs an even latent cell, got {cell} px")
+    half = cell // 2
+    h, w = frames.shape[-2:]
+    padded = F.pad(frames, (half, 0, half, 0), mode="replicate")
+    moved = [padded[..., half - down * half :, half - right * half :][..., :h, :w] for down, right in HALF_CELL_PHASES]
+    return torch.stack(moved, 1).flatten(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CandidateGrid:
+    """The candidate displacements of the cost volume: a ``side x side`` grid, row-major, from ``(first, first)``
+    in steps of ``step`` cells along each axis."""
+
+    side: int
+    first: float
+    step: float
+
+    @classmethod
+    def whole_cells(cls, search_radius: int) -> _CandidateGrid:
+        return cls(2 * search_radius + 1, -float(search_radius), 1.0)
+
+    @classmethod
+    def half_cells(cls, search_radius: int) -> _CandidateGrid:
+        """Whole offsets ``-S..S`` of the reference as is and less half a cell of each moved one: ``-S-1/2..S``."""
+        return cls(4 * search_radius + 2, -search_radius - 0.5, 0.5)
+
+    @property
+    def shifts(self) -> torch.Tensor:
+        """``K, 2`` float32 ``(dy, dx)`` in cells of every candidate, row-major."""
+        axis = self.first + self.step * torch.arange(self.side, dtype=torch.float32)
+        return torch.cartesian_prod(axis, axis)
+
+    def offset(self, index: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+        """Cells of candidate row or column ``index`` plus ``fraction`` of a step (float tensors)."""
+        return (self.first + self.step * index) + self.step * fraction
+
+    def index(self, cells: torch.Tensor) -> torch.Tensor:
+        """The nearest candidate row or column of ``cells`` (long, clamped to the grid)."""
+        return ((cells / self.step).round() - round(self.first / self.step)).clamp(0, self.side - 1).long()
+
+    def interleave(self, per_phase: list[torch.Tensor]) -> torch.Tensor:
+        """``N, K, h, w`` candidates of this grid from ``N, (2S+1)^2, h, w`` correlations per phase
+        (:data:`HALF_CELL_PHASES`; one phase: the whole-cell grid as it is). A reference moved half a cell down
+        shows at whole offset ``dy`` what lies ``dy - 1/2`` cells from the cell: the half-grid row before ``dy``'s."""
+        if len(per_phase) == 1:
+            return per_phase[0]
+        n, _, h, w = per_phase[0].shape
+        whole = self.side // 2
+        out = per_phase[0].new_empty(n, whole, 2, whole, 2, h, w)
+        for (down, right), correlations in zip(HALF_CELL_PHASES, per_phase):
+            out[:, :, 1 - down, :, 1 - right] = correlations.unflatten(1, (whole, whole))
+        return out.flatten(1, 4)
+
+
+def _parabolic_peak(correlations: torch.Tensor, grid: _CandidateGrid) -> torch.Tensor:
+    """``N, 2, h, w`` offsets of each cell's best candidate, refined between candidates by a parabola per axis.
+
+    ``correlations``: ``N, K, h, w`` over the ``grid``'s candidates, ``-inf`` off the latent grid. Along each axis
+    the parabola through the best correlation ``c0`` and its neighbours ``a`` (one candidate less) and ``b`` (one
+    more) peaks at ``(a - b) / (2 (a - 2 c0 + b))`` candidate steps from the best, kept within half a step; the
+    offset stays on the best candidate where a neighbour is off the grid or beyond the search window, or the three
+    do not bend down.
+    """
+    side = grid.side
     peak, best = correlations.max(1)  # N, h, w each
     row, col = best // side, best % side
 
@@ -143,7 +232,7 @@ def _parabolic_peak(correlations: torch.Tensor, search_radius: int) -> torch.Ten
         bend = a - 2 * peak + b
         usable = torch.isfinite(a) & torch.isfinite(b) & (bend < -1e-6)
         vertex = 0.5 * (a - b) / torch.where(usable, bend, torch.full_like(bend, -1.0))
-        out.append(index.float() - search_radius + torch.where(usable, vertex, 0.0).clamp(-0.5, 0.5))
+        out.append(grid.offset(index.float(), torch.where(usable, vertex, 0.0).clamp(-0.5, 0.5)))
     return torch.stack(out, 1)
 
 
@@ -153,31 +242,31 @@ def _confident_average(
     radius: int,
     global_prior: float,
     temperature: float,
-    search_radius: int,
+    grid: _CandidateGrid,
     rival_beyond_peak: bool = False,
 ) -> torch.Tensor:
     """``N, 2, h, w`` displacements averaged over ``(2q+1)^2`` boxes, each cell weighted by its confidence.
 
-    A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``: ``N, K,
-    h, w`` patch-averaged cosines over the ``(2S+1)^2`` offsets, S = ``search_radius``, row-major from ``(-S, -S)``,
-    ``-inf`` off the grid), times ``exp(-(1 - best) / temperature)``: how well that best candidate matches. A
-    textured cell has one clear peak and keeps about its own displacement; a cell in a flat region (sky, a wall) has
-    a near-tie, so its soft-argmax falls back towards zero, and it takes its confident neighbours' displacement
-    instead; a cell whose content the reference does not show (it left the frame, or sits next to the reference's
-    border, where the encoder's padding changes the latents) matches even its best candidate clearly worse than a
-    true match and gives way too (measured by ``benchmarks/correspondence_estimate.py``). Where no cell of the
-    box is confident the plain mean is kept, or, with ``global_prior`` > 0, mostly the frame's global translation
-    (:func:`_global_translation`): it joins each box with the weight of ``global_prior`` boxes of the frame's mean
-    confidence, times ``exp(-(best - c) / temperature)`` where ``c`` is the cell's own correlation at the
-    translation (rounded). A flat cell, whose correlations tie, takes it; a cell whose own evidence contradicts it
-    (a moving object's, best well above ``c``) keeps its own, as without the prior.
+    A cell's confidence is the square of its best candidate's margin over the runner-up (``correlations``: ``N, K, h,
+    w`` patch-averaged cosines over the ``grid``'s candidates, ``-inf`` off the latent grid), times ``exp(-(1 - best) /
+    temperature)``: how well that best candidate matches. A textured cell has one clear peak and keeps about its own
+    displacement; a cell in a flat region (sky, a wall) has a near-tie, so its soft-argmax falls back towards zero, and
+    it takes its confident neighbours' displacement instead; a cell whose content the reference does not show (it left
+    the frame, or sits next to the reference's border, where the encoder's padding changes the latents) matches even
+    its best candidate clearly worse than a true match and gives way too (measured by
+    ``benchmarks/correspondence_estimate.py``). Where no cell of the box is confident the plain mean is kept, or, with
+    ``global_prior`` > 0, mostly the frame's global translation (:func:`_global_translation`): it joins each box with
+    the weight of ``global_prior`` boxes of the frame's mean confidence, times ``exp(-(best - c) / temperature)`` where
+    ``c`` is the cell's own correlation at the translation (rounded). A flat cell, whose correlations tie, takes it; a
+    cell whose own evidence contradicts it (a moving object's, best well above ``c``) keeps its own, as without the
+    prior.
 
-    With ``rival_beyond_peak`` (``subcell``) the runner-up is the best candidate more than one cell (on either axis)
-    from the best: content displaced by half a cell matches the two cells it straddles about equally, so a margin
-    over the best's own neighbour would take that cell's weight exactly where its displacement is half a cell, and
-    the average would lean towards whole cells (``benchmarks/correspondence_estimate.py``, its ``subcell`` rows).
+    With ``rival_beyond_peak`` (``subcell``) the runner-up is the best candidate more than one candidate step (on
+    either axis) from the best: content displaced between two candidates matches both about equally, so a margin over
+    the best's own neighbour would take that cell's weight exactly where its displacement lies between them, and the
+    average would lean towards the candidates (``benchmarks/correspondence_estimate.py``, its ``subcell`` rows).
     """
-    best, runner_up = _best_and_rival(correlations, search_radius, rival_beyond_peak)
+    best, runner_up = _best_and_rival(correlations, grid.side, rival_beyond_peak)
     # Cosines lie in [-1, 1]: the clamp also turns a lone in-grid candidate's infinite margin into a finite one.
     confidence = ((best - runner_up).clamp(0.0, 2.0) + 1e-4).square()[:, None]
     # ... times how well that best candidate matches: on the quality benchmark's latents a cell whose content the
@@ -195,24 +284,20 @@ def _confident_average(
     if global_prior <= 0:
         return box(field * confidence) / box(confidence)
     translation = _global_translation(field, confidence)  # N, 2, 1, 1
-    s = search_radius
-    dy, dx = translation.round().clamp(-s, s).long().unbind(1)  # N, 1, 1 each
-    index = ((dy + s) * (2 * s + 1) + dx + s)[:, None].expand(-1, 1, *correlations.shape[-2:])
+    row, col = grid.index(translation).unbind(1)  # N, 1, 1 each: the candidate nearest the translation
+    index = (row * grid.side + col)[:, None].expand(-1, 1, *correlations.shape[-2:])
     contradiction = (best[:, None] - correlations.gather(1, index)).clamp(0.0, 2.0)  # an off-grid one: 2
     prior = global_prior * confidence.mean(dim=(2, 3), keepdim=True) * torch.exp(-contradiction / temperature)
     return (box(field * confidence) + prior * translation) / (box(confidence) + prior)
 
 
-def _best_and_rival(
-    correlations: torch.Tensor, search_radius: int, beyond_peak: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``N, h, w`` best and runner-up correlations of ``N, K, h, w`` candidates (row-major ``(2S+1)^2`` offsets): the
-    runner-up is the second best, or with ``beyond_peak`` the best more than one cell from the best candidate
+def _best_and_rival(correlations: torch.Tensor, side: int, beyond_peak: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N, h, w`` best and runner-up correlations of ``N, K, h, w`` candidates (a row-major ``side x side`` grid):
+    the runner-up is the second best, or with ``beyond_peak`` the best more than one candidate from the best one
     (``-inf`` where none is)."""
     if not beyond_peak:
         best, runner_up = correlations.topk(2, dim=1).values.unbind(1)
         return best, runner_up
-    side = 2 * search_radius + 1
     best, index = correlations.max(1, keepdim=True)  # N, 1, h, w each
     candidates = torch.arange(side * side, device=correlations.device)[None, :, None, None]
     near = ((candidates // side - index // side).abs() <= 1) & ((candidates % side - index % side).abs() <= 1)
@@ -299,7 +384,8 @@ def _reference_latents(
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
-        frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size.
+        frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size (``B*R*4`` with
+            ``half_cell``: each reference frame's phases in a row, which then count as its reference frames here).
         latents: ``B, C, t, h, w`` the latents being decoded.
         frame_spaces: ``"fitted"`` or ``"still_clip"``.
         still_frames: latent frames of the still clip (``"still_clip"``).
@@ -475,6 +561,7 @@ def correspondence_field(
     frame_spaces: str = "still_clip",
     per_frame: bool = False,
     sub_token_shift: bool = False,
+    half_cell: bool = False,
 ) -> CorrespondenceField:
     """One decode's :class:`CorrespondenceField`: the caller's ``displacements`` if given, else the estimate.
 
@@ -494,6 +581,8 @@ def correspondence_field(
         per_frame: stages after temporal upsampling give each frame its own displacement, in time between the
             latent frames' (see :class:`CorrespondenceField`).
         sub_token_shift: move each video frame by the sub-token remainder (see :class:`CorrespondenceField`).
+        half_cell: the estimate's candidates lie half a cell apart: the reference is also encoded moved by half a
+            cell (:func:`half_cell_phases`, 4 images per reference frame through the encoder instead of 1).
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
     if displacements is not None:
@@ -503,9 +592,11 @@ def correspondence_field(
             frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
             if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
                 frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
+            if half_cell:
+                frames = half_cell_phases(frames, adapter.spatial_factor)
             cells = torch.cat(
                 [
-                    cost_volume_displacement(latents[:, :, kind], encoded, *search)
+                    cost_volume_displacement(latents[:, :, kind], encoded, *search, half_cell=half_cell)
                     for kind, encoded in _reference_latents(adapter, frames, latents, frame_spaces, still_frames)
                 ],
                 dim=3,
