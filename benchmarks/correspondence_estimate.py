@@ -204,10 +204,14 @@ def heldout_gains(
     latents = [encoder.encode(video).latent_dist.mode() for video in batches]
     target = torch.cat(batches)
 
-    def per_frame_psnr(model: torch.nn.Module) -> torch.Tensor:  # N, T
-        return psnr(torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)]), target)
+    def decode_all(model: torch.nn.Module) -> torch.Tensor:  # N, 3, T, H, W
+        return torch.cat([reconstruct(model, z, video) for z, video in zip(latents, batches)])
 
-    base = per_frame_psnr(load_vae(out / baseline_name).eval())
+    def per_frame_psnr(model: torch.nn.Module) -> torch.Tensor:  # N, T
+        return psnr(decode_all(model), target)
+
+    base_frames = decode_all(load_vae(out / baseline_name).eval())
+    base = psnr(base_frames, target)
     base_summary = summarise({"psnr": base}, clips)
     model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
     trained = model.config.correspondence
@@ -224,9 +228,12 @@ def heldout_gains(
     result, per_frame = {}, {}
     decodes = {name: dataclasses.replace(trained, **varied) for name, varied in HELDOUT.items()}
     decodes.update([switched(trained)])
+    as_trained = None
     for spaces, config in decodes.items():
         model.config.correspondence = config
-        per_frame[spaces] = per_frame_psnr(model)
+        frames = decode_all(model)
+        as_trained = frames if as_trained is None else as_trained  # the first: the camera rows' "estimate"
+        per_frame[spaces] = psnr(frames, target)
         result[spaces] = gains_of(per_frame[spaces])
         print(f"{model_name} {spaces}: {result[spaces]}", flush=True)
     model.config.correspondence = trained
@@ -244,32 +251,36 @@ def heldout_gains(
             print(f"{untrained_name} {label}: {rows[label]}", flush=True)
         decode_only = {"decode_only": {"model": untrained_name, "gains_db": rows}}
     camera = camera_flow_gains(
-        model, base, per_frame[next(iter(HELDOUT))], torch.cat(latents), target, media, settings, clips
-    )
+        model, (base_frames, base), (as_trained, per_frame[next(iter(HELDOUT))]), torch.cat(latents), target, media,
+        settings, clips,
+    )  # fmt: skip
     return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera | decode_only
 
 
 def camera_flow_gains(
     model: refdecoder.RefDecoder,
-    base: torch.Tensor,
-    estimated: torch.Tensor,
+    base: tuple[torch.Tensor, torch.Tensor],
+    estimated: tuple[torch.Tensor, torch.Tensor],
     latents: torch.Tensor,
     target: torch.Tensor,
     media: Media,
     settings: Settings,
     clips: list,
 ) -> dict:
-    """Gains on the rendered camera moves with the estimate, their exact flow and zero displacement.
+    """Gains on the rendered camera moves with the estimate, their exact flow and zero displacement; on all pixels
+    and on those whose content the reference shows (:func:`shown_by_flow`).
 
-    ``base`` and ``estimated``: the plain variant's and the model's (with its own estimate) ``N, T`` per-frame PSNR
-    on ``clips``; ``latents``, ``target``: every clip's latents and frames, in ``clips``' order. Gains are
-    differences of :func:`~benchmarks.quality.evaluation.by_distance` means, as the benchmark's own.
+    ``base`` and ``estimated``: the plain variant's and the model's (with its own estimate) ``N, 3, T, H, W`` decodes
+    and ``N, T`` per-frame PSNR on ``clips``; ``latents``, ``target``: every clip's latents and frames, in ``clips``'
+    order. Gains are differences of :func:`~benchmarks.quality.evaluation.by_distance` means, as the benchmark's own.
     """
+    (base_frames, base), (estimated_frames, estimated) = base, estimated
     rows = torch.tensor([c.part == "camera" for c in clips])
     if not rows.any():
         return {}
     flow = heldout_camera_flows(media, settings, [c for c, moved in zip(clips, rows) if moved])
     video, scores = target[rows], {"estimate": estimated[rows]}
+    decoded = {"plain": base_frames[rows], "estimate": estimated_frames[rows]}
     trained = model.config.correspondence
     label, other = switched(trained)
     given = {
@@ -279,7 +290,8 @@ def camera_flow_gains(
     }
     for name, (displacements, config) in given.items():
         model.config.correspondence = config
-        scores[name] = psnr(model.decode(latents[rows], video[:, :, :1], displacements=displacements), video)
+        decoded[name] = model.decode(latents[rows], video[:, :, :1], displacements=displacements)
+        scores[name] = psnr(decoded[name], video)
     model.config.correspondence = trained
     every = torch.ones(len(video), dtype=torch.bool)
     plain = by_distance({"psnr": base[rows]}, every)
@@ -287,8 +299,40 @@ def camera_flow_gains(
     for name, score in scores.items():
         table[name] = {k: v - plain[k] for k, v in by_distance({"psnr": score}, every).items()}
         print(f"camera moves, {name}: {table[name]}", flush=True)
+    # The same gains on the pixels whose content the reference shows (the rest entered the view after frame 0: no
+    # reference can give their detail), from the decodes kept above.
+    mask = shown_by_flow(flow)
+    plain_shown = by_distance({"psnr": masked_psnr(decoded["plain"], video, mask)}, every)
+    shown_table = {}
+    for name in scores:
+        shown_psnr = masked_psnr(decoded[name], video, mask)
+        shown_table[name] = {k: v - plain_shown[k] for k, v in by_distance({"psnr": shown_psnr}, every).items()}
+        print(f"camera moves, shown pixels, {name}: {shown_table[name]}", flush=True)
     last_frame_px = flow[:, :, -1].norm(dim=1).mean().item()
-    return {"camera_moves": len(flow), "camera_flow_mean_px_last_frame": last_frame_px, "camera_gains_db": table}
+    return {
+        "camera_moves": len(flow),
+        "camera_flow_mean_px_last_frame": last_frame_px,
+        "camera_gains_db": table,
+        "camera_shown_share": by_distance({"share": mask.float().mean(dim=(2, 3))}, every),
+        "camera_gains_shown_db": shown_table,
+    }
+
+
+def shown_by_flow(flow: torch.Tensor) -> torch.Tensor:
+    """``B, T, H, W`` bool: pixels whose content lies inside the reference frame, by the ``B, 2, T, H, W`` flow."""
+    h, w = flow.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32).reshape(h, 1) + 0.5  # pixel centres
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    y, x = ys + flow[:, 0], xs + flow[:, 1]
+    return (y >= 0) & (y <= h) & (x >= 0) & (x <= w)
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` PSNR (dB, on [0, 1] values) of ``B, 3, T, H, W`` frames in [-1, 1] over the ``B, T, H, W`` mask's
+    pixels (NaN for a frame with none)."""
+    error = ((pred.float() - target.float()) / 2).square().mean(1)  # B, T, H, W
+    mse = (error * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3))
+    return 10 * torch.log10(1 / mse)
 
 
 def main() -> None:

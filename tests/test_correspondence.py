@@ -525,8 +525,9 @@ def test_half_cell_candidates_find_fractions_of_a_cell(shift_px):
     cells stay within 0.3 px: the closer candidates make the parabola a little less exact there (0.06 px without)."""
     field, truth = _encoded_scene_shift(shift_px, half_cell=True)
     whole_cells, _ = _encoded_scene_shift(shift_px, half_cell=False)
-    error = (field - truth).abs().mean().item()
-    assert error < 0.35, field.mean(dim=(2, 3))  # px, of a 4-px cell
+    per_latent_frame = (field - truth).abs().mean(dim=(0, 2, 3))
+    assert per_latent_frame.max() < 0.35, field.mean(dim=(2, 3))  # px, of a 4-px cell
+    error = per_latent_frame.mean().item()
     if shift_px[0] % 4 or shift_px[1] % 4:
         halves = shift_px[0] % 2 == 0 and shift_px[1] % 2 == 0
         assert error < (0.33 if halves else 0.75) * (whole_cells - truth).abs().mean().item()

@@ -539,6 +539,30 @@ def test_the_estimate_benchmark_reproduces_the_runs_gains_as_trained(micro, micr
     assert set(rows) == {"estimate", "true flow", f"true flow, {switched}", "zero"}
     assert rows["estimate"]["psnr"] == pytest.approx(parts[0] - parts[1], abs=1e-5)
     assert rows[f"true flow, {switched}"]["psnr_4+"] != rows["true flow"]["psnr_4+"]  # moves within latent frames
+    # On the pixels the reference shows: frame 0 is all shown (the reference is frame 0), later frames lose some.
+    shown, share = measured["camera_gains_shown_db"], measured["camera_shown_share"]
+    assert set(shown) == set(rows) and share["share_0"] == 1.0 and 0 < share["share_4+"] < 1
+    for name in rows:
+        assert shown[name]["psnr_0"] == pytest.approx(rows[name]["psnr_0"], abs=1e-4)
+
+
+def test_shown_pixels_and_their_psnr() -> None:
+    from benchmarks import correspondence_estimate as ce
+    from refdecoder.metrics import psnr
+
+    flow = torch.zeros(2, 2, 3, 8, 16)
+    flow[1, 1, 2] = 10.0  # frame 2 of clip 1 shows the reference 10 px further right: its last 10 columns left it
+    flow[1, 0, 1] = -3.0  # frame 1 of clip 1 shows it 3 px higher: its first 3 rows are not in the reference
+    mask = ce.shown_by_flow(flow)
+    assert mask[0].all() and mask[1, 0].all()
+    assert mask[1, 2, :, :6].all() and not mask[1, 2, :, 6:].any()
+    assert not mask[1, 1, :3].any() and mask[1, 1, 3:].all()
+    target = torch.rand(2, 3, 3, 8, 16) * 2 - 1
+    pred = (target + 0.1 * torch.randn_like(target)).clamp(-1, 1)
+    every = torch.ones_like(mask)
+    torch.testing.assert_close(ce.masked_psnr(pred, target, every), psnr(pred, target))
+    wrong_outside = torch.where(mask[:, None], target, -target)  # errors only where the reference does not show
+    assert torch.isinf(ce.masked_psnr(wrong_outside, target, mask)).all()
 
 
 def test_heldout_camera_flows_are_for_camera_moves_only(micro_media) -> None:
