@@ -384,7 +384,8 @@ def _reference_latents(
 
     Args:
         adapter: the backbone adapter (frame rule and frozen encoder).
-        frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size.
+        frames: ``B*R, 3, H, W`` reference images in [-1, 1] at the encoder's input size (``B*R*4`` with
+            ``half_cell``: each reference frame's phases in a row, which then count as its reference frames here).
         latents: ``B, C, t, h, w`` the latents being decoded.
         frame_spaces: ``"fitted"`` or ``"still_clip"``.
         still_frames: latent frames of the still clip (``"still_clip"``).
@@ -393,11 +394,12 @@ def _reference_latents(
         ``[(slice of video latent frames, B, C, R, h, w reference latents)]``, the slices covering ``0..t`` in order.
     """
     b, t = latents.shape[0], latents.shape[2]
-    if frame_spaces == "fitted":
-        n = _shortest_clip(adapter, t)
+    if frame_spaces == "fitted":  # the shortest still clip the frame rule allows: one image for most backbones
+        n = next((k for k in range(1, t + 1) if _decodable(adapter, k)), t)
     else:
         n = next((k for k in range(min(t, still_frames), 0, -1) if _decodable(adapter, k)), t)
-    encoded = _encode_still(adapter, frames, n, latents.dtype)  # B*R, C, n, h, w
+    clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(n), -1, -1)
+    encoded = adapter.encode(clip.to(latents.dtype))  # B*R, C, n, h, w
     per_frame = encoded.unflatten(0, (b, -1)).transpose(1, 2)  # B, C, R, n, h, w
     if frame_spaces == "still_clip":
         kinds = [slice(i, i + 1) for i in range(n - 1)] + [slice(n - 1, t)]
@@ -405,42 +407,6 @@ def _reference_latents(
     first = per_frame[:, :, :, 0]  # B, C, R, h, w
     later = _mapped_into_later_frames(latents, first)
     return [(slice(0, 1), first)] + [(slice(i, i + 1), mapped) for i, mapped in enumerate(later, start=1)]
-
-
-def _half_cell_reference_latents(
-    adapter: BackboneAdapter, frames: torch.Tensor, latents: torch.Tensor, frame_spaces: str, still_frames: int
-) -> list[tuple[slice, torch.Tensor]]:
-    """:func:`_reference_latents` of each reference frame and its three half-cell phases (:func:`half_cell_phases`):
-    ``[(slice of video latent frames, B, C, 4R, h, w)]``, each reference frame's four in a row.
-
-    ``"fitted"`` encodes the four images and maps them as it maps one. ``"still_clip"`` encodes the reference as
-    is as its still clip, but the three moved images only as images (latent frame 0's space), and brings them into
-    each later still-clip frame's space by the affine channel map that takes the still clip's own first latent frame
-    to that frame (:func:`_mapped_into_later_frames`, fitted on the reference's own cells: the same content, so the
-    map holds only what the encoder does to a still image over time): three images through the encoder instead of
-    three more still clips.
-    """
-    b, r = latents.shape[0], frames.shape[0] // latents.shape[0]
-    phases = half_cell_phases(frames, adapter.spatial_factor)  # B*R*4, 3, H, W
-    if frame_spaces == "fitted":
-        return _reference_latents(adapter, phases, latents, frame_spaces, still_frames)
-    as_is = _reference_latents(adapter, frames, latents, frame_spaces, still_frames)  # B, C, R, h, w each
-    moved = phases.unflatten(0, (-1, len(HALF_CELL_PHASES)))[:, 1:].flatten(0, 1)  # B*R*3, 3, H, W
-    # The shortest clip's first latent frame: what the still clip's first frame is (a causal encoder's first
-    # latent frame sees its first pixel group only).
-    first_moved = _encode_still(adapter, moved, _shortest_clip(adapter, latents.shape[2]), latents.dtype)[:, :, 0]
-    first_moved = first_moved.unflatten(0, (b * r, -1)).transpose(1, 2)  # B*R, C, 3, h, w
-    first_as_is = as_is[0][1].transpose(1, 2).flatten(0, 1)  # B*R, C, h, w
-    out = []
-    for kind, still in as_is:
-        if kind.start == 0:
-            mapped = first_moved
-        else:  # B*R samples of two "frames": the still clip's first and this one; the map fitted between them
-            pair = torch.stack([first_as_is, still.transpose(1, 2).flatten(0, 1)], 2)  # B*R, C, 2, h, w
-            (mapped,) = _mapped_into_later_frames(pair, first_moved)
-        together = torch.cat([still.transpose(1, 2).flatten(0, 1)[:, :, None], mapped], 2)  # B*R, C, 4, h, w
-        out.append((kind, together.unflatten(0, (b, r)).transpose(1, 2).flatten(2, 3)))  # B, C, R*4, h, w
-    return out
 
 
 def _mapped_into_later_frames(
@@ -472,19 +438,6 @@ def _mapped_into_later_frames(
         weights = torch.linalg.solve(normal, source @ latents[:, :, i].flatten(2).float().mT)  # B, C+1, C
         mapped.append(torch.einsum("bdc,bdn->bcn", weights, cells).reshape(reference.shape).to(latents.dtype))
     return mapped
-
-
-def _encode_still(
-    adapter: BackboneAdapter, frames: torch.Tensor, latent_frames: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """``N, 3, H, W`` images encoded each as a still clip of ``latent_frames`` latent frames: ``N, C, n, h, w``."""
-    clip = frames[:, :, None].expand(-1, -1, adapter.frame_rule.pixel_frames(latent_frames), -1, -1)
-    return adapter.encode(clip.to(dtype))
-
-
-def _shortest_clip(adapter: BackboneAdapter, latent_frames: int) -> int:
-    """The fewest latent frames the frame rule allows (one image for most backbones; else the video's count)."""
-    return next((k for k in range(1, latent_frames + 1) if _decodable(adapter, k)), latent_frames)
 
 
 def _decodable(adapter: BackboneAdapter, latent_frames: int) -> bool:
@@ -639,11 +592,12 @@ def correspondence_field(
             frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
             if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
                 frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
-            encode = _half_cell_reference_latents if half_cell else _reference_latents
+            if half_cell:
+                frames = half_cell_phases(frames, adapter.spatial_factor)
             cells = torch.cat(
                 [
                     cost_volume_displacement(latents[:, :, kind], encoded, *search, half_cell=half_cell)
-                    for kind, encoded in encode(adapter, frames, latents, frame_spaces, still_frames)
+                    for kind, encoded in _reference_latents(adapter, frames, latents, frame_spaces, still_frames)
                 ],
                 dim=3,
             )
