@@ -12,6 +12,8 @@ displacement (a confidence-weighted box average) and, where their own correlatio
 global translation (a pan, a displaced reference); where nothing in the frame is confident the field stays about
 zero and the attention looks where it looked without correspondence. Cost and memory: ``tokens x (2S+1)^2``
 multiply-adds, one candidate offset at a time, plus the reference's encoder pass (one image with the fitted maps).
+With ``half_cell`` the reference is also encoded with its content moved half a cell (:func:`half_cell_phases`) and
+the candidates lie half a cell apart: four times the multiply-adds and the encoder passes.
 
 :class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
 estimate, or a caller's ``B, 2, T, H, W`` pixel flow pooled onto that grid), and hands each conditioned stage its
