@@ -211,8 +211,7 @@ def heldout_gains(
         return psnr(decode_all(model), target)
 
     base_frames = decode_all(load_vae(out / baseline_name).eval())
-    base = psnr(base_frames, target)
-    base_summary = summarise({"psnr": base}, clips)
+    base_summary = summarise({"psnr": psnr(base_frames, target)}, clips)
     model = refdecoder.load(load_vae(out / PRETRAINED), out / model_name).eval()
     trained = model.config.correspondence
 
@@ -225,16 +224,16 @@ def heldout_gains(
             group: {key: a[key] - b[key] for key in ("psnr", "psnr_0", "psnr_4+")} for group, (a, b) in parts.items()
         }
 
-    result, per_frame = {}, {}
+    result = {}
     decodes = {name: dataclasses.replace(trained, **varied) for name, varied in HELDOUT.items()}
     decodes.update([switched(trained)])
-    as_trained = None
+    as_trained = next(iter(HELDOUT))  # the model's own settings: the camera rows' "estimate"
     for spaces, config in decodes.items():
         model.config.correspondence = config
         frames = decode_all(model)
-        as_trained = frames if as_trained is None else as_trained  # the first: the camera rows' "estimate"
-        per_frame[spaces] = psnr(frames, target)
-        result[spaces] = gains_of(per_frame[spaces])
+        if spaces == as_trained:
+            as_trained_frames = frames
+        result[spaces] = gains_of(psnr(frames, target))
         print(f"{model_name} {spaces}: {result[spaces]}", flush=True)
     model.config.correspondence = trained
     decode_only = {}
@@ -251,16 +250,15 @@ def heldout_gains(
             print(f"{untrained_name} {label}: {rows[label]}", flush=True)
         decode_only = {"decode_only": {"model": untrained_name, "gains_db": rows}}
     camera = camera_flow_gains(
-        model, (base_frames, base), (as_trained, per_frame[next(iter(HELDOUT))]), torch.cat(latents), target, media,
-        settings, clips,
-    )  # fmt: skip
+        model, base_frames, as_trained_frames, torch.cat(latents), target, media, settings, clips
+    )
     return {"run": str(out), "model": model_name, "baseline": baseline_name, "gains_db": result} | camera | decode_only
 
 
 def camera_flow_gains(
     model: refdecoder.RefDecoder,
-    base: tuple[torch.Tensor, torch.Tensor],
-    estimated: tuple[torch.Tensor, torch.Tensor],
+    base: torch.Tensor,
+    estimated: torch.Tensor,
     latents: torch.Tensor,
     target: torch.Tensor,
     media: Media,
@@ -268,19 +266,18 @@ def camera_flow_gains(
     clips: list,
 ) -> dict:
     """Gains on the rendered camera moves with the estimate, their exact flow and zero displacement; on all pixels
-    and on those whose content the reference shows (:func:`shown_by_flow`).
+    and on those whose content the reference shows (:func:`shown_by_flow`; the rest entered the view after frame 0,
+    and no reference holds their detail).
 
     ``base`` and ``estimated``: the plain variant's and the model's (with its own estimate) ``N, 3, T, H, W`` decodes
-    and ``N, T`` per-frame PSNR on ``clips``; ``latents``, ``target``: every clip's latents and frames, in ``clips``'
-    order. Gains are differences of :func:`~benchmarks.quality.evaluation.by_distance` means, as the benchmark's own.
+    of ``clips``; ``latents``, ``target``: every clip's latents and frames, in ``clips``' order. Gains are
+    differences of :func:`~benchmarks.quality.evaluation.by_distance` means, as the benchmark's own.
     """
-    (base_frames, base), (estimated_frames, estimated) = base, estimated
     rows = torch.tensor([c.part == "camera" for c in clips])
     if not rows.any():
         return {}
     flow = heldout_camera_flows(media, settings, [c for c, moved in zip(clips, rows) if moved])
-    video, scores = target[rows], {"estimate": estimated[rows]}
-    decoded = {"plain": base_frames[rows], "estimate": estimated_frames[rows]}
+    video, decoded = target[rows], {"estimate": estimated[rows]}
     trained = model.config.correspondence
     label, other = switched(trained)
     given = {
@@ -291,30 +288,24 @@ def camera_flow_gains(
     for name, (displacements, config) in given.items():
         model.config.correspondence = config
         decoded[name] = model.decode(latents[rows], video[:, :, :1], displacements=displacements)
-        scores[name] = psnr(decoded[name], video)
     model.config.correspondence = trained
-    every = torch.ones(len(video), dtype=torch.bool)
-    plain = by_distance({"psnr": base[rows]}, every)
-    table = {}
-    for name, score in scores.items():
-        table[name] = {k: v - plain[k] for k, v in by_distance({"psnr": score}, every).items()}
-        print(f"camera moves, {name}: {table[name]}", flush=True)
-    # The same gains on the pixels whose content the reference shows (the rest entered the view after frame 0: no
-    # reference can give their detail), from the decodes kept above.
-    mask = shown_by_flow(flow)
-    plain_shown = by_distance({"psnr": masked_psnr(decoded["plain"], video, mask)}, every)
-    shown_table = {}
-    for name in scores:
-        shown_psnr = masked_psnr(decoded[name], video, mask)
-        shown_table[name] = {k: v - plain_shown[k] for k, v in by_distance({"psnr": shown_psnr}, every).items()}
-        print(f"camera moves, shown pixels, {name}: {shown_table[name]}", flush=True)
+    every, shown = torch.ones(len(video), dtype=torch.bool), shown_by_flow(flow)
+    tables: dict[str, dict] = {"camera_gains_db": {}, "camera_gains_shown_db": {}}
+    for key, mask in (("camera_gains_db", None), ("camera_gains_shown_db", shown)):
+        plain = by_distance({"psnr": psnr(base[rows], video, mask)}, every)
+        for name, frames in decoded.items():
+            gains = by_distance({"psnr": psnr(frames, video, mask)}, every)
+            tables[key][name] = {k: v - plain[k] for k, v in gains.items()}
+            print(
+                f"camera moves, {'shown pixels, ' if mask is not None else ''}{name}: {tables[key][name]}", flush=True
+            )
     last_frame_px = flow[:, :, -1].norm(dim=1).mean().item()
     return {
         "camera_moves": len(flow),
         "camera_flow_mean_px_last_frame": last_frame_px,
-        "camera_gains_db": table,
-        "camera_shown_share": by_distance({"share": mask.float().mean(dim=(2, 3))}, every),
-        "camera_gains_shown_db": shown_table,
+        "camera_gains_db": tables["camera_gains_db"],
+        "camera_shown_share": by_distance({"share": shown.float().mean(dim=(2, 3))}, every),
+        "camera_gains_shown_db": tables["camera_gains_shown_db"],
     }
 
 
@@ -325,14 +316,6 @@ def shown_by_flow(flow: torch.Tensor) -> torch.Tensor:
     xs = torch.arange(w, dtype=torch.float32) + 0.5
     y, x = ys + flow[:, 0], xs + flow[:, 1]
     return (y >= 0) & (y <= h) & (x >= 0) & (x <= w)
-
-
-def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` PSNR (dB, on [0, 1] values) of ``B, 3, T, H, W`` frames in [-1, 1] over the ``B, T, H, W`` mask's
-    pixels (NaN for a frame with none)."""
-    error = ((pred.float() - target.float()) / 2).square().mean(1)  # B, T, H, W
-    mse = (error * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3))
-    return 10 * torch.log10(1 / mse)
 
 
 def main() -> None:

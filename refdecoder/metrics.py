@@ -51,18 +51,27 @@ def _unit_range(pred: torch.Tensor, target: torch.Tensor, what: str) -> tuple[to
 
 
 @torch.no_grad()
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Peak signal-to-noise ratio of each frame, in dB, on ``[0, 1]`` values (``inf`` for identical frames).
 
     Args:
         pred: ``B, C, T, H, W`` (or ``C, T, H, W``) in ``[-1, 1]``.
         target: same shape and range.
+        mask: optional bool ``B, T, H, W``: only these pixels count (all channels); a frame with none gives NaN.
 
     Returns:
         ``(B, T)`` PSNR values.
     """
     x, y = _unit_range(pred, target, "psnr")
-    mse = (x - y).pow(2).mean(dim=(1, 3, 4))
+    if mask is None:
+        mse = (x - y).pow(2).mean(dim=(1, 3, 4))
+    else:
+        b, _, t, h, w = x.shape
+        if mask.dtype != torch.bool or tuple(mask.shape) != (b, t, h, w):
+            raise InputError(
+                f"psnr: mask must be bool {(b, t, h, w)} (B, T, H, W), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        mse = ((x - y).pow(2).mean(dim=1) * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3))
     return 10 * torch.log10(1 / mse)
 
 

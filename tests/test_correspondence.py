@@ -500,7 +500,8 @@ def _encoded_scene_shift(
     shift_px: tuple[int, int], half_cell: bool, frame_spaces: str = "still_clip"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A still scene whose every frame shows the reference ``shift_px`` away (``(dy, dx)`` px, cells of 4 px), through
-    :class:`_KindedEncoder`: ``(field in px of frame 0 and the later frames, 2, t, h, w, inner cells; the truth)``."""
+    :class:`_KindedEncoder`: the estimated field in px, ``2, t, h, w`` over the inner cells (every latent frame), and
+    the truth, ``2, 1, 1, 1``."""
     adapter = _KindedEncoder()
     g = torch.Generator().manual_seed(13)
     scene = F.avg_pool2d(torch.rand(1, 3, 72, 104, generator=g) * 2 - 1, 3, 1, 1, count_include_pad=False)

@@ -62,6 +62,25 @@ def test_psnr_and_ssim_match_scikit_image(channels):
             assert got_ssim[b, t].item() == pytest.approx(expected_ssim, abs=1e-4)
 
 
+def test_psnr_over_a_mask_counts_only_its_pixels():
+    pred, target = noisy_pair()  # B 2, T 3
+    b, _, t, h, w = pred.shape
+    every = torch.ones(b, t, h, w, dtype=torch.bool)
+    torch.testing.assert_close(psnr(pred, target, every), psnr(pred, target))
+    left = torch.zeros_like(every)
+    left[..., : w // 2] = True
+    x = frame01(pred, 1, 2)[:, : w // 2]
+    y = frame01(target, 1, 2)[:, : w // 2]
+    expected = skimage_metrics.peak_signal_noise_ratio(y, x, data_range=1)
+    assert psnr(pred, target, left)[1, 2].item() == pytest.approx(expected, abs=1e-4)
+    wrong_outside = torch.where(left[:, None], target, -target)  # errors only where the mask is off
+    assert psnr(wrong_outside, target, left).isinf().all()
+    assert psnr(pred, target, torch.zeros_like(every)).isnan().all()  # no pixel counted
+    for bad in (every.float(), every[:, :1], every[..., :-1]):
+        with pytest.raises(InputError, match="mask must be bool"):
+            psnr(pred, target, bad)
+
+
 def test_metrics_accept_unbatched_video_and_clamp_overshoot():
     pred, target = noisy_pair(b=1)
     torch.testing.assert_close(psnr(pred[0], target[0]), psnr(pred, target))

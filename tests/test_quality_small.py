@@ -546,9 +546,8 @@ def test_the_estimate_benchmark_reproduces_the_runs_gains_as_trained(micro, micr
         assert shown[name]["psnr_0"] == pytest.approx(rows[name]["psnr_0"], abs=1e-4)
 
 
-def test_shown_pixels_and_their_psnr() -> None:
+def test_shown_pixels_follow_the_flow() -> None:
     from benchmarks import correspondence_estimate as ce
-    from refdecoder.metrics import psnr
 
     flow = torch.zeros(2, 2, 3, 8, 16)
     flow[1, 1, 2] = 10.0  # frame 2 of clip 1 shows the reference 10 px further right: its last 10 columns left it
@@ -557,12 +556,6 @@ def test_shown_pixels_and_their_psnr() -> None:
     assert mask[0].all() and mask[1, 0].all()
     assert mask[1, 2, :, :6].all() and not mask[1, 2, :, 6:].any()
     assert not mask[1, 1, :3].any() and mask[1, 1, 3:].all()
-    target = torch.rand(2, 3, 3, 8, 16) * 2 - 1
-    pred = (target + 0.1 * torch.randn_like(target)).clamp(-1, 1)
-    every = torch.ones_like(mask)
-    torch.testing.assert_close(ce.masked_psnr(pred, target, every), psnr(pred, target))
-    wrong_outside = torch.where(mask[:, None], target, -target)  # errors only where the reference does not show
-    assert torch.isinf(ce.masked_psnr(wrong_outside, target, mask)).all()
 
 
 def test_heldout_camera_flows_are_for_camera_moves_only(micro_media) -> None:
