@@ -14,7 +14,8 @@ Settings come from ``recipes/configs/quality_small.yaml`` (``--quick`` adds its 
    silently reused).
 2. finetune: from that checkpoint, with the encoder frozen, every variant trains for the same steps on the same
    clips in the same order (variants that share a ``motion`` setting render the same clips; latents are encoded
-   once per setting, split over the worker processes) with the same schedule and learning rates: the decoder at
+   once per setting, split over the worker processes, and so are the correspondence estimates of variants that
+   make one: they depend on the frozen encoder only) with the same schedule and learning rates: the decoder at
    ``lr * decoder_lr_ratio``, the added modules at ``lr``. Plain variants are baselines (the decoder alone);
    RefDecoder variants decode with a reference (``first``, ``random`` or ``far``). Plain models are saved with
    diffusers ``save_pretrained``, RefDecoders with ``RefDecoder.save_pretrained`` (decoder included):
@@ -78,6 +79,7 @@ from benchmarks.quality.settings import (  # noqa: E402
 from benchmarks.quality.shift_probe import ShiftedClips, shift_probe, shifted_clips  # noqa: E402
 from benchmarks.quality.variants import Variant  # noqa: E402
 from refdecoder.backbones.wan import WanAdapter  # noqa: E402
+from refdecoder.blocks import CorrespondenceEstimate  # noqa: E402
 from refdecoder.data import derive_seed, sample_generator  # noqa: E402
 from refdecoder.errors import CheckpointError, ConfigError  # noqa: E402
 from refdecoder.hooks import DecodeContext, IdentityHooks  # noqa: E402
@@ -237,13 +239,20 @@ def run_finetune(settings: Settings, media: Media, out: Path, variants: list[Var
     t0 = time.perf_counter()
     latents = encode_training_clips(settings, media, out, plan, list(dict.fromkeys(v.motion for v in variants)))
     encode_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    estimates = estimate_training_correspondence(settings, media, out, plan, variants, latents)
+    estimate_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    inputs = {v.name: (latents[v.motion], estimates.get(estimate_key(v))) for v in variants}
     if settings.workers == 1 or len(variants) == 1:
-        logs = {v.name: finetune_variant(settings, media, out, v, plan, latents[v.motion]) for v in variants}
+        logs = {v.name: finetune_variant(settings, media, out, v, plan, *inputs[v.name]) for v in variants}
     else:
-        logs = finetune_side_by_side(settings, out, variants, latents)
+        logs = finetune_side_by_side(settings, out, variants, inputs)
     for log in logs.values():
         log["data_order"] = plan_digest(plan)
-    timing = {"finetune_encode_s": encode_s, "finetune_train_s": time.perf_counter() - t0}
+    timing = {
+        "finetune_encode_s": encode_s,
+        "finetune_estimate_s": estimate_s,
+        "finetune_train_s": time.perf_counter() - t0,
+    }
     return {v.name: logs[v.name] for v in variants} | {PHASE_TIMING: timing}
 
 
@@ -276,13 +285,70 @@ def _encode_steps_in_worker(settings: Settings, out: Path, steps: list, motion: 
         return _encode_steps(settings, load_media(settings.data), out, steps, motion)
 
 
-def finetune_side_by_side(settings: Settings, out: Path, variants: list[Variant], latents: dict) -> dict[str, dict]:
+def estimate_key(variant: Variant) -> str | None:
+    """What a variant's training correspondence estimates depend on (None: it makes none): its clips, its
+    reference and the estimate's settings. Variants with the same key share one set of estimates."""
+    if variant.config is None or not variant.config.correspondence.enabled:
+        return None
+    c = variant.config.correspondence
+    settings = [c.search, c.still_frames, c.frame_spaces, c.half_cell]
+    return json.dumps([variant.motion, variant.reference, settings])
+
+
+def estimate_training_correspondence(
+    settings: Settings, media: Media, out: Path, plan: list, variants: list[Variant], latents: dict
+) -> dict[str, list[CorrespondenceEstimate]]:
+    """Per :func:`estimate_key`, every step's correspondence estimate, made once before training.
+
+    The estimate depends on the frozen encoder, the clip and the reference only, never on the trained weights
+    (``RefDecoder.estimate_correspondence``): made here, side by side like the latents, it spares each training
+    step the estimate's encoder passes (four per reference with ``half_cell``) and the decodes are the same bit for
+    bit as when each step estimates for itself."""
+    jobs = {estimate_key(v): v for v in variants if estimate_key(v) is not None}
+    if not jobs:
+        return {}
+    logger.info("estimating the training correspondence once for %s", ", ".join(v.name for v in jobs.values()))
+    if settings.workers == 1:
+        return {k: _estimate_steps(settings, media, out, plan, v, latents[v.motion]) for k, v in jobs.items()}
+    size = -(-len(plan) // settings.workers)
+    runs = [(plan[i : i + size], i) for i in range(0, len(plan), size)]
+    with worker_pool(settings) as pool:
+        futures = {
+            k: [
+                pool.submit(_estimate_steps_in_worker, settings, out, run, v, latents[v.motion][i : i + size])
+                for run, i in runs
+            ]  # fmt: skip
+            for k, v in jobs.items()
+        }
+        return {k: [e for future in parts for e in future.result()] for k, parts in futures.items()}
+
+
+@torch.no_grad()
+def _estimate_steps(
+    settings: Settings, media: Media, out: Path, steps: list, variant: Variant, latents: list[torch.Tensor]
+) -> list[CorrespondenceEstimate]:
+    model, frames = refdecoder.wrap(load_vae(out / PRETRAINED), variant.config).eval(), settings.data.train_frames
+    references = (
+        render_training(media, settings, step, frames, variant.motion, variant.reference)[1] for step in steps
+    )
+    return [model.estimate_correspondence(z, ref) for z, ref in zip(latents, references, strict=True)]
+
+
+def _estimate_steps_in_worker(
+    settings: Settings, out: Path, steps: list, variant: Variant, latents: list[torch.Tensor]
+) -> list[CorrespondenceEstimate]:
+    with deterministic(settings.threads):
+        return _estimate_steps(settings, load_media(settings.data), out, steps, variant, latents)
+
+
+def finetune_side_by_side(settings: Settings, out: Path, variants: list[Variant], inputs: dict) -> dict[str, dict]:
     """``finetune_variant`` of every variant in ``settings.workers`` spawned processes (each loads the media itself:
-    cheaper than sending it). RefDecoder variants go first: they take longest, so the plain ones fill the gaps."""
+    cheaper than sending it), ``inputs[name]`` its latents and estimates. RefDecoder variants go first: they take
+    longest, so the plain ones fill the gaps."""
     order = sorted(variants, key=lambda v: v.kind == "plain")
     logger.info("fine-tuning %s, %d at a time", ", ".join(v.name for v in order), settings.workers)
     with worker_pool(settings) as pool:
-        futures = {v.name: pool.submit(_finetune_in_worker, settings, out, v, latents[v.motion]) for v in order}
+        futures = {v.name: pool.submit(_finetune_in_worker, settings, out, v, *inputs[v.name]) for v in order}
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -300,16 +366,29 @@ def _worker_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _finetune_in_worker(settings: Settings, out: Path, variant: Variant, latents: list[torch.Tensor]) -> dict:
+def _finetune_in_worker(
+    settings: Settings, out: Path, variant: Variant, latents: list[torch.Tensor], estimates: list | None
+) -> dict:
     ft = settings.finetune
     with deterministic(settings.threads):
         media = load_media(settings.data)
         plan = train_plan(media, settings, "finetune", ft.steps, ft.batch, settings.data.train_frames,
                           ft.reference_distance)  # fmt: skip
-        return finetune_variant(settings, media, out, variant, plan, latents)
+        return finetune_variant(settings, media, out, variant, plan, latents, estimates)
 
 
-def finetune_variant(settings: Settings, media: Media, out: Path, variant: Variant, plan: list, latents: list) -> dict:
+def finetune_variant(
+    settings: Settings,
+    media: Media,
+    out: Path,
+    variant: Variant,
+    plan: list,
+    latents: list,
+    estimates: list[CorrespondenceEstimate] | None = None,
+) -> dict:
+    """Train one variant on ``plan``'s clips; ``latents`` and ``estimates`` (or None: the decode estimates for
+    itself) are every step's, made once before (:func:`encode_training_clips`,
+    :func:`estimate_training_correspondence`)."""
     ft, vae, frames = settings.finetune, load_vae(out / PRETRAINED), settings.data.train_frames
     motion, reference = variant.motion, variant.reference
     torch.manual_seed(derive_seed(settings.seed, "refdecoder-init"))  # same added weights for same-shape variants
@@ -328,7 +407,9 @@ def finetune_variant(settings: Settings, media: Media, out: Path, variant: Varia
         if variant.kind == "plain":
             return loss_fn(plain_decode(vae, latents[step]), video)["loss"]
         generator = sample_generator(settings.seed, "finetune-step", step)  # token dropout draws
-        return loss_fn(model.decode(latents[step], ref, clamp=False, generator=generator), video)["loss"]
+        kept = None if estimates is None else estimates[step]
+        decoded = model.decode(latents[step], ref, clamp=False, generator=generator, displacements=kept)
+        return loss_fn(decoded, video)["loss"]
 
     log = optimise(params, ft, step_loss, ft.steps, variant.name)
     log["trained_params"] = sum(p.numel() for g in params for p in g["params"])

@@ -23,7 +23,12 @@ from torch import nn
 from refdecoder.backbones.base import BackboneAdapter
 from refdecoder.backbones.registry import backbone_to_load, resolve_backbone
 from refdecoder.blocks import LatentTokenDropout
-from refdecoder.blocks.correspondence import CorrespondenceField, correspondence_field
+from refdecoder.blocks.correspondence import (
+    CorrespondenceEstimate,
+    CorrespondenceField,
+    correspondence_field,
+    estimate_correspondence,
+)
 from refdecoder.blocks.latent_degradation import build_latent_components
 from refdecoder.blocks.upscale_head import attach_upscale_head
 from refdecoder.conditioning import ReferenceFeatures, StageConditioner
@@ -121,7 +126,7 @@ class RefDecoder(nn.Module):
         clamp: bool | None = None,
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
-        displacements: torch.Tensor | None = None,
+        displacements: torch.Tensor | CorrespondenceEstimate | None = None,
         **decode_inputs: Any,
     ) -> torch.Tensor:
         """Decode raw latents into video, conditioned on reference frames when given.
@@ -140,8 +145,10 @@ class RefDecoder(nn.Module):
                 each frame to the reference), ``B, 2, T, H, W`` (all reference frames) or ``B, R, 2, T, H, W``:
                 ``(dy, dx)`` in output pixels, pixel ``(y, x)`` of frame ``t`` showing the reference at
                 ``(y + dy, x + dx)``. The reference neighbourhoods of the attention are centred there (needs a
-                local ``transformer.attention_radius``; replaces the ``correspondence`` estimate). Default: the
-                estimate when ``config.correspondence.enabled``, else the query's own position.
+                local ``transformer.attention_radius``; replaces the ``correspondence`` estimate). Or an estimate
+                made before for these latents and reference (:meth:`estimate_correspondence`), which skips the
+                encoder passes. Default: the estimate when ``config.correspondence.enabled``, else the query's own
+                position.
             decode_inputs: the backbone's own extra decode inputs (``adapter.decode_arguments``, e.g. LTX's
                 ``temb``), as ``vae.decode`` takes them.
 
@@ -166,7 +173,7 @@ class RefDecoder(nn.Module):
         resize_reference: bool = False,
         generator: torch.Generator | None = None,
         depth_to_space: bool = True,
-        displacements: torch.Tensor | None = None,
+        displacements: torch.Tensor | CorrespondenceEstimate | None = None,
         **decode_inputs: Any,
     ) -> Iterator[torch.Tensor]:
         """:meth:`decode`, yielding each window's frames ``B, 3, t, H, W`` as soon as they exist.
@@ -194,24 +201,14 @@ class RefDecoder(nn.Module):
         resize_reference: bool,
         generator: torch.Generator | None,
         decode_inputs: dict[str, Any] | None = None,
-        displacements: torch.Tensor | None = None,
+        displacements: torch.Tensor | CorrespondenceEstimate | None = None,
     ) -> tuple[torch.Tensor, StageConditioner, DecodeContext, list[tuple[int, int]]]:
         """Check the inputs, cast the latents to the weights' dtype, tokenize the reference, plan the windows and
         make what the adapter's window loop takes: the hooks (the stage modules and the reference) and the context."""
-        self._check_alive()
-        check_latents(latents, self.adapter.latent_channels)
-        self.adapter.check_latents(latents)
-        # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
-        # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
-        base = next(self.vae.parameters()).dtype
-        latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
+        latents, reference = self._checked_inputs(latents, reference, resize_reference)
         inputs = self.adapter.decode_inputs(latents, **(decode_inputs or {}))
         reference_features = None
         if reference is not None:
-            size = self.output_size(latents.shape[-2:])
-            reference = check_reference(
-                reference, latents.shape[0], size, resize_reference, channels=self.adapter.pixel_channels
-            )
             reference_features = ReferenceFeatures.tokenize(reference, self.tokenizer, self.stage_tokenizers)
         ctx = DecodeContext(decode_inputs=inputs, reference_pixels=reference, generator=generator)
         num_reference = 0 if reference_features is None else reference_features.num_frames
@@ -229,12 +226,57 @@ class RefDecoder(nn.Module):
         )
         return latents, conditioner, ctx, windows
 
+    def _checked_inputs(
+        self, latents: torch.Tensor, reference: torch.Tensor | None, resize_reference: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The latents checked and cast to the decoder's dtype, the reference checked (``B, C, R, H, W``) or None."""
+        self._check_alive()
+        check_latents(latents, self.adapter.latent_channels)
+        self.adapter.check_latents(latents)
+        # Like a diffusers pipeline casting latents to vae.dtype: a bf16 model decodes fp32 latents. Under
+        # autocast the weights stay fp32, so nothing changes here and autocast picks each op's precision.
+        base = next(self.vae.parameters()).dtype
+        latents = latents.to(next((p.dtype for _, p in self.adapter.decoder_parameters()), base))
+        if reference is not None:
+            size = self.output_size(latents.shape[-2:])
+            reference = check_reference(
+                reference, latents.shape[0], size, resize_reference, channels=self.adapter.pixel_channels
+            )
+        return latents, reference
+
+    def estimate_correspondence(
+        self, latents: torch.Tensor, reference: torch.Tensor, resize_reference: bool = False
+    ) -> CorrespondenceEstimate:
+        """The correspondence estimate :meth:`decode` would make for ``latents`` and ``reference``, to be reused.
+
+        It depends on the frozen encoder and ``config.correspondence``'s estimate settings (``search``,
+        ``frame_spaces``, ``still_frames``, ``half_cell``) only, not on trained weights, so it can be made once per
+        clip, e.g. beside the latents a training loop caches, and passed as ``decode(displacements=estimate)``:
+        the decode is then the same bit for bit and skips the estimate's encoder passes (four per reference frame
+        with ``half_cell``).
+
+        Args:
+            latents: raw VAE latents ``B, C, t, h, w``, as for :meth:`decode`.
+            reference: ``B, 3, H, W`` or ``B, 3, R, H, W`` in [-1, 1] at the decoded size, as for :meth:`decode`.
+            resize_reference: resize a reference of another size instead of raising :class:`InputError`.
+
+        Returns:
+            A :class:`~refdecoder.blocks.CorrespondenceEstimate`: ``pixels``, ``B, R, 2, t, h, w`` float32,
+            ``(dy, dx)`` in output pixels per latent frame and latent cell.
+        """
+        latents, reference = self._checked_inputs(latents, reference, resize_reference)
+        c = self.config.correspondence
+        size = self.output_size(latents.shape[-2:])
+        return estimate_correspondence(
+            self.adapter, latents, reference, size, c.search, c.still_frames, c.frame_spaces, c.half_cell
+        )
+
     def _correspondence(
         self,
         latents: torch.Tensor,
         reference: torch.Tensor | None,
         windows: list[tuple[int, int]],
-        displacements: torch.Tensor | None,
+        displacements: torch.Tensor | CorrespondenceEstimate | None,
     ) -> CorrespondenceField:
         """The decode's correspondence field: the caller's ``displacements`` or the estimate (see ``decode``)."""
         temporal = {p.patch_size[0] for p in self.projectors.values()}

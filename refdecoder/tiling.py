@@ -218,6 +218,11 @@ def iter_tiled(
             f"reference is {tuple(reference.shape[-2:])} but the decoded frames are {output_size}; "
             "resize it to the output size first"
         )
+    if displacements is not None and not isinstance(displacements, torch.Tensor):
+        raise InputError(
+            "tiled decodes take displacements as a B, [R,] 2, T, H, W pixel flow (each tile gets its crop); a "
+            "correspondence estimate is for one whole decode: leave it out and each tile makes its own"
+        )
     if displacements is not None and tuple(displacements.shape[-2:]) != output_size:
         shape = tuple(displacements.shape[-2:])
         raise InputError(f"displacements are {shape} but the decoded frames are {output_size}")

@@ -16,6 +16,8 @@ from refdecoder.blocks.sub_token_shift import shift_features
 from refdecoder.config import CorrespondenceConfig, RefDecoderConfig
 from refdecoder.errors import ConfigError, InputError
 from refdecoder.frames import FrameRule
+from refdecoder.inference import decode_video
+from refdecoder.tiling import plan_tiles
 from tests.helpers import latents_for, reference_for, tiny_wan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -556,3 +558,38 @@ def test_half_cell_is_checked_and_reaches_the_estimate(monkeypatch):
         model.config.correspondence.half_cell = True
         halved = model.decode(z, reference_for(z))
     assert seen == [False, True] and halved.shape == plain.shape and torch.isfinite(halved).all()
+
+
+@pytest.mark.parametrize("half_cell", [False, True])
+def test_a_kept_estimate_decodes_the_same_bit_for_bit_without_the_encoder(monkeypatch, half_cell):
+    model = _model(enabled=True)
+    model.config.correspondence.half_cell = half_cell
+    z = latents_for(model.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    with torch.no_grad():
+        fresh = model.decode(z, ref)
+        estimate = model.estimate_correspondence(z, ref)
+        encodes = []
+        encode = model.adapter.encode
+        monkeypatch.setattr(model.adapter, "encode", lambda *a, **k: encodes.append(1) or encode(*a, **k))
+        reused = model.decode(z, ref, displacements=estimate)
+    assert estimate.pixels.shape == (z.shape[0], 1, 2, 3, 4, 6) and estimate.pixels.abs().sum() > 0
+    assert encodes == [] and torch.equal(reused, fresh)
+
+
+def test_a_kept_estimate_is_what_the_decode_follows_and_must_fit_the_decode():
+    model = _model(enabled=True)
+    z = latents_for(model.vae, 3, h=4, w=6)
+    ref = reference_for(z)
+    frames = model.adapter.frame_rule.pixel_frames(3)
+    with torch.no_grad():
+        still = model.decode(z, ref, displacements=torch.zeros(z.shape[0], 2, frames, 32, 48))
+        zero = refdecoder.blocks.CorrespondenceEstimate(torch.zeros(z.shape[0], 1, 2, 3, 4, 6))
+        assert torch.equal(model.decode(z, ref, displacements=zero), still)
+        assert not torch.equal(model.decode(z, ref), still)  # the content estimate is not zero here
+        other = model.estimate_correspondence(z[:, :, :2], ref)  # made for 2 latent frames
+        with pytest.raises(InputError, match="made for another decode"):
+            model.decode(z, ref, displacements=other)
+        with pytest.raises(InputError, match="estimate is for one whole decode"):
+            kept = model.estimate_correspondence(z, ref)
+            decode_video(model, z, reference=ref, tiles=plan_tiles((4, 6), 8, (32, 32), (16, 16)), displacements=kept)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from benchmarks import quality_small_table as qtable
 from benchmarks.quality import data as qd
 from benchmarks.quality import evaluation as qe
 from benchmarks.quality import settings as qset
+from refdecoder.blocks import CorrespondenceEstimate
 from refdecoder.data import bundled_clips, read_clip, write_image
 from refdecoder.errors import ConfigError
 from tests.helpers import randomize_, tiny_wan
@@ -413,6 +415,36 @@ def test_side_by_side_fine_tuning_saves_the_same_weights_as_one_by_one(
         assert side.keys() == alone.keys() and all(torch.equal(side[k], alone[k]) for k in side), name
     with pytest.raises(ConfigError, match="workers"):
         qset.load_settings(config, overrides=("workers=0",))
+
+
+def test_training_on_kept_estimates_saves_the_same_weights_as_estimating_each_step(
+    micro: tuple[Path, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    config, out, doc = micro
+    head = doc["headline"]
+    assert qs.estimate_key(qs.select_variants(qset.load_settings(config), head)[0]) is not None
+    assert doc["timing"]["finetune_estimate_s"] > 0  # the micro run kept its estimates (in two workers)
+    (file,) = (out / head).glob("*.safetensors")
+    kept, estimate = load_file(file), qs.estimate_training_correspondence
+
+    def train(estimates: Callable[..., dict], folder: Path) -> dict[str, torch.Tensor]:
+        shutil.copytree(out / "vae_pretrained", folder / "vae_pretrained")
+        monkeypatch.setattr(qs, "estimate_training_correspondence", estimates)
+        argv = ["--config", str(config), "--out", str(folder), "--phase", "finetune", "--variants", head]
+        qs.main([*argv, "--set", "workers=1"])
+        return load_file(folder / head / file.name)
+
+    each_step = train(lambda *args: {}, tmp_path / "each_step")  # no kept estimates: every decode estimates
+    assert kept.keys() == each_step.keys() and all(torch.equal(kept[k], each_step[k]) for k in kept)
+
+    def zero(settings, media, out, plan, variants, latents):  # kept but wrong: the training must follow them
+        made = estimate(settings, media, out, plan, variants, latents)
+        return {k: [CorrespondenceEstimate(torch.zeros_like(e.pixels)) for e in v] for k, v in made.items()}
+
+    wrong = train(zero, tmp_path / "zero")
+    assert any(not torch.equal(kept[k], wrong[k]) for k in kept)
 
 
 def test_side_by_side_evaluation_gives_the_same_numbers_as_one_by_one(micro: tuple[Path, Path, dict]) -> None:

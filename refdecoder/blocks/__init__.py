@@ -11,7 +11,12 @@ from refdecoder.blocks.attention_scope import (
     per_position_attention,
     scoped_attention,
 )
-from refdecoder.blocks.correspondence import CorrespondenceField, cost_volume_displacement, pixel_flow_to_latent_grid
+from refdecoder.blocks.correspondence import (
+    CorrespondenceEstimate,
+    CorrespondenceField,
+    cost_volume_displacement,
+    pixel_flow_to_latent_grid,
+)
 from refdecoder.blocks.guided_attention import ReferenceGuide, guided_neighbourhood_attention
 from refdecoder.blocks.latent_degradation import (
     DegradationProxy,
@@ -41,6 +46,7 @@ __all__ = [
     "local_attention_mask",
     "per_position_attention",
     "LocalityBias",
+    "CorrespondenceEstimate",
     "CorrespondenceField",
     "cost_volume_displacement",
     "pixel_flow_to_latent_grid",

@@ -39,8 +39,10 @@ __all__ = [
     "cost_volume_displacement",
     "half_cell_phases",
     "pixel_flow_to_latent_grid",
+    "CorrespondenceEstimate",
     "CorrespondenceField",
     "correspondence_field",
+    "estimate_correspondence",
 ]
 
 
@@ -550,6 +552,67 @@ def _time_weights(counts: tuple[int, ...]) -> torch.Tensor:
     return weights
 
 
+@dataclasses.dataclass(frozen=True)
+class CorrespondenceEstimate:
+    """The content estimate of one decode's correspondence (:func:`estimate_correspondence`), kept to be reused.
+
+    The estimate depends on the frozen encoder, the latents, the reference and the estimate's settings only, never on
+    trained weights: a training loop over clips it has encoded before, or several decodes of the same latents, can
+    make it once and pass it to ``RefDecoder.decode(displacements=...)``, which then skips the encoder passes.
+
+    Attributes:
+        pixels: ``B, R, 2, t, h, w`` float32, ``(dy, dx)`` in output pixels per latent frame and latent cell.
+    """
+
+    pixels: torch.Tensor
+
+    def to(self, device: torch.device | str) -> CorrespondenceEstimate:
+        return CorrespondenceEstimate(self.pixels.to(device))
+
+
+def estimate_correspondence(
+    adapter: BackboneAdapter,
+    latents: torch.Tensor,
+    reference: torch.Tensor,
+    output_size: tuple[int, int],
+    search: tuple,
+    still_frames: int = 4,
+    frame_spaces: str = "still_clip",
+    half_cell: bool = False,
+) -> CorrespondenceEstimate:
+    """Where each latent cell's content lies in each reference frame, estimated from content (no gradients).
+
+    Args:
+        adapter: the backbone adapter (its frozen encoder encodes the reference).
+        latents: ``B, C, t, h, w`` raw latents being decoded.
+        reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size ``output_size``.
+        output_size: ``(H, W)`` of the decoded frames.
+        search: ``(search_radius, temperature, match_radius[, smooth_radius[, global_prior[, subcell]]])`` of
+            :func:`cost_volume_displacement`.
+        still_frames: latent frames of the still clip the reference is encoded as (``frame_spaces="still_clip"``).
+        frame_spaces: how the reference reaches each latent frame's feature space, ``"fitted"`` or ``"still_clip"``
+            (see :func:`_reference_latents`).
+        half_cell: the candidates lie half a cell apart: the reference is also encoded moved by half a cell
+            (:func:`half_cell_phases`, 4 images per reference frame through the encoder instead of 1).
+    """
+    h, w = latents.shape[-2:]
+    with torch.no_grad():
+        frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
+        if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
+            frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
+        if half_cell:
+            frames = half_cell_phases(frames, adapter.spatial_factor)
+        cells = torch.cat(
+            [
+                cost_volume_displacement(latents[:, :, kind], encoded, *search, half_cell=half_cell)
+                for kind, encoded in _reference_latents(adapter, frames, latents, frame_spaces, still_frames)
+            ],
+            dim=3,
+        )
+    scale = torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(1, 1, 2, 1, 1, 1)
+    return CorrespondenceEstimate(cells * scale)
+
+
 def correspondence_field(
     adapter: BackboneAdapter,
     latents: torch.Tensor,
@@ -557,7 +620,7 @@ def correspondence_field(
     windows: list[tuple[int, int]],
     output_size: tuple[int, int],
     search: tuple | None,
-    displacements: torch.Tensor | None = None,
+    displacements: torch.Tensor | CorrespondenceEstimate | None = None,
     snap: bool = False,
     still_frames: int = 4,
     frame_spaces: str = "still_clip",
@@ -573,37 +636,29 @@ def correspondence_field(
         reference: ``B, 3, R, H, W`` in [-1, 1] at the decoded size ``output_size``.
         windows: the decode's latent-frame windows.
         output_size: ``(H, W)`` of the decoded frames.
-        search: ``(search_radius, temperature, match_radius[, smooth_radius[, global_prior[, subcell]]])`` of
-            :func:`cost_volume_displacement`; used when no ``displacements`` are given.
-        displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`).
+        search, still_frames, frame_spaces, half_cell: the estimate's settings (:func:`estimate_correspondence`);
+            used when no ``displacements`` are given.
+        displacements: a caller's pixel displacements (see :func:`pixel_flow_to_latent_grid`), or an estimate made
+            before for these latents and reference (:class:`CorrespondenceEstimate`).
         snap: round every stage's displacements to whole tokens (see :class:`CorrespondenceField`).
-        still_frames: latent frames of the still clip the reference is encoded as (``frame_spaces="still_clip"``).
-        frame_spaces: how the reference reaches each latent frame's feature space, ``"fitted"`` or ``"still_clip"``
-            (see :func:`_reference_latents`).
         per_frame: stages after temporal upsampling give each frame its own displacement, in time between the
             latent frames' (see :class:`CorrespondenceField`).
         sub_token_shift: move each video frame by the sub-token remainder (see :class:`CorrespondenceField`).
-        half_cell: the estimate's candidates lie half a cell apart: the reference is also encoded moved by half a
-            cell (:func:`half_cell_phases`, 4 images per reference frame through the encoder instead of 1).
     """
     r, (t, h, w) = reference.shape[2], latents.shape[2:]
-    if displacements is not None:
+    if isinstance(displacements, CorrespondenceEstimate):
+        expected = (latents.shape[0], r, 2, t, h, w)
+        if tuple(displacements.pixels.shape) != expected:
+            raise InputError(
+                f"the correspondence estimate is {tuple(displacements.pixels.shape)}, but these latents and "
+                f"reference need B, R, 2, t, h, w = {expected}: it was made for another decode"
+            )
+        pixels = displacements.pixels.to(latents.device)
+    elif displacements is not None:
         pixels = pixel_flow_to_latent_grid(displacements.to(latents.device), r, (t, h, w), adapter)
     else:
-        with torch.no_grad():
-            frames = reference.transpose(1, 2).flatten(0, 1)  # B*R, 3, H, W
-            if frames.shape[-2:] != (h * adapter.spatial_factor, w * adapter.spatial_factor):  # an upscale head
-                frames = F.adaptive_avg_pool2d(frames, (h * adapter.spatial_factor, w * adapter.spatial_factor))
-            if half_cell:
-                frames = half_cell_phases(frames, adapter.spatial_factor)
-            cells = torch.cat(
-                [
-                    cost_volume_displacement(latents[:, :, kind], encoded, *search, half_cell=half_cell)
-                    for kind, encoded in _reference_latents(adapter, frames, latents, frame_spaces, still_frames)
-                ],
-                dim=3,
-            )
-        pixels = cells * torch.tensor([output_size[0] / h, output_size[1] / w], device=cells.device).reshape(
-            1, 1, 2, 1, 1, 1
+        estimate = estimate_correspondence(
+            adapter, latents, reference, output_size, search, still_frames, frame_spaces, half_cell
         )
+        pixels = estimate.pixels
     return CorrespondenceField(pixels, output_size, windows, adapter, snap, per_frame, sub_token_shift)
