@@ -291,8 +291,8 @@ def estimate_key(variant: Variant) -> str | None:
     if variant.config is None or not variant.config.correspondence.enabled:
         return None
     c = variant.config.correspondence
-    settings = [c.search, c.still_frames, c.frame_spaces, c.half_cell]
-    return json.dumps([variant.motion, variant.reference, settings])
+    estimate = [c.search, c.still_frames, c.frame_spaces, c.half_cell]
+    return json.dumps([variant.motion, variant.reference, estimate])
 
 
 def estimate_training_correspondence(
@@ -317,7 +317,7 @@ def estimate_training_correspondence(
             k: [
                 pool.submit(_estimate_steps_in_worker, settings, out, run, v, latents[v.motion][i : i + size])
                 for run, i in runs
-            ]  # fmt: skip
+            ]
             for k, v in jobs.items()
         }
         return {k: [e for future in parts for e in future.result()] for k, parts in futures.items()}

@@ -16,7 +16,8 @@ With ``half_cell`` the reference is also encoded with its content moved half a c
 the candidates lie half a cell apart: four times the multiply-adds and the encoder passes.
 
 :class:`CorrespondenceField` holds one decode's field on the latent grid, in output pixels per latent frame (the
-estimate, or a caller's ``B, 2, T, H, W`` pixel flow pooled onto that grid), and hands each conditioned stage its
+estimate, one kept from before as a :class:`CorrespondenceEstimate`, or a caller's ``B, 2, T, H, W`` pixel flow
+pooled onto that grid), and hands each conditioned stage its
 part: the window's frames, resampled onto the stage's token grid, in tokens of that grid (what
 :func:`~refdecoder.blocks.guided_attention.guided_neighbourhood_attention` takes).
 """
@@ -567,6 +568,7 @@ class CorrespondenceEstimate:
     pixels: torch.Tensor
 
     def to(self, device: torch.device | str) -> CorrespondenceEstimate:
+        """The same estimate on ``device``."""
         return CorrespondenceEstimate(self.pixels.to(device))
 
 
