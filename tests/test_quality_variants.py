@@ -44,7 +44,7 @@ def test_every_kept_variant_resolves_to_the_config_it_had_before() -> None:
     resolved = settings.finetune.resolved
     assert len(BEFORE["variants"]) == 16
     # Variants added after the record, which it cannot hold.
-    added_since = {"corr_frames", "corr_sub", "corr_fine", "corr_half"}
+    added_since = {"corr_frames", "corr_sub", "corr_fine", "corr_half", "corr_random"}
     assert set(resolved) - {RENAMED.get(n, n) for n in BEFORE["variants"]} == added_since
     for old, before in BEFORE["variants"].items():
         variant = resolved[RENAMED.get(old, old)]
