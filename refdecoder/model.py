@@ -264,6 +264,8 @@ class RefDecoder(nn.Module):
             A :class:`~refdecoder.blocks.CorrespondenceEstimate`: ``pixels``, ``B, R, 2, t, h, w`` float32,
             ``(dy, dx)`` in output pixels per latent frame and latent cell.
         """
+        if reference is None:
+            raise InputError("estimate_correspondence needs a reference: it estimates where content lies in it")
         latents, reference = self._checked_inputs(latents, reference, resize_reference)
         c = self.config.correspondence
         size = self.output_size(latents.shape[-2:])

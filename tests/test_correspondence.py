@@ -590,6 +590,8 @@ def test_a_kept_estimate_is_what_the_decode_follows_and_must_fit_the_decode():
         other = model.estimate_correspondence(z[:, :, :2], ref)  # made for 2 latent frames
         with pytest.raises(InputError, match="made for another decode"):
             model.decode(z, ref, displacements=other)
+        with pytest.raises(InputError, match="needs a reference"):
+            model.estimate_correspondence(z, None)
+        kept = model.estimate_correspondence(z, ref)
         with pytest.raises(InputError, match="estimate is for one whole decode"):
-            kept = model.estimate_correspondence(z, ref)
             decode_video(model, z, reference=ref, tiles=plan_tiles((4, 6), 8, (32, 32), (16, 16)), displacements=kept)
