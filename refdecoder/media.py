@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from refdecoder._deps import require
 from refdecoder.data.transforms import ResizeMode, ResizePlan, frames_to_tensor, plan_resize, tensor_to_frames
-from refdecoder.data.video import probe, write_image
+from refdecoder.data.video import probe, scaled_rgb, write_image
 from refdecoder.errors import DataError, InputError
 
 __all__ = ["iter_frames", "VideoWriter", "label_strip", "side_by_side", "zoom_box", "comparison_grid", "write_grid"]
@@ -65,10 +65,7 @@ def iter_frames(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                rgb = frame.reformat(
-                    width=plan.scaled[1], height=plan.scaled[0], format="rgb24", interpolation="BILINEAR"
-                ).to_ndarray()
-                buffer.append(plan.crop(rgb))
+                buffer.append(plan.crop(scaled_rgb(frame, plan.scaled[1], plan.scaled[0])))
                 if max_frames is not None and emitted + len(buffer) >= max_frames:
                     break
                 if len(buffer) == chunk:

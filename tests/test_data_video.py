@@ -186,3 +186,29 @@ def test_bad_indices_are_input_errors():
         read_clip(bundled_clips()[0], [])
     with pytest.raises(InputError, match="frame indices"):
         read_clip(bundled_clips()[0], [-1, 2])
+
+
+def test_frames_are_scaled_on_one_thread_with_the_same_pixels(monkeypatch):
+    """The scaler runs on the calling thread (PyAV 17+ otherwise starts a thread pool per call, which deadlocked in
+    forked loader workers); the pixels are those of the default scaler."""
+    import av
+
+    from refdecoder.data import video
+
+    with av.open(str(bundled_clips()[0])) as container:
+        frame = next(container.decode(video=0))
+    expected = frame.reformat(width=24, height=16, format="rgb24", interpolation="BILINEAR").to_ndarray()
+    calls = []
+    original = av.VideoFrame.reformat
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "reformat", spy)
+    out = video.scaled_rgb(frame, 24, 16)
+    assert out.shape == (16, 24, 3) and out.dtype == np.uint8 and np.array_equal(out, expected)
+    if int(av.__version__.split(".")[0]) >= 17:
+        assert [call.get("threads") for call in calls] == [1]
+    read = video.read_clip(bundled_clips()[0], range(2), (16, 24), "resize")  # the reader goes through it
+    assert read.shape[-2:] == (16, 24) and len(calls) >= 3

@@ -13,6 +13,7 @@ shown at or before that time.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -46,6 +47,7 @@ __all__ = [
     "Clip",
     "VideoReader",
     "probe",
+    "scaled_rgb",
     "stored_frames",
     "read_clip",
     "read_span",
@@ -300,8 +302,27 @@ class _Collector:
 
     def _convert(self, frame: Any) -> np.ndarray:
         height, width = self.plan.scaled
-        rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="BILINEAR").to_ndarray()
-        return self.plan.crop(rgb)
+        return self.plan.crop(scaled_rgb(frame, width, height))
+
+
+def scaled_rgb(frame: Any, width: int, height: int) -> np.ndarray:
+    """A decoded PyAV video frame as ``height, width, 3`` uint8 RGB, scaled bilinearly by FFmpeg's scaler.
+
+    The scaler runs on the calling thread. From PyAV 17 ``reformat`` starts a pool of scaler threads per call by
+    default; inside forked data-loader workers that pool deadlocked (a worker waited forever to join its scaler
+    thread, seen in the data-shard tests), and loader workers already convert frames in parallel.
+    """
+    return frame.reformat(
+        width=width, height=height, format="rgb24", interpolation="BILINEAR", **_one_scaler_thread()
+    ).to_ndarray()
+
+
+@functools.cache
+def _one_scaler_thread() -> dict[str, int]:
+    """``reformat``'s keyword for a single scaler thread, on the PyAV versions that take it (17 and later)."""
+    av = require("av", extra="video")
+    major = int(av.__version__.split(".")[0])
+    return {"threads": 1} if major >= 17 else {}
 
 
 def probe(source: Source) -> VideoInfo:
@@ -464,7 +485,11 @@ def write_image(path: str | os.PathLike, image: torch.Tensor) -> Path:
         stream.width, stream.height, stream.pix_fmt = array.shape[1], array.shape[0], pix_fmt
         if codec == "mjpeg":
             stream.codec_context.qscale = 2  # ~quality 95; mjpeg's default is visibly blocky
-        container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format=pix_fmt)))
+        container.mux(
+            stream.encode(
+                av.VideoFrame.from_ndarray(array, format="rgb24").reformat(format=pix_fmt, **_one_scaler_thread())
+            )
+        )
         container.mux(stream.encode())
     return path
 
