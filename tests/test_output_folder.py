@@ -272,9 +272,9 @@ def test_ctrl_c_ends_on_one_line_with_exit_130(vae_dir: Path, tmp_path: Path, mo
 
 def test_a_real_sigint_ends_on_one_line_with_exit_130(vae_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    # Enough clips that the run is still going when the signal follows its first row (6 tiny clips could all finish
-    # within one poll, and the check then never ran).
-    inputs = _clips(tmp_path / "in", "c", 20)
+    # Enough clips that the run is still going when the signal follows its first row: a 16x16 clip takes a few ms,
+    # and 6 (later 20) of them sometimes all finished within one poll, so the check did not run.
+    inputs = _clips(tmp_path / "in", "c", 200)
     proc = subprocess.Popen(
         [sys.executable, "-m", "refdecoder", *_args(vae_dir, out, inputs)],
         env=_env(),
