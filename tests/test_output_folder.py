@@ -288,7 +288,7 @@ def test_a_real_sigint_ends_on_one_line_with_exit_130(vae_dir: Path, tmp_path: P
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=60)[1].strip()
-    assert proc.returncode != 0, "the run finished before the signal arrived: give it more clips"
+    assert proc.returncode != 0, "the run finished despite the signal: was SIGINT ignored, or did it end first?"
     lines = [line for line in err.splitlines() if not line.startswith(("INFO ", "WARNING "))]  # the log
     assert proc.returncode == 130 and "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("interrupted:") and "videos finished" in lines[0], err
